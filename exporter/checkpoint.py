@@ -1,0 +1,132 @@
+"""Resolve `--model` (a preset, a local Hugging Face directory, or a hub id in the local cache) into a model.
+
+Nothing here downloads: hub ids are looked up in the local Hugging Face cache only. Weights stay lazy
+(`exporter.weights`), so `plan` works for llama3-70b without its 140 GB of weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.errors import UserInputError
+from exporter.specs import PRESETS, ModelSpec
+from exporter.weights import RandomWeights, SafetensorsWeights, WeightSource, check_complete
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    source: str  # what --model resolved to, for messages and manifests
+    weights: WeightSource | None = None
+    directory: Path | None = None  # checkpoint directory (tokenizer files live here)
+    random_weights: bool = False
+
+    def tokenizer(self):
+        """The checkpoint's own tokenizer, or the embedded byte-level one for tiny / random-weight models."""
+        if self.directory is None:
+            from exporter.tokenizer import byte_level_tokenizer
+
+            return byte_level_tokenizer()
+        if not any((self.directory / f).is_file() for f in TOKENIZER_FILES):
+            raise UserInputError(f"{self.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True, trust_remote_code=False)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def find_in_hf_cache(hub_id: str) -> Path | None:
+    """The snapshot directory of `hub_id` in the local cache, or None. Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def load_model(
+    model: str, *, need_weights: bool = True, random_weights: bool = False, num_layers: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Resolve `--model`. With `need_weights=False` only the spec is resolved (for `plan`)."""
+    if model in PRESETS:
+        loaded = _load_preset(PRESETS[model], need_weights, random_weights, seed)
+    elif Path(model).exists():
+        loaded = load_directory(Path(model), name=model)
+    elif _HUB_ID.match(model):
+        snapshot = find_in_hf_cache(model)
+        if snapshot is None:
+            raise UserInputError(
+                f"'{model}' is neither a preset nor a directory, and hub id '{model}' is not in the local Hugging "
+                f"Face cache ({hf_cache_dir()}); download it where the hub is reachable "
+                f"(`hf download {model}`) or pass --model DIR"
+            )
+        loaded = load_directory(snapshot, name=model)
+    else:
+        raise UserInputError(
+            f"'{model}': no such directory and not a preset (presets: {', '.join(PRESETS)})"
+        )
+    if random_weights and not loaded.random_weights:
+        loaded = LoadedModel(loaded.spec, loaded.source + " (random weights)", None, None, True)
+    if num_layers is not None:
+        if not 1 <= num_layers:
+            raise UserInputError(f"--num-layers must be at least 1 (got {num_layers})")
+        if not loaded.random_weights and num_layers != loaded.spec.num_layers:
+            raise UserInputError("--num-layers changes the architecture; use it with --random-weights")
+        loaded.spec = loaded.spec.with_layers(num_layers)
+    if loaded.random_weights and need_weights:
+        loaded.weights = RandomWeights(loaded.spec, seed=seed)
+    return loaded
+
+
+def _load_preset(spec: ModelSpec, need_weights: bool, random_weights: bool, seed: int) -> LoadedModel:
+    if spec.tiny or random_weights or not need_weights:
+        return LoadedModel(spec, f"preset:{spec.name}", random_weights=spec.tiny or random_weights)
+    snapshot = find_in_hf_cache(spec.hub_id) if spec.hub_id else None
+    if snapshot is None:
+        raise UserInputError(
+            f"preset '{spec.name}' needs the weights of {spec.hub_id}, which are not in the local Hugging Face "
+            f"cache ({hf_cache_dir()}); either download them (`hf download {spec.hub_id}`), pass a checkpoint "
+            f"with --model DIR, or build a shape-faithful engine with --random-weights"
+        )
+    loaded = load_directory(snapshot, name=spec.hub_id)
+    loaded.source = f"preset:{spec.name} ({snapshot})"
+    return loaded
+
+
+def load_directory(directory: Path, name: str | None = None) -> LoadedModel:
+    """A local Hugging Face checkpoint: config.json, tokenizer files, *.safetensors (single or sharded)."""
+    name = name or str(directory)
+    if not directory.is_dir():
+        raise UserInputError(f"{directory}: not a directory")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserInputError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"{config_path}: expected a JSON object")
+    spec = ModelSpec.from_hf_config(config, name=os.path.basename(os.path.normpath(name)))
+    weights = SafetensorsWeights(directory)
+    check_complete(spec, weights, str(directory))
+    return LoadedModel(spec, str(directory), weights, directory)

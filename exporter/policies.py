@@ -1,0 +1,195 @@
+"""KV-cache compression policies: one small dataclass per method, hyperparameters as fields, one registry.
+
+A policy answers two questions for every backend: how many prefix tokens each layer keeps (`layer_selected`),
+and which ones (`select`, in the op's reference semantics). Subclasses override only what differs:
+PyramidKV is SnapKV with a pyramid budget rule; H2O is SnapKV scoring with every prompt query and no pooling.
+
+How to add a method: subclass `KVPolicy` (or the closest method), set `name`, add its hyperparameters as fields
+with defaults, override `layer_selected` and/or `select`, decorate with `@register`, and add it to the test
+matrix (tests/exporter/test_policies.py runs every registered policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from exporter.budgets import SCHEDULES, pyramid_selected, uniform_selected
+from exporter.errors import UserInputError
+from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select
+from trt_plugins.streaming_select import streaming_select
+
+POLICIES: dict[str, type[KVPolicy]] = {}
+
+
+def register(cls: type[KVPolicy]) -> type[KVPolicy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+@register
+@dataclass(frozen=True)
+class KVPolicy:
+    """FullKV: no compression; the whole prompt stays in the cache."""
+
+    name: ClassVar[str] = "full"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    @property
+    def compresses(self) -> bool:
+        return False
+
+    @property
+    def cache_heads_are_query_heads(self) -> bool:
+        return False
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
+        return None
+
+    def select(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selected: int,
+        key_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """queries [B, H, q, d], keys/values [B, Hkv, q, d], key_mask [B, q] -> indices, K, V (op semantics)."""
+        raise NotImplementedError(f"policy '{self.name}' does not select")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        hp = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        return f"{self.name}({hp})"
+
+
+@dataclass(frozen=True)
+class _BudgetedPolicy(KVPolicy):
+    kv_budget: int = 128
+    window: int = 8
+
+    def validate(self) -> None:
+        _positive(self, "kv_budget", "window")
+        if self.kv_budget <= self.window:
+            raise UserInputError(
+                f"--kv-budget ({self.kv_budget}) must exceed --window ({self.window}): the budget includes the window"
+            )
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        return uniform_selected(num_layers, self.kv_budget, self.window, prompt_len)
+
+
+@register
+@dataclass(frozen=True)
+class StreamingLLMPolicy(_BudgetedPolicy):
+    """StreamingLLM: `sinks` first tokens + the most recent tokens, C per layer."""
+
+    name: ClassVar[str] = "streamingllm"
+    sinks: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sinks < 0 or self.sinks > self.kv_budget - self.window:
+            raise UserInputError(f"--sinks must be in [0, kv_budget - window] (got {self.sinks})")
+
+    def select(self, queries, keys, values, selected, key_mask):
+        return streaming_select(keys, values, selected, self.window, self.sinks, key_mask)
+
+
+@register
+@dataclass(frozen=True)
+class SnapKVPolicy(_BudgetedPolicy):
+    """SnapKV: keys the last `window` queries attend to most, pooled along keys, C per layer."""
+
+    name: ClassVar[str] = "snapkv"
+    kernel: int = 7
+    pooling: str = "max"
+    granularity: str = "kv-head"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise UserInputError(f"--kernel must be a positive odd number (got {self.kernel})")
+        if self.pooling not in ("max", "avg"):
+            raise UserInputError(f"unknown pooling '{self.pooling}' (choose from max, avg)")
+        if self.granularity not in GRANULARITIES:
+            raise UserInputError(f"unknown granularity '{self.granularity}' (choose from {', '.join(GRANULARITIES)})")
+
+    @property
+    def cache_heads_are_query_heads(self) -> bool:
+        return self.granularity == "query-head"
+
+    def observation_window(self, prompt_len: int) -> int:
+        return self.window
+
+    def select(self, queries, keys, values, selected, key_mask):
+        n_obs = self.observation_window(queries.shape[2])
+        return pyramidkv_select(
+            queries[:, :, -n_obs:], keys, values, selected, self.window, self.kernel,
+            self.pooling_op(), self.granularity, key_mask,
+        )
+
+    def pooling_op(self) -> str:
+        return self.pooling
+
+
+@register
+@dataclass(frozen=True)
+class H2OPolicy(SnapKVPolicy):
+    """H2O (KVCache-Factory's prefill variant): attention accumulated over every prompt query, no pooling."""
+
+    name: ClassVar[str] = "h2o"
+    kernel: int = 1
+
+    def observation_window(self, prompt_len: int) -> int:
+        return prompt_len
+
+    def pooling_op(self) -> str:
+        return "none"
+
+
+@register
+@dataclass(frozen=True)
+class PyramidKVPolicy(SnapKVPolicy):
+    """PyramidKV: SnapKV selection with per-layer budgets decreasing linearly with depth (mean about C)."""
+
+    name: ClassVar[str] = "pyramidkv"
+    beta: int = 20
+    schedule: str = "paper"
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "beta")
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"unknown schedule '{self.schedule}' (choose from {', '.join(SCHEDULES)})")
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        return pyramid_selected(num_layers, self.kv_budget, self.window, prompt_len, self.beta, self.schedule)
+
+
+def _positive(policy: KVPolicy, *fields: str) -> None:
+    for f in fields:
+        value = getattr(policy, f)
+        if not isinstance(value, int) or value <= 0:
+            raise UserInputError(f"--{f.replace('_', '-')} must be a positive integer (got {value})")
+
+
+def make_policy(name: str, **hyperparameters: Any) -> KVPolicy:
+    """Build a registered policy; options it does not have (or left as None) are ignored."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise UserInputError(f"unknown policy '{name}' (choose from {', '.join(POLICIES)})") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in hyperparameters.items() if k in fields and v is not None})

@@ -1,0 +1,200 @@
+"""Model specifications: the architecture numbers of every supported model, and the preset table.
+
+A `ModelSpec` is everything the exporters and the planner need to know about a model without touching its
+weights. Presets carry the real shapes of the public checkpoints (from their `config.json`); the `tiny-*`
+presets are small models with deterministic random weights and the embedded byte-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.errors import UserInputError
+
+SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # "llama" | "mistral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_scaling: dict[str, Any] | None = None  # llama3 scaling for LLaMA-3.1
+    sliding_window: int | None = None  # Mistral v0.1
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    hub_id: str | None = None  # where the real weights live on the Hugging Face hub
+    tiny: bool = False  # deterministic random weights + embedded tokenizer, nothing downloaded
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def with_layers(self, num_layers: int) -> ModelSpec:
+        return dataclasses.replace(self, num_layers=num_layers)
+
+    def kv_bytes_per_token(self, dtype_bytes: int, heads: int | None = None) -> int:
+        """Bytes of K and V for one token in one layer (heads defaults to the KV heads)."""
+        return 2 * (heads or self.num_kv_heads) * self.head_dim * dtype_bytes
+
+    def num_parameters(self) -> int:
+        return sum(int.__mul__(*s) if len(s) == 2 else s[0] for s in tensor_shapes(self).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    def to_hf_config(self, attn_implementation: str = "eager"):
+        """A transformers LlamaConfig / MistralConfig with the same numbers."""
+        from transformers import LlamaConfig, MistralConfig
+
+        rope = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        if self.rope_scaling:
+            rope = {**self.rope_scaling, "rope_theta": float(self.rope_theta)}
+        common = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            attn_implementation=attn_implementation,
+        )
+        if self.arch == "mistral":
+            return MistralConfig(sliding_window=self.sliding_window, **common)
+        return LlamaConfig(**common)
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], name: str) -> ModelSpec:
+        """Build a spec from a checkpoint's config.json; refuses architectures other than LLaMA / Mistral."""
+        model_type = config.get("model_type")
+        archs = config.get("architectures") or []
+        if model_type not in SUPPORTED_ARCHS:
+            shown = model_type or (archs[0] if archs else "unknown")
+            raise UserInputError(
+                f"{name}: architecture '{shown}' is not supported; pkv-export handles LLaMA and Mistral "
+                f"checkpoints (model_type {' or '.join(sorted(SUPPORTED_ARCHS))})"
+            )
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            rope = config.get("rope_parameters") or {}
+            theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+            scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            if scaling:
+                scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+                scaling.setdefault("rope_type", scaling.get("type", "default"))
+                scaling.pop("type", None)
+            return cls(
+                name=name,
+                arch=model_type,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                rope_theta=float(theta),
+                max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+                rope_scaling=scaling or None,
+                sliding_window=config.get("sliding_window") if model_type == "mistral" else None,
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=config.get("eos_token_id"),
+                pad_token_id=config.get("pad_token_id"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserInputError(f"{name}: config.json is missing or has a bad value for {e}") from None
+
+
+def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint, by its Hugging Face name, with its shape (in load order)."""
+    h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (spec.num_heads * d, h),
+            p + "self_attn.k_proj.weight": (spec.num_kv_heads * d, h),
+            p + "self_attn.v_proj.weight": (spec.num_kv_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, spec.num_heads * d),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    shapes["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    return shapes
+
+
+_LLAMA31_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+_LLAMA3_IDS = dict(bos_token_id=128000, eos_token_id=[128001, 128009])
+_MISTRAL_IDS = dict(bos_token_id=1, eos_token_id=2)
+# Byte-level tokenizer of the tiny presets: 256 byte tokens, then the specials (exporter/tokenizer.py).
+_TINY_IDS = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)
+
+PRESETS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("llama3-8b", "llama", 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, 8192,
+                  hub_id="meta-llama/Meta-Llama-3-8B-Instruct", **_LLAMA3_IDS),
+        ModelSpec("llama3-70b", "llama", 128256, 8192, 28672, 80, 64, 8, 128, 500000.0, 8192,
+                  hub_id="meta-llama/Meta-Llama-3-70B-Instruct", **_LLAMA3_IDS),
+        ModelSpec("llama3.1-8b", "llama", 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, 131072,
+                  rope_scaling=_LLAMA31_SCALING, hub_id="meta-llama/Llama-3.1-8B-Instruct", **_LLAMA3_IDS),
+        ModelSpec("llama3.1-70b", "llama", 128256, 8192, 28672, 80, 64, 8, 128, 500000.0, 131072,
+                  rope_scaling=_LLAMA31_SCALING, hub_id="meta-llama/Llama-3.1-70B-Instruct", **_LLAMA3_IDS),
+        ModelSpec("mistral-7b-v0.1", "mistral", 32000, 4096, 14336, 32, 32, 8, 128, 10000.0, 32768,
+                  sliding_window=4096, hub_id="mistralai/Mistral-7B-v0.1", **_MISTRAL_IDS),
+        ModelSpec("mistral-7b-v0.3", "mistral", 32768, 4096, 14336, 32, 32, 8, 128, 1000000.0, 32768,
+                  hub_id="mistralai/Mistral-7B-Instruct-v0.3", **_MISTRAL_IDS),
+        ModelSpec("tiny-llama3", "llama", 259, 64, 128, 4, 4, 2, 16, 500000.0, 16384,
+                  tiny=True, **_TINY_IDS),
+        # Sliding window small enough that tests cross it.
+        ModelSpec("tiny-mistral", "mistral", 259, 64, 128, 4, 4, 1, 16, 10000.0, 16384,
+                  sliding_window=48, tiny=True, **_TINY_IDS),
+    ]
+}
+
+DEFAULT_MODEL = "tiny-llama3"
+
+
+def get_preset(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserInputError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}") from None
