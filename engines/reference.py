@@ -77,7 +77,9 @@ class ReferenceEngine:
         timings = {"prefill": time.perf_counter() - t0}
         step_logits = [out.logits[:, -1].float()]  # [B, V]
         state.prefill = False
-        kept = [self._unpad(state.layers[i].kept, mask) for i in range(self.spec.num_layers)] if return_indices else None
+        kept = None
+        if return_indices:
+            kept = [self._unpad(state.layers[i].kept, mask) for i in range(self.spec.num_layers)]
 
         next_pos = positions[:, -1] + 1  # [B] true absolute position of the next token
         finished = torch.zeros(b, dtype=torch.bool)

@@ -1,0 +1,105 @@
+"""The `pkv-export` command line."""
+
+from __future__ import annotations
+
+import click
+
+from exporter import __version__
+from exporter.checkpoint import load_model
+from exporter.cli_common import (
+    PkvGroup,
+    emit_json,
+    policy_from_options,
+    policy_options,
+    progress_bar,
+    read_prompts,
+)
+from exporter.errors import UserInputError
+from exporter.plan import human_bytes, make_plan
+from exporter.specs import DEFAULT_MODEL, PRESETS
+
+MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
+
+
+@click.group(cls=PkvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pkv-export")
+def main() -> None:
+    """Export LLaMA-3 / Mistral with a PyramidKV-compressed KV cache, and validate what the engines generate.
+
+    Exit codes: 0 ok, 1 the job failed, 2 bad usage or input.
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def presets(as_json: bool) -> None:
+    """List the built-in model presets and their shapes."""
+    rows = [s.to_dict() for s in PRESETS.values()]
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(f"{'preset':<17}{'arch':<9}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'vocab':>8}  weights")
+    for s in PRESETS.values():
+        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id
+        click.echo(f"{s.name:<17}{s.arch:<9}{s.num_layers:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
+                   f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@policy_options
+@click.option("--context", type=int, required=True, help="Prompt length in tokens.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Prompts per batch.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default="fp16", show_default=True,
+              help="KV cache element type.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwargs) -> None:
+    """Per-layer budgets and KV memory, full versus compressed (offline; needs no weights)."""
+    policy = policy_from_options(kwargs)
+    spec = load_model(model, need_weights=False).spec
+    result = make_plan(spec, policy, context, batch, dtype)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{spec.name}: {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, "
+               f"context {context}, batch {batch}, {dtype}")
+    click.echo(f"policy {policy.describe()}  regime: {result['regime']}")
+    click.echo(f"{'layer':>6}{'selected':>10}{'cached':>8}")
+    for row in result["layers"]:
+        sel = "-" if row["selected"] is None else row["selected"]
+        click.echo(f"{row['layer']:>6}{sel:>10}{row['cached']:>8}")
+    click.echo(f"mean cached per layer: {result['mean_cached']:.1f} tokens")
+    click.echo(f"KV full {human_bytes(result['kv_bytes_full'])} -> compressed "
+               f"{human_bytes(result['kv_bytes_compressed'])} (ratio {result['ratio']:.4f})")
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@policy_options
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt-file", type=str, default=None, help="Read one prompt from a file ('-' for stdin).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--random-weights", is_flag=True, help="Deterministic random weights of the model's shape.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
+def generate(model: str, prompts: tuple[str, ...], prompt_file: str | None, max_new_tokens: int, dtype: str,
+             random_weights: bool, as_json: bool, **kwargs) -> None:
+    """Generate greedily with the PyTorch reference and a compressed KV cache."""
+    from engines.hf_model import torch_dtype
+    from engines.reference import ReferenceEngine
+
+    policy = policy_from_options(kwargs)
+    texts = read_prompts(prompts, prompt_file)
+    if max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    loaded = load_model(model, random_weights=random_weights)
+    engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
+    bar, update = progress_bar("decoding", max_new_tokens)
+    with bar:
+        result = engine.generate(texts, max_new_tokens, progress=update)
+    if as_json:
+        emit_json({"model": loaded.source, "policy": policy.name, "hyperparameters": policy.hyperparameters(),
+                   "engine": engine.name, **result.to_json()})
+        return
+    for text in result.text:
+        click.echo(text)

@@ -1,0 +1,69 @@
+"""`plan`: per-layer budgets and KV-cache memory, full versus compressed, from the spec alone (no weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporter.errors import UserInputError
+from exporter.policies import KVPolicy
+from exporter.specs import ModelSpec
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+
+
+def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, dtype: str = "fp16") -> dict[str, Any]:
+    """KV cache held after the prefill of `batch` prompts of `context` tokens.
+
+    `cached` per layer = selected prefix tokens + the window (or the whole prompt when nothing is compressed).
+    """
+    if context < 1 or batch < 1:
+        raise UserInputError(f"--context and --batch must be positive (got {context}, {batch})")
+    if dtype not in DTYPE_BYTES:
+        raise UserInputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_BYTES)})")
+    nbytes = DTYPE_BYTES[dtype]
+    selected = policy.layer_selected(spec.num_layers, context)
+    window = getattr(policy, "window", 0)
+    if selected is None:
+        layers = [{"layer": i, "selected": None, "cached": context} for i in range(spec.num_layers)]
+    else:
+        layers = [{"layer": i, "selected": s, "cached": s + window} for i, s in enumerate(selected)]
+    heads = spec.num_heads if policy.cache_heads_are_query_heads else spec.num_kv_heads
+    full = batch * spec.num_layers * context * spec.kv_bytes_per_token(nbytes)
+    compressed = batch * sum(row["cached"] for row in layers) * spec.kv_bytes_per_token(nbytes, heads)
+    mean_cached = sum(row["cached"] for row in layers) / spec.num_layers
+    return {
+        "model": spec.name,
+        "policy": policy.name,
+        "hyperparameters": policy.hyperparameters(),
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "cache_heads": heads,
+        "head_dim": spec.head_dim,
+        "window": window,
+        "kv_budget": getattr(policy, "kv_budget", None),
+        "context": context,
+        "batch": batch,
+        "dtype": dtype,
+        "regime": _regime(policy, selected),
+        "layers": layers,
+        "mean_cached": mean_cached,
+        "kv_bytes_full": full,
+        "kv_bytes_compressed": compressed,
+        "ratio": compressed / full,
+    }
+
+
+def _regime(policy: KVPolicy, selected: list[int] | None) -> str:
+    if not policy.compresses:
+        return "full"
+    if selected is None:
+        return "no-compression (context < kv_budget)"
+    return "uniform" if len(set(selected)) == 1 else "pyramid"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
