@@ -46,6 +46,11 @@ class LoadedModel:
 
 
 def hf_cache_dir() -> Path:
+    """The hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -57,7 +62,7 @@ def find_in_hf_cache(hub_id: str) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(hub_id, local_files_only=True))
+        return Path(snapshot_download(hub_id, local_files_only=True, cache_dir=hf_cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
 

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models (deterministic random weights) and checkpoints written from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from exporter.checkpoint import LoadedModel, load_model
+from exporter.specs import ModelSpec, tensor_shapes
+
+TINY_MODELS = ["tiny-llama3", "tiny-mistral"]
+
+
+@pytest.fixture(scope="session", params=TINY_MODELS)
+def tiny(request) -> LoadedModel:
+    return load_model(request.param)
+
+
+def write_checkpoint(loaded: LoadedModel, directory: Path, shards: int = 1) -> Path:
+    """Write a Hugging Face checkpoint directory (config, tokenizer, safetensors, sharded with an index)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spec: ModelSpec = loaded.spec
+    spec.to_hf_config().save_pretrained(directory)
+    loaded.tokenizer().save_pretrained(directory)
+    names = list(tensor_shapes(spec))
+    tensors = {n: loaded.weights.get(n).contiguous() for n in names}
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    chunk = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i * chunk : (i + 1) * chunk]
+        save_file({n: tensors[n] for n in part}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return write_checkpoint(load_model("tiny-llama3"), tmp_path_factory.mktemp("ckpt") / "tiny-llama3")

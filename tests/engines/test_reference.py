@@ -1,0 +1,160 @@
+"""The PyTorch reference: exact where it must be (design.md §4.2, issue 2)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engines.compressed_cache import CompressedKVState
+from engines.hf_model import build_hf_model
+from engines.reference import ReferenceEngine
+from exporter.checkpoint import LoadedModel, load_model
+from exporter.policies import POLICIES, make_policy
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 2  # ~150 bytes
+PROMPTS = [LONG, "Short prompt, left padded.", LONG[:100] + " and then?"]
+
+
+def engine(loaded, name, **kw):
+    return ReferenceEngine(loaded, make_policy(name, **({"kv_budget": 32, "window": 4} | kw)))
+
+
+def test_full_equals_hf_generate(tiny):
+    """FullKV reproduces transformers' own greedy generate token for token (batch, left padding)."""
+    ref = engine(tiny, "full")
+    hf = build_hf_model(tiny, attn_implementation="eager")
+    ids, mask = ref.encode(PROMPTS)
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                      pad_token_id=ref.pad_id, eos_token_id=list(ref.eos_ids))
+    result = ref.generate(PROMPTS, 24)
+    for b, tokens in enumerate(result.tokens):
+        assert out[b, ids.shape[1]:].tolist()[: len(tokens)] == tokens
+        assert len(tokens) == 24 or tokens[-1] in ref.eos_ids
+
+
+@pytest.mark.parametrize("name", [p for p in POLICIES if p != "full"])
+def test_first_token_equals_full(tiny, name):
+    full = engine(tiny, "full").generate(PROMPTS, 3, return_logits=True)
+    comp = engine(tiny, name).generate(PROMPTS, 3, return_logits=True, return_indices=True)
+    assert [t[0] for t in comp.tokens] == [t[0] for t in full.tokens]
+    assert torch.equal(comp.logits[:, 0], full.logits[:, 0])  # the prefill attends to the full prompt
+    assert comp.selected is not None
+    for layer, kept in enumerate(comp.kept_indices):
+        assert kept.shape[-1] == comp.selected[layer] + 4
+
+
+def test_compression_changes_later_tokens(tiny):
+    """Guards the test above: the compressed cache must actually be used in decode."""
+    full = engine(tiny, "full").generate([LONG], 12, return_logits=True)
+    comp = engine(tiny, "pyramidkv", kv_budget=12).generate([LONG], 12, return_logits=True)
+    assert not torch.equal(full.logits[:, 1:], comp.logits[:, 1:])
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hand_decode_step(model, state: CompressedKVState, token: torch.Tensor, pos: torch.Tensor, window):
+    """One decode step written out by hand over the per-layer caches (RMSNorm, RoPE, GQA attention, SwiGLU)."""
+    cfg = model.config
+    hd = cfg.head_dim
+    x = model.model.embed_tokens.weight[token]  # [B, hidden]
+    cos, sin = model.model.rotary_emb(x[:, None], pos[:, None])  # [B, 1, hd]
+    cos, sin = cos[:, 0, None], sin[:, 0, None]  # [B, 1, hd]
+
+    def rms(v, w):
+        return w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        hn = rms(x, layer.input_layernorm.weight)
+        q = (hn @ a.q_proj.weight.T).view(-1, cfg.num_attention_heads, hd)  # [B, H, hd]
+        k = (hn @ a.k_proj.weight.T).view(-1, cfg.num_key_value_heads, hd)
+        v = (hn @ a.v_proj.weight.T).view(-1, cfg.num_key_value_heads, hd)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cache = state.layers[i]
+        keys = torch.cat([cache.keys, k[:, :, None]], 2)  # [B, Hkv, n + 1, hd]
+        vals = torch.cat([cache.values, v[:, :, None]], 2)
+        kpos = torch.cat([cache.positions, pos.view(-1, 1, 1).expand(-1, keys.shape[1], 1)], 2)
+        outs = []
+        for h in range(cfg.num_attention_heads):
+            kv = h // (cfg.num_attention_heads // keys.shape[1])
+            ok = kpos[:, kv] >= 0
+            if window is not None:
+                ok &= pos[:, None] - kpos[:, kv] < window
+            s = (keys[:, kv] @ q[:, h, :, None])[..., 0] / hd**0.5  # [B, n + 1]
+            p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+            outs.append((p[:, :, None] * vals[:, kv]).sum(1))
+        x = x + torch.cat(outs, -1) @ a.o_proj.weight.T
+        hn = rms(x, layer.post_attention_layernorm.weight)
+        m = layer.mlp
+        x = x + (torch.nn.functional.silu(hn @ m.gate_proj.weight.T) * (hn @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+    return rms(x, model.model.norm.weight) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize("name", ["pyramidkv", "snapkv", "streamingllm"])
+@torch.inference_mode()
+def test_decode_step_equals_hand_written_attention(tiny, name):
+    ref = engine(tiny, name)
+    ids, mask = ref.encode(PROMPTS)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    selected = ref.policy.layer_selected(tiny.spec.num_layers, ids.shape[1])
+    state = CompressedKVState(ref.policy, selected, mask.bool(), positions)
+    ref.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, pkv_state=state)
+    lengths = {state.layers[i].keys.shape[2] for i in state.layers}
+    if name == "pyramidkv":
+        assert len(lengths) == tiny.spec.num_layers, "every layer has its own cache length"
+    token, pos = torch.tensor([65, 66, 67]), positions[:, -1] + 1
+    expected = hand_decode_step(ref.model, state, token, pos, tiny.spec.sliding_window)
+    state.prefill, state.step_positions = False, pos
+    got = ref.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False, pkv_state=state).logits[:, -1]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_is_respected():
+    """Mistral attends within its window: widening the window changes the output on a long prompt."""
+    mistral = load_model("tiny-mistral")
+    assert mistral.spec.sliding_window < 120
+    wide = LoadedModel(dataclasses.replace(mistral.spec, sliding_window=4096), "wide", mistral.weights,
+                       random_weights=True)
+    a = engine(mistral, "full").generate([LONG], 6, return_logits=True)
+    b = engine(wide, "full").generate([LONG], 6, return_logits=True)
+    assert not torch.allclose(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("name", ["pyramidkv", "snapkv", "h2o", "streamingllm", "full"])
+def test_batched_equals_alone(tiny, name):
+    prompts = [LONG, LONG[:90] + "!"]  # both long enough for the pyramid regime
+    batched = engine(tiny, name).generate(prompts, 8, return_logits=True, return_indices=True)
+    for b, prompt in enumerate(prompts):
+        alone = engine(tiny, name).generate([prompt], 8, return_logits=True, return_indices=True)
+        assert alone.tokens[0] == batched.tokens[b]
+        torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=1e-4, rtol=1e-4)
+        if name != "full":
+            for layer in range(tiny.spec.num_layers):
+                assert torch.equal(alone.kept_indices[layer][0], batched.kept_indices[layer][b])
+
+
+def test_padding_is_never_selected(tiny):
+    """Padding only fills slots a short prompt cannot fill with real tokens, and is marked (-1)."""
+    result = engine(tiny, "pyramidkv").generate(PROMPTS, 2, return_indices=True)
+    for layer, kept in enumerate(result.kept_indices):
+        for b, length in enumerate(result.prompt_lengths):
+            real = kept[b][kept[b] >= 0].view(kept.shape[1], -1) if bool((kept[b] >= 0).all()) else None
+            n_pad = int((kept[b, 0] < 0).sum())
+            assert n_pad == max(0, result.selected[layer] - (length - 4))
+            if real is not None:
+                assert int(real.max()) == length - 1
+            assert sorted(set(kept[b, 0][kept[b, 0] >= 0].tolist())) == kept[b, 0][kept[b, 0] >= 0].tolist()
+
+
+def test_query_head_granularity_caches_every_query_head(tiny):
+    result = engine(tiny, "pyramidkv", granularity="query-head").generate(PROMPTS, 4, return_indices=True)
+    assert result.kept_indices[0].shape[1] == tiny.spec.num_heads
+
+
+def test_text_and_eos(tiny):
+    result = engine(tiny, "pyramidkv").generate(["hi"], 5)
+    assert result.prompt_lengths == [3]
+    assert len(result.tokens[0]) <= 5 and isinstance(result.text[0], str)

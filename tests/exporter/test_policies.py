@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from exporter.errors import UserInputError
+from exporter.policies import POLICIES, make_policy
+
+COMPRESSING = [name for name, cls in POLICIES.items() if name != "full"]
+
+
+def test_registry_has_every_method():
+    assert set(POLICIES) >= {"full", "streamingllm", "h2o", "snapkv", "pyramidkv"}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_defaults_are_valid_and_describable(name):
+    policy = make_policy(name)
+    assert policy.name == name
+    assert name in policy.describe()
+
+
+def test_options_a_policy_lacks_are_ignored():
+    assert make_policy("full", kv_budget=64, beta=3).hyperparameters() == {}
+    assert make_policy("snapkv", kv_budget=64, beta=3).kv_budget == 64
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,fragment",
+    [
+        ("pyramidkv", dict(kv_budget=8, window=8), "must exceed --window"),
+        ("snapkv", dict(kv_budget=4, window=8), "must exceed --window"),
+        ("snapkv", dict(window=0), "--window must be a positive integer"),
+        ("h2o", dict(kv_budget=-5), "--kv-budget must be a positive integer"),
+        ("pyramidkv", dict(kernel=4), "--kernel must be a positive odd number"),
+        ("pyramidkv", dict(kernel=0), "--kernel must be a positive odd number"),
+        ("snapkv", dict(pooling="median"), "unknown pooling"),
+        ("pyramidkv", dict(granularity="token"), "unknown granularity"),
+        ("pyramidkv", dict(beta=0), "--beta must be a positive integer"),
+        ("pyramidkv", dict(schedule="cubic"), "unknown schedule"),
+        ("streamingllm", dict(kv_budget=16, window=8, sinks=9), "--sinks"),
+        ("nope", {}, "unknown policy 'nope'"),
+    ],
+)
+def test_invalid_hyperparameters_are_refused(name, kwargs, fragment):
+    with pytest.raises(UserInputError, match=fragment):
+        make_policy(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@pytest.mark.parametrize("granularity", ["kv-head", "query-head"])
+def test_select_contract(name, granularity):
+    torch.manual_seed(0)
+    b, h, hkv, q, d = 2, 4, 2, 40, 8
+    policy = make_policy(name, kv_budget=16, window=4, granularity=granularity)
+    mask = torch.ones(b, q, dtype=torch.bool)
+    mask[1, :5] = False
+    keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
+    idx, k, v = policy.select(torch.randn(b, h, q, d), keys, values, 12, mask)
+    hc = h if policy.cache_heads_are_query_heads else hkv
+    assert idx.shape == (b, hc, 16) and k.shape == (b, hc, 16, d) and v.shape == k.shape
+    prefix = idx[..., :12]
+    assert torch.all(prefix[..., 1:] > prefix[..., :-1]), "prefix picks sorted ascending and distinct"
+    assert torch.equal(idx[..., 12:], torch.arange(q - 4, q).expand(b, hc, 4))
+    assert bool(mask[1][idx[1].flatten()].all()), "padding is never selected while real tokens remain"
+    src = keys.repeat_interleave(h // hkv if hc == h else 1, dim=1)
+    assert torch.equal(k, torch.gather(src, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_budgets_per_policy(name):
+    policy = make_policy(name, kv_budget=32, window=4)
+    assert policy.layer_selected(4, 31) is None
+    sel = policy.layer_selected(4, 200)
+    assert len(sel) == 4
+    if name == "pyramidkv":
+        assert sel[0] > sel[-1]
+    else:
+        assert sel == [28] * 4
+
+
+def test_full_keeps_everything():
+    assert make_policy("full").layer_selected(32, 100000) is None
