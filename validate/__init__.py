@@ -1,0 +1,1 @@
+"""Validation of exported engines: LongBench v1 data, prompts and metrics."""
