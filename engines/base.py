@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from exporter.errors import UserInputError
+
 
 @dataclass
 class GenerationResult:
@@ -59,3 +61,38 @@ class Engine(Protocol):
         return_indices: bool = False,
         progress: ProgressFn | None = None,
     ) -> GenerationResult: ...
+
+
+def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids [B, q] int64 and attention_mask [B, q] int64 (shared by every engine)."""
+    if not prompts:
+        raise UserInputError("no prompts given")
+    ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        raise UserInputError("empty prompt")
+    q = max(len(x) for x in ids)
+    if q > max_len:
+        raise UserInputError(f"prompt has {q} tokens, the engine accepts at most {max_len}")
+    input_ids = torch.full((len(ids), q), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), q), dtype=torch.long)
+    for b, x in enumerate(ids):
+        input_ids[b, q - len(x) :] = torch.tensor(x)
+        mask[b, q - len(x) :] = 1
+    return input_ids, mask
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Absolute positions of a left-padded batch, as transformers' generate computes them. mask: [B, q]."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def unpad_indices(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Padded prompt indices [B, Hc, n] -> positions among real tokens, -1 for padding slots."""
+    pad = (mask == 0).sum(-1).view(-1, 1, 1)
+    return torch.where(kept >= pad, kept - pad, torch.full_like(kept, -1))
+
+
+def eos_ids(spec_eos, tokenizer) -> set[int]:
+    eos = spec_eos if spec_eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}

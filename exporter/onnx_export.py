@@ -1,0 +1,93 @@
+"""`build --backend onnx`: prefill.onnx + decode.onnx + weights.bin + tokenizer/ + pkv-engine.json."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from exporter.checkpoint import TOKENIZER_FILES, LoadedModel
+from exporter.engine_dir import staging_dir, tool_versions, write_manifest
+from exporter.errors import UserInputError
+from exporter.onnx_builder import IR_VERSION, OPSET
+from exporter.onnx_llama import GraphConfig, build_decode, build_prefill
+from exporter.onnx_weights import ExternalWeights, planned_weight_bytes, write_model_weights
+from exporter.policies import KVPolicy
+
+ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+TRT_TOPK_MAX = 3840  # TensorRT's TopK limit on K
+
+
+def rotary_parameters(loaded: LoadedModel) -> tuple[np.ndarray, float]:
+    """inv_freq [d/2] and the cos/sin scaling, from transformers' own rotary embedding for this config."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(loaded.spec.to_hf_config())
+    return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
+
+
+def check_disk(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if needed * 1.05 > free:
+        raise UserInputError(f"not enough disk space under {out.parent}: the engine needs about "
+                             f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+
+
+def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
+                      max_input_len: int | None = None, force: bool = False, progress=None) -> dict[str, Any]:
+    spec = loaded.spec
+    if dtype not in ONNX_DTYPES:
+        raise UserInputError(f"unknown dtype '{dtype}' for the onnx backend (choose from {', '.join(ONNX_DTYPES)})")
+    max_input_len = max_input_len or spec.max_position_embeddings
+    if not 1 <= max_input_len <= spec.max_position_embeddings:
+        raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
+    np_dtype = np.dtype(ONNX_DTYPES[dtype])
+    check_disk(Path(out), planned_weight_bytes(spec, np_dtype.itemsize))
+    selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
+    notes = []
+    if selected and max(selected) > TRT_TOPK_MAX:
+        notes.append(f"layer budget {max(selected)} exceeds TensorRT's TopK limit {TRT_TOPK_MAX}: "
+                     "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
+    inv_freq, scaling = rotary_parameters(loaded)
+    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling)
+    with staging_dir(Path(out), force) as tmp:
+        weights = ExternalWeights(tmp, np_dtype)
+        try:
+            write_model_weights(spec, loaded.weights, weights, progress)
+        finally:
+            weights.close()
+        initializers = list(weights.tensors.values())
+        for name, builder in (("prefill.onnx", build_prefill), ("decode.onnx", build_decode)):
+            model = builder(cfg, initializers)
+            onnx.save_model(model, str(tmp / name))
+            onnx.checker.check_model(str(tmp / name))
+        _save_tokenizer(loaded, tmp / "tokenizer")
+        manifest = write_manifest(tmp, {
+            "backend": "onnx",
+            "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights},
+            "tokenizer": "tokenizer",
+            "policy": {"name": policy.name, **policy.hyperparameters()},
+            "budgets": {"rule": "exporter.budgets, evaluated in-graph from the prompt length",
+                        "selected_at_max_input_len": selected},
+            "dtype": dtype,
+            "max_input_len": max_input_len,
+            "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "graphs": ["prefill.onnx", "decode.onnx"],
+                     "weights": weights.path.name},
+            "cache_heads": cfg.cache_heads,
+            "notes": notes,
+            "tools": tool_versions(),
+        })
+    return manifest
+
+
+def _save_tokenizer(loaded: LoadedModel, directory: Path) -> None:
+    directory.mkdir()
+    if loaded.directory is not None and any((loaded.directory / f).is_file() for f in TOKENIZER_FILES):
+        for f in loaded.directory.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map")) or f.name in ("generation_config.json",):
+                shutil.copy2(f, directory / f.name)
+        return
+    loaded.tokenizer().save_pretrained(directory)
