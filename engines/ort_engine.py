@@ -49,8 +49,8 @@ class OrtEngine:
         if self.manifest.get("backend") != "onnx":
             raise UserInputError(f"{self.dir}: a '{self.manifest.get('backend')}' engine, not an onnx one")
         model = dict(self.manifest["model"])
-        model.pop("source", None)
-        model.pop("random_weights", None)
+        for key in ("source", "random_weights", "weights_seed", "checkpoint_dir"):
+            model.pop(key, None)
         self.spec = ModelSpec(**model)
         self.policy_name = self.manifest["policy"]["name"]
         self.max_input_len = int(self.manifest["max_input_len"])

@@ -81,3 +81,23 @@ class ReferenceEngine:
             selected=selected,
             timings=timings,
         )
+
+
+def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedModel:
+    """The model an engine was built from, to run the reference on: random weights are regenerated from their
+    seed; checkpoints are reloaded from `model` (if given) or the directory recorded at build time."""
+    from exporter.checkpoint import load_model
+    from exporter.specs import ModelSpec
+    from exporter.weights import RandomWeights
+
+    info = dict(manifest["model"])
+    if model is not None:
+        return load_model(model)
+    if info.get("random_weights"):
+        seed = info.get("weights_seed") or 0
+        fields = {k: v for k, v in info.items() if k in ModelSpec.__dataclass_fields__}
+        spec = ModelSpec(**fields)
+        return LoadedModel(spec, info.get("source", spec.name), RandomWeights(spec, seed=seed), None, True)
+    if not info.get("checkpoint_dir"):
+        raise UserInputError("the engine does not record its checkpoint; pass --model to run the reference")
+    return load_model(info["checkpoint_dir"])

@@ -75,6 +75,7 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--engine", "engine_dir", default=None, help="Run a built engine directory instead of the reference.")
 @policy_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
 @click.option("--prompt-file", type=str, default=None, help="Read one prompt from a file ('-' for stdin).")
@@ -82,24 +83,42 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--random-weights", is_flag=True, help="Deterministic random weights of the model's shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
-def generate(model: str, prompts: tuple[str, ...], prompt_file: str | None, max_new_tokens: int, dtype: str,
-             random_weights: bool, as_json: bool, **kwargs) -> None:
-    """Generate greedily with the PyTorch reference and a compressed KV cache."""
+def generate(model: str, engine_dir: str | None, prompts: tuple[str, ...], prompt_file: str | None,
+             max_new_tokens: int, dtype: str, random_weights: bool, as_json: bool, **kwargs) -> None:
+    """Generate greedily with a compressed KV cache: the PyTorch reference, or a built engine (--engine)."""
     from engines.hf_model import torch_dtype
     from engines.reference import ReferenceEngine
+    from engines.registry import open_engine
 
     policy = policy_from_options(kwargs)
     texts = read_prompts(prompts, prompt_file)
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    loaded = load_model(model, random_weights=random_weights)
-    engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
+    if engine_dir is not None:
+        engine = open_engine(engine_dir)
+        source = str(engine_dir)
+        policy = None
+    else:
+        loaded = load_model(model, random_weights=random_weights)
+        engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
+        source = loaded.source
     bar, update = progress_bar("decoding", max_new_tokens)
     with bar:
         result = engine.generate(texts, max_new_tokens, progress=update)
     if as_json:
-        emit_json({"model": loaded.source, "policy": policy.name, "hyperparameters": policy.hyperparameters(),
+        pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
+        emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,
                    "engine": engine.name, **result.to_json()})
         return
     for text in result.text:
         click.echo(text)
+
+
+def _register_engine_commands() -> None:
+    from exporter.cli_engine import build, compare
+
+    main.add_command(build)
+    main.add_command(compare)
+
+
+_register_engine_commands()

@@ -67,7 +67,9 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         _save_tokenizer(loaded, tmp / "tokenizer")
         manifest = write_manifest(tmp, {
             "backend": "onnx",
-            "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights},
+            "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights,
+                      "weights_seed": getattr(loaded.weights, "seed", None),
+                      "checkpoint_dir": str(loaded.directory.resolve()) if loaded.directory else None},
             "tokenizer": "tokenizer",
             "policy": {"name": policy.name, **policy.hyperparameters()},
             "budgets": {"rule": "exporter.budgets, evaluated in-graph from the prompt length",

@@ -1,0 +1,20 @@
+"""Backends by name: how to open a built engine directory. Heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from exporter.engine_dir import read_manifest
+from exporter.errors import UserInputError
+
+RUNNERS = {"onnx": "engines.ort_engine:OrtEngine"}
+
+
+def open_engine(engine_dir: Path, **options):
+    """The runner for an engine directory, chosen by its manifest's backend."""
+    backend = read_manifest(Path(engine_dir)).get("backend")
+    if backend not in RUNNERS:
+        raise UserInputError(f"{engine_dir}: backend '{backend}' has no runner here (runners: {', '.join(RUNNERS)})")
+    module, cls = RUNNERS[backend].split(":")
+    return getattr(importlib.import_module(module), cls)(Path(engine_dir), **options)

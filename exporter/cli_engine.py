@@ -1,0 +1,104 @@
+"""CLI commands around engines: build, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from exporter.checkpoint import load_model
+from exporter.cli_common import emit_json, policy_from_options, policy_options, progress_bar
+from exporter.errors import JobError, UserInputError
+from exporter.specs import DEFAULT_MODEL
+
+MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
+
+
+@click.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@policy_options
+@click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Engine format. (TensorRT / TensorRT-LLM need a GPU host and are not built here.)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-input-len", type=int, default=None, help="Longest prompt the engine accepts [model maximum].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Engine directory to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--random-weights", is_flag=True,
+              help="Deterministic random weights of the model's shape (shape-faithful engines for benchmarks).")
+@click.option("--num-layers", type=int, default=None, help="With --random-weights: override the layer count.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
+          random_weights: bool, num_layers: int | None, seed: int, as_json: bool, **kwargs) -> None:
+    """Build an engine directory with the KV policy inside the exported graphs."""
+    from exporter.onnx_export import build_onnx_engine
+
+    policy = policy_from_options(kwargs)
+    if out.exists() and not force:
+        raise UserInputError(f"{out} already exists; pass --force to replace it")
+    loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
+    bar, update = progress_bar("writing weights", 1)
+    with bar:
+        manifest = build_onnx_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len, force=force,
+                                     progress=update)
+    if as_json:
+        emit_json(manifest)
+        return
+    size = sum(f["bytes"] for f in manifest["files"])
+    click.echo(f"built {out} ({backend}, {policy.describe()}, {dtype}, {size / 2**20:.1f} MiB)")
+    for note in manifest["notes"]:
+        click.echo(f"note: {note}", err=True)
+
+
+@click.command()
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), required=True, help="Engine directory.")
+@click.option("--model", default=None, help="Checkpoint for the reference [the one recorded in the engine].")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt-len", type=int, default=None, help="Synthetic prompt of exactly N tokens.")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="With --prompt-len: B prompts of decreasing lengths (left padding).")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |logit difference| allowed.")
+@click.option("--min-index-agreement", type=float, default=1.0, show_default=True,
+              help="Smallest mean Jaccard of kept index sets allowed.")
+@click.option("--json", "as_json", is_flag=True)
+def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], prompt_len: int | None, batch: int,
+            max_new_tokens: int, atol: float, min_index_agreement: float, as_json: bool) -> None:
+    """Run an engine and the PyTorch reference on the same inputs; exit 1 when they disagree."""
+    from engines.compare import compare_results
+    from engines.prompts import synthetic_prompt_ids
+    from engines.reference import ReferenceEngine, reference_for_manifest
+    from engines.registry import open_engine
+    from exporter.policies import make_policy
+
+    engine = open_engine(engine_dir)
+    if bool(prompts) == (prompt_len is not None):
+        raise UserInputError("give either --prompt TEXT (repeatable) or --prompt-len N")
+    if max_new_tokens < 1 or batch < 1:
+        raise UserInputError("--max-new-tokens and --batch must be at least 1")
+    if prompt_len is not None:
+        if not 1 <= prompt_len <= engine.max_input_len:
+            raise UserInputError(f"--prompt-len must be in [1, {engine.max_input_len}]")
+        inputs = [synthetic_prompt_ids(engine.tokenizer, max(1, prompt_len - 7 * b), seed=b) for b in range(batch)]
+    else:
+        inputs = list(prompts)
+    pol = dict(engine.manifest["policy"])
+    policy = make_policy(pol.pop("name"), **pol)
+    reference = ReferenceEngine(reference_for_manifest(engine.manifest, model), policy)
+    bar, update = progress_bar("engine", max_new_tokens)
+    with bar:
+        got = engine.generate(inputs, max_new_tokens, return_logits=True, return_indices=True, progress=update)
+    bar, update = progress_bar("reference", max_new_tokens)
+    with bar:
+        want = reference.generate(inputs, max_new_tokens, return_logits=True, return_indices=True, progress=update)
+    result = compare_results(got, want, engine.name, atol, min_index_agreement)
+    if as_json:
+        emit_json({"engine": str(engine_dir), "backend": engine.manifest["backend"], "policy": policy.name,
+                   "prompt_lengths": got.prompt_lengths, **result.to_json()})
+    else:
+        agreement = "n/a" if result.index_agreement is None else f"{result.index_agreement:.4f}"
+        click.echo(f"tokens_equal={result.tokens_equal} first_divergence={result.first_divergence} "
+                   f"max_abs_logit_diff={result.max_abs_logit_diff:.3g} index_agreement={agreement} "
+                   f"-> {'PASS' if result.passed else 'FAIL'}")
+    if not result.passed:
+        raise JobError("engine and reference disagree beyond tolerance")
