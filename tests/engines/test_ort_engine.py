@@ -1,0 +1,101 @@
+"""The onnxruntime engine against the PyTorch reference: every policy, both tiny models, fp32."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.compare import compare_results
+from engines.ort_engine import OrtEngine
+from engines.reference import ReferenceEngine
+from exporter.checkpoint import load_model
+from exporter.errors import UserInputError
+from exporter.onnx_export import build_onnx_engine
+from exporter.policies import make_policy
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 2
+PROMPTS = [LONG, "Short prompt, left padded.", LONG[:100] + " and then?", "Hi"]
+POLICY_CASES = [
+    ("full", {}),
+    ("streamingllm", {}),
+    ("h2o", {}),
+    ("snapkv", {}),
+    ("pyramidkv", {}),
+    ("pyramidkv", {"granularity": "query-head", "pooling": "avg", "schedule": "mean"}),
+]
+_BUILT: dict = {}
+
+
+def built(tmp_path_factory, model: str, name: str, kw: dict) -> tuple[OrtEngine, ReferenceEngine]:
+    key = (model, name, tuple(sorted(kw.items())))
+    if key not in _BUILT:
+        loaded = load_model(model)
+        policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
+        out = tmp_path_factory.mktemp("engines") / f"{model}-{name}"
+        build_onnx_engine(loaded, policy, out, max_input_len=1024)
+        _BUILT[key] = (OrtEngine(out), ReferenceEngine(loaded, policy))
+    return _BUILT[key]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
+@pytest.mark.parametrize("name,kw", POLICY_CASES, ids=[f"{n}{'-' + '-'.join(kw.values()) if kw else ''}"
+                                                       for n, kw in POLICY_CASES])
+def test_parity_with_reference(tmp_path_factory, model, name, kw):
+    ort_engine, reference = built(tmp_path_factory, model, name, kw)
+    got = ort_engine.generate(PROMPTS, 12, return_logits=True, return_indices=True)
+    want = reference.generate(PROMPTS, 12, return_logits=True, return_indices=True)
+    assert got.tokens == want.tokens
+    assert got.selected == want.selected
+    for a, b in zip(got.kept_indices, want.kept_indices, strict=True):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)  # identical kept index sets
+    assert (got.logits - want.logits).abs().max().item() <= 1e-4
+    result = compare_results(got, want, "onnxruntime")
+    assert result.passed and result.index_agreement == 1.0 and result.first_divergence is None
+
+
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
+def test_batched_equals_alone(tmp_path_factory, model):
+    ort_engine, _ = built(tmp_path_factory, model, "pyramidkv", {})
+    prompts = [LONG, LONG[:90] + "!"]
+    batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
+    for b, prompt in enumerate(prompts):
+        alone = ort_engine.generate([prompt], 8, return_logits=True, return_indices=True)
+        assert alone.tokens[0] == batched.tokens[b]
+        torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=1e-4, rtol=1e-4)
+        for layer in range(len(alone.kept_indices)):
+            assert torch.equal(alone.kept_indices[layer][0], batched.kept_indices[layer][b])
+
+
+def test_compression_is_real(tmp_path_factory):
+    """Guard for the parity test: the compressed engine differs from the full one and holds fewer bytes."""
+    full, _ = built(tmp_path_factory, "tiny-llama3", "full", {})
+    pyramid, _ = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+    a = full.generate([LONG], 12, return_logits=True)
+    b = pyramid.generate([LONG], 12, return_logits=True)
+    assert not torch.allclose(a.logits[:, 1:], b.logits[:, 1:])
+    assert b.timings["kv_bytes_after_prefill"] < a.timings["kv_bytes_after_prefill"]
+
+
+def test_kv_bytes_held_equal_the_plan(tmp_path_factory):
+    from exporter.plan import make_plan
+
+    engine, reference = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+    prompt = LONG
+    result = engine.generate([prompt], 1)
+    plan = make_plan(engine.spec, reference.policy, result.prompt_lengths[0], 1, "fp32")
+    assert result.timings["kv_bytes_after_prefill"] == plan["kv_bytes_compressed"]
+
+
+def test_prompt_longer_than_engine_accepts(tmp_path_factory):
+    engine, _ = built(tmp_path_factory, "tiny-llama3", "snapkv", {})
+    with pytest.raises(UserInputError, match="accepts at most 1024"):
+        engine.generate(["x" * 2000], 2)
+
+
+def test_fp16_engine_runs_close_to_fp32(tmp_path):
+    loaded = load_model("tiny-llama3")
+    policy = make_policy("pyramidkv", kv_budget=32, window=4)
+    build_onnx_engine(loaded, policy, tmp_path / "fp16", dtype="fp16")
+    got = OrtEngine(Path(tmp_path / "fp16")).generate([LONG], 4, return_logits=True)
+    want = ReferenceEngine(loaded, policy).generate([LONG], 4, return_logits=True)
+    assert (got.logits[:, 0] - want.logits[:, 0]).abs().max().item() < 0.1

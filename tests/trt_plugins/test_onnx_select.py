@@ -1,0 +1,107 @@
+"""The PyramidKVSelect / StreamingLLMSelect ONNX functions, run by onnxruntime, equal the op specification."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto as TP
+from onnx import helper
+
+from exporter.budgets import pyramid_selected
+from exporter.onnx_budget import selected_counts
+from exporter.onnx_builder import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
+from exporter.policies import make_policy
+from trt_plugins.onnx_select import pyramidkv_select_function, streaming_select_function
+from trt_plugins.pyramidkv_select import pyramidkv_select
+from trt_plugins.streaming_select import streaming_select
+
+H, HKV, D, W = 4, 2, 8, 4
+OUT_INFOS = [helper.make_tensor_value_info("kept_indices", TP.INT64, ["b", "hc", "k"]),
+             helper.make_tensor_value_info("keys_out", TP.FLOAT, ["b", "hc", "k", "d"]),
+             helper.make_tensor_value_info("values_out", TP.FLOAT, ["b", "hc", "k", "d"])]
+
+
+def session(function: onnx.FunctionProto, inputs: list[tuple[str, int, list]], attrs: dict) -> ort.InferenceSession:
+    node = helper.make_node(function.name, [n for n, _, _ in inputs], [o.name for o in OUT_INFOS],
+                            domain=CUSTOM_DOMAIN, **attrs)
+    graph = helper.make_graph([node], "select", [helper.make_tensor_value_info(*i) for i in inputs], OUT_INFOS)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, functions=[function])
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+SELECT_INPUTS = [("queries", TP.FLOAT, ["b", H, "n", D]), ("keys", TP.FLOAT, ["b", HKV, "q", D]),
+                 ("values", TP.FLOAT, ["b", HKV, "q", D]), ("key_mask", TP.BOOL, ["b", "q"]),
+                 ("selected", TP.INT64, [1])]
+
+
+def inputs(seed, q=30, n_obs=W, pad=(0, 7), zero_queries=False):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(len(pad), H, n_obs, D, generator=g) * 2
+    if zero_queries:
+        queries = torch.zeros_like(queries)
+    keys, values = torch.randn(len(pad), HKV, q, D, generator=g), torch.randn(len(pad), HKV, q, D, generator=g)
+    mask = torch.ones(len(pad), q, dtype=torch.bool)
+    for i, p in enumerate(pad):
+        mask[i, :p] = False
+    return queries, keys, values, mask
+
+
+@pytest.mark.parametrize("pooling,kernel", [("max", 7), ("avg", 7), ("avg", 3), ("none", 1)])
+@pytest.mark.parametrize("granularity", ["kv-head", "query-head"])
+@pytest.mark.parametrize("case", ["random", "ties", "padding", "h2o"])
+def test_pyramidkv_function_equals_spec(pooling, kernel, granularity, case):
+    fn = pyramidkv_select_function(W, kernel, pooling, granularity, H, HKV, D)
+    sess = session(fn, SELECT_INPUTS, dict(window=W, kernel=kernel, pooling=pooling, granularity=granularity))
+    q = 30
+    if case == "ties":
+        queries, keys, values, mask = inputs(1, zero_queries=True, pad=(0, 0))
+    elif case == "padding":
+        queries, keys, values, mask = inputs(2, pad=(20, 3))  # row 0: fewer real tokens than the budget
+    elif case == "h2o":
+        queries, keys, values, mask = inputs(3, n_obs=q)
+    else:
+        queries, keys, values, mask = inputs(0)
+    selected = 9
+    got = sess.run(None, {"queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(),
+                          "key_mask": mask.numpy(), "selected": np.array([selected])})
+    want = pyramidkv_select(queries, keys, values, selected, W, kernel, pooling, granularity, mask)
+    assert np.array_equal(got[0], want[0].numpy())
+    np.testing.assert_array_equal(got[1], want[1].numpy())
+    np.testing.assert_array_equal(got[2], want[2].numpy())
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_streaming_function_equals_spec(sinks):
+    fn = streaming_select_function(W, sinks, HKV, D)
+    sess = session(fn, SELECT_INPUTS[1:], dict(window=W, sinks=sinks))
+    _, keys, values, mask = inputs(4, pad=(0, 9))
+    got = sess.run(None, {"keys": keys.numpy(), "values": values.numpy(), "key_mask": mask.numpy(),
+                          "selected": np.array([10])})
+    want = streaming_select(keys, values, 10, W, sinks, mask)
+    assert np.array_equal(got[0], want[0].numpy()) and np.array_equal(got[1], want[1].numpy())
+
+
+@pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("pyramidkv", {"schedule": "mean"}), ("snapkv", {}),
+                                     ("pyramidkv", {"kv_budget": 20, "window": 8, "beta": 3})])
+def test_in_graph_budgets_equal_the_budget_function(name, kw):
+    policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
+    layers = 5
+    g = GraphBuilder()
+    q = g.op("Reshape", "q", g.const([1]))
+    outs = selected_counts(g, policy, layers, q)
+    g.op("Concat", *outs, axis=0, outputs=["budgets"])
+    graph = helper.make_graph(g.nodes, "budgets", [helper.make_tensor_value_info("q", TP.INT64, [])],
+                              [helper.make_tensor_value_info("budgets", TP.INT64, [layers])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for q_len in list(range(1, 200)) + [500, 1000, 8000, 100000]:
+        got = sess.run(None, {"q": np.array(q_len, dtype=np.int64)})[0].tolist()
+        want = policy.layer_selected(layers, q_len)
+        if want is None:  # no compression: keep the whole prefix
+            want = [max(q_len - policy.window, 0)] * layers
+        assert got == want, q_len
+    if name == "pyramidkv" and not kw:
+        assert want == pyramid_selected(layers, 32, 4, 100000)
