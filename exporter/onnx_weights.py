@@ -39,14 +39,14 @@ class ExternalWeights:
         pad = (-self._offset) % ALIGN
         self._file.write(b"\0" * pad)
         self._offset += pad
-        data = array.tobytes()
-        self._file.write(data)
+        nbytes = array.nbytes
+        self._file.write(memoryview(array).cast("B"))  # no extra copy of a multi-GB tensor
         t = onnx.TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
         t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", WEIGHTS_FILE), ("offset", str(self._offset)), ("length", str(len(data)))):
+        for key, value in (("location", WEIGHTS_FILE), ("offset", str(self._offset)), ("length", str(nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        self._offset += len(data)
+        self._offset += nbytes
         self.tensors[name] = t
         return name
 

@@ -1,0 +1,136 @@
+"""Benchmark the ONNX engine and the PyTorch reference, FullKV versus PyramidKV, in one run.
+
+Model: LLaMA-shaped, random weights, shaped so attention matters on a CPU (GQA, several layers). For every
+context and batch: prefill time, selection overhead (PyramidKV engine prefill / FullKV engine prefill: the graphs
+differ only by the selection), decode ms/token, and the KV bytes the engine actually holds versus `plan`.
+Both sides of every ratio are measured in the same run. Prints JSON, then a Markdown table, and writes the table
+to docs/benchmarks.md.
+
+    python scripts/bench_engine.py [--contexts 1024 4096 8192] [--batches 1 8] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import markdown_table, write_section  # noqa: E402
+
+from engines.ort_engine import OrtEngine  # noqa: E402
+from engines.prompts import synthetic_prompt_ids  # noqa: E402
+from engines.reference import ReferenceEngine  # noqa: E402
+from exporter.checkpoint import LoadedModel  # noqa: E402
+from exporter.onnx_export import build_onnx_engine  # noqa: E402
+from exporter.plan import make_plan  # noqa: E402
+from exporter.policies import make_policy  # noqa: E402
+from exporter.specs import ModelSpec  # noqa: E402
+from exporter.weights import RandomWeights  # noqa: E402
+
+BENCH_SPEC = ModelSpec("bench-llama", "llama", 259, 256, 512, 4, 4, 2, 64, 500000.0, 32768,
+                       bos_token_id=256, eos_token_id=257, pad_token_id=258, tiny=True)
+MEMORY_LIMIT = 16 * 2**30  # skip shapes whose attention matrices would not fit next to everything else
+
+
+def attention_bytes(batch: int, context: int) -> int:
+    # scores, mask and softmax output alive at once, float32, plus the grouped-row mask copy
+    return 4 * batch * BENCH_SPEC.num_heads * context * context * 4
+
+
+def run(engine, prompts, new_tokens: int, repeats: int) -> dict:
+    engine.eos_ids = set()  # never stop early: time exactly new_tokens steps
+    best = None
+    for _ in range(repeats):
+        result = engine.generate(prompts, new_tokens)
+        t = result.timings
+        if best is None or t["prefill"] < best["prefill"]:
+            best = {**t, "decode_ms_per_token": 1000 * t["decode"] / (new_tokens - 1)}
+        else:
+            best["decode_ms_per_token"] = min(best["decode_ms_per_token"], 1000 * t["decode"] / (new_tokens - 1))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    loaded = LoadedModel(BENCH_SPEC, "bench-llama (random)", RandomWeights(BENCH_SPEC), None, True)
+    policies = {"full": make_policy("full"), "pyramidkv": make_policy("pyramidkv", kv_budget=128, window=8)}
+    workdir = Path(tempfile.mkdtemp(prefix="pkv-bench-"))
+    engines = {}
+    for name, policy in policies.items():
+        build_onnx_engine(loaded, policy, workdir / name, max_input_len=max(args.contexts))
+        engines[("onnxruntime", name)] = OrtEngine(workdir / name)
+        engines[("torch-reference", name)] = ReferenceEngine(loaded, policy)
+
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            if attention_bytes(batch, context) > MEMORY_LIMIT:
+                print(f"skip context={context} batch={batch}: attention matrices would exceed the memory budget",
+                      file=sys.stderr)
+                continue
+            prompts = [synthetic_prompt_ids(engines[("onnxruntime", "full")].tokenizer, context, seed=b)
+                       for b in range(batch)]
+            measured = {}
+            for (backend, name), engine in engines.items():
+                t0 = time.perf_counter()
+                measured[(backend, name)] = run(engine, prompts, args.new_tokens, args.repeats)
+                print(f"context={context} batch={batch} {backend}/{name}: {time.perf_counter() - t0:.1f}s",
+                      file=sys.stderr)
+            plan = make_plan(BENCH_SPEC, policies["pyramidkv"], context, batch, "fp32")
+            for backend in ("onnxruntime", "torch-reference"):
+                full, pyr = measured[(backend, "full")], measured[(backend, "pyramidkv")]
+                row = {
+                    "backend": backend, "context": context, "batch": batch,
+                    "prefill_full_s": round(full["prefill"], 3), "prefill_pyramid_s": round(pyr["prefill"], 3),
+                    "selection_overhead": round(pyr["prefill"] / full["prefill"] - 1, 4),
+                    "decode_full_ms": round(full["decode_ms_per_token"], 2),
+                    "decode_pyramid_ms": round(pyr["decode_ms_per_token"], 2),
+                    "decode_speedup": round(full["decode_ms_per_token"] / pyr["decode_ms_per_token"], 2),
+                }
+                if backend == "onnxruntime":
+                    row["kv_bytes_held"] = pyr["kv_bytes_after_prefill"]
+                    row["kv_bytes_plan"] = plan["kv_bytes_compressed"]
+                    row["kv_bytes_full_held"] = full["kv_bytes_after_prefill"]
+                    row["kv_bytes_full_plan"] = plan["kv_bytes_full"]
+                    row["kv_held_equals_plan"] = (row["kv_bytes_held"] == row["kv_bytes_plan"]
+                                                  and row["kv_bytes_full_held"] == row["kv_bytes_full_plan"])
+                rows.append(row)
+    s = BENCH_SPEC
+    result = {"model": {"layers": s.num_layers, "hidden": s.hidden_size, "heads": s.num_heads,
+                        "kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "intermediate": s.intermediate_size},
+              "policy": policies["pyramidkv"].describe(), "new_tokens": args.new_tokens, "rows": rows}
+    print(json.dumps(result, indent=2))
+    columns = ["backend", "context", "batch", "prefill_full_s", "prefill_pyramid_s", "selection_overhead",
+               "decode_full_ms", "decode_pyramid_ms", "decode_speedup", "kv_bytes_held", "kv_bytes_plan",
+               "kv_held_equals_plan"]
+    table = markdown_table(columns, rows)
+    print()
+    print(table)
+    if not args.no_doc:
+        command = "python scripts/bench_engine.py " + shlex.join(sys.argv[1:])
+        body = (f"## ONNX engine vs PyTorch reference, FullKV vs PyramidKV\n\nCommand: `{command.strip()}`\n\n"
+                f"Model: LLaMA-shaped random weights, {s.num_layers} layers, hidden {s.hidden_size}, "
+                f"{s.num_heads} query heads / {s.num_kv_heads} KV heads x {s.head_dim}, MLP {s.intermediate_size}; "
+                f"policy {policies['pyramidkv'].describe()}; {args.new_tokens} new tokens; best of {args.repeats}."
+                f"\nselection_overhead = PyramidKV prefill / FullKV prefill - 1 (same graph but the selection); "
+                f"decode_speedup = FullKV ms/token / PyramidKV ms/token.\n\n{table}\n")
+        write_section("bench_engine", body)
+
+
+if __name__ == "__main__":
+    main()
