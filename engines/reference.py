@@ -26,6 +26,7 @@ class ReferenceEngine:
     def __init__(self, loaded: LoadedModel, policy: KVPolicy, dtype: torch.dtype = torch.float32):
         self.loaded, self.policy, self.dtype = loaded, policy, dtype
         self.spec = loaded.spec
+        self.max_input_len = self.spec.max_position_embeddings
         self.model = build_hf_model(loaded, dtype, attn_implementation=ATTN_IMPLEMENTATION)
         self.tokenizer = loaded.tokenizer()
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)

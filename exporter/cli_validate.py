@@ -1,0 +1,195 @@
+"""`pkv-export validate`: NIAH / LongBench runs of an engine against the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from exporter.cli_common import emit_json, policy_from_options, policy_options, progress_bar
+from exporter.errors import JobError, UserInputError
+
+
+def _engines(engine_dir: Path | None, model: str | None, policy, reference: str, reference_policy: str | None):
+    """(engine, reference or None, description of both) for the run."""
+    from engines.reference import ReferenceEngine, reference_for_manifest
+    from engines.registry import open_engine
+    from exporter.checkpoint import load_model
+    from exporter.policies import make_policy
+
+    if (engine_dir is None) == (model is None):
+        raise UserInputError("give either --engine DIR or --model M (with policy options)")
+    if engine_dir is not None:
+        engine = open_engine(engine_dir)
+        pol = dict(engine.manifest["policy"])
+        engine_policy = make_policy(pol.pop("name"), **pol)
+        loaded = None
+        description = {"engine": f"{engine.name}:{engine_dir}", "manifest": engine.manifest}
+    else:
+        loaded = load_model(model)
+        engine = ReferenceEngine(loaded, policy)
+        engine_policy = policy
+        description = {"engine": f"torch-reference:{loaded.source}:{policy.describe()}"}
+    ref = None
+    if reference == "torch":
+        ref_policy = engine_policy
+        if reference_policy:
+            base = engine_policy.hyperparameters()
+            ref_policy = make_policy(reference_policy, **base)
+        if loaded is None:
+            loaded = reference_for_manifest(engine.manifest)
+        ref = ReferenceEngine(loaded, ref_policy)
+        description["reference"] = f"torch-reference:{loaded.source}:{ref_policy.describe()}"
+    else:
+        description["reference"] = None
+    return engine, ref, description
+
+
+@click.command()
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None, help="Engine directory.")
+@click.option("--model", default=None, help="Validate the PyTorch reference of this model with the policy options.")
+@policy_options
+@click.option("--suite", type=click.Choice(["niah", "longbench"]), default=None, help="Benchmark to run.")
+@click.option("--reference", type=click.Choice(["torch", "none"]), default="torch", show_default=True,
+              help="Also run the PyTorch reference on every sample and compare.")
+@click.option("--reference-policy", default=None,
+              help="Policy of the reference [the engine's own]; e.g. 'full' to measure the accuracy cost.")
+@click.option("--limit", type=int, default=None, help="At most N samples (per dataset for LongBench).")
+@click.option("--shard", default=None, help="I/N: run the I-th of N interleaved shards (0-based).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished samples.")
+@click.option("--force", is_flag=True, help="Discard an existing run in --out and start over.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Exit 1 when the token agreement rate with the reference falls below this (0..1).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--merge", "merge_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Combine finished shard run directories into one report in --out (repeatable).")
+@click.option("--lengths", default=None, help="NIAH context lengths, e.g. 1000,2000 [sized for the engine].")
+@click.option("--depths", default=None, help="NIAH needle depths in percent [0,25,50,75,100].")
+@click.option("--haystack", type=click.Path(path_type=Path), default=None,
+              help="NIAH: directory of .txt files [offline generated text].")
+@click.option("--needle", default=None, help="NIAH needle sentence (with --question and --answer).")
+@click.option("--question", default=None)
+@click.option("--answer", default=None)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
+@click.option("--hub", is_flag=True, help="LongBench: load through the `datasets` library from the hub.")
+@click.option("--datasets", default=None, help="LongBench datasets, comma-separated [every file in --data].")
+@click.option("--config-dir", type=click.Path(path_type=Path), default=None,
+              help="LongBench dataset2prompt.json / dataset2maxlen.json [the shipped official ones].")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Use the model's chat template.")
+@click.option("--skip-bad", is_flag=True, help="Count and skip malformed data lines instead of stopping.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def validate(engine_dir, model, suite, reference, reference_policy, limit, shard, resume, force, min_agreement, out,
+             merge_dirs, lengths, depths, haystack, needle, question, answer, max_new_tokens, data, hub, datasets,
+             config_dir, chat, skip_bad, as_json, **kwargs) -> None:
+    """Validate an engine on Needle-in-a-Haystack or LongBench against the PyTorch reference.
+
+    Every finished sample is appended to OUT/samples.jsonl; OUT/summary.json, OUT/report.md (and for NIAH
+    OUT/niah_heatmap.png) summarise per dataset / cell: engine score, reference score, delta, agreement.
+    """
+    from validate.niah import parse_grid_list
+
+    from validate.report import markdown, write_report
+    from validate.runner import SAMPLES_FILE, read_records, run_samples
+    from validate.suites import LongBenchSuite, NiahSuite, parse_shard
+    from validate.suites import shard as take_shard
+
+    policy = policy_from_options(kwargs)
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise UserInputError("--min-agreement must be in [0, 1]")
+    if merge_dirs:
+        summary = _merge(merge_dirs, out, force)
+        _finish(summary, as_json, min_agreement, markdown)
+        return
+    if suite is None:
+        raise UserInputError("--suite niah|longbench is required (or --merge DIR...)")
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    if max_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be at least 1")
+    index, count = parse_shard(shard)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_file = out / SAMPLES_FILE
+    run_file = out / "run.json"
+    if samples_file.exists() and not (resume or force):
+        raise UserInputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
+    if force:
+        for f in (samples_file, run_file, out / "summary.json", out / "report.md", out / "niah_heatmap.png"):
+            f.unlink(missing_ok=True)
+
+    if suite == "niah":
+        spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
+                         parse_grid_list(depths, float) if depths else None, haystack, needle, question, answer,
+                         max_new_tokens, chat)
+    else:
+        spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat)
+    engine, ref, description = _engines(engine_dir, model, policy, reference, reference_policy)
+    samples, bad = spec.samples(engine.tokenizer, engine.max_input_len, limit, skip_bad)
+    samples = take_shard(samples, index, count)
+    run = {**description, "shard": f"{index}/{count}", "skipped_bad": bad,
+           "config": {"suite": suite, "limit": limit, "lengths": lengths, "depths": depths, "datasets": datasets,
+                      "chat": chat, "max_new_tokens": max_new_tokens, "reference": reference,
+                      "reference_policy": reference_policy}}
+    identity = {k: run[k] for k in ("engine", "reference", "shard", "config")}
+    if resume and run_file.exists():
+        before = json.loads(run_file.read_text())
+        if {k: before.get(k) for k in identity} != identity:
+            raise UserInputError(f"{out} holds a different run (engine, suite, shard or options differ); use --force")
+    run_file.write_text(json.dumps(identity, indent=2))
+    done = {r["id"] for r in read_records(samples_file, repair=True)}
+    for line in bad:
+        click.echo(f"skipped bad data: {line}", err=True)
+    bar, update = progress_bar(f"{suite} {index}/{count}", len(samples))
+    with bar:
+        update(len(done & {s.id for s in samples}), len(samples))
+        offset = len(done & {s.id for s in samples})
+        run_samples(samples, spec, engine, ref, samples_file, done,
+                    progress=lambda k, n: update(offset + k, len(samples)))
+    wanted = {s.id for s in samples}
+    records = [r for r in read_records(samples_file) if r["id"] in wanted]
+    summary = write_report(out, records, suite, run)
+    _finish(summary, as_json, min_agreement, markdown)
+
+
+def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
+    from validate.report import write_report
+    from validate.runner import SAMPLES_FILE, read_records
+
+    records, seen, runs = [], set(), []
+    for d in dirs:
+        if not (d / SAMPLES_FILE).is_file() or not (d / "run.json").is_file():
+            raise UserInputError(f"{d}: not a validation run directory (no {SAMPLES_FILE} / run.json)")
+        runs.append(json.loads((d / "run.json").read_text()))
+        for r in read_records(d / SAMPLES_FILE):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+    first = runs[0]
+    for r in runs[1:]:
+        if (r["engine"], r["reference"], r["config"]) != (first["engine"], first["reference"], first["config"]):
+            raise UserInputError("the runs to merge differ in engine, reference or options")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / SAMPLES_FILE).exists() and not force:
+        raise UserInputError(f"{out} already holds a run; pass --force to overwrite it with the merge")
+    with (out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    run = {"engine": first["engine"], "reference": first["reference"], "shard": "merged",
+           "merged_from": [str(d) for d in dirs], "config": first["config"]}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+
+    return write_report(out, records, first["config"]["suite"], run)
+
+
+def _finish(summary: dict, as_json: bool, min_agreement: float | None, markdown) -> None:
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(markdown(summary), nl=False)
+    rate = summary["overall"].get("agreement_rate")
+    if min_agreement is not None:
+        if rate is None:
+            raise UserInputError("--min-agreement needs a reference (--reference torch)")
+        if rate < min_agreement:
+            raise JobError(f"token agreement {rate} is below --min-agreement {min_agreement}")

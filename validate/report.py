@@ -1,0 +1,108 @@
+"""Summaries of a validation run: per group (LongBench dataset / NIAH cell) and overall, as JSON and Markdown,
+plus the NIAH heatmaps. Written atomically, from the JSONL records alone (so shards merge by concatenation)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+
+def _score(values: list[float], suite: str) -> float:
+    # LongBench reports mean x100 with two decimals (the official tables); NIAH keeps 0..1 recall.
+    return round(100 * mean(values), 2) if suite == "longbench" else round(mean(values), 4)
+
+
+def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_group[r["group"]].append(r)
+    has_ref = any("reference_score" in r for r in records)
+    groups = []
+    for name in sorted(by_group, key=_group_key):
+        rows = by_group[name]
+        g: dict[str, Any] = {"group": name, "n": len(rows),
+                             "engine_score": _score([r["engine_score"] for r in rows], suite)}
+        if suite == "niah":
+            g["context_len"], g["depth_percent"] = rows[0].get("context_len"), rows[0].get("depth_percent")
+        if has_ref:
+            g["reference_score"] = _score([r["reference_score"] for r in rows], suite)
+            g["delta"] = round(g["engine_score"] - g["reference_score"], 4)
+            g["agreement_rate"] = round(mean(1.0 if r["tokens_agree"] else 0.0 for r in rows), 4)
+            layers = [mean(r["index_agreement_per_layer"]) for r in rows if r.get("index_agreement_per_layer")]
+            g["index_agreement"] = round(mean(layers), 4) if layers else None
+        groups.append(g)
+    overall: dict[str, Any] = {"n": len(records)}
+    if groups:
+        overall["engine_score"] = round(mean(g["engine_score"] for g in groups), 4)
+        if has_ref:
+            overall["reference_score"] = round(mean(g["reference_score"] for g in groups), 4)
+            overall["delta"] = round(overall["engine_score"] - overall["reference_score"], 4)
+            overall["agreement_rate"] = round(mean(1.0 if r["tokens_agree"] else 0.0 for r in records), 4)
+            idx = [g["index_agreement"] for g in groups if g.get("index_agreement") is not None]
+            overall["index_agreement"] = round(mean(idx), 4) if idx else None
+    timing = {"engine_seconds": round(sum(r["engine_seconds"] for r in records), 3)}
+    if has_ref:
+        timing["reference_seconds"] = round(sum(r.get("reference_seconds", 0.0) for r in records), 3)
+    return {"suite": suite, **run, "overall": overall, "groups": groups, "timing": timing}
+
+
+def _group_key(name: str):
+    if name.startswith("L") and "-D" in name:
+        length, depth = name[1:].split("-D")
+        try:
+            return (0, int(length), float(depth), "")
+        except ValueError:
+            pass
+    return (1, 0, 0.0, name)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    o = summary["overall"]
+    has_ref = "reference_score" in o
+    lines = [f"# Validation report: {summary['suite']}", "",
+             f"- engine: {summary.get('engine')}", f"- reference: {summary.get('reference') or 'none'}",
+             f"- samples: {o['n']}"]
+    if summary.get("skipped_bad"):
+        lines.append(f"- bad data lines skipped: {len(summary['skipped_bad'])}")
+    if o.get("engine_score") is not None:
+        line = f"- overall engine score: {o['engine_score']}"
+        if has_ref:
+            line += (f", reference score: {o['reference_score']}, delta: {o['delta']}, token agreement: "
+                     f"{o['agreement_rate']}, kept-index agreement: {o.get('index_agreement')}")
+        lines.append(line)
+    t = summary["timing"]
+    ref_time = f", reference {t['reference_seconds']} s" if has_ref else ""
+    lines += [f"- time: engine {t['engine_seconds']} s{ref_time}", ""]
+    cols = ["group", "n", "engine_score"] + (["reference_score", "delta", "agreement_rate", "index_agreement"]
+                                            if has_ref else [])
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for g in summary["groups"]:
+        lines.append("| " + " | ".join(str(g.get(c)) for c in cols) + " |")
+    if summary["suite"] == "niah":
+        lines += ["", "![NIAH heatmap](niah_heatmap.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
+    summary = summarize(records, suite, run)
+    if suite == "niah" and records:
+        from validate.plots import niah_heatmaps
+
+        cells = [{"context_len": g["context_len"], "depth_percent": g["depth_percent"],
+                  "engine_score": g["engine_score"], "reference_score": g.get("reference_score")}
+                 for g in summary["groups"]]
+        niah_heatmaps(cells, out_dir / "niah_heatmap.png", f"NIAH recall: {run.get('engine')}")
+    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    _atomic_write(out_dir / "report.md", markdown(summary))
+    return summary

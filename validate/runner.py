@@ -1,0 +1,82 @@
+"""Run samples through an engine (and a reference), one JSONL line per finished sample, resumable.
+
+Each line is flushed and fsynced as the sample finishes, so an interrupted run loses at most the sample in
+flight; `--resume` reads the file back, drops a torn last line, and skips every id already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engines.compare import first_divergence, jaccard
+from exporter.errors import UserInputError
+from validate.suites import ValidationSample
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a samples.jsonl; a torn last line (interrupted write) is ignored, and cut off with repair."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if repair and len(complete) != len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(complete))
+    records = []
+    for lineno, line in enumerate(complete.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserInputError(f"{path}:{lineno}: not a JSON record (the file was edited or corrupted)") from None
+    return records
+
+
+def compare_one(engine_result, reference_result) -> dict[str, Any]:
+    div = first_divergence(engine_result.tokens, reference_result.tokens)
+    out: dict[str, Any] = {"tokens_agree": div is None, "first_divergence": div}
+    if engine_result.kept_indices is not None and reference_result.kept_indices is not None:
+        out["index_agreement_per_layer"] = [
+            round(jaccard(a, b), 6) if a.shape == b.shape else 0.0
+            for a, b in zip(engine_result.kept_indices, reference_result.kept_indices, strict=True)
+        ]
+    return out
+
+
+def run_samples(samples: list[ValidationSample], suite, engine, reference, out_file: Path,
+                done_ids: set[str], progress=None) -> list[dict[str, Any]]:
+    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished."""
+    records = []
+    todo = [s for s in samples if s.id not in done_ids]
+    with out_file.open("a", encoding="utf-8") as f:
+        for k, sample in enumerate(todo):
+            t0 = time.perf_counter()
+            got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True)
+            record: dict[str, Any] = {
+                "id": sample.id, "group": sample.group, "prompt_tokens": len(sample.ids), **_meta(sample),
+                "engine_answer": got.text[0], "engine_score": suite.score(sample, got.text[0]),
+                "engine_seconds": round(time.perf_counter() - t0, 4),
+            }
+            if reference is not None:
+                t1 = time.perf_counter()
+                want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)
+                record.update({"reference_answer": want.text[0], "reference_score": suite.score(sample, want.text[0]),
+                               "reference_seconds": round(time.perf_counter() - t1, 4), **compare_one(got, want)})
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            records.append(record)
+            if progress:
+                progress(k + 1, len(todo))
+    return records
+
+
+def _meta(sample: ValidationSample) -> dict[str, Any]:
+    keep = ("context_len", "depth_percent", "answer", "answers", "length")
+    return {k: sample.meta[k] for k in keep if k in sample.meta}

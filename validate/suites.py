@@ -1,0 +1,130 @@
+"""Validation suites: turn NIAH grids and LongBench rows into engine-ready samples, and score answers.
+
+A suite yields `ValidationSample`s (token ids already built, so every engine sees exactly the same input) and
+scores a prediction with the suite's metric. Suites are registered by name in `SUITES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import UserInputError
+
+
+@dataclass
+class ValidationSample:
+    id: str
+    group: str  # LongBench dataset, or the NIAH cell "L{length}-D{depth}"
+    ids: list[int]
+    max_new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NiahSuite:
+    """Needle-in-a-Haystack over a grid of context lengths x depth percents."""
+
+    lengths: list[int] | None = None
+    depths: list[float] | None = None
+    haystack: Path | None = None
+    needle: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    max_new_tokens: int = 32
+    chat: bool = True
+    seed: int = 0
+    name: str = "niah"
+
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+        from validate.niah import DEFAULT_NEEDLE, Needle, default_grid, niah_samples
+
+        lengths, depths = default_grid(max_input_len)
+        lengths, depths = self.lengths or lengths, self.depths or depths
+        too_long = [n for n in lengths if n > max_input_len]
+        if too_long:
+            raise UserInputError(f"context lengths {too_long} exceed the engine's max input length {max_input_len}")
+        given = (self.needle, self.question, self.answer)
+        if any(given) and not all(given):
+            raise UserInputError("--needle, --question and --answer go together")
+        needle = Needle(*given) if all(given) else DEFAULT_NEEDLE
+        out = []
+        for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
+            out.append(ValidationSample(s.id, f"L{s.context_len}-D{s.depth_percent:g}", s.ids, self.max_new_tokens,
+                                        {"context_len": s.context_len, "depth_percent": s.depth_percent,
+                                         "answer": s.answer}))
+        return out[:limit] if limit else out, []
+
+    def score(self, sample: ValidationSample, prediction: str) -> float:
+        from validate.niah import score_answer
+
+        return score_answer(prediction, sample.meta["answer"])["recall"]
+
+
+@dataclass
+class LongBenchSuite:
+    """LongBench v1: official JSONL rows, official prompts and output lengths, official metrics."""
+
+    data: Path | None = None
+    hub: bool = False
+    datasets: list[str] | None = None
+    config_dir: Path | None = None
+    chat: bool = True
+    name: str = "longbench"
+
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+        from validate.longbench import load_dir, load_hub, load_prompt_config, max_new_tokens, prepare_prompt
+
+        if self.hub:
+            if not self.datasets:
+                raise UserInputError("--hub needs --datasets (e.g. --datasets hotpotqa,multi_news)")
+            rows, errors = load_hub(self.datasets, skip_bad=skip_bad)
+        elif self.data is not None:
+            rows, errors = load_dir(self.data, self.datasets, skip_bad=skip_bad)
+        else:
+            raise UserInputError("LongBench needs --data DIR (official JSONL files) or --hub")
+        prompts, maxlens = load_prompt_config(self.config_dir)
+        per_dataset: dict[str, int] = {}
+        out = []
+        for row in rows:
+            if limit and per_dataset.get(row.dataset, 0) >= limit:
+                continue
+            if row.dataset not in prompts:
+                raise UserInputError(f"the prompt config has no template for dataset {row.dataset!r}")
+            new_tokens = max_new_tokens(row.dataset, maxlens)
+            budget = max_input_len
+            ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
+            while len(ids) > max_input_len:  # the chat template and BOS come on top of the content budget
+                budget -= len(ids) - max_input_len
+                ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
+            per_dataset[row.dataset] = per_dataset.get(row.dataset, 0) + 1
+            out.append(ValidationSample(f"{row.dataset}/{row.id}", row.dataset, ids, new_tokens,
+                                        {"answers": row.answers, "all_classes": row.all_classes,
+                                         "length": row.length}))
+        return out, errors
+
+    def score(self, sample: ValidationSample, prediction: str) -> float:
+        from validate.metrics import score_sample
+
+        return score_sample(sample.group, prediction, sample.meta["answers"], sample.meta["all_classes"])
+
+
+SUITES = {"niah": NiahSuite, "longbench": LongBenchSuite}
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N), 0 <= I < N; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserInputError(f"--shard must look like I/N, e.g. 0/4 (got {text!r})") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserInputError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def shard(samples: list[ValidationSample], index: int, count: int) -> list[ValidationSample]:
+    return [s for k, s in enumerate(samples) if k % count == index]
