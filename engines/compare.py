@@ -37,7 +37,12 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> int | None:
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean Jaccard similarity of index sets along the last axis. a, b: [..., n] int64 (-1 = padding, ignored)."""
+    """Mean Jaccard similarity of index sets along the last axis; the sets may differ in size.
+
+    a: [..., n], b: [..., m] int64 with the same leading dims (-1 = padding slot, ignored).
+    """
+    if a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"index tensors disagree on batch/head dims: {tuple(a.shape)} vs {tuple(b.shape)}")
     scores = []
     for x, y in zip(a.reshape(-1, a.shape[-1]).tolist(), b.reshape(-1, b.shape[-1]).tolist(), strict=True):
         sx, sy = {i for i in x if i >= 0}, {i for i in y if i >= 0}
@@ -70,7 +75,7 @@ def compare_results(engine: GenerationResult, reference: GenerationResult, engin
     if engine.kept_indices is not None and reference.kept_indices is not None:
         per_layer = []
         for a, b in zip(engine.kept_indices, reference.kept_indices, strict=True):
-            per_layer.append(jaccard(a, b) if a.shape == b.shape else 0.0)
+            per_layer.append(jaccard(a, b) if a.shape[:-1] == b.shape[:-1] else 0.0)
         agreement = float(np.mean(per_layer))
     passed = div is None and logits_ok and (agreement is None or agreement >= min_index_agreement)
     return Comparison(div is None, div, max_diff, logits_ok, agreement, per_layer, steps, atol, passed)

@@ -64,8 +64,15 @@ class OrtEngine:
         if threads:
             options.intra_op_num_threads = threads
         self.providers = choose_providers(device)
+        # The prefill's peak (the [B, H, q, q] attention) would stay reserved in the CPU arena after the run;
+        # without the arena it is returned, so a long prompt does not pin its peak memory for the engine's life.
+        prefill_options = ort.SessionOptions()
+        prefill_options.log_severity_level = options.log_severity_level
+        prefill_options.intra_op_num_threads = options.intra_op_num_threads
+        prefill_options.enable_cpu_mem_arena = False
         try:
-            self.prefill = ort.InferenceSession(str(self.dir / "prefill.onnx"), options, providers=self.providers)
+            self.prefill = ort.InferenceSession(str(self.dir / "prefill.onnx"), prefill_options,
+                                                providers=self.providers)
             self.decode = ort.InferenceSession(str(self.dir / "decode.onnx"), options, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None

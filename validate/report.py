@@ -32,7 +32,8 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
             g["reference_score"] = _score([r["reference_score"] for r in rows], suite)
             g["delta"] = round(g["engine_score"] - g["reference_score"], 4)
             g["agreement_rate"] = round(mean(1.0 if r["tokens_agree"] else 0.0 for r in rows), 4)
-            layers = [mean(r["index_agreement_per_layer"]) for r in rows if r.get("index_agreement_per_layer")]
+            layers = [mean(x for x in r["index_agreement_per_layer"] if x is not None) for r in rows
+                      if r.get("index_agreement_per_layer") and None not in r["index_agreement_per_layer"]]
             g["index_agreement"] = round(mean(layers), 4) if layers else None
         groups.append(g)
     overall: dict[str, Any] = {"n": len(records)}
@@ -102,7 +103,7 @@ def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: 
         cells = [{"context_len": g["context_len"], "depth_percent": g["depth_percent"],
                   "engine_score": g["engine_score"], "reference_score": g.get("reference_score")}
                  for g in summary["groups"]]
-        niah_heatmaps(cells, out_dir / "niah_heatmap.png", f"NIAH recall: {run.get('engine')}")
+        niah_heatmaps(cells, out_dir / "niah_heatmap.png", "NIAH answer recall by context length and needle depth")
     _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     _atomic_write(out_dir / "report.md", markdown(summary))
     return summary

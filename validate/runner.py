@@ -43,7 +43,7 @@ def compare_one(engine_result, reference_result) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens_agree": div is None, "first_divergence": div}
     if engine_result.kept_indices is not None and reference_result.kept_indices is not None:
         out["index_agreement_per_layer"] = [
-            round(jaccard(a, b), 6) if a.shape == b.shape else 0.0
+            round(jaccard(a, b), 6) if a.shape[:-1] == b.shape[:-1] else None
             for a, b in zip(engine_result.kept_indices, reference_result.kept_indices, strict=True)
         ]
     return out

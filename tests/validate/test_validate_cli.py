@@ -1,0 +1,134 @@
+"""`pkv-export validate` end to end on tiny presets with tiny handmade data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from exporter.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = ["--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "24", "--window", "4"]
+NIAH = ["--suite", "niah", "--lengths", "400,600", "--depths", "0,50,100", "--max-new-tokens", "6"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["validate", *args])
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def comparable(s: dict) -> dict:
+    """The parts of a summary that must not depend on how the run was split or interrupted."""
+    groups = [{k: v for k, v in g.items()} for g in s["groups"]]
+    return {"overall": s["overall"], "groups": groups}
+
+
+def test_niah_reference_vs_reference_agrees(tmp_path):
+    out = tmp_path / "niah"
+    r = run(*TINY, *NIAH, "--out", str(out), "--min-agreement", "1.0", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["overall"]["n"] == 6 and s["overall"]["agreement_rate"] == 1.0
+    assert s["overall"]["index_agreement"] == 1.0 and s["overall"]["delta"] == 0
+    assert {g["group"] for g in s["groups"]} == {f"L{n}-D{d}" for n in (400, 600) for d in (0, 50, 100)}
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(rec["tokens_agree"] for rec in records)
+    assert all(rec["prompt_tokens"] <= rec["context_len"] for rec in records)
+    png = (out / "niah_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| L400-D0 |" in (out / "report.md").read_text()
+
+
+def test_a_different_reference_policy_shows_disagreement(tmp_path):
+    r = run(*TINY, *NIAH, "--reference-policy", "full", "--out", str(tmp_path / "o"), "--min-agreement", "1.0",
+            "--json")
+    assert r.exit_code == 1, r.output
+    s = json.loads(r.stdout)
+    assert s["overall"]["agreement_rate"] < 1.0
+    assert "below --min-agreement" in r.stderr
+
+
+def test_onnx_engine_on_niah(tmp_path):
+    engine = tmp_path / "engine"
+    assert CliRunner().invoke(main, ["build", *TINY[:2], *TINY[2:], "--out", str(engine),
+                                     "--max-input-len", "1024"]).exit_code == 0
+    r = run("--engine", str(engine), *NIAH, "--out", str(tmp_path / "o"), "--min-agreement", "1.0", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["overall"]["agreement_rate"] == 1.0 and s["overall"]["index_agreement"] == 1.0
+    assert s["manifest"]["backend"] == "onnx"
+
+
+def test_longbench_end_to_end(tmp_path):
+    out = tmp_path / "lb"
+    r = run(*TINY, "--suite", "longbench", "--data", str(FIXTURES), "--datasets", "hotpotqa,trec", "--limit", "2",
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert [g["group"] for g in s["groups"]] == ["hotpotqa", "trec"]
+    assert all(g["n"] == 2 and g["agreement_rate"] == 1.0 for g in s["groups"])
+    assert all(0 <= g["engine_score"] <= 100 for g in s["groups"])
+
+
+def test_resume_after_interruption_gives_the_same_report(tmp_path):
+    full = tmp_path / "full"
+    assert run(*TINY, *NIAH, "--out", str(full)).exit_code == 0
+    part = tmp_path / "part"
+    assert run(*TINY, *NIAH, "--out", str(part)).exit_code == 0
+    lines = (part / "samples.jsonl").read_text().splitlines(keepends=True)
+    (part / "samples.jsonl").write_text("".join(lines[:2]) + lines[2][:25])  # killed mid-write
+    again = run(*TINY, *NIAH, "--out", str(part))
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    r = run(*TINY, *NIAH, "--out", str(part), "--resume")
+    assert r.exit_code == 0, r.output
+    assert len((part / "samples.jsonl").read_text().splitlines()) == 6
+    assert comparable(summary(part)) == comparable(summary(full))
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    out = tmp_path / "o"
+    assert run(*TINY, *NIAH, "--out", str(out)).exit_code == 0
+    r = run(*TINY, "--suite", "niah", "--lengths", "400", "--depths", "50", "--out", str(out), "--resume")
+    assert r.exit_code == 2 and "different run" in r.stderr
+
+
+def test_shards_merged_equal_a_single_run(tmp_path):
+    single = tmp_path / "single"
+    assert run(*TINY, *NIAH, "--out", str(single)).exit_code == 0
+    for i in range(2):
+        r = run(*TINY, *NIAH, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
+        assert r.exit_code == 0, r.output
+        assert summary(tmp_path / f"s{i}")["overall"]["n"] == 3
+    r = run("--merge", str(tmp_path / "s0"), "--merge", str(tmp_path / "s1"), "--out", str(tmp_path / "merged"))
+    assert r.exit_code == 0, r.output
+    assert comparable(summary(tmp_path / "merged")) == comparable(summary(single))
+
+
+def test_bad_data_stops_or_is_skipped(tmp_path):
+    r = run(*TINY, "--suite", "longbench", "--data", str(FIXTURES / "bad"), "--out", str(tmp_path / "a"))
+    assert r.exit_code == 2 and "hotpotqa.jsonl:" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "a" / "samples.jsonl").exists() or not (tmp_path / "a" / "samples.jsonl").read_text()
+    r = run(*TINY, "--suite", "longbench", "--data", str(FIXTURES / "bad"), "--skip-bad", "--out",
+            str(tmp_path / "b"), "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert len(s["skipped_bad"]) == 2 and s["overall"]["n"] >= 1
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ([*TINY, "--out", "X"], "--suite"),
+    (["--suite", "niah", "--out", "X"], "either --engine DIR or --model"),
+    ([*TINY, "--suite", "niah", "--lengths", "100,abc", "--out", "X"], "abc"),
+    ([*TINY, "--suite", "niah", "--shard", "3/2", "--out", "X"], "--shard"),
+    ([*TINY, "--suite", "longbench", "--out", "X"], "--data"),
+    ([*TINY, "--suite", "niah", "--needle", "only a needle", "--out", "X"], "go together"),
+])
+def test_bad_usage(tmp_path, args, fragment):
+    args = [str(tmp_path / "o") if a == "X" else a for a in args]
+    r = run(*args)
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr and "Traceback" not in r.stderr
