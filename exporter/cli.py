@@ -116,8 +116,11 @@ def generate(model: str, engine_dir: str | None, prompts: tuple[str, ...], promp
 
 def _register_engine_commands() -> None:
     from exporter.cli_engine import build, compare
+    from exporter.cli_triton import client, serve, triton
     from exporter.cli_validate import validate
 
+    for command in (triton, serve, client):
+        main.add_command(command)
     main.add_command(build)
     main.add_command(compare)
     main.add_command(validate)

@@ -1,0 +1,180 @@
+"""Start, watch and stop a real `tritonserver` process: the binary bundled in the nvidia-pytriton wheel.
+
+That wheel carries tritonserver with the python backend and one backend stub per Python version. The stub
+embeds libpython, so the server needs the running interpreter's libpython directory on LD_LIBRARY_PATH, and
+the stub needs numpy < 2 (design.md §6). The model's imports are pointed at this environment through
+PKV_SITE_PACKAGES (read by the generated model.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from exporter.errors import JobError, UserInputError
+
+EXTRA_HINT = "pip install 'pkv-export[triton]'"
+
+
+def pytriton_dir() -> Path:
+    """The tritonserver tree inside the installed nvidia-pytriton wheel."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError(f"serving needs the 'triton' extra (nvidia-pytriton's tritonserver): {EXTRA_HINT}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise UserInputError(f"{root}: no tritonserver binary in the installed nvidia-pytriton ({EXTRA_HINT})")
+    return root
+
+
+def check_numpy() -> None:
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise UserInputError(f"Triton's python backend stub needs numpy<2, this environment has {numpy.__version__}")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _backend_dir(root: Path, workdir: Path) -> Path:
+    """The python backend plus the stub built for this interpreter's Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserInputError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    backends = workdir / "backends"
+    shutil.copytree(root / "backends", backends)
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    return backends
+
+
+class TritonServer:
+    """A tritonserver child process on `host` (127.0.0.1 by default). Use as a context manager."""
+
+    def __init__(self, repo: Path, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, log_file: Path | None = None):
+        self.repo, self.host = Path(repo).resolve(), host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        root = pytriton_dir()
+        check_numpy()
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            if not port_free(self.host, port):
+                raise UserInputError(f"{name} port {port} on {self.host} is already in use")
+        self._workdir = Path(tempfile.mkdtemp(prefix="pkv-triton-"))
+        backends = _backend_dir(root, self._workdir)
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PKV_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+        log = self.log_file or (self._workdir / "tritonserver.log")
+        args = [str(root / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+                f"--backend-directory={backends}", f"--http-address={self.host}", f"--http-port={self.http_port}",
+                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+                f"--cache-directory={self._workdir / 'cache'}"]
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.log_path = log
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise JobError(f"tritonserver exited with code {self.process.returncode}: {tail}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise JobError(f"tritonserver was not ready after {timeout:.0f} s: {tail}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        errors = [line for line in text if " E" in line[:3] or "error" in line.lower()]
+        return " | ".join((errors or text)[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the server's process group (server and backend stubs), SIGKILL what is left after timeout."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            try:  # stubs are in the same session; make sure none outlives the server
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self._workdir is not None and self.log_file is None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,105 @@
+"""CLI commands for Triton Inference Server: triton (model repository), serve (local server), client."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from exporter.cli_common import emit_json
+from exporter.errors import JobError, UserInputError
+
+
+@click.command()
+@click.option("--engine", "engines", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Engine directory (repeat to serve several engines from one repository).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to create.")
+@click.option("--model-name", "names", multiple=True,
+              help="Triton model name per --engine [pkv, then pkv-2, ...].")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (CPU).")
+@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Dynamic batching limit.")
+@click.option("--default-max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def triton(engines: tuple[Path, ...], out: Path, names: tuple[str, ...], instances: int, max_batch_size: int,
+           default_max_new_tokens: int, force: bool) -> None:
+    """Write a Triton model repository (python backend) that serves engine directories."""
+    click.echo(f"wrote {_write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force)}")
+
+
+def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force) -> Path:
+    from exporter.triton_repo import write_repository
+
+    if names and len(names) != len(engines):
+        raise UserInputError("give one --model-name per --engine (or none)")
+    names = names or tuple("pkv" if i == 0 else f"pkv-{i + 1}" for i in range(len(engines)))
+    if len(set(names)) != len(names):
+        raise UserInputError("model names must be distinct")
+    return write_repository(dict(zip(names, engines, strict=True)), out, instances=instances,
+                            max_batch_size=max_batch_size, default_new_tokens=default_new_tokens, force=force)
+
+
+@click.command()
+@click.option("--engine", "engines", type=click.Path(path_type=Path), multiple=True,
+              help="Serve this engine directory (a temporary repository is written).")
+@click.option("--repo", type=click.Path(path_type=Path), default=None, help="Serve an existing model repository.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--instances", type=int, default=1, show_default=True, help="With --engine: model instances.")
+@click.option("--max-batch-size", type=int, default=8, show_default=True, help="With --engine: batching limit.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None, help="tritonserver's log [temporary].")
+def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file) -> None:
+    """Run a real tritonserver on a model repository until Ctrl-C / SIGTERM (needs the 'triton' extra)."""
+    from engines.triton_server import TritonServer, pytriton_dir
+
+    if bool(engines) == (repo is not None):
+        raise UserInputError("give either --engine DIR (repeatable) or --repo REPO")
+    pytriton_dir()  # fail fast, before writing anything, when the extra is missing
+    tmp = None
+    if engines:
+        tmp = tempfile.TemporaryDirectory(prefix="pkv-repo-")
+        repo = _write_repo(engines, Path(tmp.name) / "repo", (), instances, max_batch_size, 32, False)
+    elif not (repo / ".").is_dir():
+        raise UserInputError(f"{repo}: no such model repository")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = TritonServer(repo, host, http_port, grpc_port, metrics_port, log_file)
+    click.echo(f"starting tritonserver on {host} (repository {repo}) ...", err=True)
+    try:
+        server.start()
+        click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics "
+                   f"http://{host}:{server.metrics_port}/metrics  (Ctrl-C to stop)", err=True)
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                raise JobError(f"tritonserver exited unexpectedly: {server.log_tail()}")
+    finally:
+        server.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    click.echo("stopped", err=True)
+
+
+@click.command()
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the server.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--model-name", default="pkv", show_default=True)
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-new-tokens", type=int, default=None, help="[the model's default]")
+@click.option("--stop", default=None, help="Cut the answer before this string.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--json", "as_json", is_flag=True)
+def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, as_json) -> None:
+    """Send one prompt to a served engine with tritonclient and print the answer."""
+    from engines.triton_client import TritonTextClient
+
+    with TritonTextClient(url, protocol, timeout) as c:
+        result = c.generate(model_name, prompt, max_new_tokens=max_new_tokens, stop=stop)
+    if as_json:
+        emit_json({"model": model_name, "protocol": protocol, **result})
+    else:
+        click.echo(result["text"])
