@@ -36,7 +36,7 @@ class TritonPythonModel:
         engine_dir = Path(params.get("engine_dir", "engine"))
         if not engine_dir.is_absolute():
             engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
-        self.engine = open_engine(engine_dir)
+        self.engine = open_engine(engine_dir, device="auto")  # CUDA when onnxruntime-gpu sees a GPU
         self.default_new_tokens = int(params.get("default_max_new_tokens", "32"))
         self.limit = min(MAX_NEW_TOKENS_LIMIT, self.engine.spec.max_position_embeddings)
 

@@ -8,6 +8,7 @@ PKV_SITE_PACKAGES (read by the generated model.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -106,14 +107,20 @@ class TritonServer:
         backends = _backend_dir(root, self._workdir)
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        # The copied stub loses its $ORIGIN-relative path to the wheel's bundled libraries: add them explicitly.
+        bundled = str(root.parent.parent / "nvidia_pytriton.libs")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, bundled, env.get("LD_LIBRARY_PATH", "")) if p)
+        # The stub embeds libpython without a program name, so Python finds its "executable" on PATH: with this
+        # environment's bin first, it detects the virtual environment (pyvenv.cfg) and imports this
+        # environment's packages (numpy<2 above all) instead of the base interpreter's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PKV_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
         log = self.log_file or (self._workdir / "tritonserver.log")
         args = [str(root / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                 f"--backend-directory={backends}", f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-                "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+                "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0", "--exit-timeout-secs=10",
                 f"--cache-directory={self._workdir / 'cache'}"]
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.log_path = log
@@ -131,6 +138,10 @@ class TritonServer:
                 raise JobError(f"tritonserver exited with code {self.process.returncode}: {tail}")
             if self.ready():
                 return
+            failed = self.unavailable_models()
+            if failed:
+                self.stop()
+                raise JobError("tritonserver could not load " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
@@ -142,6 +153,16 @@ class TritonServer:
                 return r.status == 200
         except OSError:
             return False
+
+    def unavailable_models(self) -> dict[str, str]:
+        """Models the server gave up loading, with the reason (from the repository index)."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                index = json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+        return {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
 
     def log_tail(self, lines: int = 5) -> str:
         try:

@@ -1,0 +1,156 @@
+"""A real tritonserver (nvidia-pytriton's binary) serving a tiny ONNX engine: concurrency, bad requests,
+health, shutdown. Skipped only when the 'triton' extra is not installed (CI installs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engines.ort_engine import OrtEngine
+from engines.triton_server import TritonServer, free_port, pytriton_dir
+from exporter.cli import main
+from exporter.errors import JobError, UserInputError
+from exporter.triton_repo import write_repository
+
+try:
+    pytriton_dir()
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+except (UserInputError, ImportError):  # pragma: no cover
+    pytest.skip("the 'triton' extra is not installed", allow_module_level=True)
+
+PROMPTS = [f"Prompt number {i}: the river runs past the old mill and " + "x" * (i % 5) for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eng") / "engine"
+    r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "32",
+                                  "--window", "4", "--max-input-len", "256", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory):
+    repo = write_repository({"pkv": engine_dir}, tmp_path_factory.mktemp("repo") / "repo", instances=1,
+                            max_batch_size=8, default_new_tokens=8)
+    with TritonServer(repo) as s:
+        yield s
+
+
+def infer_http(url, prompt, params=None, name="text_input", dtype="BYTES", data=None):
+    c = httpclient.InferenceServerClient(url)
+    data = np.array([[prompt.encode()]], dtype=np.object_) if data is None else data
+    inp = httpclient.InferInput(name, list(data.shape), dtype)
+    inp.set_data_from_numpy(data)
+    try:
+        return c.infer("pkv", [inp], parameters=params)
+    finally:
+        c.close()
+
+
+def test_repository_layout(server):
+    config = (server.repo / "pkv" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "dynamic_batching" in config and "max_batch_size: 8" in config
+    assert (server.repo / "pkv" / "1" / "model.py").is_file()
+    assert (server.repo / "pkv" / "1" / "engine" / "pkv-engine.json").is_file()
+
+
+def test_health_and_readiness(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("pkv")
+    meta = c.get_model_metadata("pkv")
+    assert [i["name"] for i in meta["inputs"]] == ["text_input"]
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    assert g.is_server_ready() and g.is_model_ready("pkv")
+
+
+def test_32_concurrent_requests_equal_the_engine(server, engine_dir):
+    direct = OrtEngine(engine_dir)
+
+    def ask(i):
+        r = infer_http(server.http_url, PROMPTS[i], {"max_new_tokens": 6})
+        return r.as_numpy("output_ids").reshape(-1).tolist(), r.as_numpy("text_output").reshape(-1)[0].decode()
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    for prompt, (ids, text) in zip(PROMPTS, answers, strict=True):
+        want = direct.generate([prompt], 6)
+        assert ids == want.tokens[0] and text == want.text[0]
+
+
+def test_grpc_and_the_cli_client(server, engine_dir):
+    want = OrtEngine(engine_dir).generate([PROMPTS[3]], 5)
+    r = CliRunner().invoke(main, ["client", "--url", server.grpc_url, "--protocol", "grpc", "--prompt", PROMPTS[3],
+                                  "--max-new-tokens", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["output_ids"] == want.tokens[0] and d["text"] == want.text[0]
+
+
+def test_stop_parameter_cuts_the_text(server, engine_dir):
+    full = OrtEngine(engine_dir).generate([PROMPTS[1]], 8).text[0]
+    stop = full[3:5]
+    r = infer_http(server.http_url, PROMPTS[1], {"max_new_tokens": 8, "stop": stop})
+    assert r.as_numpy("text_output").reshape(-1)[0].decode() == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("case", ["missing-input", "wrong-dtype", "empty-prompt", "huge-max-new-tokens",
+                                  "zero-max-new-tokens", "too-long-prompt", "bad-stop"])
+def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, case):
+    with pytest.raises(InferenceServerException) as info:
+        if case == "missing-input":
+            infer_http(server.http_url, "hi", name="not_an_input")
+        elif case == "wrong-dtype":
+            infer_http(server.http_url, "", dtype="INT32", data=np.array([[7]], dtype=np.int32))
+        elif case == "empty-prompt":
+            infer_http(server.http_url, "   ")
+        elif case == "huge-max-new-tokens":
+            infer_http(server.http_url, "hello", {"max_new_tokens": 10**9})
+        elif case == "zero-max-new-tokens":
+            infer_http(server.http_url, "hello", {"max_new_tokens": 0})
+        elif case == "too-long-prompt":
+            infer_http(server.http_url, "y" * 1000)
+        else:
+            infer_http(server.http_url, "hello", {"stop": 5})
+    assert info.value.message()
+    r = infer_http(server.http_url, "still alive?", {"max_new_tokens": 2})
+    assert len(r.as_numpy("output_ids").reshape(-1)) >= 1
+
+
+def test_busy_port_is_one_clear_error(server):
+    with pytest.raises(UserInputError, match=f"port {server.http_port} on 127.0.0.1 is already in use"):
+        TritonServer(server.repo, http_port=server.http_port).start()
+
+
+def test_clean_shutdown_leaves_no_process(engine_dir, tmp_path):
+    repo = write_repository({"pkv": engine_dir}, tmp_path / "repo")
+    s = TritonServer(repo).start()
+    pgid = s.process.pid
+    members = [p for p in os.listdir("/proc") if p.isdigit() and _pgid(p) == pgid]
+    assert len(members) >= 2, "server and at least one python backend stub"
+    s.stop()
+    assert s.process.poll() is not None
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _pgid(p) == pgid]
+
+
+def _pgid(pid: str) -> int | None:
+    try:
+        return os.getpgid(int(pid))
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def test_broken_model_fails_fast_with_its_error(tmp_path, engine_dir):
+    repo = write_repository({"pkv": engine_dir}, tmp_path / "repo")
+    (repo / "pkv" / "1" / "engine" / "pkv-engine.json").unlink()
+    with pytest.raises(JobError, match="tritonserver"):
+        TritonServer(repo, http_port=free_port()).start(timeout=120)
