@@ -96,3 +96,18 @@ def unpad_indices(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def eos_ids(spec_eos, tokenizer) -> set[int]:
     eos = spec_eos if spec_eos is not None else tokenizer.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def finish_result(tokenizer, generated: list[list[int]], mask: torch.Tensor, step_logits: list[torch.Tensor],
+                  return_logits: bool, kept: list[torch.Tensor] | None, selected: list[int] | None,
+                  timings: dict[str, float]) -> GenerationResult:
+    """Assemble a GenerationResult (decoded text, prompt lengths, stacked logits [B, T, V])."""
+    return GenerationResult(
+        tokens=generated,
+        text=[tokenizer.decode(g, skip_special_tokens=True) for g in generated],
+        prompt_lengths=[int(x) for x in mask.sum(-1)],
+        logits=torch.stack(step_logits, dim=1) if return_logits else None,
+        kept_indices=kept,
+        selected=selected,
+        timings=timings,
+    )

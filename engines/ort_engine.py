@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import GenerationResult, ProgressFn, encode_prompts, eos_ids, prompt_positions, unpad_indices
+from engines.base import (
+    GenerationResult,
+    ProgressFn,
+    encode_prompts,
+    eos_ids,
+    finish_result,
+    prompt_positions,
+    unpad_indices,
+)
 from engines.greedy import greedy_loop
 from exporter.engine_dir import read_manifest
 from exporter.errors import UserInputError
@@ -150,12 +158,4 @@ class OrtEngine:
         if pol["name"] != "full" and q >= pol["kv_budget"]:  # below the budget nothing is compressed
             selected = [int(outputs[f"kept_indices.{i}"].shape()[-1]) - pol["window"]
                         for i in range(self.spec.num_layers)]
-        return GenerationResult(
-            tokens=generated,
-            text=[self.tokenizer.decode(g, skip_special_tokens=True) for g in generated],
-            prompt_lengths=[int(x) for x in mask.sum(-1)],
-            logits=torch.stack(step_logits, dim=1) if return_logits else None,
-            kept_indices=kept,
-            selected=selected,
-            timings=timings,
-        )
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)

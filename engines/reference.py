@@ -11,7 +11,15 @@ import time
 
 import torch
 
-from engines.base import GenerationResult, ProgressFn, encode_prompts, eos_ids, prompt_positions, unpad_indices
+from engines.base import (
+    GenerationResult,
+    ProgressFn,
+    encode_prompts,
+    eos_ids,
+    finish_result,
+    prompt_positions,
+    unpad_indices,
+)
 from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
 from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
@@ -73,15 +81,7 @@ class ReferenceEngine:
         generated, step_logits, timings["decode"] = greedy_loop(
             out.logits[:, -1], positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        return GenerationResult(
-            tokens=generated,
-            text=[self.tokenizer.decode(g, skip_special_tokens=True) for g in generated],
-            prompt_lengths=[int(x) for x in mask.sum(-1)],
-            logits=torch.stack(step_logits, dim=1) if return_logits else None,
-            kept_indices=kept,
-            selected=selected,
-            timings=timings,
-        )
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
 
 
 def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedModel:
