@@ -89,7 +89,6 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     OUT/niah_heatmap.png) summarise per dataset / cell: engine score, reference score, delta, agreement.
     """
     from validate.niah import parse_grid_list
-
     from validate.report import markdown, write_report
     from validate.runner import SAMPLES_FILE, read_records, run_samples
     from validate.suites import LongBenchSuite, NiahSuite, parse_shard
