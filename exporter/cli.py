@@ -112,6 +112,10 @@ def generate(model: str, engine_dir: str | None, prompts: tuple[str, ...], promp
         return
     for text in result.text:
         click.echo(text)
+    spec = engine.spec
+    if spec.tiny or (engine_dir is None and loaded.random_weights):
+        click.echo(f"note: {spec.name} has random weights, so its text is meaningless; it exists to check the "
+                   "machinery (use --model DIR for a real checkpoint)", err=True)
 
 
 def _register_engine_commands() -> None:
