@@ -76,6 +76,8 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--engine", "engine_dir", default=None, help="Run a built engine directory instead of the reference.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="With --engine: onnxruntime execution provider (cuda needs onnxruntime-gpu and a GPU).")
 @policy_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
 @click.option("--prompt-file", type=str, default=None, help="Read one prompt from a file ('-' for stdin).")
@@ -83,7 +85,7 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--random-weights", is_flag=True, help="Deterministic random weights of the model's shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
-def generate(model: str, engine_dir: str | None, prompts: tuple[str, ...], prompt_file: str | None,
+def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str, ...], prompt_file: str | None,
              max_new_tokens: int, dtype: str, random_weights: bool, as_json: bool, **kwargs) -> None:
     """Generate greedily with a compressed KV cache: the PyTorch reference, or a built engine (--engine)."""
     from engines.hf_model import torch_dtype
@@ -95,7 +97,7 @@ def generate(model: str, engine_dir: str | None, prompts: tuple[str, ...], promp
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if engine_dir is not None:
-        engine = open_engine(engine_dir)
+        engine = open_engine(engine_dir, device=device)
         source = str(engine_dir)
         policy = None
     else:

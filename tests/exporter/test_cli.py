@@ -97,3 +97,10 @@ def test_help_for_every_command():
 def test_presets_listing():
     d = json.loads(invoke("presets", "--json").stdout)
     assert {p["name"] for p in d} == set(PRESETS)
+
+
+def test_cuda_device_without_gpu_is_one_clear_line(tmp_path):
+    out = tmp_path / "e"
+    assert invoke("build", "--kv-budget", "24", "--window", "4", "--out", str(out)).exit_code == 0
+    r = invoke("generate", "--engine", str(out), "--device", "cuda", "--prompt", "hi")
+    assert r.exit_code == 2 and "onnxruntime-gpu" in r.stderr and "Traceback" not in r.stderr
