@@ -26,8 +26,10 @@ def staging_dir(out: Path, force: bool):
     out = Path(out)
     if out.exists() and not force:
         raise UserInputError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise UserInputError(f"{out.parent}: parent directory does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"{out.parent}: cannot create the output's parent directory ({e.strerror})") from None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

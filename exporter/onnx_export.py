@@ -30,7 +30,8 @@ def rotary_parameters(loaded: LoadedModel) -> tuple[np.ndarray, float]:
 
 
 def check_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    existing = next(p for p in [out.parent, *out.parent.parents, Path.cwd()] if p.exists())
+    free = shutil.disk_usage(existing).free
     if needed * 1.05 > free:
         raise UserInputError(f"not enough disk space under {out.parent}: the engine needs about "
                              f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
