@@ -177,7 +177,6 @@ def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
     run = {"engine": first["engine"], "reference": first["reference"], "shard": "merged",
            "merged_from": [str(d) for d in dirs], "config": first["config"]}
     (out / "run.json").write_text(json.dumps(run, indent=2))
-
     return write_report(out, records, first["config"]["suite"], run)
 
 
