@@ -20,7 +20,7 @@ class GenerationResult:
     logits: [B, T, V] float32 logits of every decoding step (T = steps run), when requested.
     kept_indices[l]: [B, Hc, n_l] int64 prompt positions (0 = first real token) cached by layer l after the
         prefill, per cache head; -1 marks a slot holding padding. Present when requested.
-    selected[l]: prefix tokens layer l selected (None when the policy kept the whole prompt).
+    selected[b][l]: prefix tokens layer l selected for prompt b (None when the whole prompts were kept).
     """
 
     tokens: list[list[int]]
@@ -28,7 +28,7 @@ class GenerationResult:
     prompt_lengths: list[int]
     logits: torch.Tensor | None = None
     kept_indices: list[torch.Tensor] | None = None
-    selected: list[int] | None = None
+    selected: list[list[int]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -36,11 +36,12 @@ class GenerationResult:
             "tokens": self.tokens,
             "text": self.text,
             "prompt_lengths": self.prompt_lengths,
-            "selected_per_layer": self.selected,
+            "selected_per_layer": self.selected,  # [prompt][layer]
             "timings_s": self.timings,
         }
         if self.kept_indices is not None:
-            out["cached_per_layer"] = [int(k.shape[-1]) for k in self.kept_indices]
+            out["cached_per_layer"] = [[int((k[b, 0] >= 0).sum()) for k in self.kept_indices]
+                                       for b in range(len(self.tokens))]
         return out
 
 
@@ -99,7 +100,7 @@ def eos_ids(spec_eos, tokenizer) -> set[int]:
 
 
 def finish_result(tokenizer, generated: list[list[int]], mask: torch.Tensor, step_logits: list[torch.Tensor],
-                  return_logits: bool, kept: list[torch.Tensor] | None, selected: list[int] | None,
+                  return_logits: bool, kept: list[torch.Tensor] | None, selected: list[list[int]] | None,
                   timings: dict[str, float]) -> GenerationResult:
     """Assemble a GenerationResult (decoded text, prompt lengths, stacked logits [B, T, V])."""
     return GenerationResult(

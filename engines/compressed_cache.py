@@ -34,7 +34,7 @@ class CompressedKVState:
     """Everything one generation needs across forwards. positions: [B, q] absolute positions of the prompt."""
 
     policy: KVPolicy
-    selected: list[int] | None  # per layer, None = keep the whole prompt
+    selected: torch.Tensor | None  # [L, B] per-layer, per-prompt budgets; None = keep the whole prompt
     key_mask: torch.Tensor  # [B, q] bool, True = real token
     positions: torch.Tensor  # [B, q] int64
     prefill: bool = True
@@ -66,8 +66,9 @@ def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerC
             idx, k, v = idx.repeat_interleave(g, 1), key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
     else:
         idx, k, v = policy.select(query, key, value, state.selected[layer], state.key_mask)
-    pos = torch.gather(state.positions.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, idx)
-    real = torch.gather(state.key_mask.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, idx)
+    safe = idx.clamp(min=0)  # -1 marks a slot a prompt with a smaller budget leaves unused
+    pos = torch.gather(state.positions.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, safe)
+    real = torch.gather(state.key_mask.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, safe) & (idx >= 0)
     return LayerCache(k.contiguous(), v.contiguous(), pos.masked_fill(~real, -1), idx)
 
 

@@ -153,9 +153,10 @@ class OrtEngine:
         generated, step_logits, timings["decode"] = greedy_loop(
             first, positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        q, pol = input_ids.shape[1], self.manifest["policy"]
+        pol, lengths = self.manifest["policy"], mask.sum(-1)
         selected = None
-        if pol["name"] != "full" and q >= pol["kv_budget"]:  # below the budget nothing is compressed
-            selected = [int(outputs[f"kept_indices.{i}"].shape()[-1]) - pol["window"]
-                        for i in range(self.spec.num_layers)]
+        if pol["name"] != "full" and int(lengths.max()) >= pol["kv_budget"]:  # else nothing was compressed
+            # The prefix slots of each layer hold the picks, then -1 for a prompt whose budget is smaller.
+            selected = [[int((outputs[f"kept_indices.{i}"].numpy()[b, 0, : -pol["window"]] >= 0).sum())
+                         for i in range(self.spec.num_layers)] for b in range(len(lengths))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)

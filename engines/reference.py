@@ -59,7 +59,8 @@ class ReferenceEngine:
         input_ids, mask = self.encode(prompts)
         b, q = input_ids.shape
         positions = prompt_positions(mask)
-        selected = self.policy.layer_selected(self.spec.num_layers, q)
+        lengths = [int(n) for n in mask.sum(-1)]
+        selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
         state = CompressedKVState(self.policy, selected, mask.bool(), positions)
 
         t0 = time.perf_counter()
@@ -81,7 +82,8 @@ class ReferenceEngine:
         generated, step_logits, timings["decode"] = greedy_loop(
             out.logits[:, -1], positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+        per_prompt = None if selected is None else selected.T.tolist()
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
 
 
 def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedModel:

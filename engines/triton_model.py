@@ -2,10 +2,9 @@
 
 Text in, text out: `text_input` (BYTES [1]) -> `text_output` (BYTES [1]) and `output_ids` (INT64 [-1]).
 Request parameters: `max_new_tokens` (int, default from the model config) and `stop` (a string; the text is
-cut before its first occurrence). Requests that Triton's dynamic batcher hands over together are run as one
-engine batch when their prompts have the same token length (so every answer equals the engine's direct output
-for that prompt alone); other groups run one after another. A bad request gets an error response; the others
-in the same batch are unaffected.
+cut before its first occurrence). Requests that Triton's dynamic batcher hands over together run as one
+engine batch (left-padded; every prompt keeps its own KV budget, so each answer equals the engine's direct
+output for that prompt alone). A bad request gets an error response; the others in the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -65,15 +64,15 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
-        groups: dict[int, list[tuple[int, list[int], int, str | None]]] = {}
+        batch: list[tuple[int, list[int], int, str | None]] = []
         for k, request in enumerate(requests):
             try:
                 ids, new_tokens, stop = self._parse(request)
             except (RequestError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
-            groups.setdefault(len(ids), []).append((k, ids, new_tokens, stop))
-        for members in groups.values():
+            batch.append((k, ids, new_tokens, stop))
+        for members in [batch] if batch else []:
             try:
                 result = self.engine.generate([m[1] for m in members], max(m[2] for m in members))
             except Exception as e:  # keep serving: one failing batch answers with errors, the server stays up

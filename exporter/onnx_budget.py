@@ -3,7 +3,7 @@
 The rule itself is `exporter.budgets` (the one function every backend uses). Its result depends on the prompt
 length q only in a narrow band (the max clamp near q = 2(C - w)); above it the budgets are constants. So the
 graph holds a small table computed by that function for every q of the band and picks a row with the runtime q:
-constant per layer, clamped to the prompt exactly as the reference does.
+constant per layer, clamped to each prompt's own length exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -30,16 +30,18 @@ def budget_table(policy: KVPolicy, num_layers: int) -> tuple[int, np.ndarray]:
     return q0, np.array(rows, dtype=np.int64)
 
 
-def selected_counts(g: GraphBuilder, policy: KVPolicy, num_layers: int, q: str) -> list[str]:
-    """[1] int64 selected count per layer, for prompt length q ([1] int64)."""
+def selected_counts(g: GraphBuilder, policy: KVPolicy, num_layers: int, lengths: str) -> list[str]:
+    """Per layer, a [B] int64 tensor: each prompt's own selected count, from its real length (lengths [B])."""
     c, w = policy.kv_budget, policy.window
     q0, table = budget_table(policy, num_layers)
-    row = g.op("Clip", g.scalar(g.op("Sub", q, g.const([q0]))), g.const(0), g.const(len(table) - 1))
-    picked = g.op("Gather", g.const(table), row, axis=0)  # [L]
-    keep_all = g.op("Max", g.op("Sub", q, g.const([w])), g.const([0]))  # no compression: the whole prefix
+    row = g.op("Clip", g.op("Sub", lengths, g.const(q0)), g.const(0), g.const(len(table) - 1))  # [B]
+    picked = g.op("Gather", g.const(table), row, axis=0)  # [B, L]
+    keep_all = g.op("Max", g.op("Sub", lengths, g.const(w)), g.const(0))  # no compression: the whole prefix
+    short = g.op("Less", lengths, g.const(c))
+    uniform_zone = g.op("Less", lengths, g.const(2 * (c - w)))
     out = []
     for layer in range(num_layers):
-        from_table = g.op("Gather", picked, g.const([layer]), axis=0)  # [1]
-        uniform = g.op("Where", g.op("Less", q, g.const([2 * (c - w)])), g.const([c - w]), from_table)
-        out.append(g.op("Where", g.op("Less", q, g.const([c])), keep_all, uniform))
+        from_table = g.op("Gather", picked, g.const(layer), axis=1)  # [B]
+        uniform = g.op("Where", uniform_zone, g.const(c - w), from_table)
+        out.append(g.op("Where", short, keep_all, uniform))
     return out

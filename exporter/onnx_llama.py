@@ -141,8 +141,9 @@ class _Layers:
                     outputs=["logits"])
 
 
-def _select(g: GraphBuilder, cfg: GraphConfig, q_rot, k, v, key_mask, selected, cache_heads: int):
-    """Outputs (kept [B, Hc, n], K, V [B, Hc, n, d]) for one layer; an If keeps everything when q < C."""
+def _select(g: GraphBuilder, cfg: GraphConfig, q_rot, k, v, key_mask, selected, lengths, cache_heads: int):
+    """Outputs (kept [B, Hc, n], K, V [B, Hc, n, d]) for one layer; an If keeps everything when every prompt
+    is shorter than C (selected: [B] per-prompt budgets, lengths: [B] real prompt lengths)."""
     _s, pol = cfg.spec, cfg.policy
     b, q = g.dim(k, 0), g.dim(k, 2)
     keep_all = GraphBuilder(g.prefix + "keepall_")
@@ -168,7 +169,7 @@ def _select(g: GraphBuilder, cfg: GraphConfig, q_rot, k, v, key_mask, selected, 
                for o, t in zip(outs, (TensorProto.INT64, dt, dt), strict=True)]
         return helper.make_graph(builder.nodes, name, [], vis)
 
-    no_compression = g.op("Less", q, g.const([pol.kv_budget]))
+    no_compression = g.op("Less", g.op("ReduceMax", lengths, keepdims=1), g.const([pol.kv_budget]))
     return g.op("If", g.scalar(no_compression), outputs=3,
                 then_branch=branch(keep_all, [idx, kk, vv], g.fresh("keep_all")),
                 else_branch=branch(select, outs, g.fresh("select")))
@@ -190,7 +191,8 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     if s.sliding_window:
         ok = g.op("And", ok, g.op("Less", g.op("Sub", rows, cols), g.const(s.sliding_window)))
     mask = lay.additive(ok)
-    budgets = selected_counts(g, pol, s.num_layers, q_len) if pol.compresses else None
+    lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)  # [B] real prompt lengths
+    budgets = selected_counts(g, pol, s.num_layers, lengths) if pol.compresses else None
     b = g.dim("input_ids", 0)
     mask_h = g.op("Expand", g.unsqueeze(key_mask, [1]), g.concat(b, g.const([hc]), q_len))  # [B, Hc, q]
     pos_h = g.op("Expand", g.unsqueeze("position_ids", [1]), g.concat(b, g.const([hc]), q_len))
@@ -203,13 +205,14 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
                         g.concat(b, g.const([hc]), q_len))
             kk, vv = lay.expand_heads(k, hc), lay.expand_heads(v, hc)
         else:
-            kept, kk, vv = _select(g, cfg, q, k, v, key_mask, budgets[layer], hc)
+            kept, kk, vv = _select(g, cfg, q, k, v, key_mask, budgets[layer], lengths, hc)
         names = _cache_names("present", layer)
         g.op("Identity", kk, outputs=[names[0]])
         g.op("Identity", vv, outputs=[names[1]])
         g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
-        real = g.op("GatherElements", mask_h, kept, axis=2)
-        g.op("Where", real, g.op("GatherElements", pos_h, kept, axis=2), g.const(-1), outputs=[names[2]])
+        safe = g.op("Max", kept, g.const(0))  # -1 = a slot this prompt's smaller budget leaves unused
+        real = g.op("And", g.op("GatherElements", mask_h, safe, axis=2), g.op("GreaterOrEqual", kept, g.const(0)))
+        g.op("Where", real, g.op("GatherElements", pos_h, safe, axis=2), g.const(-1), outputs=[names[2]])
         outputs.extend(_cache_infos(names, cfg, f"present_len_{layer}"))
         outputs.append(helper.make_tensor_value_info(f"kept_indices.{layer}", TensorProto.INT64,
                                                      ["batch", hc, f"present_len_{layer}"]))

@@ -55,8 +55,20 @@ class KVPolicy:
         """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
         return None
 
+    def batch_selected(self, num_layers: int, lengths: list[int]) -> torch.Tensor | None:
+        """[L, B] int64: every prompt's own budget per layer (its real length decides its regime), so a prompt
+        keeps the same tokens batched as alone. None when nothing is compressed: FullKV, or every prompt of the
+        batch shorter than the budget."""
+        if not self.compresses or max(lengths) < self.kv_budget:
+            return None
+        rows = []
+        for n in lengths:
+            sel = self.layer_selected(num_layers, n)
+            rows.append(sel if sel is not None else [max(n - self.window, 0)] * num_layers)
+        return torch.tensor(rows, dtype=torch.long).T.contiguous()
+
     def select(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selected: int,
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selected: int | torch.Tensor,
         key_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """queries [B, H, q, d], keys/values [B, Hkv, q, d], key_mask [B, q] -> indices, K, V (op semantics)."""

@@ -7,9 +7,9 @@ tests compare the two on random inputs, ties and padding.
 
 Function signature (B and q dynamic; H, Hkv, d fixed at export):
     PyramidKVSelect(queries [B, H, n, d], keys [B, Hkv, q, d], values [B, Hkv, q, d], key_mask [B, q] bool,
-                    selected [1] int64) -> kept_indices [B, Hc, selected + w'] int64, keys_out, values_out
-    with w' = min(window, q). Attributes (informational, the body is specialised to them): window, kernel,
-    pooling, granularity.
+                    selected [B] int64) -> kept_indices [B, Hc, max(selected) + w'] int64, keys_out, values_out
+    with w' = min(window, q); row b's unused slots hold index -1 and zero K/V (per-row budgets).
+    Attributes (informational, the body is specialised to them): window, kernel, pooling, granularity.
 """
 
 from __future__ import annotations
@@ -33,18 +33,27 @@ def _prefix_and_window(g: GraphBuilder, q: str, window: int) -> tuple[str, str]:
 def _topk_sort_gather(g: GraphBuilder, scores: str, selected: str, keys: str, values: str, prefix: str,
                       q: str, heads: int, head_dim: int) -> None:
     """scores [B, Hc, P] -> top-`selected` (ties to the lower index), ascending, + window; gather K/V [B, Hc, q, d]."""
-    _, idx = g.op("TopK", scores, selected, outputs=2, axis=-1, largest=1, sorted=1)  # [B, Hc, k]
-    # Sort the picks ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
-    asc = g.op("TopK", g.op("Cast", idx, to=onnx.TensorProto.FLOAT), selected, outputs=2, axis=-1, largest=0,
-               sorted=1)[0]
-    idx = g.op("Cast", asc, to=onnx.TensorProto.INT64)
+    k = g.op("ReduceMax", selected, keepdims=1)  # [1]: the batch's largest budget
+    _, idx = g.op("TopK", scores, k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, Hc, k] by rank
+    # Row b keeps its first selected[b] ranks; the others become a sentinel that sorts last, then -1.
+    used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
+                g.unsqueeze(selected, [1, 2]))  # [B, 1, k]
+    sentinel = g.op("Cast", q, to=onnx.TensorProto.FLOAT)
+    ranked = g.op("Where", used, g.op("Cast", idx, to=onnx.TensorProto.FLOAT), sentinel)
+    # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
+    asc = g.op("TopK", ranked, k, outputs=2, axis=-1, largest=0, sorted=1)[0]
+    idx = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=onnx.TensorProto.INT64), g.const(-1))
     b = g.dim(keys, 0)
     win = g.op("Range", g.scalar(prefix), g.scalar(q), g.const(1))  # [w']
     win = g.op("Expand", g.unsqueeze(win, [0, 1]), g.concat(b, g.const([heads]), g.op("Sub", q, prefix)))
     kept = g.op("Concat", idx, win, axis=-1, outputs=["kept_indices"])  # [B, Hc, k + w']
-    gidx = g.op("Expand", g.unsqueeze(kept, [3]), g.concat(g.op("Shape", kept), g.const([head_dim])))
-    g.op("GatherElements", keys, gidx, axis=2, outputs=["keys_out"])
-    g.op("GatherElements", values, gidx, axis=2, outputs=["values_out"])
+    gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
+                g.concat(g.op("Shape", kept), g.const([head_dim])))
+    slot_used = g.unsqueeze(g.op("GreaterOrEqual", kept, g.const(0)), [3])  # [B, Hc, k + w', 1]
+    for src, out in ((keys, "keys_out"), (values, "values_out")):
+        gathered = g.op("GatherElements", src, gidx, axis=2)
+        zero = g.op("CastLike", g.const(0.0, np.float32), gathered)  # the function serves fp32 and fp16 engines
+        g.op("Where", slot_used, gathered, zero, outputs=[out])
 
 
 def _expand_heads(g: GraphBuilder, x: str, num_kv_heads: int, group: int, head_dim: int) -> str:

@@ -10,7 +10,10 @@ inputs. Definitions that backends could otherwise disagree on are fixed here:
 * `avg` pooling counts the pooling pad as zeros (count_include_pad, as KVCache-Factory's F.avg_pool1d);
   `max` pooling ignores the pad; both with stride 1 and padding kernel // 2;
 * padding keys are never preferred over a real key (score -inf after pooling);
-* ties in top-k go to the lower position (ONNX TopK's rule), and kept prefix indices are sorted ascending.
+* ties in top-k go to the lower position (ONNX TopK's rule), and kept prefix indices are sorted ascending;
+* `selected` may differ per batch row (each prompt's own budget, so a batched prompt keeps exactly what it
+  keeps alone): the op keeps max(selected) slots, row b's picks come first (ascending) and its unused slots
+  hold index -1 and zero K/V.
 """
 
 from __future__ import annotations
@@ -57,34 +60,48 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor
     return out.reshape(b, c, n)
 
 
-def topk_lowest_index_first(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row, ties to the lower index, returned sorted ascending.
+def topk_lowest_index_first(scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Per row b, the selected[b] largest scores (ties to the lower index), ascending, then -1 up to max(selected).
 
-    scores: [..., n] -> [..., k] int64
+    scores: [B, C, n], selected: [B] int64 -> [B, C, max(selected)] int64
     """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values
+    k = int(selected.max()) if selected.numel() else 0
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # by rank
+    used = torch.arange(k).view(1, 1, k) < selected.view(-1, 1, 1)  # [B, 1, k]
+    sentinel = scores.shape[-1]  # sorts after every real index, then becomes -1
+    ascending = torch.sort(torch.where(used, order, sentinel), dim=-1).values
+    return ascending.masked_fill(ascending == sentinel, -1)
+
+
+def as_row_budgets(selected: int | torch.Tensor, batch: int) -> torch.Tensor:
+    """An int or a [B] tensor of per-row budgets -> [B] int64."""
+    if isinstance(selected, int):
+        return torch.full((batch,), selected, dtype=torch.long)
+    return selected.to(torch.long).reshape(batch)
 
 
 def gather_kept(
     keys: torch.Tensor, values: torch.Tensor, prefix_idx: torch.Tensor, window: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the window positions to the prefix picks and gather K/V.
+    """Append the window positions to the prefix picks and gather K/V (zeros where the index is -1).
 
     keys/values: [B, Hc, q, d], prefix_idx: [B, Hc, k] -> indices [B, Hc, k + window], K/V [B, Hc, k + window, d]
     """
     b, hc, q, d = keys.shape
     win = torch.arange(q - window, q).expand(b, hc, window)
     idx = torch.cat([prefix_idx, win], dim=-1)
-    gidx = idx.unsqueeze(-1).expand(-1, -1, -1, d)
-    return idx, torch.gather(keys, 2, gidx), torch.gather(values, 2, gidx)
+    gidx = idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
+    used = (idx >= 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=keys.dtype)
+    kept_keys = torch.where(used, torch.gather(keys, 2, gidx), zero)
+    return idx, kept_keys, torch.where(used, torch.gather(values, 2, gidx), zero)
 
 
 def pyramidkv_select(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    selected: int,
+    selected: int | torch.Tensor,
     window: int,
     kernel: int = 7,
     pooling: str = "max",
@@ -97,7 +114,8 @@ def pyramidkv_select(
         queries: [B, H, n_obs, d] post-RoPE queries of the last n_obs prompt positions (n_obs = window for
             SnapKV/PyramidKV; the whole prompt for H2O), any float dtype.
         keys, values: [B, Hkv, q, d] post-RoPE keys and values of the prompt; H % Hkv == 0.
-        selected: prefix tokens kept per head, 0 <= selected <= q - window (the layer's budget, clamped).
+        selected: prefix tokens kept per head: an int, or a [B] int64 tensor of per-row budgets;
+            0 <= selected <= q - window (the layer's budget, clamped to the prompt).
         window: the last `window` positions are always kept.
         kernel: odd pooling width; pooling: "max" | "avg" | "none".
         granularity: "kv-head" scores each KV head by the mean over its query group and returns Hc = Hkv heads;
@@ -105,14 +123,17 @@ def pyramidkv_select(
         key_mask: [B, q] bool, True for real tokens, False for (left) padding; None means all real.
 
     Returns:
-        indices: [B, Hc, selected + window] int64 prompt positions (prefix picks ascending, then the window),
-        keys_out, values_out: [B, Hc, selected + window, d] in the dtype of keys / values.
+        indices: [B, Hc, k + window] int64 prompt positions, k = max(selected): row b's prefix picks ascending,
+            -1 in its unused slots, then the window;
+        keys_out, values_out: [B, Hc, k + window, d] in the dtype of keys / values (zeros in unused slots).
     """
     b, h, n_obs, d = queries.shape
     hkv, q = keys.shape[1], keys.shape[2]
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
-    if h % hkv or not 0 < window <= q or not 0 <= selected <= q - window or not 0 < n_obs <= q:
+    budgets = as_row_budgets(selected, b)
+    budgets_ok = bool(((budgets >= 0) & (budgets <= q - window)).all())
+    if h % hkv or not 0 < window <= q or not 0 < n_obs <= q or not budgets_ok:
         raise ValueError(f"bad shapes/budget: H={h} Hkv={hkv} q={q} n_obs={n_obs} window={window} selected={selected}")
     if key_mask is None:
         key_mask = torch.ones(b, q, dtype=torch.bool)
@@ -125,5 +146,5 @@ def pyramidkv_select(
         values = values.repeat_interleave(h // hkv, dim=1)
     scores = pool_scores(scores, kernel, pooling)
     scores = scores.masked_fill(~key_mask[:, None, :prefix], float("-inf"))
-    prefix_idx = topk_lowest_index_first(scores, selected)  # [B, Hc, selected]
+    prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
     return gather_kept(keys, values, prefix_idx, window)

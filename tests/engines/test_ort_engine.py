@@ -26,6 +26,11 @@ POLICY_CASES = [
 _BUILT: dict = {}
 
 
+def kept_sets(kept: torch.Tensor) -> list[list[int]]:
+    """[Hc, n] unpadded kept positions -> per head the sorted positions actually held (-1 slots dropped)."""
+    return [sorted(x for x in head if x >= 0) for head in kept.tolist()]
+
+
 def built(tmp_path_factory, model: str, name: str, kw: dict) -> tuple[OrtEngine, ReferenceEngine]:
     key = (model, name, tuple(sorted(kw.items())))
     if key not in _BUILT:
@@ -56,14 +61,15 @@ def test_parity_with_reference(tmp_path_factory, model, name, kw):
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
 def test_batched_equals_alone(tmp_path_factory, model):
     ort_engine, _ = built(tmp_path_factory, model, "pyramidkv", {})
-    prompts = [LONG, LONG[:90] + "!"]
+    prompts = [LONG, LONG[:90] + "!", LONG[:45], "Short prompt, left padded.", "Hi"]  # every regime in one batch
     batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
     for b, prompt in enumerate(prompts):
         alone = ort_engine.generate([prompt], 8, return_logits=True, return_indices=True)
         assert alone.tokens[0] == batched.tokens[b]
-        torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=1e-4, rtol=1e-4)
+        steps = alone.logits.shape[1]  # a prompt that hits EOS alone stops earlier than the batch
+        torch.testing.assert_close(alone.logits[0], batched.logits[b, :steps], atol=1e-4, rtol=1e-4)
         for layer in range(len(alone.kept_indices)):
-            assert torch.equal(alone.kept_indices[layer][0], batched.kept_indices[layer][b])
+            assert kept_sets(alone.kept_indices[layer][0]) == kept_sets(batched.kept_indices[layer][b])
 
 
 def test_compression_is_real(tmp_path_factory):

@@ -34,7 +34,7 @@ def session(function: onnx.FunctionProto, inputs: list[tuple[str, int, list]], a
 
 SELECT_INPUTS = [("queries", TP.FLOAT, ["b", H, "n", D]), ("keys", TP.FLOAT, ["b", HKV, "q", D]),
                  ("values", TP.FLOAT, ["b", HKV, "q", D]), ("key_mask", TP.BOOL, ["b", "q"]),
-                 ("selected", TP.INT64, [1])]
+                 ("selected", TP.INT64, ["b"])]
 
 
 def inputs(seed, q=30, n_obs=W, pad=(0, 7), zero_queries=False):
@@ -64,10 +64,12 @@ def test_pyramidkv_function_equals_spec(pooling, kernel, granularity, case):
         queries, keys, values, mask = inputs(3, n_obs=q)
     else:
         queries, keys, values, mask = inputs(0)
-    selected = 9
+    selected = torch.tensor([9, 5] if case == "random" else [9, 9])  # per-row budgets
     got = sess.run(None, {"queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(),
-                          "key_mask": mask.numpy(), "selected": np.array([selected])})
+                          "key_mask": mask.numpy(), "selected": selected.numpy()})
     want = pyramidkv_select(queries, keys, values, selected, W, kernel, pooling, granularity, mask)
+    if case == "random":
+        assert (want[0][1, :, 5:9] == -1).all() and (want[1][1, :, 5:9] == 0).all(), "row 1's unused slots"
     assert np.array_equal(got[0], want[0].numpy())
     np.testing.assert_array_equal(got[1], want[1].numpy())
     np.testing.assert_array_equal(got[2], want[2].numpy())
@@ -78,9 +80,10 @@ def test_streaming_function_equals_spec(sinks):
     fn = streaming_select_function(W, sinks, HKV, D)
     sess = session(fn, SELECT_INPUTS[1:], dict(window=W, sinks=sinks))
     _, keys, values, mask = inputs(4, pad=(0, 9))
+    selected = torch.tensor([10, 7])
     got = sess.run(None, {"keys": keys.numpy(), "values": values.numpy(), "key_mask": mask.numpy(),
-                          "selected": np.array([10])})
-    want = streaming_select(keys, values, 10, W, sinks, mask)
+                          "selected": selected.numpy()})
+    want = streaming_select(keys, values, selected, W, sinks, mask)
     assert np.array_equal(got[0], want[0].numpy()) and np.array_equal(got[1], want[1].numpy())
 
 
@@ -90,18 +93,18 @@ def test_in_graph_budgets_equal_the_budget_function(name, kw):
     policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
     layers = 5
     g = GraphBuilder()
-    q = g.op("Reshape", "q", g.const([1]))
-    outs = selected_counts(g, policy, layers, q)
+    outs = [g.unsqueeze(x, [0]) for x in selected_counts(g, policy, layers, "lengths")]
     g.op("Concat", *outs, axis=0, outputs=["budgets"])
-    graph = helper.make_graph(g.nodes, "budgets", [helper.make_tensor_value_info("q", TP.INT64, [])],
-                              [helper.make_tensor_value_info("budgets", TP.INT64, [layers])])
+    graph = helper.make_graph(g.nodes, "budgets", [helper.make_tensor_value_info("lengths", TP.INT64, ["b"])],
+                              [helper.make_tensor_value_info("budgets", TP.INT64, [layers, "b"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for q_len in list(range(1, 200)) + [500, 1000, 8000, 100000]:
-        got = sess.run(None, {"q": np.array(q_len, dtype=np.int64)})[0].tolist()
+    lengths = list(range(1, 200)) + [500, 1000, 8000, 100000]
+    got = sess.run(None, {"lengths": np.array(lengths, dtype=np.int64)})[0]  # [L, B]: one batch, every length
+    for b, q_len in enumerate(lengths):
         want = policy.layer_selected(layers, q_len)
         if want is None:  # no compression: keep the whole prefix
             want = [max(q_len - policy.window, 0)] * layers
-        assert got == want, q_len
+        assert got[:, b].tolist() == want, q_len
     if name == "pyramidkv" and not kw:
         assert want == pyramid_selected(layers, 32, 4, 100000)

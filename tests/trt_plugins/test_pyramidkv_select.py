@@ -139,3 +139,17 @@ def test_streaming_keeps_sinks_and_recent():
     assert idx[0, 0].tolist() == [0, 1, 2] + list(range(19, 26)) + list(range(26, 30))
     assert idx[1, 1].tolist() == [6, 7, 8] + list(range(19, 26)) + list(range(26, 30))
     assert torch.equal(k[0, 0], keys[0, 0, idx[0, 0]])
+
+
+@pytest.mark.parametrize("granularity", ["kv-head", "query-head"])
+def test_per_row_budgets(granularity):
+    """Row b keeps exactly what it keeps with its own budget alone; its unused slots are -1 with zero K/V."""
+    queries, keys, values, mask = make_inputs(11)
+    idx, k, _ = pyramidkv_select(queries, keys, values, torch.tensor([9, 5]), W_, 7, "max", granularity, mask)
+    for b, own in enumerate([9, 5]):
+        alone = naive_select(queries, keys, values, own, W_, 7, "max", granularity, mask)[b]  # [Hc, own + w]
+        assert torch.equal(idx[b, :, :own], alone[:, :own]) and torch.equal(idx[b, :, -W_:], alone[:, own:])
+        assert bool((idx[b, :, own:9] == -1).all()) and bool((k[b, :, own:9] == 0).all())
+
+
+W_ = 4
