@@ -3,8 +3,8 @@
 Model: LLaMA-shaped, random weights, shaped so attention matters on a CPU (GQA, several layers). For every
 context and batch: prefill time, selection overhead (PyramidKV engine prefill / FullKV engine prefill: the graphs
 differ only by the selection), decode ms/token, and the KV bytes the engine actually holds versus `plan`.
-Both sides of every ratio are measured in the same run. Prints JSON, then a Markdown table, and writes the table
-to docs/benchmarks.md.
+Both sides of every ratio are measured in the same run, prefill runs interleaved across engines. Prints JSON,
+then a Markdown table, and writes the table to docs/benchmarks.md.
 
     python scripts/bench_engine.py [--contexts 1024 4096 8192] [--batches 1 8] [--new-tokens 32]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -44,17 +45,19 @@ def attention_bytes(batch: int, context: int) -> int:
     return 4 * batch * BENCH_SPEC.num_heads * context * context * 4
 
 
-def run(engine, prompts, new_tokens: int, repeats: int) -> dict:
-    engine.eos_ids = set()  # never stop early: time exactly new_tokens steps
-    best = None
+def prefill_seconds(engines: dict, prompts, repeats: int) -> dict:
+    """Median prefill time per engine; runs are interleaved across engines so machine drift hits all alike."""
+    times: dict = {key: [] for key in engines}
     for _ in range(repeats):
-        result = engine.generate(prompts, new_tokens)
-        t = result.timings
-        if best is None or t["prefill"] < best["prefill"]:
-            best = {**t, "decode_ms_per_token": 1000 * t["decode"] / (new_tokens - 1)}
-        else:
-            best["decode_ms_per_token"] = min(best["decode_ms_per_token"], 1000 * t["decode"] / (new_tokens - 1))
-    return best
+        for key, engine in engines.items():
+            times[key].append(engine.generate(prompts, 1).timings["prefill"])
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def decode(engine, prompts, new_tokens: int) -> dict:
+    engine.eos_ids = set()  # never stop early: time exactly new_tokens steps
+    t = engine.generate(prompts, new_tokens).timings
+    return {**t, "decode_ms_per_token": 1000 * t["decode"] / (new_tokens - 1)}
 
 
 def main() -> None:
@@ -62,7 +65,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="Interleaved prefill runs per engine (median).")
     parser.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -85,12 +88,11 @@ def main() -> None:
                 continue
             prompts = [synthetic_prompt_ids(engines[("onnxruntime", "full")].tokenizer, context, seed=b)
                        for b in range(batch)]
-            measured = {}
-            for (backend, name), engine in engines.items():
-                t0 = time.perf_counter()
-                measured[(backend, name)] = run(engine, prompts, args.new_tokens, args.repeats)
-                print(f"context={context} batch={batch} {backend}/{name}: {time.perf_counter() - t0:.1f}s",
-                      file=sys.stderr)
+            t0 = time.perf_counter()
+            prefill = prefill_seconds(engines, prompts, args.repeats)
+            measured = {key: {**decode(engine, prompts, args.new_tokens), "prefill": prefill[key]}
+                        for key, engine in engines.items()}
+            print(f"context={context} batch={batch}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             plan = make_plan(BENCH_SPEC, policies["pyramidkv"], context, batch, "fp32")
             for backend in ("onnxruntime", "torch-reference"):
                 full, pyr = measured[(backend, "full")], measured[(backend, "pyramidkv")]
@@ -126,7 +128,8 @@ def main() -> None:
         body = (f"## ONNX engine vs PyTorch reference, FullKV vs PyramidKV\n\nCommand: `{command.strip()}`\n\n"
                 f"Model: LLaMA-shaped random weights, {s.num_layers} layers, hidden {s.hidden_size}, "
                 f"{s.num_heads} query heads / {s.num_kv_heads} KV heads x {s.head_dim}, MLP {s.intermediate_size}; "
-                f"policy {policies['pyramidkv'].describe()}; {args.new_tokens} new tokens; best of {args.repeats}."
+                f"policy {policies['pyramidkv'].describe()}; {args.new_tokens} new tokens; prefill: median of "
+                f"{args.repeats} runs interleaved across the four engines."
                 f"\nselection_overhead = PyramidKV prefill / FullKV prefill - 1 (same graph but the selection); "
                 f"decode_speedup = FullKV ms/token / PyramidKV ms/token.\n\n{table}\n")
         write_section("bench_engine", body)
