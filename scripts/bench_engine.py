@@ -46,11 +46,12 @@ def attention_bytes(batch: int, context: int) -> int:
 
 
 def prefill_seconds(engines: dict, prompts, repeats: int) -> dict:
-    """Median prefill time per engine; runs are interleaved across engines so machine drift hits all alike."""
+    """Median prefill time per engine. Runs are interleaved across engines, in reversed order every other round,
+    so neither machine drift nor what the previous engine left behind (freed memory, caches) favours a side."""
     times: dict = {key: [] for key in engines}
-    for _ in range(repeats):
-        for key, engine in engines.items():
-            times[key].append(engine.generate(prompts, 1).timings["prefill"])
+    for r in range(repeats):
+        for key in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+            times[key].append(engines[key].generate(prompts, 1).timings["prefill"])
     return {key: statistics.median(t) for key, t in times.items()}
 
 
@@ -129,7 +130,7 @@ def main() -> None:
                 f"Model: LLaMA-shaped random weights, {s.num_layers} layers, hidden {s.hidden_size}, "
                 f"{s.num_heads} query heads / {s.num_kv_heads} KV heads x {s.head_dim}, MLP {s.intermediate_size}; "
                 f"policy {policies['pyramidkv'].describe()}; {args.new_tokens} new tokens; prefill: median of "
-                f"{args.repeats} runs interleaved across the four engines."
+                f"{args.repeats} runs interleaved across the four engines (order reversed every other round)."
                 f"\nselection_overhead = PyramidKV prefill / FullKV prefill - 1 (same graph but the selection); "
                 f"decode_speedup = FullKV ms/token / PyramidKV ms/token.\n\n{table}\n")
         write_section("bench_engine", body)
