@@ -188,6 +188,13 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # orphaned stubs are reaped by init, not by us: wait for it
+                try:
+                    os.killpg(self.process.pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    break
+                time.sleep(0.1)
         if getattr(self, "_log", None):
             self._log.close()
         if self._workdir is not None and self.log_file is None:
