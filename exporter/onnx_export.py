@@ -42,7 +42,8 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     spec = loaded.spec
     if dtype not in ONNX_DTYPES:
         raise UserInputError(f"unknown dtype '{dtype}' for the onnx backend (choose from {', '.join(ONNX_DTYPES)})")
-    max_input_len = max_input_len or spec.max_position_embeddings
+    if max_input_len is None:  # 0 is a user's mistake to report, not a request for the default
+        max_input_len = spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])

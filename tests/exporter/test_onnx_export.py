@@ -193,3 +193,10 @@ def test_cli_random_weights_num_layers(tmp_path):
                                   "--out", str(tmp_path / "e"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"]["num_layers"] == 2
+
+
+@pytest.mark.parametrize("length", ["0", "-3", "999999"])
+def test_cli_build_refuses_a_bad_max_input_len(tmp_path, length):
+    r = CliRunner().invoke(main, ["build", "--max-input-len", length, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "--max-input-len must be in [1," in r.stderr
+    assert not (tmp_path / "e").exists()
