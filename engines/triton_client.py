@@ -9,8 +9,16 @@ import numpy as np
 from exporter.errors import JobError, UserInputError
 
 
+def check_url(url: str) -> None:
+    """host:port with a port in 1..65535 (tritonclient would raise a bare ValueError deep inside)."""
+    host, sep, port = url.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserInputError(f"--url {url!r}: expected HOST:PORT with a port in 1..65535, e.g. 127.0.0.1:8000")
+
+
 class TritonTextClient:
     def __init__(self, url: str, protocol: str = "http", timeout: float = 300.0):
+        check_url(url)
         try:
             if protocol == "http":
                 import tritonclient.http as tc

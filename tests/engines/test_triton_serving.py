@@ -154,3 +154,14 @@ def test_broken_model_fails_fast_with_its_error(tmp_path, engine_dir):
     (repo / "pkv" / "1" / "engine" / "pkv-engine.json").unlink()
     with pytest.raises(JobError, match="tritonserver"):
         TritonServer(repo, http_port=free_port()).start(timeout=120)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["client", "--url", "nohost:99999", "--prompt", "hi"], "expected HOST:PORT"),
+    (["client", "--url", "127.0.0.1", "--prompt", "hi"], "expected HOST:PORT"),
+    (["serve", "--repo", ".", "--http-port", "70000"], "70000"),
+])
+def test_bad_urls_and_ports_are_usage_errors(args, fragment):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr and "Traceback" not in r.stderr
