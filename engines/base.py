@@ -19,7 +19,8 @@ class GenerationResult:
     text[b]: those tokens decoded, special tokens skipped.
     logits: [B, T, V] float32 logits of every decoding step (T = steps run), when requested.
     kept_indices[l]: [B, Hc, n_l] int64 prompt positions (0 = first real token) cached by layer l after the
-        prefill, per cache head; -1 marks a slot holding padding. Present when requested.
+        prefill, per cache head; -1 marks a slot holding padding, or one a prompt with a smaller budget than
+        the batch's largest leaves unused. Present when requested.
     selected[b][l]: prefix tokens layer l selected for prompt b (None when the whole prompts were kept).
     """
 
@@ -81,6 +82,19 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int,
         input_ids[b, q - len(x) :] = torch.tensor(x)
         mask[b, q - len(x) :] = 1
     return input_ids, mask
+
+
+def encode_batch(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int,
+                 max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked inputs of one `generate` call: input_ids, attention_mask and position_ids, each [B, q] int64."""
+    if max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    input_ids, mask = encode_prompts(tokenizer, prompts, pad_id, max_len)
+    return input_ids, mask, prompt_positions(mask)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:

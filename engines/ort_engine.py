@@ -16,10 +16,10 @@ import torch
 from engines.base import (
     GenerationResult,
     ProgressFn,
-    encode_prompts,
+    encode_batch,
     eos_ids,
     finish_result,
-    prompt_positions,
+    pad_id,
     unpad_indices,
 )
 from engines.greedy import greedy_loop
@@ -56,32 +56,29 @@ class OrtEngine:
         self.manifest = read_manifest(self.dir, verify_hashes)
         if self.manifest.get("backend") != "onnx":
             raise UserInputError(f"{self.dir}: a '{self.manifest.get('backend')}' engine, not an onnx one")
-        model = dict(self.manifest["model"])
-        for key in ("source", "random_weights", "weights_seed", "checkpoint_dir"):
-            model.pop(key, None)
-        self.spec = ModelSpec(**model)
-        self.policy_name = self.manifest["policy"]["name"]
+        self.spec = ModelSpec.from_dict(self.manifest["model"])
         self.max_input_len = int(self.manifest["max_input_len"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / self.manifest["tokenizer"]),
                                                        local_files_only=True, trust_remote_code=False)
         self.tokenizer.padding_side = "left"
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(self.tokenizer)
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.providers = choose_providers(device)
-        # The prefill's peak (the [B, H, q, q] attention) would stay reserved in the CPU arena after the run;
-        # without the arena it is returned, so a long prompt does not pin its peak memory for the engine's life.
-        prefill_options = ort.SessionOptions()
-        prefill_options.log_severity_level = options.log_severity_level
-        prefill_options.intra_op_num_threads = options.intra_op_num_threads
-        prefill_options.enable_cpu_mem_arena = False
+
+        def options(arena: bool):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.intra_op_num_threads = threads
+            opts.enable_cpu_mem_arena = arena
+            return opts
+
         try:
-            self.prefill = ort.InferenceSession(str(self.dir / "prefill.onnx"), prefill_options,
+            # The prefill's peak (the [B, H, q, q] attention) would stay reserved in the CPU arena after the run;
+            # without the arena it is returned, so a long prompt does not pin its peak for the engine's life.
+            self.prefill = ort.InferenceSession(str(self.dir / "prefill.onnx"), options(arena=False),
                                                 providers=self.providers)
-            self.decode = ort.InferenceSession(str(self.dir / "decode.onnx"), options, providers=self.providers)
+            self.decode = ort.InferenceSession(str(self.dir / "decode.onnx"), options(arena=True),
+                                               providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -129,17 +126,13 @@ class OrtEngine:
         return_indices: bool = False,
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
-        if max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-        input_ids, mask = encode_prompts(self.tokenizer, prompts, self.pad_id, self.max_input_len)
-        positions = prompt_positions(mask)
+        input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
+                                                  max_new_tokens)
         t0 = time.perf_counter()
         outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy())
         timings = {"prefill": time.perf_counter() - t0}
-        kept = None
-        if return_indices:
-            kept = [unpad_indices(torch.from_numpy(outputs[f"kept_indices.{i}"].numpy()), mask)
-                    for i in range(self.spec.num_layers)]
+        kept_raw = [outputs[f"kept_indices.{i}"].numpy() for i in range(self.spec.num_layers)]  # [B, Hc, n_i]
+        kept = [unpad_indices(torch.from_numpy(k), mask) for k in kept_raw] if return_indices else None
         timings["kv_bytes_after_prefill"] = self.cache_bytes(outputs)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
 
@@ -157,6 +150,5 @@ class OrtEngine:
         selected = None
         if pol["name"] != "full" and int(lengths.max()) >= pol["kv_budget"]:  # else nothing was compressed
             # The prefix slots of each layer hold the picks, then -1 for a prompt whose budget is smaller.
-            selected = [[int((outputs[f"kept_indices.{i}"].numpy()[b, 0, : -pol["window"]] >= 0).sum())
-                         for i in range(self.spec.num_layers)] for b in range(len(lengths))]
+            selected = [[int((k[b, 0, : -pol["window"]] >= 0).sum()) for k in kept_raw] for b in range(len(lengths))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)

@@ -14,10 +14,11 @@ import torch
 from engines.base import (
     GenerationResult,
     ProgressFn,
+    encode_batch,
     encode_prompts,
     eos_ids,
     finish_result,
-    prompt_positions,
+    pad_id,
     unpad_indices,
 )
 from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
@@ -38,11 +39,11 @@ class ReferenceEngine:
         self.model = build_hf_model(loaded, dtype, attn_implementation=ATTN_IMPLEMENTATION)
         self.tokenizer = loaded.tokenizer()
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(self.tokenizer)
 
     def encode(self, prompts: list[str] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input_ids [B, q] int64 and attention_mask [B, q] int64."""
-        return encode_prompts(self.tokenizer, prompts, self.pad_id, self.spec.max_position_embeddings)
+        return encode_prompts(self.tokenizer, prompts, self.pad_id, self.max_input_len)
 
     @torch.inference_mode()
     def generate(
@@ -54,11 +55,8 @@ class ReferenceEngine:
         return_indices: bool = False,
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
-        if max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-        input_ids, mask = self.encode(prompts)
-        b, q = input_ids.shape
-        positions = prompt_positions(mask)
+        input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
+                                                  max_new_tokens)
         lengths = [int(n) for n in mask.sum(-1)]
         selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
         state = CompressedKVState(self.policy, selected, mask.bool(), positions)
@@ -98,8 +96,7 @@ def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedMo
         return load_model(model)
     if info.get("random_weights"):
         seed = info.get("weights_seed") or 0
-        fields = {k: v for k, v in info.items() if k in ModelSpec.__dataclass_fields__}
-        spec = ModelSpec(**fields)
+        spec = ModelSpec.from_dict(info)
         return LoadedModel(spec, info.get("source", spec.name), RandomWeights(spec, seed=seed), None, True)
     if not info.get("checkpoint_dir"):
         raise UserInputError("the engine does not record its checkpoint; pass --model to run the reference")

@@ -72,22 +72,23 @@ class TritonPythonModel:
                 responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             batch.append((k, ids, new_tokens, stop))
-        for members in [batch] if batch else []:
-            try:
-                result = self.engine.generate([m[1] for m in members], max(m[2] for m in members))
-            except Exception as e:  # keep serving: one failing batch answers with errors, the server stays up
-                for k, *_ in members:
-                    responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
-                continue
-            for row, (k, _, new_tokens, stop) in enumerate(members):
-                tokens = result.tokens[row][:new_tokens]
-                text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-                responses[k] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-                    pb_utils.Tensor("output_ids", np.array([tokens], dtype=np.int64)),
-                ])
+        if not batch:
+            return responses
+        try:
+            result = self.engine.generate([ids for _, ids, _, _ in batch], max(n for _, _, n, _ in batch))
+        except Exception as e:  # keep serving: a failing batch answers with errors, the server stays up
+            for k, *_ in batch:
+                responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
+            return responses
+        for row, (k, _, new_tokens, stop) in enumerate(batch):
+            tokens = result.tokens[row][:new_tokens]
+            text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+            responses[k] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                pb_utils.Tensor("output_ids", np.array([tokens], dtype=np.int64)),
+            ])
         return responses
 
     def finalize(self) -> None:

@@ -34,7 +34,7 @@ def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: 
     from exporter.onnx_export import build_onnx_engine
 
     policy = policy_from_options(kwargs)
-    if out.exists() and not force:
+    if out.exists() and not force:  # staging_dir checks too; checking here first avoids loading the weights
         raise UserInputError(f"{out} already exists; pass --force to replace it")
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
     bar, update = progress_bar("writing weights", 1)

@@ -59,6 +59,11 @@ class ModelSpec:
         d.pop("extra")
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Inverse of `to_dict`; keys that are not spec fields (e.g. a manifest's build notes) are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "extra"})
+
     def to_hf_config(self, attn_implementation: str = "eager"):
         """A transformers LlamaConfig / MistralConfig with the same numbers."""
         from transformers import LlamaConfig, MistralConfig
