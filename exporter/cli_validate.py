@@ -139,13 +139,13 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     done = {r["id"] for r in read_records(samples_file, repair=True)}
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
+    wanted = {s.id for s in samples}
+    finished = len(done & wanted)  # a resumed run's bar starts where the last one stopped
     bar, update = progress_bar(f"{suite} {index}/{count}", len(samples))
     with bar:
-        update(len(done & {s.id for s in samples}), len(samples))
-        offset = len(done & {s.id for s in samples})
+        update(finished, len(samples))
         run_samples(samples, spec, engine, ref, samples_file, done,
-                    progress=lambda k, n: update(offset + k, len(samples)))
-    wanted = {s.id for s in samples}
+                    progress=lambda k, n: update(finished + k, len(samples)))
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
     summary = write_report(out, records, suite, run)
     _finish(summary, as_json, min_agreement, markdown)
