@@ -48,12 +48,12 @@ def choose_providers(device: str = "auto") -> list[str]:
 class OrtEngine:
     name = "onnxruntime"
 
-    def __init__(self, engine_dir: Path, device: str = "cpu", verify_hashes: bool = False, threads: int = 0):
+    def __init__(self, engine_dir: Path, device: str = "cpu", threads: int = 0, manifest: dict | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
         self.dir = Path(engine_dir)
-        self.manifest = read_manifest(self.dir, verify_hashes)
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
         if self.manifest.get("backend") != "onnx":
             raise UserInputError(f"{self.dir}: a '{self.manifest.get('backend')}' engine, not an onnx one")
         self.spec = ModelSpec.from_dict(self.manifest["model"])

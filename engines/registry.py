@@ -13,8 +13,9 @@ RUNNERS = {"onnx": "engines.ort_engine:OrtEngine"}
 
 def open_engine(engine_dir: Path, **options):
     """The runner for an engine directory, chosen by its manifest's backend."""
-    backend = read_manifest(Path(engine_dir)).get("backend")
+    manifest = read_manifest(Path(engine_dir))  # checked and verified once, handed to the runner
+    backend = manifest["backend"]
     if backend not in RUNNERS:
         raise UserInputError(f"{engine_dir}: backend '{backend}' has no runner here (runners: {', '.join(RUNNERS)})")
     module, cls = RUNNERS[backend].split(":")
-    return getattr(importlib.import_module(module), cls)(Path(engine_dir), **options)
+    return getattr(importlib.import_module(module), cls)(Path(engine_dir), manifest=manifest, **options)

@@ -8,6 +8,7 @@ PKV_SITE_PACKAGES (read by the generated model.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,12 +17,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from exporter.errors import JobError, UserInputError
+from exporter.outputs import owned_tempdir
 
 EXTRA_HINT = "pip install 'pkv-export[triton]'"
 
@@ -76,16 +77,28 @@ def _backend_dir(root: Path, workdir: Path) -> Path:
     return backends
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM when the process that started it dies, even by kill -9, so a killed
+    `serve` never leaves tritonserver (and, through its own shutdown, the backend stubs) on the ports."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class TritonServer:
     """A tritonserver child process on `host` (127.0.0.1 by default). Use as a context manager."""
 
     def __init__(self, repo: Path, host: str = "127.0.0.1", http_port: int | None = None,
-                 grpc_port: int | None = None, metrics_port: int | None = None, log_file: Path | None = None):
+                 grpc_port: int | None = None, metrics_port: int | None = None, log_file: Path | None = None,
+                 die_with_parent: bool = True):
         self.repo, self.host = Path(repo).resolve(), host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.log_file = log_file
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
 
@@ -103,7 +116,7 @@ class TritonServer:
         for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
             if not port_free(self.host, port):
                 raise UserInputError(f"{name} port {port} on {self.host} is already in use")
-        self._workdir = Path(tempfile.mkdtemp(prefix="pkv-triton-"))
+        self._workdir = owned_tempdir("pkv-triton")
         backends = _backend_dir(root, self._workdir)
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -125,7 +138,8 @@ class TritonServer:
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.log_path = log
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
         self._wait_ready(timeout)
         return self
 

@@ -11,6 +11,7 @@ from exporter.cli_common import (
     emit_json,
     policy_from_options,
     policy_options,
+    printable,
     progress_bar,
     read_prompts,
 )
@@ -50,8 +51,8 @@ def presets(as_json: bool) -> None:
 @policy_options
 @click.option("--context", type=int, required=True, help="Prompt length in tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per batch.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default="fp16", show_default=True,
-              help="KV cache element type.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default="fp32", show_default=True,
+              help="KV cache element type (fp32, like `build`'s default engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwargs) -> None:
     """Per-layer budgets and KV memory, full versus compressed (offline; needs no weights)."""
@@ -81,8 +82,9 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @policy_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
 @click.option("--prompt-file", type=str, default=None, help="Read one prompt from a file ('-' for stdin).")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Reference weights and compute dtype (without --engine).")
 @click.option("--random-weights", is_flag=True, help="Deterministic random weights of the model's shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
 def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str, ...], prompt_file: str | None,
@@ -113,7 +115,12 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
                    "engine": engine.name, **result.to_json()})
         return
     for text in result.text:
-        click.echo(text)
+        click.echo(printable(text))
+    name = policy.name if policy else engine.manifest["policy"]["name"]
+    if name != "full" and result.selected is None:
+        budget = policy.kv_budget if policy else engine.manifest["policy"]["kv_budget"]
+        click.echo(f"note: every prompt is shorter than the KV budget ({max(result.prompt_lengths)} < {budget} "
+                   "tokens), so nothing was compressed; use a longer prompt or a smaller --kv-budget", err=True)
     spec = engine.spec
     if spec.tiny or (engine_dir is None and loaded.random_weights):
         click.echo(f"note: {spec.name} has random weights, so its text is meaningless; it exists to check the "

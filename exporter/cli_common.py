@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +14,26 @@ import click
 from exporter.errors import JobError, UserInputError
 from exporter.policies import POLICIES, KVPolicy, make_policy
 
+# Environment failures that mean "this location cannot be used as given": the user's to fix (exit 2).
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def os_error_line(e: OSError) -> tuple[str, int]:
+    """One line for an OSError, and its exit code: 2 for a location the user gave that cannot be used, 1 for the
+    machine failing the job (disk full, file too large, I/O error)."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what += " (nothing was replaced; free space and run again)"
+    return f"{where}{what}", 2 if e.errno in _USER_ERRNOS else 1
+
 
 class PkvGroup(click.Group):
-    """Turns the product's errors into one line on stderr and an exit code; never a traceback for bad input."""
+    """Turns the product's errors into one line on stderr and an exit code; never a traceback for bad input.
+
+    Click's own usage errors are one line too (`error: ... (see 'pkv-export CMD --help')`), exit code 2.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -22,9 +41,35 @@ class PkvGroup(click.Group):
         except (UserInputError, JobError) as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # `pkv-export ... | head`: not an error
+                ctx.exit(0)
+            line, code = os_error_line(e)
+            click.echo(f"error: {line}", err=True)
+            ctx.exit(code)
+        except MemoryError:
+            click.echo("error: out of memory (try a shorter prompt, a smaller batch or --max-input-len)", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def policy_options(fn: Callable) -> Callable:
@@ -61,8 +106,9 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def progress_bar(description: str, total: int):
-    """A rich progress bar on stderr (silent when stderr is not a terminal)."""
+def progress_bar(description: str, total: int, lines: bool = False):
+    """A rich progress bar on stderr. When stderr is not a terminal the bar is silent, unless `lines`: then a
+    plain progress line goes to stderr at most every 10 s and at the end (long runs under nohup, CI, a pipe)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -70,27 +116,49 @@ def progress_bar(description: str, total: int):
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True, disable=not console.is_terminal)
     task = progress.add_task(description, total=total)
+    plain = lines and not console.is_terminal
+    last = [0.0]
+    started = time.monotonic()
 
     def update(done: int, total_: int) -> None:
         progress.update(task, completed=done, total=total_)
+        now = time.monotonic()
+        if plain and (done >= total_ or now - last[0] >= 10.0):
+            last[0] = now
+            print(f"{description}: {done}/{total_} ({now - started:.0f} s)", file=sys.stderr, flush=True)
 
     return progress, update
 
 
+def printable(text: str) -> str:
+    """Text safe to write to a terminal: control characters other than newline and tab escaped (random-weight
+    models produce raw bytes that would otherwise drive the terminal)."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and c != "\x7f") else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
+def check_text(text: str, where: str) -> str:
+    """A prompt must be valid Unicode; arguments that were not UTF-8 arrive with lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(f"{where} is not valid UTF-8 text") from None
+    return text
+
+
 def read_prompts(prompts: tuple[str, ...], prompt_file: str | None) -> list[str]:
-    out = list(prompts)
+    out = [check_text(p, "--prompt") for p in prompts]
     if prompt_file:
         try:
-            text = sys.stdin.read() if prompt_file == "-" else open(prompt_file, encoding="utf-8").read()
+            raw = sys.stdin.buffer.read() if prompt_file == "-" else open(prompt_file, "rb").read()
+            text = raw.decode("utf-8")
         except OSError as e:
             raise UserInputError(f"{prompt_file}: cannot read ({e.strerror})") from None
         except UnicodeDecodeError:
-            raise UserInputError(f"{prompt_file}: not UTF-8 text") from None
+            raise UserInputError(f"{'stdin' if prompt_file == '-' else prompt_file}: not UTF-8 text") from None
         out.append(text)
     if not out:
         raise UserInputError("give a prompt with --prompt TEXT or --prompt-file FILE")
     if any(not p for p in out):
         raise UserInputError("empty prompt")
     return out
-
-

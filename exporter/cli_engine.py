@@ -32,10 +32,11 @@ def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: 
           random_weights: bool, num_layers: int | None, seed: int, as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.onnx_export import build_onnx_engine
+    from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
-    if out.exists() and not force:  # staging_dir checks too; checking here first avoids loading the weights
-        raise UserInputError(f"{out} already exists; pass --force to replace it")
+    # Checked again before the rename; checking first avoids loading weights for an output that is refused.
+    check_output(out, "engine", force, [model] if Path(model).exists() else [])
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
     bar, update = progress_bar("writing weights", 1)
     with bar:

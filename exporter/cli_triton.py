@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -21,15 +21,20 @@ from exporter.errors import JobError, UserInputError
               help="Triton model name per --engine [pkv, then pkv-2, ...].")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances (CPU).")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="Dynamic batching limit.")
-@click.option("--default-max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--default-max-new-tokens", type=int, default=32, show_default=True,
+              help="Tokens generated when a request does not say.")
+@click.option("--force", is_flag=True,
+              help="Replace --out if it is a pkv-export repository (once the new one is ready).")
+@click.option("--link", is_flag=True,
+              help="Reference the engines where they are instead of copying them (the repository then needs them).")
 def triton(engines: tuple[Path, ...], out: Path, names: tuple[str, ...], instances: int, max_batch_size: int,
-           default_max_new_tokens: int, force: bool) -> None:
+           default_max_new_tokens: int, force: bool, link: bool) -> None:
     """Write a Triton model repository (python backend) that serves engine directories."""
-    click.echo(f"wrote {_write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force)}")
+    repo = _write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force, copy=not link)
+    click.echo(f"wrote {repo}")
 
 
-def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force) -> Path:
+def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force, copy=True) -> Path:
     from exporter.triton_repo import write_repository
 
     if names and len(names) != len(engines):
@@ -38,17 +43,19 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
     if len(set(names)) != len(names):
         raise UserInputError("model names must be distinct")
     return write_repository(dict(zip(names, engines, strict=True)), out, instances=instances,
-                            max_batch_size=max_batch_size, default_new_tokens=default_new_tokens, force=force)
+                            max_batch_size=max_batch_size, default_new_tokens=default_new_tokens, force=force,
+                            copy=copy)
 
 
 @click.command()
 @click.option("--engine", "engines", type=click.Path(path_type=Path), multiple=True,
-              help="Serve this engine directory (a temporary repository is written).")
+              help="Serve this engine directory in place (a small temporary repository points at it).")
 @click.option("--repo", type=click.Path(path_type=Path), default=None, help="Serve an existing model repository.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Prometheus metrics port.")
 @click.option("--instances", type=int, default=1, show_default=True, help="With --engine: model instances.")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="With --engine: batching limit.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="tritonserver's log [temporary].")
@@ -58,11 +65,17 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 
     if bool(engines) == (repo is not None):
         raise UserInputError("give either --engine DIR (repeatable) or --repo REPO")
+    from exporter.outputs import owned_tempdir
+
     pytriton_dir()  # fail fast, before writing anything, when the extra is missing
     tmp = None
     if engines:
-        tmp = tempfile.TemporaryDirectory(prefix="pkv-repo-")
-        repo = _write_repo(engines, Path(tmp.name) / "repo", (), instances, max_batch_size, 32, False)
+        tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
+        try:
+            repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     elif not (repo / ".").is_dir():
         raise UserInputError(f"{repo}: no such model repository")
     stop = threading.Event()
@@ -80,7 +93,7 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
     finally:
         server.stop()
         if tmp is not None:
-            tmp.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
     click.echo("stopped", err=True)
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from exporter.cli_common import emit_json, policy_from_options, policy_options, progress_bar
+from exporter.cli_common import check_text, emit_json, policy_from_options, policy_options, progress_bar
 from exporter.errors import JobError, UserInputError
+from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
 
 
 def _engines(engine_dir: Path | None, model: str | None, policy, reference: str, reference_policy: str | None):
@@ -25,7 +26,8 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
         pol = dict(engine.manifest["policy"])
         engine_policy = make_policy(pol.pop("name"), **pol)
         loaded = None
-        description = {"engine": f"{engine.name}:{engine_dir}", "manifest": engine.manifest}
+        # The resolved path: a run resumed with the engine named differently (relative, absolute) is the same run.
+        description = {"engine": f"{engine.name}:{Path(engine_dir).resolve()}", "manifest": engine.manifest}
     else:
         loaded = load_model(model)
         engine = ReferenceEngine(loaded, policy)
@@ -89,14 +91,18 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     OUT/niah_heatmap.png) summarise per dataset / cell: engine score, reference score, delta, agreement.
     """
     from validate.niah import parse_grid_list
-    from validate.report import markdown, write_report
-    from validate.runner import SAMPLES_FILE, read_records, run_samples
+    from validate.report import markdown
     from validate.suites import LongBenchSuite, NiahSuite, parse_shard
     from validate.suites import shard as take_shard
 
     policy = policy_from_options(kwargs)
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise UserInputError("--min-agreement must be in [0, 1]")
+    if resume and force:
+        raise UserInputError("--resume continues a run, --force replaces it: give one of them")
+    for text, where in ((needle, "--needle"), (question, "--question"), (answer, "--answer")):
+        if text is not None:
+            check_text(text, where)
     if merge_dirs:
         summary = _merge(merge_dirs, out, force)
         _finish(summary, as_json, min_agreement, markdown)
@@ -108,15 +114,9 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     if max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
     index, count = parse_shard(shard)
-    out.mkdir(parents=True, exist_ok=True)
-    samples_file = out / SAMPLES_FILE
-    run_file = out / "run.json"
-    if samples_file.exists() and not (resume or force):
-        raise UserInputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
-    if force:
-        for f in (samples_file, run_file, out / "summary.json", out / "report.md", out / "niah_heatmap.png"):
-            f.unlink(missing_ok=True)
-
+    # Every input is checked (and the engine opened and verified) before anything under --out is touched.
+    inputs = [engine_dir, data, haystack, config_dir]
+    _check_run_output(out, force, resume, inputs)
     if suite == "niah":
         spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
                          parse_grid_list(depths, float) if depths else None, haystack, needle, question, answer,
@@ -125,59 +125,108 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
         spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat)
     engine, ref, description = _engines(engine_dir, model, policy, reference, reference_policy)
     samples, bad = spec.samples(engine.tokenizer, engine.max_input_len, limit, skip_bad)
+    if not samples:
+        raise UserInputError(f"no samples to run ({len(bad)} bad lines skipped)" if bad else
+                             "no samples to run: the data holds no rows for the chosen datasets")
     samples = take_shard(samples, index, count)
+    if not samples:
+        raise UserInputError(f"shard {index}/{count} holds no samples (there are fewer samples than shards)")
     run = {**description, "shard": f"{index}/{count}", "skipped_bad": bad,
            "config": {"suite": suite, "limit": limit, "lengths": lengths, "depths": depths, "datasets": datasets,
                       "chat": chat, "max_new_tokens": max_new_tokens, "reference": reference,
                       "reference_policy": reference_policy}}
-    identity = {k: run[k] for k in ("engine", "reference", "shard", "config")}
-    if resume and run_file.exists():
-        before = json.loads(run_file.read_text())
-        if {k: before.get(k) for k in identity} != identity:
-            raise UserInputError(f"{out} holds a different run (engine, suite, shard or options differ); use --force")
-    run_file.write_text(json.dumps(identity, indent=2))
-    done = {r["id"] for r in read_records(samples_file, repair=True)}
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
+    if force and out.exists():
+        # The old run stays until the new one is complete; an interrupted forced run leaves the old one intact.
+        with staging_dir(out, "validation-run", force, inputs) as tmp:
+            summary = _run(tmp, samples, spec, engine, ref, run, suite, index, count, resume=False)
+    else:
+        summary = _run(out, samples, spec, engine, ref, run, suite, index, count, resume)
+    _finish(summary, as_json, min_agreement, markdown)
+
+
+IDENTITY = ("engine", "reference", "shard", "config")
+
+
+def _check_run_output(out: Path, force: bool, resume: bool, inputs) -> None:
+    """A run goes into a new or empty directory, continues the run there (--resume), or replaces it (--force)."""
+    from exporter.outputs import check_output
+
+    if out.exists() and out.is_dir() and not out.is_symlink() and not force:
+        holds_run = OUTPUT_KINDS["validation-run"][1](out)
+        if holds_run and not resume:
+            raise UserInputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
+        if not holds_run and any(out.iterdir()):
+            raise UserInputError(f"{out} is not empty and holds no validation run; choose a new or empty --out")
+        check_output(out, "validation-run", True, inputs)  # inputs only: nothing is replaced here
+        return
+    check_output(out, "validation-run", force, inputs)
+
+
+def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: int, count: int, resume: bool) -> dict:
+    from validate.report import write_report
+    from validate.runner import SAMPLES_FILE, read_records, run_samples
+
+    out.mkdir(parents=True, exist_ok=True)
+    samples_file, run_file = out / SAMPLES_FILE, out / "run.json"
+    identity = {k: run[k] for k in IDENTITY}
+    if resume and run_file.exists():
+        before = _read_json(run_file)
+        if {k: before.get(k) for k in IDENTITY} != identity:
+            raise UserInputError(f"{out} holds a different run (engine, suite, shard or options differ); use --force")
+    atomic_write_text(run_file, json.dumps(run, indent=2, ensure_ascii=False))
+    done = {r["id"] for r in read_records(samples_file, repair=True)}
     wanted = {s.id for s in samples}
     finished = len(done & wanted)  # a resumed run's bar starts where the last one stopped
-    bar, update = progress_bar(f"{suite} {index}/{count}", len(samples))
+    bar, update = progress_bar(f"{suite} {index}/{count}", len(samples), lines=True)
     with bar:
         update(finished, len(samples))
         run_samples(samples, spec, engine, ref, samples_file, done,
                     progress=lambda k, n: update(finished + k, len(samples)))
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
-    summary = write_report(out, records, suite, run)
-    _finish(summary, as_json, min_agreement, markdown)
+    return write_report(out, records, suite, run)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: not a run description")
+    return data
 
 
 def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records
 
+    check_output(out, "validation-run", force, dirs)
     records, seen, runs = [], set(), []
     for d in dirs:
         if not (d / SAMPLES_FILE).is_file() or not (d / "run.json").is_file():
             raise UserInputError(f"{d}: not a validation run directory (no {SAMPLES_FILE} / run.json)")
-        runs.append(json.loads((d / "run.json").read_text()))
+        runs.append(_read_json(d / "run.json"))
         for r in read_records(d / SAMPLES_FILE):
             if r["id"] not in seen:
                 seen.add(r["id"])
                 records.append(r)
     first = runs[0]
     for r in runs[1:]:
-        if (r["engine"], r["reference"], r["config"]) != (first["engine"], first["reference"], first["config"]):
+        if (r.get("engine"), r.get("reference"), r.get("config")) != (first.get("engine"), first.get("reference"),
+                                                                      first.get("config")):
             raise UserInputError("the runs to merge differ in engine, reference or options")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / SAMPLES_FILE).exists() and not force:
-        raise UserInputError(f"{out} already holds a run; pass --force to overwrite it with the merge")
-    with (out / SAMPLES_FILE).open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    run = {"engine": first["engine"], "reference": first["reference"], "shard": "merged",
-           "merged_from": [str(d) for d in dirs], "config": first["config"]}
-    (out / "run.json").write_text(json.dumps(run, indent=2))
-    return write_report(out, records, first["config"]["suite"], run)
+    skipped = sorted({line for r in runs for line in r.get("skipped_bad", [])})
+    run = {**{k: v for k, v in first.items() if k not in ("shard", "skipped_bad")}, "shard": "merged",
+           "merged_from": [str(d) for d in dirs], "skipped_bad": skipped}
+    with staging_dir(out, "validation-run", force, dirs) as tmp:
+        with (tmp / SAMPLES_FILE).open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        atomic_write_text(tmp / "run.json", json.dumps(run, indent=2, ensure_ascii=False))
+        summary = write_report(tmp, records, first["config"]["suite"], run)
+    return summary
 
 
 def _finish(summary: dict, as_json: bool, min_agreement: float | None, markdown) -> None:
@@ -188,6 +237,6 @@ def _finish(summary: dict, as_json: bool, min_agreement: float | None, markdown)
     rate = summary["overall"].get("agreement_rate")
     if min_agreement is not None:
         if rate is None:
-            raise UserInputError("--min-agreement needs a reference (--reference torch)")
+            raise UserInputError("--min-agreement needs a reference (--reference torch) and at least one sample")
         if rate < min_agreement:
             raise JobError(f"token agreement {rate} is below --min-agreement {min_agreement}")

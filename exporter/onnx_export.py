@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 
 from exporter.checkpoint import TOKENIZER_FILES, LoadedModel
-from exporter.engine_dir import staging_dir, tool_versions, write_manifest
+from exporter.engine_dir import tool_versions, write_manifest
 from exporter.errors import UserInputError
 from exporter.onnx_builder import IR_VERSION, OPSET
 from exporter.onnx_llama import GraphConfig, build_decode, build_prefill
 from exporter.onnx_weights import ExternalWeights, planned_weight_bytes, write_model_weights
+from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -47,6 +48,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
+    check_output(Path(out), "engine", force, [loaded.directory])
     check_disk(Path(out), planned_weight_bytes(spec, np_dtype.itemsize))
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
@@ -55,7 +57,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling)
-    with staging_dir(Path(out), force) as tmp:
+    with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
         weights = ExternalWeights(tmp, np_dtype)
         try:
             write_model_weights(spec, loaded.weights, weights, progress)

@@ -38,6 +38,10 @@ class KVPolicy:
     name: ClassVar[str] = "full"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a manifest or a caller may hand over a wrong type: say which
+            value, want = getattr(self, f.name), type(f.default)
+            if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+                raise UserInputError(f"--{f.name.replace('_', '-')} must be {want.__name__} (got {value!r})")
         self.validate()
 
     def validate(self) -> None:
@@ -195,6 +199,18 @@ def _positive(policy: KVPolicy, *fields: str) -> None:
         value = getattr(policy, f)
         if not isinstance(value, int) or value <= 0:
             raise UserInputError(f"--{f.replace('_', '-')} must be a positive integer (got {value})")
+
+
+def check_policy_record(record: dict[str, Any]) -> KVPolicy:
+    """A recorded policy (a manifest's `policy` block: name + every hyperparameter) rebuilt and validated."""
+    name = record.get("name")
+    if not isinstance(name, str) or name not in POLICIES:
+        raise UserInputError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    fields = {f.name for f in dataclasses.fields(POLICIES[name])}
+    given = set(record) - {"name"}
+    if given != fields:
+        raise UserInputError(f"policy '{name}' has hyperparameters {sorted(fields)}, the record has {sorted(given)}")
+    return make_policy(name, **{k: v for k, v in record.items() if k != "name"})
 
 
 def make_policy(name: str, **hyperparameters: Any) -> KVPolicy:

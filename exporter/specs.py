@@ -14,6 +14,10 @@ from typing import Any
 from exporter.errors import UserInputError
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# RoPE variants whose frequencies do not depend on the sequence length: the exported graphs bake them in.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,46 @@ class ModelSpec:
     tiny: bool = False  # deterministic random weights + embedded tokenizer, nothing downloaded
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every number the model depends on, checked: a bad config is one clear error, never a traceback later."""
+        def bad(field_name: str, why: str) -> UserInputError:
+            return UserInputError(f"{field_name} = {getattr(self, field_name)!r}: {why}")
+
+        if self.arch not in SUPPORTED_ARCHS:
+            raise bad("arch", f"choose from {', '.join(SUPPORTED_ARCHS)}")
+        for f in _POSITIVE_INTS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise bad(f, "must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise bad("num_heads", f"must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise bad("head_dim", "must be even (rotary embedding)")
+        for f in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise bad(f, "must be a positive number")
+        sw = self.sliding_window
+        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw <= 0):
+            raise bad("sliding_window", "must be a positive integer or null")
+        if self.sliding_window is not None and self.arch != "mistral":
+            raise bad("sliding_window", "only Mistral models have a sliding window here")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise bad("rope_scaling", f"rope_type must be one of {', '.join(SUPPORTED_ROPE_TYPES)} "
+                                          "(length-dependent RoPE cannot be exported)")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise bad("tie_word_embeddings", "must be true or false")
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, f)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise bad(f, "must be a token id, a list of them, or null")
+
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -60,9 +104,17 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        """Inverse of `to_dict`; keys that are not spec fields (e.g. a manifest's build notes) are ignored."""
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "extra"})
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> ModelSpec:
+        """Inverse of `to_dict`; keys that are not spec fields (e.g. a manifest's build notes) are ignored.
+        With strict, every field must be present (a manifest records them all)."""
+        names = [f for f in cls.__dataclass_fields__ if f != "extra"]
+        missing = [f for f in names if f not in data]
+        if strict and missing:
+            raise UserInputError(f"missing {', '.join(missing)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:
+            raise UserInputError(str(e)) from None
 
     def to_hf_config(self, attn_implementation: str = "eager"):
         """A transformers LlamaConfig / MistralConfig with the same numbers."""
@@ -94,7 +146,8 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str) -> ModelSpec:
-        """Build a spec from a checkpoint's config.json; refuses architectures other than LLaMA / Mistral."""
+        """Build a spec from a checkpoint's config.json; refuses anything this product would build wrongly:
+        architectures other than LLaMA / Mistral, biases, other activations, length-dependent RoPE, bad numbers."""
         model_type = config.get("model_type")
         archs = config.get("architectures") or []
         if model_type not in SUPPORTED_ARCHS:
@@ -103,9 +156,23 @@ class ModelSpec:
                 f"{name}: architecture '{shown}' is not supported; pkv-export handles LLaMA and Mistral "
                 f"checkpoints (model_type {' or '.join(sorted(SUPPORTED_ARCHS))})"
             )
+        if not isinstance(archs, list) or any(a != SUPPORTED_ARCHS[model_type] for a in archs):
+            raise UserInputError(f"{name}: config.json says model_type '{model_type}' but architectures {archs}; "
+                                 f"only {SUPPORTED_ARCHS[model_type]} is supported for it")
+        refused = {
+            "attention_bias": lambda v: v not in (None, False),
+            "mlp_bias": lambda v: v not in (None, False),
+            "hidden_act": lambda v: v not in (None, "silu"),
+            "quantization_config": lambda v: v is not None,
+            "pretraining_tp": lambda v: v not in (None, 1),
+        }
+        for key, is_refused in refused.items():
+            if is_refused(config.get(key)):
+                raise UserInputError(f"{name}: config.json has {key} = {config[key]!r}, which pkv-export does not "
+                                     "export (plain LLaMA / Mistral: no biases, SiLU, unquantized weights)")
         try:
-            heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
+            heads = config["num_attention_heads"]
+            hidden = config["hidden_size"]
             rope = config.get("rope_parameters") or {}
             theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
             scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -113,28 +180,37 @@ class ModelSpec:
                 scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
                 scaling.setdefault("rope_type", scaling.get("type", "default"))
                 scaling.pop("type", None)
-            return cls(
+            head_dim = config.get("head_dim") or (hidden // heads if _int(heads) and _int(hidden) else None)
+            fields = dict(
                 name=name,
                 arch=model_type,
-                vocab_size=int(config["vocab_size"]),
+                vocab_size=config["vocab_size"],
                 hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
+                intermediate_size=config["intermediate_size"],
+                num_layers=config["num_hidden_layers"],
                 num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
+                num_kv_heads=config.get("num_key_value_heads") or heads,
+                head_dim=head_dim,
                 rope_theta=float(theta),
-                max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+                max_position_embeddings=config.get("max_position_embeddings", 8192),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
                 rope_scaling=scaling or None,
                 sliding_window=config.get("sliding_window") if model_type == "mistral" else None,
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                tie_word_embeddings=config.get("tie_word_embeddings", False),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
                 pad_token_id=config.get("pad_token_id"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserInputError(f"{name}: config.json is missing or has a bad value for {e}") from None
+        try:
+            return cls(**fields)
+        except UserInputError as e:
+            raise UserInputError(f"{name}: config.json: {e}") from None
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

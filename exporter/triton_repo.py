@@ -3,17 +3,23 @@
 Layout written (NAME defaults to "pkv"):
     REPO/NAME/config.pbtxt      backend "python", dynamic batching, instance group, the engine location
     REPO/NAME/1/model.py        a shim importing engines.triton_model.TritonPythonModel (pkv-export installed)
-    REPO/NAME/1/engine/         a copy of the engine directory (the repository is self-contained)
+    REPO/NAME/1/engine/         a copy of the engine directory (the repository is self-contained), or, with
+                                copy=False, nothing: config.pbtxt names the engine directory in place
+    REPO/pkv-triton-repo.json   marks the directory as a pkv-export repository (what `--force` may replace)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
-from exporter.engine_dir import read_manifest, staging_dir
+from exporter.engine_dir import read_manifest
 from exporter.errors import UserInputError
+from exporter.outputs import check_output, staging_dir
+
+MARKER = "pkv-triton-repo.json"
 
 MODEL_PY = '''"""Triton python-backend entry point written by pkv-export; the model is in the pkv-export package."""
 import os
@@ -28,7 +34,8 @@ from engines.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
 
 
-def config_pbtxt(name: str, max_batch_size: int, instances: int, queue_delay_us: int, default_new_tokens: int) -> str:
+def config_pbtxt(name: str, max_batch_size: int, instances: int, queue_delay_us: int, default_new_tokens: int,
+                 engine_dir: str = "engine") -> str:
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -45,26 +52,37 @@ dynamic_batching {{
 instance_group [
   {{ count: {instances} kind: KIND_CPU }}
 ]
-parameters {{ key: "engine_dir" value: {{ string_value: "engine" }} }}
+parameters {{ key: "engine_dir" value: {{ string_value: {json.dumps(engine_dir)} }} }}
 parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_new_tokens}" }} }}
 '''
 
 
 def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1, max_batch_size: int = 8,
-                     queue_delay_us: int = 2000, default_new_tokens: int = 32, force: bool = False) -> Path:
-    """One model per (name -> engine directory). Built in a temporary sibling and renamed at the end."""
+                     queue_delay_us: int = 2000, default_new_tokens: int = 32, force: bool = False,
+                     copy: bool = True) -> Path:
+    """One model per (name -> engine directory). Built in a temporary sibling and renamed at the end.
+
+    copy=False references each engine where it is (absolute path) instead of copying it into the repository:
+    what `serve --engine` uses, so a multi-GB engine is not copied at every start."""
     if instances < 1 or max_batch_size < 1 or default_new_tokens < 1:
         raise UserInputError("--instances, --max-batch-size and --default-max-new-tokens must be at least 1")
+    check_output(out, "triton-repo", force, engines.values())
     for name, engine in engines.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise UserInputError(f"model name {name!r}: use letters, digits, '_', '.', '-'")
-        read_manifest(engine)  # refuse unfinished or broken engines up front
-    with staging_dir(out, force) as tmp:
+        read_manifest(engine)  # refuse unfinished, broken or edited engines up front
+    with staging_dir(out, "triton-repo", force, engines.values()) as tmp:
         for name, engine in engines.items():
             version = tmp / name / "1"
             version.mkdir(parents=True)
+            where = "engine" if copy else str(Path(engine).resolve())
             (tmp / name / "config.pbtxt").write_text(
-                config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens))
+                config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where))
             (version / "model.py").write_text(MODEL_PY)
-            shutil.copytree(engine, version / "engine")
+            if copy:
+                shutil.copytree(engine, version / "engine")
+        (tmp / MARKER).write_text(json.dumps({
+            "format_version": 1,
+            "models": {n: {"engine": str(Path(e).resolve()), "copied": copy} for n, e in engines.items()},
+        }, indent=2))
     return out

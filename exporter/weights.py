@@ -21,19 +21,35 @@ from exporter.specs import ModelSpec, tensor_shapes
 class WeightSource(Protocol):
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
     def get(self, name: str) -> torch.Tensor: ...
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_complete(spec: ModelSpec, source: WeightSource, where: str) -> None:
-    """Every tensor the architecture needs is present with the right shape (names are Hugging Face's)."""
+    """The checkpoint holds exactly the tensors the architecture uses (names are Hugging Face's), each with the
+    shape config.json implies and a float dtype. A tensor the model would not use (a bias, an extra layer, an
+    lm_head beside tied embeddings) means the config does not describe these weights: refused, never dropped."""
+    expected = tensor_shapes(spec)
     have = set(source.names())
-    for name, shape in tensor_shapes(spec).items():
+    for name, shape in expected.items():
         if name not in have:
             raise UserInputError(f"{where}: tensor '{name}' is missing from the checkpoint")
         if tuple(source.shape(name)) != tuple(shape):
             raise UserInputError(
                 f"{where}: tensor '{name}' has shape {tuple(source.shape(name))}, config.json implies {shape}"
             )
+        dtype = source.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise UserInputError(f"{where}: tensor '{name}' is {dtype}; only fp32, fp16 and bf16 weights are read")
+    unused = sorted(n for n in have if n not in expected)
+    if unused:
+        more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+        raise UserInputError(f"{where}: tensor '{unused[0]}'{more} is not used by the {spec.arch} architecture "
+                             f"config.json describes ({spec.num_layers} layers, tie_word_embeddings="
+                             f"{str(spec.tie_word_embeddings).lower()}); the config does not match the weights")
 
 
 class SafetensorsWeights:
@@ -83,10 +99,18 @@ class SafetensorsWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES.get(self._handles[self._where[name]].get_slice(name).get_dtype(), torch.uint8)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserInputError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
         return self._handles[self._where[name]].get_tensor(name)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def _check_covered(path: Path, handle, keys: list[str]) -> None:
@@ -113,7 +137,7 @@ class RandomWeights:
     Q_GAIN = 2.5
 
     def __init__(self, spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32):
-        self.spec, self.seed, self.dtype = spec, seed, dtype
+        self.spec, self.seed, self.dtype_ = spec, seed, dtype
         self._shapes = tensor_shapes(spec)
 
     def names(self) -> list[str]:
@@ -121,6 +145,9 @@ class RandomWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtype_
 
     def get(self, name: str) -> torch.Tensor:
         shape = self._shapes[name]
@@ -132,4 +159,4 @@ class RandomWeights:
             x = x / math.sqrt(shape[1])
             if name.endswith("q_proj.weight"):
                 x = x * self.Q_GAIN
-        return x.to(self.dtype)
+        return x.to(self.dtype_)

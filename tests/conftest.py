@@ -14,6 +14,14 @@ from exporter.specs import ModelSpec, tensor_shapes
 TINY_MODELS = ["tiny-llama3", "tiny-mistral"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_hash_cache(tmp_path_factory):
+    """The sha256 cache of verified engine files lives in a per-session directory, never the user's."""
+    import os
+
+    os.environ["PKV_EXPORT_CACHE_DIR"] = str(tmp_path_factory.mktemp("pkv-cache"))
+
+
 @pytest.fixture(scope="session", params=TINY_MODELS)
 def tiny(request) -> LoadedModel:
     return load_model(request.param)

@@ -4,11 +4,12 @@ plus the NIAH heatmaps. Written atomically, from the JSONL records alone (so sha
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 from typing import Any
+
+from exporter.outputs import atomic_write_text
 
 
 def _score(values: list[float], suite: str) -> float:
@@ -89,12 +90,6 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
     summary = summarize(records, suite, run)
     if suite == "niah" and records:
@@ -104,6 +99,6 @@ def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: 
                   "engine_score": g["engine_score"], "reference_score": g.get("reference_score")}
                  for g in summary["groups"]]
         niah_heatmaps(cells, out_dir / "niah_heatmap.png", "NIAH answer recall by context length and needle depth")
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    _atomic_write(out_dir / "report.md", markdown(summary))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "report.md", markdown(summary))
     return summary

@@ -13,7 +13,7 @@ def invoke(*args, input=None):
 
 def test_plan_llama3_70b_json():
     r = invoke("plan", "--model", "llama3-70b", "--policy", "pyramidkv", "--kv-budget", "128", "--window", "8",
-               "--context", "8000", "--json")
+               "--context", "8000", "--dtype", "fp16", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["model"] == "llama3-70b" and d["policy"] == "pyramidkv" and d["num_layers"] == 80

@@ -25,8 +25,8 @@ def engine_dir(tmp_path_factory):
 
 
 def test_manifest(engine_dir):
-    m = read_manifest(engine_dir, verify_hashes=True)
-    assert m["format_version"] == 1 and m["backend"] == "onnx" and m["dtype"] == "fp32"
+    m = read_manifest(engine_dir)
+    assert m["format_version"] == 2 and m["backend"] == "onnx" and m["dtype"] == "fp32"
     assert m["policy"]["name"] == "pyramidkv" and m["policy"]["kv_budget"] == 32
     assert m["model"]["name"] == "tiny-mistral" and m["model"]["sliding_window"] == 48
     assert m["max_input_len"] == 512 and m["onnx"]["ir_version"] <= 13
@@ -111,9 +111,9 @@ def test_modified_file_fails_hash_check(engine_dir, tmp_path):
     data = bytearray((d / "weights.bin").read_bytes())
     data[-1] ^= 0xFF
     (d / "weights.bin").write_bytes(bytes(data))
-    read_manifest(d)  # same size: only the hash can tell
+    read_manifest(d, verify_hashes=False)  # same size: only the hash can tell
     with pytest.raises(UserInputError, match="sha256"):
-        read_manifest(d, verify_hashes=True)
+        read_manifest(d)
 
 
 def test_no_overwrite_without_force_and_atomic_failure(tmp_path):
