@@ -65,7 +65,7 @@ def compare_results(engine: GenerationResult, reference: GenerationResult, engin
         steps = min(steps, div + 1)  # the diverging step's logits still came from identical contexts
     results = RunResults()
     for name, result in ((engine_name, engine), ("torch-reference", reference)):
-        outputs = {"logits": result.logits[:, :steps].numpy()}
+        outputs = {"logits": np.ascontiguousarray(result.logits[:, :steps].numpy())}  # Polygraphy needs contiguous
         results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
     accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     logits_ok = bool(accuracy)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from exporter.checkpoint import load_model
-from exporter.cli_common import emit_json, policy_from_options, policy_options, progress_bar
+from exporter.cli_common import check_text, emit_json, policy_from_options, policy_options, progress_bar
 from exporter.errors import JobError, UserInputError
 from exporter.specs import DEFAULT_MODEL
 
@@ -19,7 +19,8 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 @policy_options
 @click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="Engine format. (TensorRT / TensorRT-LLM need a GPU host and are not built here.)")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weights, activations and KV cache of the engine (fp32 is compared with the reference to 1e-4).")
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt the engine accepts [model maximum].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Engine directory to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -54,15 +55,16 @@ def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: 
 @click.command()
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path), required=True, help="Engine directory.")
 @click.option("--model", default=None, help="Checkpoint for the reference [the one recorded in the engine].")
-@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).",
+              callback=lambda c, p, v: tuple(check_text(x, "--prompt") for x in v))
 @click.option("--prompt-len", type=int, default=None, help="Synthetic prompt of exactly N tokens.")
 @click.option("--batch", type=int, default=1, show_default=True,
               help="With --prompt-len: B prompts of decreasing lengths (left padding).")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Tokens to decode per prompt.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |logit difference| allowed.")
 @click.option("--min-index-agreement", type=float, default=1.0, show_default=True,
               help="Smallest mean Jaccard of kept index sets allowed.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
 def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], prompt_len: int | None, batch: int,
             max_new_tokens: int, atol: float, min_index_agreement: float, as_json: bool) -> None:
     """Run an engine and the PyTorch reference on the same inputs; exit 1 when they disagree."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from exporter.cli_common import emit_json
+from exporter.cli_common import check_text, emit_json, printable
 from exporter.errors import JobError, UserInputError
 
 
@@ -99,13 +99,14 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 
 @click.command()
 @click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the server.")
-@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
-@click.option("--model-name", default="pkv", show_default=True)
-@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="Protocol of --url (gRPC is usually port 8001).")
+@click.option("--model-name", default="pkv", show_default=True, help="Triton model to ask.")
+@click.option("--prompt", required=True, help="Prompt text.", callback=lambda c, p, v: check_text(v, "--prompt"))
 @click.option("--max-new-tokens", type=int, default=None, help="[the model's default]")
 @click.option("--stop", default=None, help="Cut the answer before this string.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (text, token ids, timing).")
 def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, as_json) -> None:
     """Send one prompt to a served engine with tritonclient and print the answer."""
     from engines.triton_client import TritonTextClient
@@ -115,4 +116,4 @@ def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, as_
     if as_json:
         emit_json({"model": model_name, "protocol": protocol, **result})
     else:
-        click.echo(result["text"])
+        click.echo(printable(result["text"]))

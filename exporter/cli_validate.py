@@ -71,8 +71,8 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--haystack", type=click.Path(path_type=Path), default=None,
               help="NIAH: directory of .txt files [offline generated text].")
 @click.option("--needle", default=None, help="NIAH needle sentence (with --question and --answer).")
-@click.option("--question", default=None)
-@click.option("--answer", default=None)
+@click.option("--question", default=None, help="NIAH question about the needle (with --needle).")
+@click.option("--answer", default=None, help="NIAH expected answer, scored by word recall (with --needle).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
 @click.option("--hub", is_flag=True, help="LongBench: load through the `datasets` library from the hub.")
@@ -217,7 +217,7 @@ def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
         if (r.get("engine"), r.get("reference"), r.get("config")) != (first.get("engine"), first.get("reference"),
                                                                       first.get("config")):
             raise UserInputError("the runs to merge differ in engine, reference or options")
-    skipped = sorted({line for r in runs for line in r.get("skipped_bad", [])})
+    skipped = list(dict.fromkeys(line for r in runs for line in r.get("skipped_bad", [])))
     run = {**{k: v for k, v in first.items() if k not in ("shard", "skipped_bad")}, "shard": "merged",
            "merged_from": [str(d) for d in dirs], "skipped_bad": skipped}
     with staging_dir(out, "validation-run", force, dirs) as tmp:

@@ -30,11 +30,10 @@ def rotary_parameters(loaded: LoadedModel) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
 
 
-def check_disk(out: Path, needed: int) -> None:
-    existing = next(p for p in [out.parent, *out.parent.parents, Path.cwd()] if p.exists())
-    free = shutil.disk_usage(existing).free
+def check_disk(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
     if needed * 1.05 > free:
-        raise UserInputError(f"not enough disk space under {out.parent}: the engine needs about "
+        raise UserInputError(f"not enough disk space under {where.parent}: the engine needs about "
                              f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
 
 
@@ -49,7 +48,6 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
     check_output(Path(out), "engine", force, [loaded.directory])
-    check_disk(Path(out), planned_weight_bytes(spec, np_dtype.itemsize))
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
     if selected and max(selected) > TRT_TOPK_MAX:
@@ -58,6 +56,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling)
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
+        check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
         weights = ExternalWeights(tmp, np_dtype)
         try:
             write_model_weights(spec, loaded.weights, weights, progress)

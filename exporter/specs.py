@@ -180,7 +180,9 @@ class ModelSpec:
                 scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
                 scaling.setdefault("rope_type", scaling.get("type", "default"))
                 scaling.pop("type", None)
-            head_dim = config.get("head_dim") or (hidden // heads if _int(heads) and _int(hidden) else None)
+            head_dim = config.get("head_dim")  # absent or null: derived; 0 is a bad value, not "absent"
+            if head_dim is None:
+                head_dim = hidden // heads if _int(heads) and _int(hidden) else None
             fields = dict(
                 name=name,
                 arch=model_type,
@@ -189,7 +191,7 @@ class ModelSpec:
                 intermediate_size=config["intermediate_size"],
                 num_layers=config["num_hidden_layers"],
                 num_heads=heads,
-                num_kv_heads=config.get("num_key_value_heads") or heads,
+                num_kv_heads=heads if config.get("num_key_value_heads") is None else config["num_key_value_heads"],
                 head_dim=head_dim,
                 rope_theta=float(theta),
                 max_position_embeddings=config.get("max_position_embeddings", 8192),

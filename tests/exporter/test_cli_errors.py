@@ -1,0 +1,156 @@
+"""Every user mistake is one line and exit code 2; --force never destroys an input or a foreign directory."""
+
+from __future__ import annotations
+
+import shutil
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from exporter.cli import main
+from exporter.cli_common import printable
+from exporter.engine_dir import read_manifest
+from tests.faults.conftest import cli, one_line_error
+
+TINY = ["--model", "tiny-llama3", "--policy", "snapkv", "--kv-budget", "24", "--window", "4"]
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def assert_one_line(r, code=2, fragment=""):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.stderr and "Usage:" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["plan", "--bogus"], "No such option"),
+    (["plan"], "--context"),
+    (["plan", "--context", "many"], "not a valid integer"),
+    (["build", "--dtype", "fp8", "--out", "x"], "'fp8' is not one of"),
+    (["generate", "--device", "tpu", "--prompt", "x"], "--device"),
+    (["validate", "--suite", "ruler", "--out", "x"], "--suite"),
+    (["serve", "--http-port", "0"], "--http-port"),
+    (["frobnicate"], "No such command"),
+    (["compare"], "--engine"),
+])
+def test_click_usage_errors_are_one_line(args, fragment):
+    line = assert_one_line(invoke(*args), 2, fragment)
+    assert "--help" in line
+
+
+def test_usage_errors_from_the_real_console_script_are_one_line():
+    r = cli("plan", "--bogus")
+    assert r.returncode == 2 and one_line_error(r).endswith("(see 'pkv-export plan --help')")
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--prompt", b"caf\xe9 au lait"],
+    ["compare", "--engine", "E", "--prompt", b"\xff\xfe"],
+    ["client", "--prompt", b"\xc3("],
+    ["validate", "--model", "tiny-llama3", "--suite", "niah", "--needle", b"\xff", "--question", "q", "--answer",
+     "a", "--out", "OUT"],
+])
+def test_non_utf8_argument_is_one_line(args, tmp_path):
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    r = cli(*args)
+    assert r.returncode == 2 and "not valid UTF-8" in one_line_error(r)
+
+
+def test_non_utf8_stdin_and_file(tmp_path):
+    r = cli("generate", "--prompt-file", "-", input=b"\xff\xfe\x00bad")
+    assert r.returncode == 2 and "stdin: not UTF-8 text" in one_line_error(r)
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("café".encode("latin-1"))
+    assert_one_line(invoke("generate", "--prompt-file", str(f)), 2, "not UTF-8 text")
+
+
+def test_every_option_has_help():
+    missing = [f"{name} {p.opts[0]}" for name, cmd in main.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.help]
+    assert missing == []
+
+
+def test_plan_and_build_default_to_the_same_dtype():
+    def default(command, name):
+        return next(p.default for p in main.commands[command].params if p.name == name)
+    assert default("plan", "dtype") == default("build", "dtype") == "fp32"
+
+
+def test_control_bytes_are_escaped_in_text_output():
+    assert printable("a\x1b[31mb\x07\n\tc\x00") == "a\\x1b[31mb\\x07\n\tc\\x00"
+    r = invoke("generate", "--prompt", "Once upon a time", "--prompt", "The capital", "--max-new-tokens", "64")
+    assert r.exit_code == 0
+    assert all(c in "\n\t" or c.isprintable() for c in r.stdout), repr(r.stdout)
+
+
+def test_generate_says_when_nothing_was_compressed():
+    r = invoke("generate", "--prompt", "The capital of France is", "--max-new-tokens", "2")
+    assert r.exit_code == 0 and "nothing was compressed" in r.stderr
+    r = invoke("generate", *TINY, "--prompt", "word " * 40, "--max-new-tokens", "2")
+    assert r.exit_code == 0 and "nothing was compressed" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e") / "eng"
+    assert invoke("build", *TINY, "--max-input-len", "512", "--out", str(out)).exit_code == 0
+    return out
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_force_never_replaces_an_input(tmp_path, tiny_llama_dir, engine):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_llama_dir, ck)
+    before = tree(ck)
+    cases = [
+        ["build", "--model", str(ck), "--out", str(ck), "--force"],
+        ["build", "--model", str(ck), "--out", str(tmp_path), "--force"],  # the parent holds the input
+        ["triton", "--engine", str(engine), "--out", str(engine), "--force"],
+        ["validate", "--engine", str(engine), "--suite", "niah", "--out", str(engine), "--force"],
+        ["validate", *TINY, "--suite", "longbench", "--data", str(ck), "--out", str(ck), "--force"],
+    ]
+    for args in cases:
+        assert_one_line(invoke(*args), 2, "an input of this command")
+    assert tree(ck) == before
+    read_manifest(engine)
+
+
+@pytest.mark.parametrize("command", ["build", "triton", "validate"])
+def test_force_replaces_only_an_output_of_the_same_kind(tmp_path, engine, command):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    other_kind = tmp_path / "other"
+    shutil.copytree(engine, other_kind)  # an engine is not a repository or a run
+    args = {"build": ["build", *TINY],
+            "triton": ["triton", "--engine", str(engine)],
+            "validate": ["validate", "--engine", str(engine), "--suite", "niah", "--lengths", "100"]}[command]
+    targets = [foreign] if command == "build" else [foreign, other_kind]
+    for target in targets:
+        assert_one_line(invoke(*args, "--out", str(target), "--force"), 2, "--force replaces only")
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    f = tmp_path / "a-file"
+    f.write_text("keep")
+    assert_one_line(invoke(*args, "--out", str(f), "--force"), 2, "not a directory")
+    assert f.read_text() == "keep"
+
+
+def test_force_replaces_an_output_of_the_same_kind(tmp_path, engine):
+    repo = tmp_path / "repo"
+    assert invoke("triton", "--engine", str(engine), "--out", str(repo)).exit_code == 0
+    assert_one_line(invoke("triton", "--engine", str(engine), "--out", str(repo)), 2, "--force")
+    r = invoke("triton", "--engine", str(engine), "--out", str(repo), "--force", "--link", "--model-name", "m2")
+    assert r.exit_code == 0, r.output
+    assert (repo / "m2" / "config.pbtxt").is_file() and not (repo / "pkv").exists()
+    assert str(engine.resolve()) in (repo / "m2" / "config.pbtxt").read_text()
+    assert not (repo / "m2" / "1" / "engine").exists(), "--link references the engine instead of copying it"

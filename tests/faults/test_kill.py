@@ -1,0 +1,128 @@
+"""kill -9 in the middle of build, validate and serve: nothing that looks finished is left, the old output is
+intact, the next run cleans up what was provably abandoned and says so, and a killed server dies with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from exporter.engine_dir import read_manifest
+from tests.faults.conftest import cli, start_cli, wait_for
+
+BUILD = ["build", "--model", "tiny-llama3", "--random-weights", "--num-layers", "24", "--policy", "snapkv",
+         "--kv-budget", "24", "--window", "4", "--max-input-len", "512"]
+
+
+def partials(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.partial-")]
+
+
+def kill_when(proc: subprocess.Popen, predicate, timeout: float = 120) -> None:
+    assert wait_for(lambda: predicate() or proc.poll() is not None, timeout), "the command never got there"
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_build_leaves_no_engine_and_the_next_build_removes_the_leftover(tmp_path):
+    out = tmp_path / "eng"
+    proc = start_cli(*BUILD, "--out", str(out))
+    kill_when(proc, lambda: bool(partials(tmp_path, "eng")) and (partials(tmp_path, "eng")[0] / "weights.bin")
+              .exists())
+    assert not out.exists(), "a killed build must leave nothing that looks like an engine"
+    left = partials(tmp_path, "eng")
+    assert len(left) == 1
+    r = cli(*BUILD, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left[0]}" in r.stderr and "interrupted process" in r.stderr
+    assert not partials(tmp_path, "eng") and read_manifest(out)["policy"]["name"] == "snapkv"
+
+
+def test_killed_force_rebuild_keeps_the_old_engine(tmp_path):
+    out = tmp_path / "eng"
+    assert cli(*BUILD, "--out", str(out)).returncode == 0
+    before = read_manifest(out)
+    proc = start_cli(*BUILD[:-6], "--policy", "h2o", "--kv-budget", "24", "--window", "4", "--force", "--out",
+                     str(out))
+    kill_when(proc, lambda: bool(partials(tmp_path, "eng")))
+    assert read_manifest(out) == before, "the old engine is replaced only once the new one is complete"
+
+
+def test_killed_validate_resumes_to_the_same_report(tmp_path):
+    args = ["validate", "--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "24", "--window", "4",
+            "--suite", "niah", "--lengths", "300,500", "--depths", "0,50,100", "--max-new-tokens", "6"]
+    whole = tmp_path / "whole"
+    assert cli(*args, "--out", str(whole)).returncode == 0
+    cut = tmp_path / "cut"
+    proc = start_cli(*args, "--out", str(cut))
+    samples = cut / "samples.jsonl"
+    kill_when(proc, lambda: samples.exists() and samples.read_bytes().count(b"\n") >= 2)
+    r = cli(*args, "--out", str(cut), "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert a["overall"] == b["overall"] and a["groups"] == b["groups"]
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_serve_takes_its_server_down_and_the_next_start_cleans_up(tmp_path):
+    pytest.importorskip("pytriton", reason="the 'triton' extra is not installed")
+    from engines.triton_server import free_port
+
+    engine = tmp_path / "eng"
+    assert cli("build", "--model", "tiny-llama3", "--kv-budget", "24", "--window", "4", "--max-input-len", "256",
+               "--out", str(engine)).returncode == 0
+    ports = [free_port() for _ in range(3)]
+    args = ["serve", "--engine", str(engine), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+            "--metrics-port", str(ports[2])]
+    proc = start_cli(*args)
+    assert wait_for(lambda: _ready(ports[0]) or proc.poll() is not None, 180), "server never became ready"
+    assert proc.poll() is None, proc.stderr.read().decode()
+    marker = f"pkv-serve-{proc.pid}-"
+    assert _processes_mentioning(marker), "tritonserver runs on the generated repository"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert wait_for(lambda: not _processes_mentioning(marker), 60), "tritonserver or a stub outlived serve"
+    assert wait_for(lambda: not _ready(ports[0]), 10)
+    import tempfile
+
+    leftovers = [p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(
+        (f"pkv-serve-{proc.pid}-", f"pkv-triton-{proc.pid}-"))]
+    assert leftovers, "kill -9 leaves the temporary repository; the next start must remove it"
+    again = start_cli(*args)
+    try:
+        assert wait_for(lambda: _ready(ports[0]) or again.poll() is not None, 180)
+        assert again.poll() is None
+    finally:
+        again.send_signal(signal.SIGTERM)
+        _, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err.decode()
+    assert all(not p.exists() for p in leftovers)
+    assert all(f"removed {p}" in err.decode() for p in leftovers)
+    # serve --engine references the engine in place: nothing of its size was copied
+    assert not _processes_mentioning(f"pkv-serve-{again.pid}-")
