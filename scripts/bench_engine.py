@@ -29,7 +29,7 @@ from engines.ort_engine import OrtEngine  # noqa: E402
 from engines.prompts import synthetic_prompt_ids  # noqa: E402
 from engines.reference import ReferenceEngine  # noqa: E402
 from exporter.checkpoint import LoadedModel  # noqa: E402
-from exporter.onnx_export import build_onnx_engine  # noqa: E402
+from exporter.onnx.export import build_onnx_engine  # noqa: E402
 from exporter.plan import make_plan  # noqa: E402
 from exporter.policies import make_policy  # noqa: E402
 from exporter.specs import ModelSpec  # noqa: E402

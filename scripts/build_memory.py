@@ -26,7 +26,7 @@ def measure(model: str, layers: int, dtype: str, workdir: Path) -> dict:
     out = workdir / f"{model}-{layers}l"
     shutil.rmtree(out, ignore_errors=True)
     code = (
-        "import resource, sys; from exporter.cli import main\n"
+        "import resource, sys; from pkv_cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
         "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); raise\n"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from exporter.onnx_builder import GraphBuilder
+from trt_plugins.onnx_graph import GraphBuilder
 
 F32_MIN = float(np.finfo(np.float32).min)
 SELECT_INPUTS = ["queries", "keys", "values", "key_mask", "selected"]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from engines.base import GenerationResult
 from engines.compare import compare_results, first_divergence, jaccard
-from exporter.cli import main
+from pkv_cli import main
 
 
 def result(tokens, logits, kept=None):

@@ -10,7 +10,7 @@ from engines.ort_engine import OrtEngine
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
 from exporter.errors import UserInputError
-from exporter.onnx_export import build_onnx_engine
+from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 2

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
 from engines.triton_server import TritonServer, free_port, pytriton_dir
-from exporter.cli import main
 from exporter.errors import JobError, UserInputError
-from exporter.triton_repo import write_repository
+from exporter.triton.repo import write_repository
+from pkv_cli import main
 
 try:
     pytriton_dir()

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
-from exporter.cli import main
 from exporter.errors import UserInputError
 from exporter.policies import make_policy
+from pkv_cli import main
 from tests.conftest import write_checkpoint
 
 

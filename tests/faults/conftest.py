@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-c", "import sys; from exporter.cli import main; sys.argv[0] = 'pkv-export'; main()"]
+CLI = [sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export'; main()"]
 
 
 def cli(*args: str | bytes, input: bytes | None = None, timeout: float = 600, env: dict | None = None,

@@ -9,9 +9,9 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 from exporter.budgets import pyramid_selected
-from exporter.onnx_budget import selected_counts
-from exporter.onnx_builder import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
+from exporter.onnx.budget import selected_counts
 from exporter.policies import make_policy
+from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
 from trt_plugins.onnx_select import pyramidkv_select_function, streaming_select_function
 from trt_plugins.pyramidkv_select import pyramidkv_select
 from trt_plugins.streaming_select import streaming_select

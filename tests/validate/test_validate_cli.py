@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
+from pkv_cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "24", "--window", "4"]

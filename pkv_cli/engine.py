@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from exporter.checkpoint import load_model
-from exporter.cli_common import check_text, emit_json, policy_from_options, policy_options, progress_bar
 from exporter.errors import JobError, UserInputError
 from exporter.specs import DEFAULT_MODEL
+from pkv_cli.common import check_text, emit_json, policy_from_options, policy_options, progress_bar
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
@@ -32,7 +32,7 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
           random_weights: bool, num_layers: int | None, seed: int, as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
-    from exporter.onnx_export import build_onnx_engine
+    from exporter.onnx.export import build_onnx_engine
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)

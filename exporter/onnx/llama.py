@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporter.onnx_budget import selected_counts
-from exporter.onnx_builder import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
+from exporter.onnx.budget import selected_counts
 from exporter.policies import KVPolicy
 from exporter.specs import ModelSpec
+from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
 from trt_plugins.onnx_select import pyramidkv_select_function, streaming_select_function
 
 INT_MAX = 2**62

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.onnx_builder import GraphBuilder
 from exporter.policies import KVPolicy
+from trt_plugins.onnx_graph import GraphBuilder
 
 
 def budget_table(policy: KVPolicy, num_layers: int) -> tuple[int, np.ndarray]:

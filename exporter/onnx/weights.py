@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.onnx_builder import NP_TO_ONNX
 from exporter.specs import ModelSpec, tensor_shapes
 from exporter.weights import WeightSource
+from trt_plugins.onnx_graph import NP_TO_ONNX
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096

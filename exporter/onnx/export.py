@@ -12,11 +12,11 @@ import onnx
 from exporter.checkpoint import TOKENIZER_FILES, LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.errors import UserInputError
-from exporter.onnx_builder import IR_VERSION, OPSET
-from exporter.onnx_llama import GraphConfig, build_decode, build_prefill
-from exporter.onnx_weights import ExternalWeights, planned_weight_bytes, write_model_weights
+from exporter.onnx.llama import GraphConfig, build_decode, build_prefill
+from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
+from trt_plugins.onnx_graph import IR_VERSION, OPSET
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TRT_TOPK_MAX = 3840  # TensorRT's TopK limit on K

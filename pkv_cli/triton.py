@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from exporter.cli_common import check_text, emit_json, printable
 from exporter.errors import JobError, UserInputError
+from pkv_cli.common import check_text, emit_json, printable
 
 
 @click.command()
@@ -35,7 +35,7 @@ def triton(engines: tuple[Path, ...], out: Path, names: tuple[str, ...], instanc
 
 
 def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force, copy=True) -> Path:
-    from exporter.triton_repo import write_repository
+    from exporter.triton.repo import write_repository
 
     if names and len(names) != len(engines):
         raise UserInputError("give one --model-name per --engine (or none)")

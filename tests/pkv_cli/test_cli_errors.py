@@ -8,9 +8,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
-from exporter.cli_common import printable
 from exporter.engine_dir import read_manifest
+from pkv_cli import main
+from pkv_cli.common import printable
 from tests.faults.conftest import cli, one_line_error
 
 TINY = ["--model", "tiny-llama3", "--policy", "snapkv", "--kv-budget", "24", "--window", "4"]

@@ -9,11 +9,11 @@ from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
 from exporter.checkpoint import load_model
-from exporter.cli import main
 from exporter.engine_dir import MANIFEST, read_manifest
 from exporter.errors import UserInputError
-from exporter.onnx_export import build_onnx_engine
+from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
+from pkv_cli import main
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_force_replaces(tmp_path):
 
 
 def test_disk_space_is_checked_first(tmp_path, monkeypatch):
-    import exporter.onnx_export as ox
+    import exporter.onnx.export as ox
 
     monkeypatch.setattr(ox.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 10))
     with pytest.raises(UserInputError, match="not enough disk space"):

@@ -6,7 +6,10 @@ import click
 
 from exporter import __version__
 from exporter.checkpoint import load_model
-from exporter.cli_common import (
+from exporter.errors import UserInputError
+from exporter.plan import human_bytes, make_plan
+from exporter.specs import DEFAULT_MODEL, PRESETS
+from pkv_cli.common import (
     PkvGroup,
     emit_json,
     policy_from_options,
@@ -15,9 +18,6 @@ from exporter.cli_common import (
     progress_bar,
     read_prompts,
 )
-from exporter.errors import UserInputError
-from exporter.plan import human_bytes, make_plan
-from exporter.specs import DEFAULT_MODEL, PRESETS
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
@@ -128,9 +128,9 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
 
 
 def _register_engine_commands() -> None:
-    from exporter.cli_engine import build, compare
-    from exporter.cli_triton import client, serve, triton
-    from exporter.cli_validate import validate
+    from pkv_cli.engine import build, compare
+    from pkv_cli.triton import client, serve, triton
+    from pkv_cli.validate import validate
 
     for command in (triton, serve, client):
         main.add_command(command)

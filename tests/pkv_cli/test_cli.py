@@ -3,8 +3,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
 from exporter.specs import PRESETS
+from pkv_cli import main
 
 
 def invoke(*args, input=None):
