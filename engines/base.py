@@ -65,9 +65,10 @@ class Engine(Protocol):
     ) -> GenerationResult: ...
 
 
-def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Left-padded input_ids [B, q] int64 and attention_mask [B, q] int64 (shared by every engine)."""
+def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int,
+                   padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded input_ids [B, q] int64 and attention_mask [B, q] int64 (shared by every engine): left padding as
+    transformers' generate uses, or right padding (real tokens first) as fused attention kernels want."""
     if not prompts:
         raise UserInputError("no prompts given")
     ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
@@ -79,17 +80,18 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int,
     input_ids = torch.full((len(ids), q), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), q), dtype=torch.long)
     for b, x in enumerate(ids):
-        input_ids[b, q - len(x) :] = torch.tensor(x)
-        mask[b, q - len(x) :] = 1
+        start = q - len(x) if padding_side == "left" else 0
+        input_ids[b, start : start + len(x)] = torch.tensor(x)
+        mask[b, start : start + len(x)] = 1
     return input_ids, mask
 
 
 def encode_batch(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int,
-                 max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 max_new_tokens: int, padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked inputs of one `generate` call: input_ids, attention_mask and position_ids, each [B, q] int64."""
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    input_ids, mask = encode_prompts(tokenizer, prompts, pad_id, max_len)
+    input_ids, mask = encode_prompts(tokenizer, prompts, pad_id, max_len, padding_side)
     return input_ids, mask, prompt_positions(mask)
 
 
@@ -98,14 +100,9 @@ def pad_id(tokenizer) -> int:
 
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Absolute positions of a left-padded batch, as transformers' generate computes them. mask: [B, q]."""
+    """Absolute positions of a padded batch, as transformers' generate computes them (the first real token is
+    position 0; padding gets 1, which nothing reads). mask: [B, q]."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-def unpad_indices(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Padded prompt indices [B, Hc, n] -> positions among real tokens, -1 for padding slots."""
-    pad = (mask == 0).sum(-1).view(-1, 1, 1)
-    return torch.where(kept >= pad, kept - pad, torch.full_like(kept, -1))
 
 
 def eos_ids(spec_eos, tokenizer) -> set[int]:

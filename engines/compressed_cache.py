@@ -2,9 +2,11 @@
 
 The Hugging Face model runs with `attn_implementation="pkv"` and no HF cache; each forward passes a
 `CompressedKVState` as the `pkv_state` keyword, which transformers hands to every attention call. In the
-prefill the attention is the ordinary full (eager) attention, then the layer's K/V are compressed by the
-policy. In decode, each layer attends to its own cache (its own length), masking padding slots and, for
-Mistral, keys outside the sliding window measured in true absolute positions.
+prefill the attention is the ordinary full causal attention (eager's arithmetic, computed over blocks of query
+rows so no [q, q] tensor exists), then the layer's K/V are compressed by the policy. In decode, each layer
+attends to its own cache (its own length), masking unused slots and, for Mistral, keys outside the sliding
+window measured in true absolute positions. No [B, 1, q, q] mask is ever built: the registered mask function
+returns None and the attention builds each block's mask from the state.
 """
 
 from __future__ import annotations
@@ -13,20 +15,23 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from exporter.policies import KVPolicy
 
 ATTN_IMPLEMENTATION = "pkv"
+# Attention scores held at once in the prefill, per batch row: blocks of query rows are sized to this, so a short
+# prompt is one block (exactly eager's arithmetic) and a long one never holds [H, q, q].
+PREFILL_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass
 class LayerCache:
     keys: torch.Tensor  # [B, Hc, n, d] post-RoPE
     values: torch.Tensor  # [B, Hc, n, d]
-    positions: torch.Tensor  # [B, Hc, n] int64 absolute position of each cached token, -1 = padding slot
-    kept: torch.Tensor  # [B, Hc, n0] int64 padded prompt index of what the prefill kept
+    positions: torch.Tensor  # [B, Hc, n] int64 absolute position of each cached token, -1 = unused slot
+    kept: torch.Tensor  # [B, Hc, n0] int64 prompt position (0 = first real token) of what the prefill kept, -1
 
 
 @dataclass
@@ -35,7 +40,7 @@ class CompressedKVState:
 
     policy: KVPolicy
     selected: torch.Tensor | None  # [L, B] per-layer, per-prompt budgets; None = keep the whole prompt
-    key_mask: torch.Tensor  # [B, q] bool, True = real token
+    key_mask: torch.Tensor  # [B, q] bool, True = real token (left padding)
     positions: torch.Tensor  # [B, q] int64
     prefill: bool = True
     step_positions: torch.Tensor | None = None  # [B] absolute position of the token being decoded
@@ -45,31 +50,66 @@ class CompressedKVState:
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """query: [B, H, s, d], key/value: [B, Hkv, s, d] (this forward's tokens only) -> ([B, s, H, d], None)."""
     state: CompressedKVState | None = kwargs.pop("pkv_state", None)
-    sliding_window = kwargs.get("sliding_window")
     if state is None:
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+        raise RuntimeError("the 'pkv' attention needs a CompressedKVState (pass pkv_state=...)")
+    sliding_window = kwargs.get("sliding_window")
     if state.prefill:
-        out = eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        out = _prefill_attention(state, query, key, value, scaling, sliding_window)
         state.layers[module.layer_idx] = _compress(state, module.layer_idx, query, key, value)
         return out
     return _decode_attention(state, module, query, key, value, scaling, sliding_window)
 
 
+def _prefill_attention(state: CompressedKVState, query, key, value, scaling, sliding_window):
+    """Causal attention of the prompt over blocks of query rows, with eager's additive mask and float32 softmax."""
+    q_len = query.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, group), repeat_kv(value, group)
+    cols = torch.arange(q_len)
+    real = state.key_mask[:, None, None, :]  # [B, 1, 1, q]
+    out = []
+    step = max(1, PREFILL_BLOCK_ELEMENTS // (query.shape[1] * q_len))
+    for start in range(0, q_len, step):
+        rows = cols[start : start + step, None]  # [r, 1]
+        visible = (cols[None, :] <= rows) & real  # [B, 1, r, q]
+        if sliding_window is not None:
+            visible = visible & ((rows - cols[None, :]) < sliding_window)
+        mask = torch.zeros(visible.shape, dtype=query.dtype).masked_fill(~visible, torch.finfo(query.dtype).min)
+        weights = torch.matmul(query[:, :, start : start + step], k.transpose(2, 3)) * scaling + mask
+        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        out.append(torch.matmul(weights, v))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def right_aligned(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Move every row's real tokens to the front: left padding -> right padding. x: [B, C, q, ...], key_mask [B, q]."""
+    b, q = key_mask.shape
+    pad = (~key_mask).sum(-1)  # [B]
+    src = (torch.arange(q)[None, :] + pad[:, None]) % q  # [B, q]
+    src = src.view(b, 1, q, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], -1, *x.shape[3:])
+    return torch.gather(x, 2, src)
+
+
 def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerCache:
     b, hkv, q, _ = key.shape
     policy = state.policy
+    lengths = state.key_mask.sum(-1)  # [B]
+    # The op works on right-padded rows (as fused attention and the ONNX engine do): shift each row first.
+    key, value = right_aligned(key, state.key_mask), right_aligned(value, state.key_mask)
     if state.selected is None:
-        idx = torch.arange(q).expand(b, hkv, q)
+        real = torch.arange(q)[None, :] < lengths[:, None]  # [B, q]
+        idx = torch.where(real, torch.arange(q), -1)[:, None, :].expand(b, hkv, q)
         k, v = key, value
         if policy.cache_heads_are_query_heads:
             g = query.shape[1] // hkv
             idx, k, v = idx.repeat_interleave(g, 1), key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        zero = torch.zeros((), dtype=k.dtype)
+        k, v = torch.where(idx[..., None] >= 0, k, zero), torch.where(idx[..., None] >= 0, v, zero)
     else:
-        idx, k, v = policy.select(query, key, value, state.selected[layer], state.key_mask)
-    safe = idx.clamp(min=0)  # -1 marks a slot a prompt with a smaller budget leaves unused
-    pos = torch.gather(state.positions.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, safe)
-    real = torch.gather(state.key_mask.unsqueeze(1).expand(-1, idx.shape[1], -1), 2, safe) & (idx >= 0)
-    return LayerCache(k.contiguous(), v.contiguous(), pos.masked_fill(~real, -1), idx)
+        queries = right_aligned(query, state.key_mask).transpose(1, 2)  # [B, q, H, d]
+        idx, k, v = policy.select(queries, key, value, lengths, state.selected[layer])
+    # Right-padded positions are the real tokens' absolute positions (transformers numbers them from 0).
+    return LayerCache(k.contiguous(), v.contiguous(), idx.clone(), idx)
 
 
 def _decode_attention(state: CompressedKVState, module, query, key, value, scaling, sliding_window):
@@ -93,5 +133,10 @@ def _decode_attention(state: CompressedKVState, module, query, key, value, scali
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
 
 
+def _no_mask(*args, **kwargs) -> None:
+    """The 'pkv' attention builds its own block masks from the state: transformers materialises nothing."""
+    return None
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, compressed_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

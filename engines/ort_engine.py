@@ -1,8 +1,12 @@
-"""The onnxruntime engine: runs an engine directory built by `build --backend onnx`.
+"""The onnxruntime engine: runs an engine directory built by `build --backend onnx` (either target).
 
 The generation loop is written on `onnxruntime.InferenceSession` (onnxruntime-genai cannot run per-layer cache
-lengths). Caches stay in onnxruntime's memory between steps through I/O binding: each step's `present.*`
-OrtValues are bound as the next step's `past_key_values.*` without a round trip through numpy.
+lengths). Prompts are right-padded (every row's real tokens first). The prefill returns every layer's cache
+already sized for the whole generation (its kept tokens first, then `max_new_tokens - 1` free slots); decode
+binds each layer's buffer as both its past and its present input/output through I/O binding, so the attention
+op writes the new token in place and no cache is copied between steps (onnxruntime target; the tensorrt
+target's TensorScatter returns a new buffer under onnxruntime). Per layer, `past_lengths.{i}` says how many
+slots of each row are valid.
 """
 
 from __future__ import annotations
@@ -20,14 +24,11 @@ from engines.base import (
     eos_ids,
     finish_result,
     pad_id,
-    unpad_indices,
 )
 from engines.greedy import greedy_loop
 from exporter.engine_dir import read_manifest
 from exporter.errors import UserInputError
 from exporter.specs import ModelSpec
-
-CACHE_PARTS = ("key", "value", "positions")
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -73,7 +74,7 @@ class OrtEngine:
             return opts
 
         try:
-            # The prefill's peak (the [B, H, q, q] attention) would stay reserved in the CPU arena after the run;
+            # The prefill's peak (activations of a long prompt) would stay reserved in the CPU arena after the run;
             # without the arena it is returned, so a long prompt does not pin its peak for the engine's life.
             self.prefill = ort.InferenceSession(str(self.dir / "prefill.onnx"), options(arena=False),
                                                 providers=self.providers)
@@ -82,39 +83,52 @@ class OrtEngine:
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        from exporter.onnx.targets import TARGETS
+
+        self.in_place = TARGETS[self.manifest["onnx"]["target"]].in_place_decode
+        self.windowed = bool(self.spec.sliding_window)
         self.prefill_outputs = [o.name for o in self.prefill.get_outputs()]
         self.decode_outputs = [o.name for o in self.decode.get_outputs()]
 
-    def run_prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict:
+    def run_prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, reserve: int) -> dict:
         """One prefill through I/O binding; returns {output name: OrtValue}."""
         binding = self.prefill.io_binding()
-        for name, array in (("input_ids", input_ids), ("attention_mask", mask), ("position_ids", positions)):
+        for name, array in (("input_ids", input_ids), ("attention_mask", mask), ("position_ids", positions),
+                            ("reserve_tokens", np.array([reserve]))):
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for name in self.prefill_outputs:
             binding.bind_output(name, self.device_type)
         self.prefill.run_with_iobinding(binding)
         return dict(zip(self.prefill_outputs, binding.get_outputs(), strict=True))
 
-    def run_decode(self, cache: dict, token: np.ndarray, position: np.ndarray) -> dict:
-        """One decode step; `cache` maps present.{i}.* names to OrtValues from the previous run."""
+    def run_decode(self, cache: dict, token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray],
+                   kept: dict) -> dict:
+        """One decode step. `cache` maps present.{i}.key/value to the layers' buffers; with an in-place target
+        they are bound as outputs too and come back updated, otherwise the step returns new buffers."""
         binding = self.decode.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(token.reshape(-1, 1), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position.reshape(-1, 1), dtype=np.int64))
         for layer in range(self.spec.num_layers):
-            for part in CACHE_PARTS:
+            binding.bind_cpu_input(f"past_lengths.{layer}", past_lengths[layer])
+            if self.windowed:
+                binding.bind_ortvalue_input(f"cache_positions.{layer}", kept[f"kept_indices.{layer}"])
+            for part in ("key", "value"):
                 binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
-        for name in self.decode_outputs:
-            binding.bind_output(name, self.device_type)
+        for name in self.decode_outputs:  # in output order: get_outputs() follows the binding order
+            if self.in_place and name in cache:
+                binding.bind_ortvalue_output(name, cache[name])
+            else:
+                binding.bind_output(name, self.device_type)
         self.decode.run_with_iobinding(binding)
         return dict(zip(self.decode_outputs, binding.get_outputs(), strict=True))
 
-    def cache_bytes(self, outputs: dict) -> int:
-        """Bytes of K/V actually held (positions excluded) in a set of present.* outputs."""
+    def cache_bytes(self, kept: dict) -> int:
+        """Bytes of K/V the prefill kept (the compressed cache; the decode slots behind it excluded)."""
+        itemsize = 2 if self.manifest["dtype"] == "fp16" else 4
         total = 0
         for layer in range(self.spec.num_layers):
-            for part in ("key", "value"):
-                value = outputs[f"present.{layer}.{part}"]
-                total += int(np.prod(value.shape())) * (2 if "float16" in value.data_type() else 4)
+            b, hc, n = kept[f"kept_indices.{layer}"].shape()
+            total += 2 * b * hc * n * self.spec.head_dim * itemsize
         return total
 
     def generate(
@@ -127,28 +141,35 @@ class OrtEngine:
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
         input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
-                                                  max_new_tokens)
+                                                  max_new_tokens, padding_side="right")
         t0 = time.perf_counter()
-        outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy())
+        outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy(), max_new_tokens - 1)
         timings = {"prefill": time.perf_counter() - t0}
-        kept_raw = [outputs[f"kept_indices.{i}"].numpy() for i in range(self.spec.num_layers)]  # [B, Hc, n_i]
-        kept = [unpad_indices(torch.from_numpy(k), mask) for k in kept_raw] if return_indices else None
-        timings["kv_bytes_after_prefill"] = self.cache_bytes(outputs)
+        layers = range(self.spec.num_layers)
+        kept_raw = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
+        kv_lengths = [outputs[f"kv_lengths.{i}"].numpy() for i in layers]  # [B] valid slots per layer
+        kept = [torch.from_numpy(kept_raw[f"kept_indices.{i}"].numpy()) for i in layers] if return_indices else None
+        timings["kv_bytes_after_prefill"] = self.cache_bytes(kept_raw)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
+        lengths = mask.sum(-1)
+        steps = 0
 
         def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            nonlocal cache
-            out = self.run_decode(cache, token.numpy(), pos.numpy())
-            cache = {k: v for k, v in out.items() if k.startswith("present.")}
+            nonlocal cache, steps
+            past = [np.ascontiguousarray(n + steps, dtype=np.int64) for n in kv_lengths]
+            out = self.run_decode(cache, token.numpy(), pos.numpy(), past, kept_raw)
+            if not self.in_place:
+                cache = {k: v for k, v in out.items() if k.startswith("present.")}
+            steps += 1
             return torch.from_numpy(out["logits"].numpy())
 
         first = torch.from_numpy(outputs["logits"].numpy())
         generated, step_logits, timings["decode"] = greedy_loop(
-            first, positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
+            first, lengths, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        pol, lengths = self.manifest["policy"], mask.sum(-1)
+        pol = self.manifest["policy"]
         selected = None
         if pol["name"] != "full" and int(lengths.max()) >= pol["kv_budget"]:  # else nothing was compressed
-            # The prefix slots of each layer hold the picks, then -1 for a prompt whose budget is smaller.
-            selected = [[int((k[b, 0, : -pol["window"]] >= 0).sum()) for k in kept_raw] for b in range(len(lengths))]
+            window = torch.clamp(lengths, max=pol["window"]).numpy()
+            selected = [[int(kv_lengths[i][b] - window[b]) for i in layers] for b in range(len(lengths))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)

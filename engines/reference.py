@@ -19,7 +19,6 @@ from engines.base import (
     eos_ids,
     finish_result,
     pad_id,
-    unpad_indices,
 )
 from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
 from engines.greedy import greedy_loop
@@ -70,7 +69,7 @@ class ReferenceEngine:
         state.prefill = False
         kept = None
         if return_indices:
-            kept = [unpad_indices(state.layers[i].kept, mask) for i in range(self.spec.num_layers)]
+            kept = [state.layers[i].kept for i in range(self.spec.num_layers)]
 
         def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             state.step_positions = pos

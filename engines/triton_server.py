@@ -51,7 +51,10 @@ def check_numpy() -> None:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR as servers set it: connections of a server
+    stopped a moment ago (TIME_WAIT) do not make the port busy, a listening socket does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -19,7 +19,7 @@ from exporter.errors import UserInputError
 from exporter.hash_cache import HashCache
 
 MANIFEST = "pkv-engine.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DIGEST_FIELD = "manifest_sha256"
 DTYPES = ("fp32", "fp16")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -145,6 +145,9 @@ def check_manifest(manifest: dict[str, Any], directory: Path) -> None:
             raise UserInputError(f"{MANIFEST}: files[{i}] has a bad value {entry!r}")
     listed = {e["path"] for e in files}
     if manifest["backend"] == "onnx":
+        from exporter.onnx.targets import TARGETS
+
+        _field(manifest, "onnx.target", str, lambda v: v in TARGETS, f"one of {', '.join(TARGETS)}")
         graphs = _field(manifest, "onnx.graphs", list, lambda v: all(isinstance(g, str) for g in v))
         for name in [*graphs, _field(manifest, "onnx.weights", str)]:
             if name not in listed:

@@ -72,10 +72,11 @@ class KVPolicy:
         return torch.tensor(rows, dtype=torch.long).T.contiguous()
 
     def select(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selected: int | torch.Tensor,
-        key_mask: torch.Tensor,
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+        selected: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """queries [B, H, q, d], keys/values [B, Hkv, q, d], key_mask [B, q] -> indices, K, V (op semantics)."""
+        """Right-padded queries [B, q, H, d], keys/values [B, Hkv, q, d], lengths [B] -> indices, K, V in the op's
+        semantics (trt_plugins.pyramidkv_select: compact rows, -1 for unused slots)."""
         raise NotImplementedError(f"policy '{self.name}' does not select")
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -119,8 +120,8 @@ class StreamingLLMPolicy(_BudgetedPolicy):
         if self.sinks < 0 or self.sinks > self.kv_budget - self.window:
             raise UserInputError(f"--sinks must be in [0, kv_budget - window] (got {self.sinks})")
 
-    def select(self, queries, keys, values, selected, key_mask):
-        return streaming_select(keys, values, selected, self.window, self.sinks, key_mask)
+    def select(self, queries, keys, values, lengths, selected):
+        return streaming_select(keys, values, lengths, selected, self.window, self.sinks)
 
 
 @register
@@ -146,15 +147,11 @@ class SnapKVPolicy(_BudgetedPolicy):
     def cache_heads_are_query_heads(self) -> bool:
         return self.granularity == "query-head"
 
-    def observation_window(self, prompt_len: int) -> int:
-        return self.window
+    observe: ClassVar[str] = "window"  # which prompt queries score the keys (trt_plugins.pyramidkv_select)
 
-    def select(self, queries, keys, values, selected, key_mask):
-        n_obs = self.observation_window(queries.shape[2])
-        return pyramidkv_select(
-            queries[:, :, -n_obs:], keys, values, selected, self.window, self.kernel,
-            self.pooling_op(), self.granularity, key_mask,
-        )
+    def select(self, queries, keys, values, lengths, selected):
+        return pyramidkv_select(queries, keys, values, lengths, selected, self.window, self.kernel,
+                                self.pooling_op(), self.granularity, self.observe)
 
     def pooling_op(self) -> str:
         return self.pooling
@@ -166,10 +163,8 @@ class H2OPolicy(SnapKVPolicy):
     """H2O (KVCache-Factory's prefill variant): attention accumulated over every prompt query, no pooling."""
 
     name: ClassVar[str] = "h2o"
+    observe: ClassVar[str] = "all"
     kernel: int = 1
-
-    def observation_window(self, prompt_len: int) -> int:
-        return prompt_len
 
     def pooling_op(self) -> str:
         return "none"

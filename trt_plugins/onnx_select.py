@@ -1,52 +1,112 @@
 """`PyramidKVSelect` (and StreamingLLM's selection) as model-local ONNX functions of standard ops.
 
 Domain `pkv`. onnxruntime inlines the function; TensorRT's parser resolves the node by op_type (built-in op,
-then a model-local function of that name, then a registered plugin), so the same node can later be served by
-the `PyramidKVSelect` plugin. The body mirrors `trt_plugins.pyramidkv_select.pyramidkv_select` step for step;
-tests compare the two on random inputs, ties and padding.
+then a model-local function of that name, then a registered plugin; from 10.15 a node carrying
+`plugin_namespace` goes to the plugin), so the same node can be served by the `PyramidKVSelect` plugin. The body
+mirrors `trt_plugins.pyramidkv_select.pyramidkv_select` step for step; tests compare the two on random inputs,
+ties, short rows and per-row budgets.
 
-Function signature (B and q dynamic; H, Hkv, d fixed at export):
-    PyramidKVSelect(queries [B, H, n, d], keys [B, Hkv, q, d], values [B, Hkv, q, d], key_mask [B, q] bool,
+Function signature (B and q dynamic; H, Hkv, d fixed at export; rows right-padded):
+    PyramidKVSelect(queries [B, q, H, d], keys [B, Hkv, q, d], values [B, Hkv, q, d], lengths [B] int64,
                     selected [B] int64) -> kept_indices [B, Hc, max(selected) + w'] int64, keys_out, values_out
-    with w' = min(window, q); row b's unused slots hold index -1 and zero K/V (per-row budgets).
-    Attributes (informational, the body is specialised to them): window, kernel, pooling, granularity.
+    with w' = min(window, q); each row compact (picks and window ascending first, then -1 and zero K/V).
+    Attributes (informational, the body is specialised to them): window, kernel, pooling, granularity, observe.
+Observation scores of "all" (H2O) run in a Loop over blocks of query rows, so memory stays linear in q.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
+from trt_plugins import pyramidkv_select as spec
 from trt_plugins.onnx_graph import GraphBuilder
 
 F32_MIN = float(np.finfo(np.float32).min)
-SELECT_INPUTS = ["queries", "keys", "values", "key_mask", "selected"]
+SELECT_INPUTS = ["queries", "keys", "values", "lengths", "selected"]
 SELECT_OUTPUTS = ["kept_indices", "keys_out", "values_out"]
+STREAMING_INPUTS = ["keys", "values", "lengths", "selected"]
 
 
-def _prefix_and_window(g: GraphBuilder, q: str, window: int) -> tuple[str, str]:
-    """[1] int64 prefix length q - w' and window w' = min(window, q)."""
+def _window(g: GraphBuilder, q: str, lengths: str, window: int) -> tuple[str, str, str]:
+    """(w' [1], prefix [B] = lengths - min(window, lengths), window positions [B, w'] with -1 where none)."""
     w_eff = g.op("Min", g.const([window]), q)
-    return g.op("Sub", q, w_eff), w_eff
+    prefix = g.op("Sub", lengths, g.op("Min", lengths, g.const(window)))
+    pos = g.op("Add", g.op("Sub", g.unsqueeze(lengths, [1]), w_eff),
+               g.unsqueeze(g.op("Range", g.const(0), g.scalar(w_eff), g.const(1)), [0]))  # [B, w']
+    return w_eff, prefix, g.op("Max", pos, g.const(-1))
 
 
-def _topk_sort_gather(g: GraphBuilder, scores: str, selected: str, keys: str, values: str, prefix: str,
-                      q: str, heads: int, head_dim: int) -> None:
-    """scores [B, Hc, P] -> top-`selected` (ties to the lower index), ascending, + window; gather K/V [B, Hc, q, d]."""
+def _block_scores(g: GraphBuilder, queries: str, rows: str, kf: str, lengths: str, cols: str, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> str:
+    """Attention mass per key from a block of observation rows.
+
+    queries [B, r, H, d] (the rows' queries), rows [B, r] their positions (-1: none), kf [B, Hkv, q, d] f32,
+    cols [q] -> [B, H, q] f32.
+    """
+    qf = g.op("Cast", g.op("Transpose", queries, perm=[0, 2, 1, 3]), to=TensorProto.FLOAT)  # [B, H, r, d]
+    # Group the query heads of each KV head instead of expanding K: [B, Hkv, g * r, d] @ [B, Hkv, d, q].
+    qg = g.reshape(qf, g.const([0, num_kv_heads, -1, head_dim]))
+    logits = g.op("MatMul", qg, g.op("Transpose", kf, perm=[0, 1, 3, 2]))
+    logits = g.reshape(logits, g.const([0, num_heads, -1, 0]))  # [B, H, r, q]
+    logits = g.op("Div", logits, g.const(head_dim**0.5, np.float32))
+    causal = g.op("LessOrEqual", g.unsqueeze(cols, [0, 1]), g.unsqueeze(rows, [2]))  # [B, r, q]
+    in_row = g.op("Less", g.unsqueeze(cols, [0, 1]), g.unsqueeze(lengths, [1, 2]))  # [B, 1, q]
+    visible = g.unsqueeze(g.op("And", causal, in_row), [1])  # [B, 1, r, q]
+    probs = g.op("Softmax", g.op("Where", visible, logits, g.const(F32_MIN, np.float32)), axis=-1)
+    row_ok = g.unsqueeze(g.op("Cast", g.op("GreaterOrEqual", rows, g.const(0)), to=TensorProto.FLOAT), [1, 3])
+    return g.op("ReduceSum", g.op("Mul", probs, row_ok), g.const([2]), keepdims=0)  # [B, H, q]
+
+
+def _all_rows_scores(g: GraphBuilder, queries: str, kf: str, lengths: str, cols: str, q: str, heads: tuple) -> str:
+    """H2O: every real token observes; a Loop over blocks of rows accumulates [B, H, q] (linear memory)."""
+    num_heads, num_kv_heads, head_dim = heads
+    qs = g.scalar(q)
+    rows_per_block = g.op("Max", g.op("Div", g.const(spec.OBS_BLOCK_ELEMENTS), qs), g.const(1))
+    blocks = g.op("Div", g.op("Sub", g.op("Add", qs, rows_per_block), g.const(1)), rows_per_block)
+    zeros = g.op("ConstantOfShape", g.concat(g.dim(queries, 0), g.const([num_heads]), q),
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    body = GraphBuilder(g.prefix + "obsblock_")
+    start = body.op("Mul", "obs_i", rows_per_block)
+    end = body.op("Min", body.op("Add", start, rows_per_block), qs)
+    block_q = body.slice(queries, body.unsqueeze(start, [0]), body.unsqueeze(end, [0]), axis=1)  # [B, r, H, d]
+    positions = body.unsqueeze(body.op("Range", start, end, body.const(1)), [0])  # [1, r]
+    rows = body.op("Where", body.op("Less", positions, body.unsqueeze(lengths, [1])), positions, body.const(-1))
+    part = _block_scores(body, block_q, rows, kf, lengths, cols, num_heads, num_kv_heads, head_dim)
+    body.op("Identity", "obs_cond", outputs=["obs_cond_out"])
+    body.op("Add", "obs_acc", part, outputs=["obs_acc_out"])
+    graph = helper.make_graph(
+        body.nodes, g.fresh("obs_blocks"),
+        [helper.make_tensor_value_info("obs_i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("obs_cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("obs_acc", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("obs_cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("obs_acc_out", TensorProto.FLOAT, None)])
+    return g.op("Loop", blocks, g.const(True, np.bool_), zeros, body=graph)
+
+
+def _topk_window_gather(g: GraphBuilder, scores: str, selected: str, keys: str, values: str, lengths: str,
+                        q: str, heads: int, head_dim: int, window: int) -> None:
+    """scores [B, Hc, q] (-inf outside each prefix) -> top-`selected` picks (ties to the lower index), plus the
+    window, compact and ascending; gather K/V [B, Hc, q, d] into keys_out / values_out."""
+    w_eff, _, win = _window(g, q, lengths, window)
     k = g.op("ReduceMax", selected, keepdims=1)  # [1]: the batch's largest budget
     _, idx = g.op("TopK", scores, k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, Hc, k] by rank
-    # Row b keeps its first selected[b] ranks; the others become a sentinel that sorts last, then -1.
+    # Row b keeps its first selected[b] ranks; the rest, and window slots of rows shorter than the window,
+    # become a sentinel that sorts last and then turns into -1.
     used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
                 g.unsqueeze(selected, [1, 2]))  # [B, 1, k]
-    sentinel = g.op("Cast", q, to=onnx.TensorProto.FLOAT)
-    ranked = g.op("Where", used, g.op("Cast", idx, to=onnx.TensorProto.FLOAT), sentinel)
-    # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
-    asc = g.op("TopK", ranked, k, outputs=2, axis=-1, largest=0, sorted=1)[0]
-    idx = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=onnx.TensorProto.INT64), g.const(-1))
+    sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
+    picks = g.op("Where", used, g.op("Cast", idx, to=TensorProto.FLOAT), sentinel)
     b = g.dim(keys, 0)
-    win = g.op("Range", g.scalar(prefix), g.scalar(q), g.const(1))  # [w']
-    win = g.op("Expand", g.unsqueeze(win, [0, 1]), g.concat(b, g.const([heads]), g.op("Sub", q, prefix)))
-    kept = g.op("Concat", idx, win, axis=-1, outputs=["kept_indices"])  # [B, Hc, k + w']
+    win_f = g.op("Where", g.op("GreaterOrEqual", win, g.const(0)), g.op("Cast", win, to=TensorProto.FLOAT), sentinel)
+    win_f = g.op("Expand", g.unsqueeze(win_f, [1]), g.concat(b, g.const([heads]), w_eff))  # [B, Hc, w']
+    both = g.op("Concat", picks, win_f, axis=-1)  # [B, Hc, k + w']
+    # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
+    asc = g.op("TopK", both, g.op("Add", k, w_eff), outputs=2, axis=-1, largest=0, sorted=1)[0]
+    kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1),
+                outputs=["kept_indices"])
     gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
                 g.concat(g.op("Shape", kept), g.const([head_dim])))
     slot_used = g.unsqueeze(g.op("GreaterOrEqual", kept, g.const(0)), [3])  # [B, Hc, k + w', 1]
@@ -66,65 +126,59 @@ def _expand_heads(g: GraphBuilder, x: str, num_kv_heads: int, group: int, head_d
 
 
 def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
-                              num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
+                              num_kv_heads: int, head_dim: int, observe: str = "window") -> onnx.FunctionProto:
     g = GraphBuilder("pkvsel_")
     group = num_heads // num_kv_heads
-    queries, keys, values, mask, selected = SELECT_INPUTS
-    q, n = g.dim(keys, 2), g.dim(queries, 2)
-    prefix, _ = _prefix_and_window(g, q, window)
-    qf, kf = g.op("Cast", queries, to=onnx.TensorProto.FLOAT), g.op("Cast", keys, to=onnx.TensorProto.FLOAT)
-    # Group the query heads of each KV head instead of expanding K: [B, Hkv, g * n, d] @ [B, Hkv, d, q].
-    qg = g.reshape(qf, g.const([0, num_kv_heads, -1, head_dim]))
-    logits = g.op("MatMul", qg, g.op("Transpose", kf, perm=[0, 1, 3, 2]))
-    logits = g.reshape(logits, g.const([0, num_heads, -1, 0]))  # [B, H, n, q]
-    logits = g.op("Div", logits, g.const(head_dim**0.5, np.float32))
-    qs = g.scalar(q)
-    rows = g.op("Range", g.op("Sub", qs, g.scalar(n)), qs, g.const(1))  # [n] absolute positions of the queries
-    cols = g.op("Range", g.const(0), qs, g.const(1))  # [q]
-    visible = g.op("LessOrEqual", g.unsqueeze(cols, [0]), g.unsqueeze(rows, [1]))  # [n, q] causal
-    visible = g.op("And", visible, g.unsqueeze(mask, [1, 2]))  # [B, 1, n, q]
-    probs = g.op("Softmax", g.op("Where", visible, logits, g.const(F32_MIN, np.float32)), axis=-1)
-    query_ok = g.slice(mask, g.op("Sub", q, n), q, axis=1)  # [B, n]
-    query_ok = g.unsqueeze(g.op("Cast", query_ok, to=onnx.TensorProto.FLOAT), [1, 3])  # [B, 1, n, 1]
-    scores = g.op("ReduceSum", g.op("Mul", probs, query_ok), g.const([2]), keepdims=0)  # [B, H, q]
-    scores = g.slice(scores, g.const([0]), prefix, axis=2)  # [B, H, P]
+    queries, keys, values, lengths, selected = SELECT_INPUTS
+    q = g.dim(keys, 2)
+    cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
+    kf = g.op("Cast", keys, to=TensorProto.FLOAT)
+    heads = (num_heads, num_kv_heads, head_dim)
+    if observe == "all":
+        scores = _all_rows_scores(g, queries, kf, lengths, cols, q, heads)
+    else:
+        _, _, rows = _window(g, q, lengths, window)  # [B, w'] positions of each row's last w' tokens
+        gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
+                    g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
+        block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
+        scores = _block_scores(g, block_q, rows, kf, lengths, cols, *heads)  # [B, H, q]
     if granularity == "kv-head":
         scores = g.op("ReduceMean", g.reshape(scores, g.const([0, num_kv_heads, group, -1])), g.const([2]),
-                      keepdims=0)  # [B, Hkv, P]
-        heads = num_kv_heads
+                      keepdims=0)  # [B, Hkv, q]
+        hc = num_kv_heads
     else:
         keys = _expand_heads(g, keys, num_kv_heads, group, head_dim)
         values = _expand_heads(g, values, num_kv_heads, group, head_dim)
-        heads = num_heads
+        hc = num_heads
+    _, prefix, _ = _window(g, q, lengths, window)
+    in_prefix = g.unsqueeze(g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1])), [1])  # [B, 1, q]
+    scores = g.op("Where", in_prefix, scores, g.const(0.0, np.float32))
     if pooling != "none" and kernel > 1:
-        rows_ = g.op("Mul", g.dim(scores, 0), g.dim(scores, 1))  # explicit B * Hc: -1 fails on empty prefixes
-        flat = g.reshape(scores, g.concat(rows_, g.const([1]), prefix))  # [B * Hc, 1, P]
+        rows_ = g.op("Mul", g.dim(scores, 0), g.dim(scores, 1))  # explicit B * Hc: -1 fails on empty tensors
+        flat = g.reshape(scores, g.concat(rows_, g.const([1]), q))  # [B * Hc, 1, q]
         pads = [kernel // 2, kernel // 2]
         if pooling == "max":
             pooled = g.op("MaxPool", flat, kernel_shape=[kernel], pads=pads, strides=[1])
         else:
             pooled = g.op("AveragePool", flat, kernel_shape=[kernel], pads=pads, strides=[1], count_include_pad=1)
         scores = g.reshape(pooled, g.op("Shape", scores))
-    prefix_real = g.unsqueeze(g.slice(mask, g.const([0]), prefix, axis=1), [1])  # [B, 1, P]
-    scores = g.op("Where", prefix_real, scores, g.const(float("-inf"), np.float32))
-    _topk_sort_gather(g, scores, selected, keys, values, prefix, q, heads, head_dim)
+    scores = g.op("Where", in_prefix, scores, g.const(float("-inf"), np.float32))
+    _topk_window_gather(g, scores, selected, keys, values, lengths, q, hc, head_dim, window)
     return g.make_function("PyramidKVSelect", SELECT_INPUTS, SELECT_OUTPUTS,
-                           attributes=["window", "kernel", "pooling", "granularity"])
+                           attributes=["window", "kernel", "pooling", "granularity", "observe"])
 
 
 def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
-    """StreamingLLMSelect(keys, values, key_mask, selected): sinks + most recent, as `streaming_select`."""
+    """StreamingLLMSelect(keys, values, lengths, selected): sinks + most recent, as `streaming_select`."""
     g = GraphBuilder("stream_")
-    keys, values, mask, selected = "keys", "values", "key_mask", "selected"
+    keys, values, lengths, selected = STREAMING_INPUTS
     q = g.dim(keys, 2)
-    prefix, _ = _prefix_and_window(g, q, window)
-    pos = g.op("Cast", g.op("Range", g.const(0), g.scalar(prefix), g.const(1)), to=onnx.TensorProto.FLOAT)  # [P]
-    prefix_mask = g.slice(mask, g.const([0]), prefix, axis=1)  # [B, P]
-    rank = g.op("Sub", g.op("CumSum", g.op("Cast", prefix_mask, to=onnx.TensorProto.INT64), g.const(1)), g.const(1))
-    boost = g.op("Mul", g.op("Cast", q, to=onnx.TensorProto.FLOAT), g.const(2.0, np.float32))
-    scores = g.op("Where", g.op("Less", rank, g.const(sinks)), g.op("Add", pos, boost), pos)  # [B, P]
-    scores = g.op("Where", prefix_mask, scores, g.const(float("-inf"), np.float32))
-    scores = g.op("Expand", g.unsqueeze(scores, [1]), g.concat(g.dim(keys, 0), g.const([num_kv_heads]), prefix))
-    _topk_sort_gather(g, scores, selected, keys, values, prefix, q, num_kv_heads, head_dim)
-    return g.make_function("StreamingLLMSelect", ["keys", "values", "key_mask", "selected"], SELECT_OUTPUTS,
-                           attributes=["window", "sinks"])
+    _, prefix, _ = _window(g, q, lengths, window)
+    pos = g.op("Cast", g.op("Range", g.const(0), g.scalar(q), g.const(1)), to=TensorProto.FLOAT)  # [q]
+    boost = g.op("Mul", g.op("Cast", q, to=TensorProto.FLOAT), g.const(2.0, np.float32))
+    scores = g.op("Where", g.op("Less", pos, g.const(float(sinks), np.float32)), g.op("Add", pos, boost), pos)
+    in_prefix = g.op("Less", g.unsqueeze(pos, [0]), g.op("Cast", g.unsqueeze(prefix, [1]), to=TensorProto.FLOAT))
+    scores = g.op("Where", in_prefix, g.unsqueeze(scores, [0]), g.const(float("-inf"), np.float32))  # [B, q]
+    scores = g.op("Expand", g.unsqueeze(scores, [1]), g.concat(g.dim(keys, 0), g.const([num_kv_heads]), q))
+    _topk_window_gather(g, scores, selected, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    return g.make_function("StreamingLLMSelect", STREAMING_INPUTS, SELECT_OUTPUTS, attributes=["window", "sinks"])

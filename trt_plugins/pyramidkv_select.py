@@ -4,16 +4,22 @@ This function *is* the op's contract (design.md §4.2-4.3). Every other implemen
 Triton-lang kernel, the TensorRT plugin) must return the same kept index sets and the same K/V on the same
 inputs. Definitions that backends could otherwise disagree on are fixed here:
 
-* scores are computed in float32 whatever the K/V dtype;
-* the observation queries are the last `n_obs` prompt positions; row r (absolute position q - n_obs + r) sees
-  keys j <= q - n_obs + r, and padding keys are masked; a padding query row contributes nothing;
-* `avg` pooling counts the pooling pad as zeros (count_include_pad, as KVCache-Factory's F.avg_pool1d);
-  `max` pooling ignores the pad; both with stride 1 and padding kernel // 2;
-* padding keys are never preferred over a real key (score -inf after pooling);
-* ties in top-k go to the lower position (ONNX TopK's rule), and kept prefix indices are sorted ascending;
-* `selected` may differ per batch row (each prompt's own budget, so a batched prompt keeps exactly what it
-  keeps alone): the op keeps max(selected) slots, row b's picks come first (ascending) and its unused slots
-  hold index -1 and zero K/V.
+* rows are right-padded (as fused attention kernels and KV caches lay them out): row b's real tokens are the
+  positions [0, lengths[b]); everything after is padding;
+* queries are [B, q, H, d] (the projection's layout), keys / values [B, Hkv, q, d] (the cache's layout);
+* the observation queries of row b are its last `window` real tokens (`observe="window"`, SnapKV/PyramidKV) or
+  all of its real tokens (`observe="all"`, H2O); a query at position p sees keys j <= p of its own row;
+* scores are computed in float32 whatever the K/V dtype, over blocks of observation rows
+  (`observation_rows_per_block`), so memory stays linear in q even when every query observes;
+* the prefix of row b is [0, lengths[b] - w_b) with w_b = min(window, lengths[b]); pooling sees only the prefix:
+  scores outside it count as 0 (`avg` pooling counts the pooling pad as zeros, count_include_pad, as
+  KVCache-Factory's F.avg_pool1d; `max` ignores it; scores are >= 0, so both read 0 as "no key"); both with
+  stride 1 and padding kernel // 2; keys outside the prefix are never picked (score -inf after pooling);
+* ties in top-k go to the lower position (ONNX TopK's rule);
+* `selected` may differ per row (each prompt's own budget, so a batched prompt keeps exactly what it keeps
+  alone); the output is compact: row b's picks and then its window, all ascending, come first, and the
+  remaining slots up to max(selected) + min(window, q) hold index -1 and zero K/V, so a cache built from it
+  has every row's valid tokens first (what GroupQueryAttention's per-row lengths need).
 """
 
 from __future__ import annotations
@@ -23,26 +29,50 @@ import torch.nn.functional as F
 
 POOLINGS = ("max", "avg", "none")
 GRANULARITIES = ("kv-head", "query-head")
+OBSERVE = ("window", "all")
+# Observation logits are computed for at most this many (row x key) pairs per head at a time.
+OBS_BLOCK_ELEMENTS = 1 << 22
 
 
-def observation_scores(
-    queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, prefix_len: int
-) -> torch.Tensor:
-    """Attention mass each prefix key receives from the observation queries, per query head.
+def observation_rows_per_block(q: int) -> int:
+    """How many observation rows one block holds for a prompt of q tokens (the ONNX function uses the same)."""
+    return max(1, OBS_BLOCK_ELEMENTS // max(q, 1))
 
-    queries: [B, H, n_obs, d], keys: [B, Hkv, q, d], key_mask: [B, q] bool -> scores: [B, H, prefix_len] f32
+
+def observation_positions(lengths: torch.Tensor, q: int, window: int, observe: str) -> torch.Tensor:
+    """[B, n_obs] int64 position of each observation query, -1 where a row has none (shorter than the window,
+    or padding). n_obs = min(window, q) for "window", q for "all"."""
+    if observe == "all":
+        pos = torch.arange(q).expand(lengths.shape[0], q)
+        return torch.where(pos < lengths[:, None], pos, -1)
+    w = min(window, q)
+    pos = lengths[:, None] - w + torch.arange(w)[None, :]
+    return pos.clamp(min=-1)
+
+
+def observation_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+    """Attention mass each key receives from the observation queries, per query head.
+
+    queries: [B, q, H, d], keys: [B, Hkv, q, d], lengths: [B] int64, rows: [B, n] observation positions (-1: none)
+    -> scores: [B, H, q] float32 (0 for keys no observation row sees)
     """
-    b, h, n_obs, d = queries.shape
-    hkv, q = keys.shape[1], keys.shape[2]
+    b, q, h, d = queries.shape
+    hkv = keys.shape[1]
     k = keys.float().repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
-    logits = queries.float() @ k.transpose(-1, -2) / (d**0.5)  # [B, H, n_obs, q]
-    row_pos = torch.arange(q - n_obs, q).unsqueeze(-1)  # [n_obs, 1]
-    visible = torch.arange(q).unsqueeze(0) <= row_pos  # [n_obs, q] causal
-    visible = visible & key_mask[:, None, None, :]  # [B, 1, n_obs, q]
-    logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, dim=-1)
-    query_ok = key_mask[:, q - n_obs :].to(probs.dtype)[:, None, :, None]  # [B, 1, n_obs, 1]
-    return (probs * query_ok).sum(dim=-2)[..., :prefix_len]  # [B, H, prefix_len]
+    cols = torch.arange(q)
+    scores = torch.zeros(b, h, q, dtype=torch.float32)
+    step = observation_rows_per_block(q)
+    for s in range(0, rows.shape[1], step):
+        pos = rows[:, s : s + step]  # [B, r]
+        safe = pos.clamp(min=0)
+        qb = torch.gather(queries.float(), 1, safe[:, :, None, None].expand(-1, -1, h, d))  # [B, r, H, d]
+        logits = qb.transpose(1, 2) @ k.transpose(-1, -2) / (d**0.5)  # [B, H, r, q]
+        visible = (cols[None, None, :] <= pos[:, :, None]) & (cols[None, None, :] < lengths[:, None, None])
+        logits = logits.masked_fill(~visible[:, None], torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1) * (pos >= 0).to(torch.float32)[:, None, :, None]
+        scores = scores + probs.sum(dim=-2)
+    return scores
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
@@ -68,9 +98,14 @@ def topk_lowest_index_first(scores: torch.Tensor, selected: torch.Tensor) -> tor
     k = int(selected.max()) if selected.numel() else 0
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # by rank
     used = torch.arange(k).view(1, 1, k) < selected.view(-1, 1, 1)  # [B, 1, k]
-    sentinel = scores.shape[-1]  # sorts after every real index, then becomes -1
-    ascending = torch.sort(torch.where(used, order, sentinel), dim=-1).values
-    return ascending.masked_fill(ascending == sentinel, -1)
+    return compact_ascending(torch.where(used, order, -1))
+
+
+def compact_ascending(idx: torch.Tensor) -> torch.Tensor:
+    """Valid (>= 0) indices first and ascending, -1 after them. idx: [..., n] int64 -> [..., n]."""
+    sentinel = torch.iinfo(torch.int64).max
+    ordered = torch.sort(torch.where(idx >= 0, idx, sentinel), dim=-1).values
+    return ordered.masked_fill(ordered == sentinel, -1)
 
 
 def as_row_budgets(selected: int | torch.Tensor, batch: int) -> torch.Tensor:
@@ -80,16 +115,28 @@ def as_row_budgets(selected: int | torch.Tensor, batch: int) -> torch.Tensor:
     return selected.to(torch.long).reshape(batch)
 
 
-def gather_kept(
-    keys: torch.Tensor, values: torch.Tensor, prefix_idx: torch.Tensor, window: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the window positions to the prefix picks and gather K/V (zeros where the index is -1).
+def prefix_lengths(lengths: torch.Tensor, window: int) -> torch.Tensor:
+    """[B] the prefix each row selects from: its length minus its window (the window never exceeds the row)."""
+    return lengths - lengths.clamp(max=window)
 
-    keys/values: [B, Hc, q, d], prefix_idx: [B, Hc, k] -> indices [B, Hc, k + window], K/V [B, Hc, k + window, d]
+
+def check_budgets(budgets: torch.Tensor, lengths: torch.Tensor, window: int, q: int) -> None:
+    prefix = prefix_lengths(lengths, window)
+    if not bool(((lengths >= 0) & (lengths <= q)).all()) or not bool(((budgets >= 0) & (budgets <= prefix)).all()):
+        raise ValueError(f"bad lengths/budgets: lengths={lengths.tolist()} selected={budgets.tolist()} "
+                         f"window={window} q={q}")
+
+
+def gather_kept(keys: torch.Tensor, values: torch.Tensor, prefix_idx: torch.Tensor, lengths: torch.Tensor,
+                window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add each row's window to its prefix picks, compact, and gather K/V (zeros where the index is -1).
+
+    keys/values: [B, Hc, q, d], prefix_idx: [B, Hc, k] (-1 unused), lengths: [B]
+    -> indices [B, Hc, k + min(window, q)], K/V [B, Hc, k + min(window, q), d]
     """
     b, hc, q, d = keys.shape
-    win = torch.arange(q - window, q).expand(b, hc, window)
-    idx = torch.cat([prefix_idx, win], dim=-1)
+    win = observation_positions(lengths, q, window, "window")  # [B, w']: the last w' real tokens, -1 if none
+    idx = compact_ascending(torch.cat([prefix_idx, win[:, None, :].expand(b, hc, -1)], dim=-1))
     gidx = idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
     used = (idx >= 0).unsqueeze(-1)
     zero = torch.zeros((), dtype=keys.dtype)
@@ -101,50 +148,52 @@ def pyramidkv_select(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
+    lengths: torch.Tensor,
     selected: int | torch.Tensor,
     window: int,
     kernel: int = 7,
     pooling: str = "max",
     granularity: str = "kv-head",
-    key_mask: torch.Tensor | None = None,
+    observe: str = "window",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep, per head, the `selected` prefix tokens the observation queries attend to most, plus the window.
 
     Args:
-        queries: [B, H, n_obs, d] post-RoPE queries of the last n_obs prompt positions (n_obs = window for
-            SnapKV/PyramidKV; the whole prompt for H2O), any float dtype.
+        queries: [B, q, H, d] post-RoPE queries of the prompt (right-padded), any float dtype.
         keys, values: [B, Hkv, q, d] post-RoPE keys and values of the prompt; H % Hkv == 0.
+        lengths: [B] int64 real tokens per row (row b's tokens are positions [0, lengths[b])).
         selected: prefix tokens kept per head: an int, or a [B] int64 tensor of per-row budgets;
-            0 <= selected <= q - window (the layer's budget, clamped to the prompt).
-        window: the last `window` positions are always kept.
+            0 <= selected[b] <= lengths[b] - min(window, lengths[b]) (the layer's budget, clamped to the prompt).
+        window: the last `window` real tokens of every row are always kept.
         kernel: odd pooling width; pooling: "max" | "avg" | "none".
         granularity: "kv-head" scores each KV head by the mean over its query group and returns Hc = Hkv heads;
             "query-head" selects per query head and returns K/V expanded to Hc = H heads.
-        key_mask: [B, q] bool, True for real tokens, False for (left) padding; None means all real.
+        observe: "window" (the last `window` real tokens observe) or "all" (every real token, H2O).
 
     Returns:
-        indices: [B, Hc, k + window] int64 prompt positions, k = max(selected): row b's prefix picks ascending,
-            -1 in its unused slots, then the window;
-        keys_out, values_out: [B, Hc, k + window, d] in the dtype of keys / values (zeros in unused slots).
+        indices: [B, Hc, max(selected) + min(window, q)] int64 positions: row b's picks and window ascending,
+            then -1 in its unused slots;
+        keys_out, values_out: [B, Hc, max(selected) + min(window, q), d] in the dtype of keys / values.
     """
-    b, h, n_obs, d = queries.shape
-    hkv, q = keys.shape[1], keys.shape[2]
+    b, q, h, d = queries.shape
+    hkv = keys.shape[1]
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
+    if observe not in OBSERVE:
+        raise ValueError(f"unknown observe '{observe}' (choose from {', '.join(OBSERVE)})")
+    if h % hkv or keys.shape[2] != q or window < 1:
+        raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
+    lengths = lengths.to(torch.long).reshape(b)
     budgets = as_row_budgets(selected, b)
-    budgets_ok = bool(((budgets >= 0) & (budgets <= q - window)).all())
-    if h % hkv or not 0 < window <= q or not 0 < n_obs <= q or not budgets_ok:
-        raise ValueError(f"bad shapes/budget: H={h} Hkv={hkv} q={q} n_obs={n_obs} window={window} selected={selected}")
-    if key_mask is None:
-        key_mask = torch.ones(b, q, dtype=torch.bool)
-    prefix = q - window
-    scores = observation_scores(queries, keys, key_mask, prefix)  # [B, H, q - w]
+    check_budgets(budgets, lengths, window, q)
+    scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
     if granularity == "kv-head":
-        scores = scores.view(b, hkv, h // hkv, prefix).mean(dim=2)  # [B, Hkv, q - w]
+        scores = scores.view(b, hkv, h // hkv, q).mean(dim=2)  # [B, Hkv, q]
     else:
         keys = keys.repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
         values = values.repeat_interleave(h // hkv, dim=1)
-    scores = pool_scores(scores, kernel, pooling)
-    scores = scores.masked_fill(~key_mask[:, None, :prefix], float("-inf"))
+    in_prefix = (torch.arange(q)[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
+    scores = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
+    scores = scores.masked_fill(~in_prefix, float("-inf"))
     prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
-    return gather_kept(keys, values, prefix_idx, window)
+    return gather_kept(keys, values, prefix_idx, lengths, window)

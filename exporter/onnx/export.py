@@ -12,11 +12,13 @@ import onnx
 from exporter.checkpoint import TOKENIZER_FILES, LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.errors import UserInputError
-from exporter.onnx.llama import GraphConfig, build_decode, build_prefill
+from exporter.onnx.decode import build_decode
+from exporter.onnx.layers import GraphConfig
+from exporter.onnx.prefill import build_prefill
+from exporter.onnx.targets import TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
-from trt_plugins.onnx_graph import IR_VERSION, OPSET
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TRT_TOPK_MAX = 3840  # TensorRT's TopK limit on K
@@ -38,8 +40,11 @@ def check_disk(where: Path, needed: int) -> None:
 
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
-                      max_input_len: int | None = None, force: bool = False, progress=None) -> dict[str, Any]:
+                      max_input_len: int | None = None, force: bool = False, progress=None,
+                      target: str = "onnxruntime") -> dict[str, Any]:
     spec = loaded.spec
+    if target not in TARGETS:
+        raise UserInputError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
     if dtype not in ONNX_DTYPES:
         raise UserInputError(f"unknown dtype '{dtype}' for the onnx backend (choose from {', '.join(ONNX_DTYPES)})")
     if max_input_len is None:  # 0 is a user's mistake to report, not a request for the default
@@ -50,11 +55,12 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     check_output(Path(out), "engine", force, [loaded.directory])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
-    if selected and max(selected) > TRT_TOPK_MAX:
-        notes.append(f"layer budget {max(selected)} exceeds TensorRT's TopK limit {TRT_TOPK_MAX}: "
+    if selected and max(selected) + policy.window > TRT_TOPK_MAX:
+        notes.append(f"layer budget {max(selected)} + window {policy.window} exceeds TensorRT's TopK limit "
+                     f"{TRT_TOPK_MAX}: "
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
-    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling)
+    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target)
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
         weights = ExternalWeights(tmp, np_dtype)
@@ -67,6 +73,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))
             onnx.checker.check_model(str(tmp / name))
+            versions = {o.domain: o.version for o in model.opset_import}
         _save_tokenizer(loaded, tmp / "tokenizer")
         manifest = write_manifest(tmp, {
             "backend": "onnx",
@@ -79,8 +86,8 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                         "selected_at_max_input_len": selected},
             "dtype": dtype,
             "max_input_len": max_input_len,
-            "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "graphs": ["prefill.onnx", "decode.onnx"],
-                     "weights": weights.path.name},
+            "onnx": {"target": target, "opset": versions[""], "ir_version": model.ir_version,
+                     "graphs": ["prefill.onnx", "decode.onnx"], "weights": weights.path.name},
             "cache_heads": cfg.cache_heads,
             "notes": notes,
             "tools": tool_versions(),

@@ -21,9 +21,25 @@ WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
 
 
-def exported_name(hf_name: str) -> str:
-    """ONNX initializer name: the Hugging Face name, `.T` when stored transposed."""
-    return hf_name + ".T" if hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight" else hf_name
+def exported_tensors(spec: ModelSpec) -> list[tuple[str, list[str]]]:
+    """(ONNX initializer name, the Hugging Face tensors it is made of) in write order.
+
+    Linear weights are stored transposed ([in, out], name ending in `.T`) so the graphs use plain MatMul; the
+    q/k/v and gate/up projections are packed (parts concatenated along the output dimension): one MatMul each,
+    split after it."""
+    out = [("model.embed_tokens.weight", ["model.embed_tokens.weight"])]
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        out += [
+            (p + "input_layernorm.weight", [p + "input_layernorm.weight"]),
+            (p + "self_attn.qkv_proj.weight.T", [p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
+            (p + "self_attn.o_proj.weight.T", [p + "self_attn.o_proj.weight"]),
+            (p + "post_attention_layernorm.weight", [p + "post_attention_layernorm.weight"]),
+            (p + "mlp.gate_up_proj.weight.T", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+            (p + "mlp.down_proj.weight.T", [p + "mlp.down_proj.weight"]),
+        ]
+    head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    return out + [("model.norm.weight", ["model.norm.weight"]), ("lm_head.weight.T", [head])]
 
 
 class ExternalWeights:
@@ -59,19 +75,18 @@ class ExternalWeights:
 
 
 def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeights, progress=None) -> None:
-    """Stream every checkpoint tensor into `out` (tied embeddings get an explicit transposed lm_head)."""
-    names = list(tensor_shapes(spec))
+    """Stream the checkpoint into `out`, one exported tensor at a time (tied embeddings get an explicit lm_head)."""
     torch_dtype = torch.float16 if out.np_dtype == np.float16 else torch.float32
-    for i, name in enumerate(names):
-        tensor = source.get(name).to(torch_dtype)
-        if exported_name(name) != name:
+    tensors = exported_tensors(spec)
+    for i, (name, parts) in enumerate(tensors):
+        tensor = torch.cat([source.get(p).to(torch_dtype) for p in parts], dim=0) if len(parts) > 1 \
+            else source.get(parts[0]).to(torch_dtype)
+        if name.endswith(".T"):
             tensor = tensor.t()
-        out.add(exported_name(name), tensor.contiguous().numpy())
-        if name == "model.embed_tokens.weight" and spec.tie_word_embeddings:
-            out.add("lm_head.weight.T", tensor.t().contiguous().numpy())
+        out.add(name, tensor.contiguous().numpy())
         del tensor
         if progress:
-            progress(i + 1, len(names))
+            progress(i + 1, len(tensors))
 
 
 def planned_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""The onnxruntime engine against the PyTorch reference: every policy, both tiny models, fp32."""
+"""The onnxruntime engine against the PyTorch reference: every policy, both tiny models, both graph targets, fp32."""
 
 from pathlib import Path
 
@@ -31,22 +31,24 @@ def kept_sets(kept: torch.Tensor) -> list[list[int]]:
     return [sorted(x for x in head if x >= 0) for head in kept.tolist()]
 
 
-def built(tmp_path_factory, model: str, name: str, kw: dict) -> tuple[OrtEngine, ReferenceEngine]:
-    key = (model, name, tuple(sorted(kw.items())))
+def built(tmp_path_factory, model: str, name: str, kw: dict, target: str = "onnxruntime"
+          ) -> tuple[OrtEngine, ReferenceEngine]:
+    key = (model, name, tuple(sorted(kw.items())), target)
     if key not in _BUILT:
         loaded = load_model(model)
         policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
-        out = tmp_path_factory.mktemp("engines") / f"{model}-{name}"
-        build_onnx_engine(loaded, policy, out, max_input_len=1024)
+        out = tmp_path_factory.mktemp("engines") / f"{model}-{name}-{target}"
+        build_onnx_engine(loaded, policy, out, max_input_len=1024, target=target)
         _BUILT[key] = (OrtEngine(out), ReferenceEngine(loaded, policy))
     return _BUILT[key]
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
 @pytest.mark.parametrize("name,kw", POLICY_CASES, ids=[f"{n}{'-' + '-'.join(kw.values()) if kw else ''}"
                                                        for n, kw in POLICY_CASES])
-def test_parity_with_reference(tmp_path_factory, model, name, kw):
-    ort_engine, reference = built(tmp_path_factory, model, name, kw)
+def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
+    ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
     got = ort_engine.generate(PROMPTS, 12, return_logits=True, return_indices=True)
     want = reference.generate(PROMPTS, 12, return_logits=True, return_indices=True)
     assert got.tokens == want.tokens
@@ -58,9 +60,10 @@ def test_parity_with_reference(tmp_path_factory, model, name, kw):
     assert result.passed and result.index_agreement == 1.0 and result.first_divergence is None
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-def test_batched_equals_alone(tmp_path_factory, model):
-    ort_engine, _ = built(tmp_path_factory, model, "pyramidkv", {})
+def test_batched_equals_alone(tmp_path_factory, model, target):
+    ort_engine, _ = built(tmp_path_factory, model, "pyramidkv", {}, target)
     prompts = [LONG, LONG[:90] + "!", LONG[:45], "Short prompt, left padded.", "Hi"]  # every regime in one batch
     batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
     for b, prompt in enumerate(prompts):
@@ -105,3 +108,56 @@ def test_fp16_engine_runs_close_to_fp32(tmp_path):
     got = OrtEngine(Path(tmp_path / "fp16")).generate([LONG], 4, return_logits=True)
     want = ReferenceEngine(loaded, policy).generate([LONG], 4, return_logits=True)
     assert (got.logits[:, 0] - want.logits[:, 0]).abs().max().item() < 0.1
+
+
+def test_decode_updates_each_layer_cache_in_place(tmp_path_factory):
+    """onnxruntime target: the buffer bound as past and present is written at the row's next slot, nothing else
+    moves, and no new cache tensor is allocated per step."""
+    import numpy as np
+
+    engine, _ = built(tmp_path_factory, "tiny-mistral", "pyramidkv", {})
+    ids, mask = [list(range(60, 160)), list(range(70, 110))], None
+    from engines.base import encode_batch
+
+    input_ids, mask, positions = encode_batch(engine.tokenizer, ids, engine.pad_id, 1024, 4, padding_side="right")
+    out = engine.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy(), 3)
+    cache = {k: v for k, v in out.items() if k.startswith("present.")}
+    before = {k: v.numpy().copy() for k, v in cache.items()}
+    pointers = {k: v.data_ptr() for k, v in cache.items()}
+    lengths = [out[f"kv_lengths.{i}"].numpy() for i in range(engine.spec.num_layers)]
+    kept = {f"kept_indices.{i}": out[f"kept_indices.{i}"] for i in range(engine.spec.num_layers)}
+    step = engine.run_decode(cache, np.array([5, 6]), np.array([100, 40]), lengths, kept)
+    for name, buffer in cache.items():
+        assert step[name].data_ptr() == pointers[name] == buffer.data_ptr(), "the same buffer, updated in place"
+        layer = int(name.split(".")[1])
+        after = buffer.numpy()
+        for b, n in enumerate(lengths[layer]):
+            np.testing.assert_array_equal(after[b, :, :n], before[name][b, :, :n])  # kept tokens untouched
+            assert not np.array_equal(after[b, :, n], before[name][b, :, n])  # the new token's slot written
+            np.testing.assert_array_equal(after[b, :, n + 1 :], 0)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_graph_ops_per_target(tmp_path_factory, target):
+    import onnx
+
+    engine, _ = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {}, target)
+    ops = {}
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(engine.dir / f"{graph}.onnx"), load_external_data=False)
+        nodes = list(model.graph.node) + [n for node in model.graph.node for a in node.attribute if a.g
+                                          for n in a.g.node]
+        ops[graph] = {(n.domain, n.op_type) for n in nodes}
+        selects = [n for n in nodes if n.op_type == "PyramidKVSelect"]
+        attrs = [{a.name for a in n.attribute} for n in selects]
+        if target == "tensorrt":
+            assert all(d in ("", "pkv") for d, _ in ops[graph]), "standard ops (and the pkv select) only"
+            assert all({"plugin_namespace", "plugin_version"} <= a for a in attrs)
+        else:
+            assert all("plugin_namespace" not in a for a in attrs)
+    if target == "onnxruntime":
+        assert ("com.microsoft", "GroupQueryAttention") in ops["prefill"] & ops["decode"]
+        assert ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops["prefill"]
+    else:
+        assert ("", "Attention") in ops["prefill"] & ops["decode"] and ("", "TensorScatter") in ops["decode"]
+    assert engine.manifest["onnx"]["target"] == target

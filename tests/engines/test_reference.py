@@ -42,7 +42,9 @@ def test_first_token_equals_full(tiny, name):
     for layer, kept in enumerate(comp.kept_indices):
         assert kept.shape[-1] == max(sel[layer] for sel in comp.selected) + 4
         for b, sel in enumerate(comp.selected):
-            assert int((kept[b, :, :-4] >= 0).sum(-1).min()) == sel[layer]  # each prompt its own budget
+            held = (kept[b] >= 0).sum(-1)  # compact rows: the picks and the window first, then -1
+            assert bool((held == sel[layer] + min(4, comp.prompt_lengths[b])).all())  # each prompt its own budget
+            assert bool((kept[b, :, : int(held[0])] >= 0).all())
 
 
 def test_compression_changes_later_tokens(tiny):
@@ -112,6 +114,22 @@ def test_decode_step_equals_hand_written_attention(tiny, name):
     state.prefill, state.step_positions = False, pos
     got = ref.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False, pkv_state=state).logits[:, -1]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["full", "pyramidkv", "h2o"])
+def test_prefill_over_many_row_blocks_equals_one_block(tiny, name, monkeypatch):
+    """The prefill attention runs over blocks of query rows (no [q, q] tensor); the blocks change nothing."""
+    import engines.compressed_cache as cc
+    import trt_plugins.pyramidkv_select as spec
+
+    one = engine(tiny, name).generate(PROMPTS, 6, return_logits=True, return_indices=True)
+    monkeypatch.setattr(cc, "PREFILL_BLOCK_ELEMENTS", 4 * 16 * 160)  # 4 heads: 16 rows of a 160-token prompt
+    monkeypatch.setattr(spec, "OBS_BLOCK_ELEMENTS", 16 * 160)
+    many = engine(tiny, name).generate(PROMPTS, 6, return_logits=True, return_indices=True)
+    assert many.tokens == one.tokens
+    torch.testing.assert_close(many.logits, one.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(one.kept_indices, many.kept_indices, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_sliding_window_is_respected():

@@ -51,16 +51,15 @@ def test_select_contract(name, granularity):
     torch.manual_seed(0)
     b, h, hkv, q, d = 2, 4, 2, 40, 8
     policy = make_policy(name, kv_budget=16, window=4, granularity=granularity)
-    mask = torch.ones(b, q, dtype=torch.bool)
-    mask[1, :5] = False
+    lengths = torch.tensor([40, 35])  # right padding: row 1 has 5 padding slots at the end
     keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
-    idx, k, v = policy.select(torch.randn(b, h, q, d), keys, values, 12, mask)
+    idx, k, v = policy.select(torch.randn(b, q, h, d), keys, values, lengths, 12)
     hc = h if policy.cache_heads_are_query_heads else hkv
     assert idx.shape == (b, hc, 16) and k.shape == (b, hc, 16, d) and v.shape == k.shape
-    prefix = idx[..., :12]
-    assert torch.all(prefix[..., 1:] > prefix[..., :-1]), "prefix picks sorted ascending and distinct"
-    assert torch.equal(idx[..., 12:], torch.arange(q - 4, q).expand(b, hc, 4))
-    assert bool(mask[1][idx[1].flatten()].all()), "padding is never selected while real tokens remain"
+    assert torch.all(idx[..., 1:] > idx[..., :-1]), "picks and window sorted ascending and distinct"
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.equal(idx[row, :, 12:], torch.arange(n - 4, n).expand(hc, 4)), "the window, last"
+        assert bool((idx[row] < n).all()), "padding is never selected"
     src = keys.repeat_interleave(h // hkv if hc == h else 1, dim=1)
     assert torch.equal(k, torch.gather(src, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
 

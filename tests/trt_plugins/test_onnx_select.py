@@ -32,58 +32,75 @@ def session(function: onnx.FunctionProto, inputs: list[tuple[str, int, list]], a
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-SELECT_INPUTS = [("queries", TP.FLOAT, ["b", H, "n", D]), ("keys", TP.FLOAT, ["b", HKV, "q", D]),
-                 ("values", TP.FLOAT, ["b", HKV, "q", D]), ("key_mask", TP.BOOL, ["b", "q"]),
+SELECT_INPUTS = [("queries", TP.FLOAT, ["b", "q", H, D]), ("keys", TP.FLOAT, ["b", HKV, "q", D]),
+                 ("values", TP.FLOAT, ["b", HKV, "q", D]), ("lengths", TP.INT64, ["b"]),
                  ("selected", TP.INT64, ["b"])]
 
 
-def inputs(seed, q=30, n_obs=W, pad=(0, 7), zero_queries=False):
+def inputs(seed, q=30, lengths=(30, 23), zero_queries=False):
     g = torch.Generator().manual_seed(seed)
-    queries = torch.randn(len(pad), H, n_obs, D, generator=g) * 2
+    b = len(lengths)
+    queries = torch.randn(b, q, H, D, generator=g) * 2
     if zero_queries:
         queries = torch.zeros_like(queries)
-    keys, values = torch.randn(len(pad), HKV, q, D, generator=g), torch.randn(len(pad), HKV, q, D, generator=g)
-    mask = torch.ones(len(pad), q, dtype=torch.bool)
-    for i, p in enumerate(pad):
-        mask[i, :p] = False
-    return queries, keys, values, mask
+    keys, values = torch.randn(b, HKV, q, D, generator=g), torch.randn(b, HKV, q, D, generator=g)
+    return queries, keys, values, torch.tensor(lengths)
+
+
+def run_both(sess, queries, keys, values, lengths, selected, spec_args):
+    got = sess.run(None, {"queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(),
+                          "lengths": lengths.numpy(), "selected": selected.numpy()})
+    return got, pyramidkv_select(queries, keys, values, lengths, selected, *spec_args)
 
 
 @pytest.mark.parametrize("pooling,kernel", [("max", 7), ("avg", 7), ("avg", 3), ("none", 1)])
 @pytest.mark.parametrize("granularity", ["kv-head", "query-head"])
-@pytest.mark.parametrize("case", ["random", "ties", "padding", "h2o"])
+@pytest.mark.parametrize("case", ["random", "ties", "short-rows", "h2o"])
 def test_pyramidkv_function_equals_spec(pooling, kernel, granularity, case):
-    fn = pyramidkv_select_function(W, kernel, pooling, granularity, H, HKV, D)
-    sess = session(fn, SELECT_INPUTS, dict(window=W, kernel=kernel, pooling=pooling, granularity=granularity))
-    q = 30
+    observe = "all" if case == "h2o" else "window"
+    fn = pyramidkv_select_function(W, kernel, pooling, granularity, H, HKV, D, observe)
+    sess = session(fn, SELECT_INPUTS, dict(window=W, kernel=kernel, pooling=pooling, granularity=granularity,
+                                           observe=observe))
+    selected = torch.tensor([9, 5])  # per-row budgets
     if case == "ties":
-        queries, keys, values, mask = inputs(1, zero_queries=True, pad=(0, 0))
-    elif case == "padding":
-        queries, keys, values, mask = inputs(2, pad=(20, 3))  # row 0: fewer real tokens than the budget
-    elif case == "h2o":
-        queries, keys, values, mask = inputs(3, n_obs=q)
+        queries, keys, values, lengths = inputs(1, zero_queries=True, lengths=(30, 30))
+    elif case == "short-rows":  # row 1: fewer real tokens than the window; row 0: exactly its budget
+        queries, keys, values, lengths = inputs(2, lengths=(13, 3))
+        selected = torch.tensor([9, 0])
     else:
-        queries, keys, values, mask = inputs(0)
-    selected = torch.tensor([9, 5] if case == "random" else [9, 9])  # per-row budgets
-    got = sess.run(None, {"queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(),
-                          "key_mask": mask.numpy(), "selected": selected.numpy()})
-    want = pyramidkv_select(queries, keys, values, selected, W, kernel, pooling, granularity, mask)
+        queries, keys, values, lengths = inputs(0 if case == "random" else 3)
+    got, want = run_both(sess, queries, keys, values, lengths, selected,
+                         (W, kernel, pooling, granularity, observe))
     if case == "random":
-        assert (want[0][1, :, 5:9] == -1).all() and (want[1][1, :, 5:9] == 0).all(), "row 1's unused slots"
+        assert (want[0][1, :, 9:] == -1).all() and (want[1][1, :, 9:] == 0).all(), "row 1's unused slots"
     assert np.array_equal(got[0], want[0].numpy())
     np.testing.assert_array_equal(got[1], want[1].numpy())
     np.testing.assert_array_equal(got[2], want[2].numpy())
+
+
+def test_h2o_observation_loop_over_many_blocks(monkeypatch):
+    import trt_plugins.pyramidkv_select as spec
+
+    monkeypatch.setattr(spec, "OBS_BLOCK_ELEMENTS", 30 * 4)  # 4 rows per block: 8 loop iterations at q = 30
+    fn = pyramidkv_select_function(W, 7, "max", "kv-head", H, HKV, D, "all")
+    loop = [n for n in fn.node if n.op_type == "Loop"]
+    assert len(loop) == 1
+    sess = session(fn, SELECT_INPUTS, dict(window=W, kernel=7, pooling="max", granularity="kv-head", observe="all"))
+    queries, keys, values, lengths = inputs(5)
+    got, want = run_both(sess, queries, keys, values, lengths, torch.tensor([9, 7]),
+                         (W, 7, "max", "kv-head", "all"))
+    assert np.array_equal(got[0], want[0].numpy())
 
 
 @pytest.mark.parametrize("sinks", [0, 3])
 def test_streaming_function_equals_spec(sinks):
     fn = streaming_select_function(W, sinks, HKV, D)
     sess = session(fn, SELECT_INPUTS[1:], dict(window=W, sinks=sinks))
-    _, keys, values, mask = inputs(4, pad=(0, 9))
+    _, keys, values, lengths = inputs(4, lengths=(30, 21))
     selected = torch.tensor([10, 7])
-    got = sess.run(None, {"keys": keys.numpy(), "values": values.numpy(), "key_mask": mask.numpy(),
+    got = sess.run(None, {"keys": keys.numpy(), "values": values.numpy(), "lengths": lengths.numpy(),
                           "selected": selected.numpy()})
-    want = streaming_select(keys, values, selected, W, sinks, mask)
+    want = streaming_select(keys, values, lengths, selected, W, sinks)
     assert np.array_equal(got[0], want[0].numpy()) and np.array_equal(got[1], want[1].numpy())
 
 

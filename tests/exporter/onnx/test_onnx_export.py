@@ -26,7 +26,8 @@ def engine_dir(tmp_path_factory):
 
 def test_manifest(engine_dir):
     m = read_manifest(engine_dir)
-    assert m["format_version"] == 2 and m["backend"] == "onnx" and m["dtype"] == "fp32"
+    assert m["format_version"] == 3 and m["backend"] == "onnx" and m["dtype"] == "fp32"
+    assert m["onnx"]["target"] == "onnxruntime" and m["onnx"]["opset"] == 21
     assert m["policy"]["name"] == "pyramidkv" and m["policy"]["kv_budget"] == 32
     assert m["model"]["name"] == "tiny-mistral" and m["model"]["sliding_window"] == 48
     assert m["max_input_len"] == 512 and m["onnx"]["ir_version"] <= 13
@@ -39,18 +40,21 @@ def test_manifest(engine_dir):
 def test_io_names_and_symbolic_lengths(engine_dir):
     prefill = onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False)
     decode = onnx.load(str(engine_dir / "decode.onnx"), load_external_data=False)
-    assert [i.name for i in prefill.graph.input] == ["input_ids", "attention_mask", "position_ids"]
+    assert [i.name for i in prefill.graph.input] == ["input_ids", "attention_mask", "position_ids", "reserve_tokens"]
     outs = [o.name for o in prefill.graph.output]
     assert outs[0] == "logits"
+    decode_inputs = [x.name for x in decode.graph.input]
+    assert decode_inputs[:2] == ["input_ids", "position_ids"]
     for i in range(4):
-        assert {f"present.{i}.key", f"present.{i}.value", f"present.{i}.positions", f"kept_indices.{i}"} <= set(outs)
-        assert f"past_key_values.{i}.key" in [x.name for x in decode.graph.input]
-        assert f"past_key_values.{i}.value" in [x.name for x in decode.graph.input]
+        assert {f"present.{i}.key", f"present.{i}.value", f"kept_indices.{i}", f"kv_lengths.{i}"} <= set(outs)
+        assert {f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"past_lengths.{i}",
+                f"cache_positions.{i}"} <= set(decode_inputs)  # tiny-mistral: the window needs the positions
+        assert {f"present.{i}.key", f"present.{i}.value"} <= {o.name for o in decode.graph.output}
     lengths = {o.name: o.type.tensor_type.shape.dim[2].dim_param for o in prefill.graph.output
                if o.name.endswith(".key")}
     assert lengths == {f"present.{i}.key": f"present_len_{i}" for i in range(4)}
     past = {x.name: x.type.tensor_type.shape.dim[2].dim_param for x in decode.graph.input if x.name.endswith(".key")}
-    assert past == {f"past_key_values.{i}.key": f"past_len_{i}" for i in range(4)}
+    assert past == {f"past_key_values.{i}.key": f"capacity_{i}" for i in range(4)}
 
 
 def test_selection_node_is_a_model_local_function(engine_dir):
@@ -60,10 +64,20 @@ def test_selection_node_is_a_model_local_function(engine_dir):
                for branch in node.attribute for n in branch.g.node if n.op_type == "PyramidKVSelect"]
     assert len(selects) == 4 and all(n.domain == "pkv" for n in selects)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in selects[0].attribute}
-    assert attrs == {"window": 4, "kernel": 7, "pooling": b"max", "granularity": b"kv-head"}
+    assert attrs == {"window": 4, "kernel": 7, "pooling": b"max", "granularity": b"kv-head", "observe": b"window"}
     topks = [n for n in prefill.functions[0].node if n.op_type == "TopK"]
     assert topks and all(onnx.helper.get_attribute_value(a) == 1 for n in topks for a in n.attribute
                          if a.name == "sorted")
+
+
+def test_no_quadratic_tensor_in_the_long_context_path(engine_dir):
+    """Every tensor onnx shape inference can size in the prefill is at most linear in the prompt length: no
+    node's output has two prompt-length dimensions (the old [B, H, q, q] scores)."""
+    prefill = onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(prefill)
+    for value in inferred.graph.value_info:
+        dims = [d.dim_param for d in value.type.tensor_type.shape.dim]
+        assert dims.count("prompt_len") < 2, value.name
 
 
 def test_weights_are_shared_not_duplicated(engine_dir):

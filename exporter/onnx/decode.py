@@ -1,0 +1,88 @@
+"""The decode graph: one token per row -> logits, every layer's cache updated in its own buffer.
+
+I/O (per layer i; the buffers come from the prefill's present.{i}.* and stay where they are):
+  in:  input_ids, position_ids [B, 1] int64 (the token and its true absolute position);
+       past_key_values.{i}.key / .value [B, Hc, cap_i, d]: valid slots first;
+       past_lengths.{i} [B] int64: valid slots per row before this token (the token goes to that slot);
+       cache_positions.{i} [B, Hc, n_i] int64 (sliding-window models only): the prefill's kept_indices.{i},
+           i.e. the absolute position of each kept token, for the window mask
+  out: logits [B, V] f32; present.{i}.key / .value [B, Hc, cap_i, d] (onnxruntime target: bind the past
+       buffers here too and the op writes the new token in place; no cache is copied per step).
+Every layer has its own capacity and lengths, so layers with different budgets decode side by side.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from exporter.onnx.layers import GraphConfig, Layers
+from exporter.onnx.prefill import make_model
+from exporter.onnx.targets import TARGETS
+from trt_plugins.onnx_graph import GraphBuilder
+
+
+def _window_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
+    """For a sliding-window model: a function T -> [B, H, 1, T] bool, slot s visible when its token's absolute
+    position is within the window of the current token. None for models without a window."""
+    s = lay.s
+    if not s.sliding_window:
+        return lambda total: None
+    name = f"cache_positions.{layer}"
+    inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", lay.cfg.cache_heads,
+                                                                           f"kept_len_{layer}"]))
+
+    def visible(total: str) -> str:
+        n = g.dim(name, 2)
+        kept = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", name, g.const(0)), to=TensorProto.INT64),
+                    g.const([2]), keepdims=1)  # [B, Hc, 1] prefill tokens per row
+        head = g.slice(name, g.const([0]), g.op("Min", n, total), axis=2)
+        prefill_pos = g.op("Pad", head, g.concat(g.const([0, 0, 0, 0, 0]), g.op("Max", g.op("Sub", total, n),
+                                                                              g.const([0]))),
+                           g.const(-1))  # [B, Hc, T]
+        slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(total), g.const(1)), [0, 1])  # [1, 1, T]
+        step = g.unsqueeze("position_ids", [2])  # [B, 1, 1]
+        # Slots after the prefill's tokens hold generated tokens: position = current - (past_length - slot).
+        generated = g.op("Add", g.op("Sub", step, g.unsqueeze(past_lengths, [1, 2])), slots)
+        pos = g.op("Where", g.op("Less", slots, kept), prefill_pos, generated)
+        ok = g.op("Less", g.op("Sub", step, pos), g.const(s.sliding_window))  # [B, Hc, T]
+        group = s.num_heads // lay.cfg.cache_heads
+        if group > 1:
+            ok = g.reshape(g.op("Expand", g.unsqueeze(ok, [2]), g.concat(g.dim(ok, 0), g.const(
+                [lay.cfg.cache_heads, group]), total)), g.const([0, s.num_heads, -1]))
+        return g.unsqueeze(ok, [2])  # [B, H, 1, T]
+
+    return visible
+
+
+def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+    s = cfg.spec
+    target = TARGETS[cfg.target]
+    g = GraphBuilder()
+    lay = Layers(g, cfg, target)
+    hc = cfg.cache_heads
+    x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, 1, hidden]
+    cos, sin = lay.rope_tables("position_ids")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 1]) for n in ("input_ids", "position_ids")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
+
+    def attend(layer: int, q: str, k: str, v: str) -> str:
+        cache = ["batch", hc, f"capacity_{layer}", s.head_dim]
+        past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        lengths = f"past_lengths.{layer}"
+        inputs.extend([helper.make_tensor_value_info(past[0], cfg.onnx_dtype, cache),
+                       helper.make_tensor_value_info(past[1], cfg.onnx_dtype, cache),
+                       helper.make_tensor_value_info(lengths, TensorProto.INT64, ["batch"])])
+        visible = _window_visible(g, lay, layer, lengths, inputs)
+        # The attention op writes the graph outputs itself: an Identity in between would make onnxruntime
+        # allocate (and copy) a new cache instead of updating the bound buffer in place.
+        present = (f"present.{layer}.key", f"present.{layer}.value")
+        out = target.decode_attention(lay, q, lay.expand_kv(k, hc), lay.expand_kv(v, hc), past[0], past[1], lengths,
+                                      visible, present)
+        outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
+                        helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache)])
+        return out
+
+    h = lay.decoder(x, cos, sin, attend)
+    lay.logits(h)
+    return make_model(g, cfg, "pkv_decode", inputs, outputs, initializers, with_select=False)

@@ -1,0 +1,131 @@
+"""What differs between the graphs for onnxruntime and for TensorRT: the attention op, the norms, the opsets.
+
+`onnxruntime` (the default) uses onnxruntime's fused kernels where they keep fp32 parity:
+`com.microsoft.GroupQueryAttention` (its fp32 CPU prefill is tiled: no [q, q] scores; decode updates each
+layer's cache in place when one buffer is bound as both past and present), and
+`SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one kernel), as onnxruntime-genai emits.
+
+`tensorrt` uses standard ops only (TensorRT parses no `com.microsoft` op): the ONNX `Attention` op (opset 23,
+4-D, `is_causal`; TensorRT maps it to its attention layer from 10.14), `TensorScatter` (opset 24; TensorRT's
+in-place KV-cache update) for the decode cache, plain ops for RMSNorm, and `PyramidKVSelect` nodes that carry
+`plugin_namespace="pkv"` so TensorRT's parser (10.15+) hands them to the plugin while onnxruntime inlines the
+same-named local function.
+
+Both targets right-pad the prompt (every row's real tokens first), which is what fused attention assumes and
+what makes causal attention ignore padding without a [q, q] mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+class OnnxRuntimeTarget:
+    name = "onnxruntime"
+    opset = 21
+    in_place_decode = True  # one OrtValue bound as past and present of a layer
+
+    def opsets(self) -> list:
+        return [helper.make_opsetid("", self.opset), helper.make_opsetid(MS_DOMAIN, 1)]
+
+    def norm(self, lay, x: str, weight: str) -> str:
+        # Only the first layer's input norm has no residual to fuse; plain ops keep the graph checker-clean.
+        return lay.rms_norm(x, weight)
+
+    def add_norm(self, lay, residual: str, x: str, weight: str) -> tuple[str, str]:
+        """(residual + x, RMSNorm(residual + x)) in one kernel."""
+        out, _, _, summed = lay.g.op("SkipSimplifiedLayerNormalization", residual, x, weight, outputs=4,
+                                     domain=MS_DOMAIN, epsilon=lay.s.rms_norm_eps)
+        return summed, out
+
+    def _gqa(self, lay, q, k, v, past_key, past_value, seqlens, total, kv_heads, bias=None, window=None,
+             present=None):
+        g, s = lay.g, lay.s
+        inputs = [q, k, v, past_key, past_value, g.op("Cast", seqlens, to=TensorProto.INT32),
+                  g.op("Cast", g.scalar(total), to=TensorProto.INT32)]
+        if bias is not None:
+            inputs += ["", "", "", bias]  # cos_cache, sin_cache, position_ids unused: RoPE is applied outside
+        outputs = [g.fresh("gqa_out"), *present] if present else 3
+        return g.op("GroupQueryAttention", *inputs, outputs=outputs, domain=MS_DOMAIN, num_heads=s.num_heads,
+                    kv_num_heads=kv_heads, scale=float(s.head_dim**-0.5), local_window_size=window or -1)
+
+    def prefill_attention(self, lay, q: str, k: str, v: str, lengths: str) -> tuple[str, str, str]:
+        """Right-padded q [B, S, H*d], k / v [B, S, Hkv*d], lengths [B] -> (out [B, S, H*d], K, V [B, Hkv, S, d])."""
+        g = lay.g
+        seqlens = g.op("Sub", lengths, g.const(1))  # GQA: total valid length - 1 per row
+        return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads,
+                         window=lay.s.sliding_window)
+
+    def decode_attention(self, lay, q, k, v, past_key, past_value, past_lengths, visible, present):
+        """q [B, 1, H*d], k / v [B, 1, Hc*d], cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
+        -> out [B, 1, H*d]; the updated caches are written to the names `present` (key, value).
+        `visible(T)` gives a [B, H, 1, T] mask or None."""
+        g = lay.g
+        total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), g.const([1]))  # [1]
+        mask = visible(total)
+        bias = None if mask is None else lay.g.op("Where", mask, g.const(0.0, lay.cfg.np_dtype),
+                                                  g.const(float(np.finfo(lay.cfg.np_dtype).min), lay.cfg.np_dtype))
+        return self._gqa(lay, q, k, v, past_key, past_value, past_lengths, total, lay.cfg.cache_heads, bias=bias,
+                         present=present)[0]
+
+    def select_attributes(self) -> dict:
+        return {}
+
+
+class TensorRTTarget:
+    name = "tensorrt"
+    opset = 24  # Attention (23), TensorScatter (24)
+    in_place_decode = False  # TensorRT aliases the cache itself; onnxruntime's TensorScatter writes a new tensor
+
+    def opsets(self) -> list:
+        return [helper.make_opsetid("", self.opset)]
+
+    def norm(self, lay, x: str, weight: str) -> str:
+        return lay.rms_norm(x, weight)
+
+    def add_norm(self, lay, residual: str, x: str, weight: str) -> tuple[str, str]:
+        summed = lay.g.op("Add", residual, x)
+        return summed, lay.rms_norm(summed, weight)
+
+    def _attention(self, lay, q4: str, k4: str, v4: str, mask: str | None, causal: bool) -> str:
+        """4-D Attention, [B, H, S, d] out -> [B, S, H*d]."""
+        g, s = lay.g, lay.s
+        inputs = [q4, k4, v4] + ([mask] if mask is not None else [])
+        out = g.op("Attention", *inputs, is_causal=int(causal), scale=float(s.head_dim**-0.5))
+        return g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, s.num_heads * s.head_dim]))
+
+    def prefill_attention(self, lay, q: str, k: str, v: str, lengths: str) -> tuple[str, str, str]:
+        g, s = lay.g, lay.s
+        q4, k4, v4 = lay.to_heads(q, s.num_heads), lay.to_heads(k, s.num_kv_heads), lay.to_heads(v, s.num_kv_heads)
+        if not s.sliding_window:  # right padding: causal attention never reaches a padding key
+            return self._attention(lay, q4, k4, v4, None, causal=True), k4, v4
+        # Mistral's window needs an explicit [S, S] mask: ONNX Attention has no window attribute.
+        n = g.scalar(g.dim(q, 1))
+        rows = g.unsqueeze(g.op("Range", g.const(0), n, g.const(1)), [1])
+        cols = g.unsqueeze(g.op("Range", g.const(0), n, g.const(1)), [0])
+        mask = g.op("And", g.op("LessOrEqual", cols, rows),
+                    g.op("Less", g.op("Sub", rows, cols), g.const(s.sliding_window)))
+        return self._attention(lay, q4, k4, v4, mask, causal=False), k4, v4
+
+    def decode_attention(self, lay, q, k, v, past_key, past_value, past_lengths, visible, present):
+        g, s = lay.g, lay.s
+        hc = lay.cfg.cache_heads
+        present_k = g.op("TensorScatter", past_key, lay.to_heads(k, hc), past_lengths, axis=2, outputs=[present[0]])
+        present_v = g.op("TensorScatter", past_value, lay.to_heads(v, hc), past_lengths, axis=2,
+                         outputs=[present[1]])
+        capacity = g.dim(past_key, 2)
+        slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(capacity), g.const(1)), [0])  # [1, cap]
+        mask = g.unsqueeze(g.op("LessOrEqual", slots, g.unsqueeze(past_lengths, [1])), [1, 2])  # [B, 1, 1, cap]
+        window = visible(capacity)
+        if window is not None:
+            mask = g.op("And", mask, window)
+        return self._attention(lay, lay.to_heads(q, s.num_heads), present_k, present_v, mask, causal=False)
+
+    def select_attributes(self) -> dict:
+        return {"plugin_namespace": "pkv", "plugin_version": "1"}
+
+
+TARGETS = {t.name: t for t in (OnnxRuntimeTarget(), TensorRTTarget())}

@@ -1,0 +1,69 @@
+"""Long prompts run in memory linear in their length: no [q, q] tensor in the engine or the reference.
+
+Each run is its own process, so its peak RSS is the run's. At 8192 tokens the tiny model's [B, H, q, q] float32
+scores alone would be 1 GiB (4 heads), and the graphs before the long-context rewrite held several of them;
+the bounds below leave room for the model, the runtime and linear buffers only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pkv_cli import main
+
+PROBE = """
+import json, resource, sys
+from engines.prompts import synthetic_prompt_ids
+kind, where, q = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "ort":
+    from engines.ort_engine import OrtEngine
+    engine = OrtEngine(where)
+else:
+    from engines.reference import ReferenceEngine
+    from exporter.checkpoint import load_model
+    from exporter.policies import make_policy
+    engine = ReferenceEngine(load_model("tiny-llama3"), make_policy(where, kv_budget=128, window=8))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = engine.generate([synthetic_prompt_ids(engine.tokenizer, q, seed=0)], 2)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_mib": (peak - before) / 1024, "tokens": result.tokens[0]}))
+"""
+TOKENS = 8192
+QUADRATIC_MIB = 4 * TOKENS * TOKENS * 4 / 2**20  # one [1, 4, q, q] float32 tensor
+
+
+def probe(kind: str, where: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, kind, where, str(TOKENS)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from click.testing import CliRunner
+
+    out = {}
+    for policy in ("full", "pyramidkv"):
+        d = tmp_path_factory.mktemp("long") / policy
+        r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--policy", policy, "--kv-budget", "128",
+                                      "--window", "8", "--out", str(d)])
+        assert r.exit_code == 0, r.output
+        out[policy] = d
+    return out
+
+
+@pytest.mark.parametrize("policy", ["full", "pyramidkv"])
+def test_engine_prefill_memory_is_linear(engines, policy):
+    got = probe("ort", str(engines[policy]))
+    assert got["growth_mib"] < QUADRATIC_MIB / 4, got  # 256 MiB: a quarter of one quadratic tensor
+
+
+def test_reference_prefill_memory_is_linear_and_tokens_agree(engines):
+    ref = probe("ref", "full")
+    assert ref["growth_mib"] < QUADRATIC_MIB, ref  # blocks of query rows: 64 MiB of scores at a time
+    assert probe("ort", str(engines["full"]))["tokens"] == ref["tokens"]
