@@ -101,26 +101,39 @@ class OrtEngine:
         self.prefill.run_with_iobinding(binding)
         return dict(zip(self.prefill_outputs, binding.get_outputs(), strict=True))
 
-    def run_decode(self, cache: dict, token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray],
-                   kept: dict) -> dict:
-        """One decode step. `cache` maps present.{i}.key/value to the layers' buffers; with an in-place target
-        they are bound as outputs too and come back updated, otherwise the step returns new buffers."""
+    def decode_binding(self, cache: dict, kept: dict):
+        """An I/O binding for the decode loop with every layer's cache bound once. Returns (binding, step) where
+        step(token [B], position [B], past_lengths per layer) runs one decode and returns the logits [B, V]."""
         binding = self.decode.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(token.reshape(-1, 1), dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position.reshape(-1, 1), dtype=np.int64))
         for layer in range(self.spec.num_layers):
-            binding.bind_cpu_input(f"past_lengths.{layer}", past_lengths[layer])
             if self.windowed:
                 binding.bind_ortvalue_input(f"cache_positions.{layer}", kept[f"kept_indices.{layer}"])
-            for part in ("key", "value"):
-                binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
-        for name in self.decode_outputs:  # in output order: get_outputs() follows the binding order
+        names = self.decode_outputs
+
+        def bind_cache() -> None:
+            for layer in range(self.spec.num_layers):
+                for part in ("key", "value"):
+                    binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
+
+        def step(token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray]) -> np.ndarray:
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(token.reshape(-1, 1), dtype=np.int64))
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position.reshape(-1, 1), dtype=np.int64))
+            for layer, n in enumerate(past_lengths):
+                binding.bind_cpu_input(f"past_lengths.{layer}", n)
+            self.decode.run_with_iobinding(binding)
+            out = dict(zip(names, binding.get_outputs(), strict=True))
+            if not self.in_place:  # the step returned new buffers: they are the next step's past
+                cache.update({k: v for k, v in out.items() if k.startswith("present.")})
+                bind_cache()
+            return out["logits"].numpy().copy()  # the bound output is reused by the next step
+
+        bind_cache()
+        for name in names:  # in output order: get_outputs() follows the binding order
             if self.in_place and name in cache:
-                binding.bind_ortvalue_output(name, cache[name])
+                binding.bind_ortvalue_output(name, cache[name])  # written in place, every step
             else:
                 binding.bind_output(name, self.device_type)
-        self.decode.run_with_iobinding(binding)
-        return dict(zip(self.decode_outputs, binding.get_outputs(), strict=True))
+        return binding, step
 
     def cache_bytes(self, kept: dict) -> int:
         """Bytes of K/V the prefill kept (the compressed cache; the decode slots behind it excluded)."""
@@ -152,16 +165,14 @@ class OrtEngine:
         timings["kv_bytes_after_prefill"] = self.cache_bytes(kept_raw)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
+        _, run_step = self.decode_binding(cache, kept_raw)
         steps = 0
 
         def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            nonlocal cache, steps
+            nonlocal steps
             past = [np.ascontiguousarray(n + steps, dtype=np.int64) for n in kv_lengths]
-            out = self.run_decode(cache, token.numpy(), pos.numpy(), past, kept_raw)
-            if not self.in_place:
-                cache = {k: v for k, v in out.items() if k.startswith("present.")}
             steps += 1
-            return torch.from_numpy(out["logits"].numpy())
+            return torch.from_numpy(run_step(token.numpy(), pos.numpy(), past))
 
         first = torch.from_numpy(outputs["logits"].numpy())
         generated, step_logits, timings["decode"] = greedy_loop(

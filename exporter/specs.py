@@ -139,6 +139,7 @@ class ModelSpec:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             attn_implementation=attn_implementation,
+            architectures=[SUPPORTED_ARCHS[self.arch]],
         )
         if self.arch == "mistral":
             return MistralConfig(sliding_window=self.sliding_window, **common)

@@ -62,11 +62,11 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
     lay = Layers(g, cfg, target)
     hc = cfg.cache_heads
     x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, 1, hidden]
-    cos, sin = lay.rope_tables("position_ids")
+    cos, sin = (None, None) if target.rotary_in_attention else lay.rope_tables("position_ids")
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 1]) for n in ("input_ids", "position_ids")]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
 
-    def attend(layer: int, q: str, k: str, v: str) -> str:
+    def attend(layer: int, h: str) -> str:
         cache = ["batch", hc, f"capacity_{layer}", s.head_dim]
         past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
         lengths = f"past_lengths.{layer}"
@@ -77,12 +77,11 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
         # The attention op writes the graph outputs itself: an Identity in between would make onnxruntime
         # allocate (and copy) a new cache instead of updating the bound buffer in place.
         present = (f"present.{layer}.key", f"present.{layer}.value")
-        out = target.decode_attention(lay, q, lay.expand_kv(k, hc), lay.expand_kv(v, hc), past[0], past[1], lengths,
-                                      visible, present)
+        out = target.decode_attention(lay, h, layer, (cos, sin), past[0], past[1], lengths, visible, present)
         outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
                         helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache)])
         return out
 
-    h = lay.decoder(x, cos, sin, attend)
+    h = lay.decoder(x, attend)
     lay.logits(h)
     return make_model(g, cfg, "pkv_decode", inputs, outputs, initializers, with_select=False)

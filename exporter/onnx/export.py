@@ -15,7 +15,7 @@ from exporter.errors import UserInputError
 from exporter.onnx.decode import build_decode
 from exporter.onnx.layers import GraphConfig
 from exporter.onnx.prefill import build_prefill
-from exporter.onnx.targets import TARGETS
+from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
@@ -30,6 +30,15 @@ def rotary_parameters(loaded: LoadedModel) -> tuple[np.ndarray, float]:
 
     rotary = LlamaRotaryEmbedding(loaded.spec.to_hf_config())
     return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
+
+
+def rotary_caches(spec, inv_freq: np.ndarray, scaling: float, np_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [max positions, d/2] for GroupQueryAttention's do_rotary, computed as transformers computes them
+    (float32 products of position and inv_freq, cos/sin in float32, times the attention scaling)."""
+    import torch
+
+    freqs = torch.arange(spec.max_position_embeddings, dtype=torch.float32)[:, None] * torch.from_numpy(inv_freq)[None]
+    return tuple((f(freqs) * scaling).numpy().astype(np_dtype) for f in (torch.cos, torch.sin))
 
 
 def check_disk(where: Path, needed: int) -> None:
@@ -66,6 +75,9 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         weights = ExternalWeights(tmp, np_dtype)
         try:
             write_model_weights(spec, loaded.weights, weights, progress)
+            if TARGETS[target].rotary_in_attention:
+                for name, table in zip(ROTARY_CACHES, rotary_caches(spec, inv_freq, scaling, np_dtype), strict=True):
+                    weights.add(name, table)
         finally:
             weights.close()
         initializers = list(weights.tensors.values())

@@ -72,12 +72,19 @@ class Layers:
         out = g.op("Add", g.op("Mul", x4, cos), g.op("Mul", rotated, sin))
         return g.reshape(out, g.const([0, 0, heads * d]))
 
-    def qkv(self, h: str, layer: int, cos: str, sin: str) -> tuple[str, str, str]:
-        """One packed projection, split: q [B, s, H*d], k / v [B, s, Hkv*d]; q and k rotated."""
-        g, s = self.g, self.s
+    def qkv_packed(self, h: str, layer: int) -> str:
+        """One packed projection: [B, s, (H + 2 Hkv) * d], q then k then v, not rotated."""
+        return self.g.op("MatMul", h, f"model.layers.{layer}.self_attn.qkv_proj.weight.T")
+
+    def split_qkv(self, packed: str) -> tuple[str, str, str]:
+        s = self.s
         sizes = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
-        q, k, v = g.op("Split", g.op("MatMul", h, f"model.layers.{layer}.self_attn.qkv_proj.weight.T"),
-                       g.const(sizes), axis=-1, outputs=3)
+        return self.g.op("Split", packed, self.g.const(sizes), axis=-1, outputs=3)
+
+    def qkv(self, h: str, layer: int, cos: str, sin: str) -> tuple[str, str, str]:
+        """q [B, s, H*d], k / v [B, s, Hkv*d] from the packed projection; q and k rotated."""
+        s = self.s
+        q, k, v = self.split_qkv(self.qkv_packed(h, layer))
         return self.rotate(q, s.num_heads, cos, sin), self.rotate(k, s.num_kv_heads, cos, sin), v
 
     def to_heads(self, x: str, heads: int) -> str:
@@ -102,8 +109,9 @@ class Layers:
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
         return g.op("MatMul", g.op("Mul", act, up), p + "down_proj.weight.T")
 
-    def decoder(self, x: str, cos: str, sin: str, attend) -> str:
-        """Every decoder layer; `attend(layer, q, k, v) -> [B, s, H*d]` does the cache-specific part.
+    def decoder(self, x: str, attend) -> str:
+        """Every decoder layer; `attend(layer, h) -> [B, s, H*d]` does the projections and the cache-specific part
+        from the normalised hidden states h.
 
         The residual adds and the norms go through the target (a fused Add + RMSNorm where it has one)."""
         g, s = self.g, self.s
@@ -114,8 +122,7 @@ class Layers:
                 residual, h = x, self.target.norm(self, x, p + "input_layernorm.weight")
             else:
                 residual, h = self.target.add_norm(self, residual, h, p + "input_layernorm.weight")
-            q, k, v = self.qkv(h, layer, cos, sin)
-            attn = g.op("MatMul", attend(layer, q, k, v), p + "self_attn.o_proj.weight.T")
+            attn = g.op("MatMul", attend(layer, h), p + "self_attn.o_proj.weight.T")
             residual, h = self.target.add_norm(self, residual, attn, p + "post_attention_layernorm.weight")
             h = self.mlp(h, layer)
         residual, h = self.target.add_norm(self, residual, h, "model.norm.weight")

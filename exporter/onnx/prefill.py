@@ -76,7 +76,8 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     reserve = g.op("Max", "reserve_tokens", g.const([0]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
 
-    def attend(layer: int, q: str, k: str, v: str) -> str:
+    def attend(layer: int, h: str) -> str:
+        q, k, v = lay.qkv(h, layer, cos, sin)  # RoPE here: the selection needs the rotated queries too
         out, k4, v4 = target.prefill_attention(lay, q, k, v, lengths)  # K/V: [B, Hkv, q, d] post-RoPE
         if budgets is None:
             kept, kk, vv = _keep_all(g, lay, k4, v4, lengths, hc)
@@ -104,7 +105,7 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
                         helper.make_tensor_value_info(f"kv_lengths.{layer}", TensorProto.INT64, ["batch"])])
         return out
 
-    h = lay.decoder(x, cos, sin, attend)
+    h = lay.decoder(x, attend)
     lay.logits(h, g.op("Sub", lengths, g.const(1)))
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "prompt_len"])
               for n in ("input_ids", "attention_mask", "position_ids")]

@@ -23,10 +23,16 @@ from onnx import TensorProto, helper
 MS_DOMAIN = "com.microsoft"
 
 
+ROTARY_CACHES = ("rotary.cos_cache", "rotary.sin_cache")  # [max positions, d/2], model dtype
+
+
 class OnnxRuntimeTarget:
     name = "onnxruntime"
     opset = 21
     in_place_decode = True  # one OrtValue bound as past and present of a layer
+    # Decode rotates inside GroupQueryAttention (do_rotary, at position_ids): a dozen fewer small ops per layer
+    # per token. The prefill rotates outside, since the selection needs the rotated queries as well.
+    rotary_in_attention = True
 
     def opsets(self) -> list:
         return [helper.make_opsetid("", self.opset), helper.make_opsetid(MS_DOMAIN, 1)]
@@ -42,15 +48,19 @@ class OnnxRuntimeTarget:
         return summed, out
 
     def _gqa(self, lay, q, k, v, past_key, past_value, seqlens, total, kv_heads, bias=None, window=None,
-             present=None):
+             present=None, rotary_positions=None):
         g, s = lay.g, lay.s
         inputs = [q, k, v, past_key, past_value, g.op("Cast", seqlens, to=TensorProto.INT32),
                   g.op("Cast", g.scalar(total), to=TensorProto.INT32)]
+        inputs += [*ROTARY_CACHES, rotary_positions] if rotary_positions else ["", "", ""]
         if bias is not None:
-            inputs += ["", "", "", bias]  # cos_cache, sin_cache, position_ids unused: RoPE is applied outside
+            inputs.append(bias)
+        while inputs[-1] == "":
+            inputs.pop()
         outputs = [g.fresh("gqa_out"), *present] if present else 3
         return g.op("GroupQueryAttention", *inputs, outputs=outputs, domain=MS_DOMAIN, num_heads=s.num_heads,
-                    kv_num_heads=kv_heads, scale=float(s.head_dim**-0.5), local_window_size=window or -1)
+                    kv_num_heads=kv_heads, scale=float(s.head_dim**-0.5), local_window_size=window or -1,
+                    do_rotary=int(rotary_positions is not None))
 
     def prefill_attention(self, lay, q: str, k: str, v: str, lengths: str) -> tuple[str, str, str]:
         """Right-padded q [B, S, H*d], k / v [B, S, Hkv*d], lengths [B] -> (out [B, S, H*d], K, V [B, Hkv, S, d])."""
@@ -59,17 +69,23 @@ class OnnxRuntimeTarget:
         return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads,
                          window=lay.s.sliding_window)
 
-    def decode_attention(self, lay, q, k, v, past_key, past_value, past_lengths, visible, present):
-        """q [B, 1, H*d], k / v [B, 1, Hc*d], cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
+        """h [B, 1, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
         -> out [B, 1, H*d]; the updated caches are written to the names `present` (key, value).
-        `visible(T)` gives a [B, H, 1, T] mask or None."""
-        g = lay.g
+        `visible(T)` gives a [B, H, 1, T] mask or None. The new token is rotated at position_ids in the op."""
+        g, hc = lay.g, lay.cfg.cache_heads
+        packed = lay.qkv_packed(h, layer)
+        if hc == lay.s.num_kv_heads:  # GQA splits the packed projection itself
+            q, k, v = packed, "", ""
+        else:  # query-head caches: the new K/V go to every query head
+            q, k, v = lay.split_qkv(packed)
+            k, v = lay.expand_kv(k, hc), lay.expand_kv(v, hc)
         total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), g.const([1]))  # [1]
         mask = visible(total)
         bias = None if mask is None else lay.g.op("Where", mask, g.const(0.0, lay.cfg.np_dtype),
                                                   g.const(float(np.finfo(lay.cfg.np_dtype).min), lay.cfg.np_dtype))
-        return self._gqa(lay, q, k, v, past_key, past_value, past_lengths, total, lay.cfg.cache_heads, bias=bias,
-                         present=present)[0]
+        return self._gqa(lay, q, k, v, past_key, past_value, past_lengths, total, hc, bias=bias, present=present,
+                         rotary_positions="position_ids")[0]
 
     def select_attributes(self) -> dict:
         return {}
@@ -79,6 +95,7 @@ class TensorRTTarget:
     name = "tensorrt"
     opset = 24  # Attention (23), TensorScatter (24)
     in_place_decode = False  # TensorRT aliases the cache itself; onnxruntime's TensorScatter writes a new tensor
+    rotary_in_attention = False
 
     def opsets(self) -> list:
         return [helper.make_opsetid("", self.opset)]
@@ -110,9 +127,11 @@ class TensorRTTarget:
                     g.op("Less", g.op("Sub", rows, cols), g.const(s.sliding_window)))
         return self._attention(lay, q4, k4, v4, mask, causal=False), k4, v4
 
-    def decode_attention(self, lay, q, k, v, past_key, past_value, past_lengths, visible, present):
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
         g, s = lay.g, lay.s
         hc = lay.cfg.cache_heads
+        q, k, v = lay.qkv(h, layer, *rope)
+        k, v = lay.expand_kv(k, hc), lay.expand_kv(v, hc)
         present_k = g.op("TensorScatter", past_key, lay.to_heads(k, hc), past_lengths, axis=2, outputs=[present[0]])
         present_v = g.op("TensorScatter", past_value, lay.to_heads(v, hc), past_lengths, axis=2,
                          outputs=[present[1]])

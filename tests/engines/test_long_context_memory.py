@@ -16,8 +16,13 @@ import pytest
 from pkv_cli import main
 
 PROBE = """
-import json, resource, sys
+import json, sys
+from pathlib import Path
 from engines.prompts import synthetic_prompt_ids
+
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss of a spawned child starts at its parent's peak)
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+
 kind, where, q = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "ort":
     from engines.ort_engine import OrtEngine
@@ -27,9 +32,9 @@ else:
     from exporter.checkpoint import load_model
     from exporter.policies import make_policy
     engine = ReferenceEngine(load_model("tiny-llama3"), make_policy(where, kv_budget=128, window=8))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 result = engine.generate([synthetic_prompt_ids(engine.tokenizer, q, seed=0)], 2)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kib()
 print(json.dumps({"growth_mib": (peak - before) / 1024, "tokens": result.tokens[0]}))
 """
 TOKENS = 8192

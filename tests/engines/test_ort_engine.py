@@ -126,9 +126,11 @@ def test_decode_updates_each_layer_cache_in_place(tmp_path_factory):
     pointers = {k: v.data_ptr() for k, v in cache.items()}
     lengths = [out[f"kv_lengths.{i}"].numpy() for i in range(engine.spec.num_layers)]
     kept = {f"kept_indices.{i}": out[f"kept_indices.{i}"] for i in range(engine.spec.num_layers)}
-    step = engine.run_decode(cache, np.array([5, 6]), np.array([100, 40]), lengths, kept)
+    binding, step = engine.decode_binding(cache, kept)
+    step(np.array([5, 6]), np.array([100, 40]), lengths)
+    outputs = dict(zip(engine.decode_outputs, binding.get_outputs(), strict=True))
     for name, buffer in cache.items():
-        assert step[name].data_ptr() == pointers[name] == buffer.data_ptr(), "the same buffer, updated in place"
+        assert outputs[name].data_ptr() == pointers[name] == buffer.data_ptr(), "the same buffer, updated in place"
         layer = int(name.split(".")[1])
         after = buffer.numpy()
         for b, n in enumerate(lengths[layer]):
