@@ -19,6 +19,9 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 @policy_options
 @click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="Engine format. (TensorRT / TensorRT-LLM need a GPU host and are not built here.)")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="Graphs for onnxruntime (fused GroupQueryAttention, in-place caches) or for TensorRT's parser "
+                   "(standard ops: Attention, TensorScatter; plugin-ready selection nodes). Both run on onnxruntime.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weights, activations and KV cache of the engine (fp32 is compared with the reference to 1e-4).")
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt the engine accepts [model maximum].")
@@ -29,7 +32,7 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 @click.option("--num-layers", type=int, default=None, help="With --random-weights: override the layer count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
+def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
           random_weights: bool, num_layers: int | None, seed: int, as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.onnx.export import build_onnx_engine
@@ -42,12 +45,12 @@ def build(model: str, backend: str, dtype: str, max_input_len: int | None, out: 
     bar, update = progress_bar("writing weights", 1)
     with bar:
         manifest = build_onnx_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len, force=force,
-                                     progress=update)
+                                     progress=update, target=target)
     if as_json:
         emit_json(manifest)
         return
     size = sum(f["bytes"] for f in manifest["files"])
-    click.echo(f"built {out} ({backend}, {policy.describe()}, {dtype}, {size / 2**20:.1f} MiB)")
+    click.echo(f"built {out} ({backend}, target {target}, {policy.describe()}, {dtype}, {size / 2**20:.1f} MiB)")
     for note in manifest["notes"]:
         click.echo(f"note: {note}", err=True)
 

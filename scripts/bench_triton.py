@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="pkv-bench-triton-"))
+    tmp = tempfile.TemporaryDirectory(prefix="pkv-bench-triton-")
+    work = Path(tmp.name)
     loaded = load_model("tiny-llama3")
     policies = {"full": make_policy("full"), "pyramidkv": make_policy("pyramidkv", kv_budget=args.kv_budget, window=8)}
     engines = {}
@@ -99,6 +100,7 @@ def main() -> None:
                       f"\n\nOne tritonserver (nvidia-pytriton's binary, python backend, CPU) on 127.0.0.1 serving "
                       f"both tiny-llama3 engines; prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
                       f"tokens, tritonclient over HTTP; {policies['pyramidkv'].describe()}.\n\n{table}\n")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -102,12 +102,13 @@ class Layers:
         return g.reshape(g.op("Expand", x5, shape), g.const([0, 0, to * d]))
 
     def mlp(self, x: str, layer: int) -> str:
-        """SwiGLU with one packed gate+up projection."""
-        g, i = self.g, self.s.intermediate_size
+        """SwiGLU. Gate and up stay two MatMuls: packed, a long prompt would hold the packed [q, 2I] output and
+        its split copies at once (the prefill's peak), for no decode gain."""
+        g = self.g
         p = f"model.layers.{layer}.mlp."
-        gate, up = g.op("Split", g.op("MatMul", x, p + "gate_up_proj.weight.T"), g.const([i, i]), axis=-1, outputs=2)
+        gate = g.op("MatMul", x, p + "gate_proj.weight.T")
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
-        return g.op("MatMul", g.op("Mul", act, up), p + "down_proj.weight.T")
+        return g.op("MatMul", g.op("Mul", act, g.op("MatMul", x, p + "up_proj.weight.T")), p + "down_proj.weight.T")
 
     def decoder(self, x: str, attend) -> str:
         """Every decoder layer; `attend(layer, h) -> [B, s, H*d]` does the projections and the cache-specific part

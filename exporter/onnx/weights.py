@@ -25,8 +25,8 @@ def exported_tensors(spec: ModelSpec) -> list[tuple[str, list[str]]]:
     """(ONNX initializer name, the Hugging Face tensors it is made of) in write order.
 
     Linear weights are stored transposed ([in, out], name ending in `.T`) so the graphs use plain MatMul; the
-    q/k/v and gate/up projections are packed (parts concatenated along the output dimension): one MatMul each,
-    split after it."""
+    q/k/v projections are packed (parts concatenated along the output dimension): one MatMul, split after it
+    (or by GroupQueryAttention itself in decode)."""
     out = [("model.embed_tokens.weight", ["model.embed_tokens.weight"])]
     for layer in range(spec.num_layers):
         p = f"model.layers.{layer}."
@@ -35,7 +35,8 @@ def exported_tensors(spec: ModelSpec) -> list[tuple[str, list[str]]]:
             (p + "self_attn.qkv_proj.weight.T", [p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
             (p + "self_attn.o_proj.weight.T", [p + "self_attn.o_proj.weight"]),
             (p + "post_attention_layernorm.weight", [p + "post_attention_layernorm.weight"]),
-            (p + "mlp.gate_up_proj.weight.T", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+            (p + "mlp.gate_proj.weight.T", [p + "mlp.gate_proj.weight"]),
+            (p + "mlp.up_proj.weight.T", [p + "mlp.up_proj.weight"]),
             (p + "mlp.down_proj.weight.T", [p + "mlp.down_proj.weight"]),
         ]
     head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"

@@ -42,3 +42,23 @@ def test_bench_triton_smoke():
     assert {r["model"] for r in data["rows"]} == {"full", "pyramidkv"}
     assert all(r["requests"] == 16 and r["requests_per_s"] > 0 for r in data["rows"])
     assert "throughput_vs_full" in table
+
+
+def test_bench_peers_smoke():
+    """The peer benchmark on a tiny context: every engine runs in its own process, FullKV's greedy tokens equal
+    transformers', the targets section is printed (genai joins when the bench extra is installed)."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_peers.py"), "--contexts", "160", "--batch8-context",
+                           "0", "--rounds", "1", "--new-tokens", "3", "--no-doc"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data, end = json.JSONDecoder().raw_decode(proc.stdout)
+    table = proc.stdout[end:].partition("\n\n|")[2]
+    table = "|" + table
+    rows = {r["engine"]: r for r in data["rows"]}
+    assert {"pkv-full", "pkv-pyramidkv"} <= set(rows)
+    assert rows["pkv-full"]["tokens_equal_transformers"] is True
+    assert rows["pkv-pyramidkv"]["first_token_equal"] is True and "selection_overhead" in rows["pkv-pyramidkv"]
+    assert all(r["peak_rss_mib"] > 0 and r["bound_ms"] > 0 for r in rows.values())
+    if "genai" in rows:
+        assert rows["genai"]["tokens_equal_transformers"] is True and "decode_speedup_vs_genai" in rows["pkv-full"]
+    assert table.startswith("| engine | context |") and "Targets (issue #9)" in table
