@@ -335,7 +335,8 @@ def report(rows: list[dict], args, bandwidth: float) -> None:
     print()
     columns = ["engine", "context", "batch", "prefill_s", "prefill_speed_vs_genai", "selection_overhead",
                "peak_rss_mib", "rss_vs_genai", "run_rss_mib", "run_rss_vs_genai", "decode_ms",
-               "decode_speedup_vs_genai", "bound_ms", "decode_vs_bound", "tokens_equal_transformers", "first_token_equal", "error"]
+               "decode_speedup_vs_genai", "bound_ms", "decode_vs_bound", "tokens_equal_transformers",
+               "first_token_equal", "error"]
     columns = [c for c in columns if any(c in r for r in rows)]
     command = "python scripts/bench_peers.py " + shlex.join(sys.argv[1:])
     body = "\n".join([
