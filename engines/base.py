@@ -87,11 +87,17 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int,
 
 
 def encode_batch(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int,
-                 max_new_tokens: int, padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checked inputs of one `generate` call: input_ids, attention_mask and position_ids, each [B, q] int64."""
+                 max_new_tokens: int, padding_side: str = "left", max_positions: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked inputs of one `generate` call: input_ids, attention_mask and position_ids, each [B, q] int64.
+    With `max_positions`, the prompt plus the tokens fed back while decoding must fit the model's positions."""
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     input_ids, mask = encode_prompts(tokenizer, prompts, pad_id, max_len, padding_side)
+    longest = int(mask.sum(-1).max())
+    if max_positions is not None and longest + max_new_tokens - 1 > max_positions:
+        raise UserInputError(f"a prompt of {longest} tokens and {max_new_tokens} new tokens need "
+                             f"{longest + max_new_tokens - 1} positions; the model has {max_positions}")
     return input_ids, mask, prompt_positions(mask)
 
 

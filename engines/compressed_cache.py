@@ -45,6 +45,7 @@ class CompressedKVState:
     prefill: bool = True
     step_positions: torch.Tensor | None = None  # [B] absolute position of the token being decoded
     layers: dict[int, LayerCache] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # what a layer's selection leaves for later layers (index reuse)
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -107,7 +108,7 @@ def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerC
         k, v = torch.where(idx[..., None] >= 0, k, zero), torch.where(idx[..., None] >= 0, v, zero)
     else:
         queries = right_aligned(query, state.key_mask).transpose(1, 2)  # [B, q, H, d]
-        idx, k, v = policy.select(queries, key, value, lengths, state.selected[layer])
+        idx, k, v = policy.select(queries, key, value, lengths, state.selected[layer], layer, state.shared)
     # Right-padded positions are the real tokens' absolute positions (transformers numbers them from 0).
     return LayerCache(k.contiguous(), v.contiguous(), idx.clone(), idx)
 

@@ -17,18 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import (
-    GenerationResult,
-    ProgressFn,
-    encode_batch,
-    eos_ids,
-    finish_result,
-    pad_id,
-)
+from engines.base import GenerationResult, ProgressFn, encode_batch, finish_result
+from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
-from exporter.engine_dir import read_manifest
 from exporter.errors import UserInputError
-from exporter.specs import ModelSpec
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -46,24 +38,14 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OrtEngine:
+class OrtEngine(BuiltEngine):
     name = "onnxruntime"
+    backend = "onnx"
 
     def __init__(self, engine_dir: Path, device: str = "cpu", threads: int = 0, manifest: dict | None = None):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
-        self.dir = Path(engine_dir)
-        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
-        if self.manifest.get("backend") != "onnx":
-            raise UserInputError(f"{self.dir}: a '{self.manifest.get('backend')}' engine, not an onnx one")
-        self.spec = ModelSpec.from_dict(self.manifest["model"])
-        self.max_input_len = int(self.manifest["max_input_len"])
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / self.manifest["tokenizer"]),
-                                                       local_files_only=True, trust_remote_code=False)
-        self.tokenizer.padding_side = "left"
-        self.pad_id = pad_id(self.tokenizer)
-        self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
+        super().__init__(engine_dir, manifest)
         self.providers = choose_providers(device)
 
         def options(arena: bool):
@@ -86,7 +68,6 @@ class OrtEngine:
         from exporter.onnx.targets import TARGETS
 
         self.in_place = TARGETS[self.manifest["onnx"]["target"]].in_place_decode
-        self.windowed = bool(self.spec.sliding_window)
         self.prefill_outputs = [o.name for o in self.prefill.get_outputs()]
         self.decode_outputs = [o.name for o in self.decode.get_outputs()]
 
@@ -154,7 +135,8 @@ class OrtEngine:
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
         input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
-                                                  max_new_tokens, padding_side="right")
+                                                  max_new_tokens, padding_side="right",
+                                                  max_positions=self.spec.max_position_embeddings)
         t0 = time.perf_counter()
         outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy(), max_new_tokens - 1)
         timings = {"prefill": time.perf_counter() - t0}
@@ -178,9 +160,5 @@ class OrtEngine:
         generated, step_logits, timings["decode"] = greedy_loop(
             first, lengths, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        pol = self.manifest["policy"]
-        selected = None
-        if pol["name"] != "full" and int(lengths.max()) >= pol["kv_budget"]:  # else nothing was compressed
-            window = torch.clamp(lengths, max=pol["window"]).numpy()
-            selected = [[int(kv_lengths[i][b] - window[b]) for i in layers] for b in range(len(lengths))]
+        selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)

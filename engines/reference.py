@@ -55,7 +55,7 @@ class ReferenceEngine:
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
         input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
-                                                  max_new_tokens)
+                                                  max_new_tokens, max_positions=self.spec.max_position_embeddings)
         lengths = [int(n) for n in mask.sum(-1)]
         selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
         state = CompressedKVState(self.policy, selected, mask.bool(), positions)
@@ -79,7 +79,12 @@ class ReferenceEngine:
         generated, step_logits, timings["decode"] = greedy_loop(
             out.logits[:, -1], positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        per_prompt = None if selected is None else selected.T.tolist()
+        per_prompt = None
+        if selected is not None:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks)
+            window = torch.clamp(mask.sum(-1), max=self.policy.window)
+            layers = range(self.spec.num_layers)
+            per_prompt = [[int((state.layers[i].kept[b, 0] >= 0).sum() - window[b]) for i in layers]
+                          for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
 
 

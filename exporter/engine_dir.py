@@ -144,6 +144,12 @@ def check_manifest(manifest: dict[str, Any], directory: Path) -> None:
                 and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str) and _HEX64.match(entry["sha256"])):
             raise UserInputError(f"{MANIFEST}: files[{i}] has a bad value {entry!r}")
     listed = {e["path"] for e in files}
+    if manifest["backend"] == "tensorrt":
+        for name in _field(manifest, "tensorrt.plans", list, lambda v: all(isinstance(p, str) for p in v)):
+            if name not in listed:
+                raise UserInputError(f"{MANIFEST}: TensorRT plan {name!r} is not among the engine's files")
+        _field(manifest, "tensorrt.max_batch", int, lambda v: v >= 1, ">= 1")
+        _field(manifest, "tensorrt.max_new_tokens", int, lambda v: v >= 1, ">= 1")
     if manifest["backend"] == "onnx":
         from exporter.onnx.targets import TARGETS
 

@@ -26,7 +26,7 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
     if selected is None:
         layers = [{"layer": i, "selected": None, "cached": context} for i in range(spec.num_layers)]
     else:
-        layers = [{"layer": i, "selected": s, "cached": s + window} for i, s in enumerate(selected)]
+        layers = [{"layer": i, "selected": s, "cached": policy.kept_prefix(s) + window} for i, s in enumerate(selected)]
     heads = spec.num_heads if policy.cache_heads_are_query_heads else spec.num_kv_heads
     full = batch * spec.num_layers * context * spec.kv_bytes_per_token(nbytes)
     compressed = batch * sum(row["cached"] for row in layers) * spec.kv_bytes_per_token(nbytes, heads)

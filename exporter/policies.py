@@ -19,6 +19,7 @@ import torch
 
 from exporter.budgets import SCHEDULES, pyramid_selected, uniform_selected
 from exporter.errors import UserInputError
+from trt_plugins.chunkkv_select import chunkkv_from_scores, chunkkv_select
 from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select
 from trt_plugins.streaming_select import streaming_select
 
@@ -59,6 +60,10 @@ class KVPolicy:
         """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
         return None
 
+    def kept_prefix(self, selected: int) -> int:
+        """Prefix tokens a layer holds for a budget of `selected` (what `plan` counts)."""
+        return selected
+
     def batch_selected(self, num_layers: int, lengths: list[int]) -> torch.Tensor | None:
         """[L, B] int64: every prompt's own budget per layer (its real length decides its regime), so a prompt
         keeps the same tokens batched as alone. None when nothing is compressed: FullKV, or every prompt of the
@@ -73,10 +78,11 @@ class KVPolicy:
 
     def select(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-        selected: int | torch.Tensor,
+        selected: int | torch.Tensor, layer: int = 0, shared: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded queries [B, q, H, d], keys/values [B, Hkv, q, d], lengths [B] -> indices, K, V in the op's
-        semantics (trt_plugins.pyramidkv_select: compact rows, -1 for unused slots)."""
+        semantics (trt_plugins.pyramidkv_select: compact rows, -1 for unused slots). `shared` carries what one
+        layer leaves for later layers of the same prefill (ChunkKV's index reuse)."""
         raise NotImplementedError(f"policy '{self.name}' does not select")
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -120,7 +126,7 @@ class StreamingLLMPolicy(_BudgetedPolicy):
         if self.sinks < 0 or self.sinks > self.kv_budget - self.window:
             raise UserInputError(f"--sinks must be in [0, kv_budget - window] (got {self.sinks})")
 
-    def select(self, queries, keys, values, lengths, selected):
+    def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return streaming_select(keys, values, lengths, selected, self.window, self.sinks)
 
 
@@ -149,7 +155,7 @@ class SnapKVPolicy(_BudgetedPolicy):
 
     observe: ClassVar[str] = "window"  # which prompt queries score the keys (trt_plugins.pyramidkv_select)
 
-    def select(self, queries, keys, values, lengths, selected):
+    def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return pyramidkv_select(queries, keys, values, lengths, selected, self.window, self.kernel,
                                 self.pooling_op(), self.granularity, self.observe)
 
@@ -187,6 +193,57 @@ class PyramidKVPolicy(SnapKVPolicy):
 
     def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
         return pyramid_selected(num_layers, self.kv_budget, self.window, prompt_len, self.beta, self.schedule)
+
+
+BUDGET_SCHEDULES = ("uniform", "pyramid")
+
+
+@register
+@dataclass(frozen=True)
+class ChunkKVPolicy(_BudgetedPolicy):
+    """ChunkKV: chunks of `chunk_size` prompt tokens, scored by the observation window and kept whole; layers in
+    groups of `reuse` rank chunks once, at the group's first layer (index reuse); budgets uniform (the paper)
+    or PyramidKV's pyramid (`budget_schedule`)."""
+
+    name: ClassVar[str] = "chunkkv"
+    chunk_size: int = 10
+    reuse: int = 1
+    budget_schedule: str = "uniform"
+    beta: int = 20
+    schedule: str = "paper"
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "chunk_size", "reuse", "beta")
+        if self.budget_schedule not in BUDGET_SCHEDULES:
+            raise UserInputError(f"unknown budget schedule '{self.budget_schedule}' (choose from "
+                                 f"{', '.join(BUDGET_SCHEDULES)})")
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"unknown schedule '{self.schedule}' (choose from {', '.join(SCHEDULES)})")
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        if self.budget_schedule == "pyramid":
+            return pyramid_selected(num_layers, self.kv_budget, self.window, prompt_len, self.beta, self.schedule)
+        return super().layer_selected(num_layers, prompt_len)
+
+    def kept_prefix(self, selected: int) -> int:
+        """Prefix tokens a layer holds for a budget: whole chunks only (at most; fewer when the prompt's last,
+        partial chunk is one of them)."""
+        return selected // self.chunk_size * self.chunk_size
+
+    def scores_from(self, layer: int) -> int:
+        """The layer whose chunk ranking `layer` uses: the first of its reuse group."""
+        return layer - layer % self.reuse
+
+    def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
+        source = self.scores_from(layer)
+        if shared is not None and source != layer:
+            return chunkkv_from_scores(shared[("chunkkv", source)], keys, values, lengths, selected, self.window,
+                                       self.chunk_size)
+        idx, k, v, scores = chunkkv_select(queries, keys, values, lengths, selected, self.window, self.chunk_size)
+        if shared is not None:
+            shared[("chunkkv", layer)] = scores
+        return idx, k, v
 
 
 def _positive(policy: KVPolicy, *fields: str) -> None:

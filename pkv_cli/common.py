@@ -89,6 +89,11 @@ def policy_options(fn: Callable) -> Callable:
         click.option("--schedule", type=click.Choice(["paper", "mean"]), default=None,
                      help="PyramidKV budgets: the paper's integer rule, or mean-preserving [paper]."),
         click.option("--sinks", type=int, default=None, help="StreamingLLM: attention-sink tokens kept [4]."),
+        click.option("--chunk-size", type=int, default=None, help="ChunkKV: tokens per chunk [10]."),
+        click.option("--reuse", type=int, default=None,
+                     help="ChunkKV: layers per group sharing the first layer's chunk ranking (1 = no reuse) [1]."),
+        click.option("--budget-schedule", type=click.Choice(["uniform", "pyramid"]), default=None,
+                     help="ChunkKV: the same budget for every layer, or PyramidKV's pyramid [uniform]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -97,7 +102,8 @@ def policy_options(fn: Callable) -> Callable:
 
 def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
     """Pop the policy options out of a command's kwargs and build the policy."""
-    names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks")
+    names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks", "chunk_size",
+             "reuse", "budget_schedule")
     hyper = {n: kwargs.pop(n) for n in names}
     return make_policy(kwargs.pop("policy"), **hyper)
 

@@ -17,8 +17,9 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 @click.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @policy_options
-@click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True,
-              help="Engine format. (TensorRT / TensorRT-LLM need a GPU host and are not built here.)")
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA), or TensorRT plans with the "
+                   "PyramidKVSelect plugin (a GPU host with TensorRT 10.x).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Graphs for onnxruntime (fused GroupQueryAttention, in-place caches) or for TensorRT's parser "
                    "(standard ops: Attention, TensorScatter; plugin-ready selection nodes). Both run on onnxruntime.")
@@ -31,21 +32,39 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
               help="Deterministic random weights of the model's shape (shape-faithful engines for benchmarks).")
 @click.option("--num-layers", type=int, default=None, help="With --random-weights: override the layer count.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="--backend tensorrt: largest batch the plans accept.")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True,
+              help="--backend tensorrt: most tokens generated per prompt (sizes every layer's cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
-          random_weights: bool, num_layers: int | None, seed: int, as_json: bool, **kwargs) -> None:
+          random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int, as_json: bool,
+          **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
-    from exporter.onnx.export import build_onnx_engine
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
+    if backend == "tensorrt":
+        from exporter.tensorrt.build import require_tensorrt
+
+        require_tensorrt()  # before anything is loaded: one line saying what is missing
     # Checked again before the rename; checking first avoids loading weights for an output that is refused.
     check_output(out, "engine", force, [model] if Path(model).exists() else [])
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
     bar, update = progress_bar("writing weights", 1)
     with bar:
-        manifest = build_onnx_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len, force=force,
-                                     progress=update, target=target)
+        if backend == "tensorrt":
+            from exporter.tensorrt.build import build_tensorrt_engine
+
+            manifest = build_tensorrt_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len,
+                                             max_batch=max_batch, max_new_tokens=max_new_tokens, force=force,
+                                             progress=update)
+            target = "tensorrt"
+        else:
+            from exporter.onnx.export import build_onnx_engine
+
+            manifest = build_onnx_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len, force=force,
+                                         progress=update, target=target)
     if as_json:
         emit_json(manifest)
         return

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import markdown_table, write_section  # noqa: E402
 
 BENCH_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
-                   max_position_embeddings=32768)
+                   max_position_embeddings=65536)  # room for a 32k prompt and its new tokens
 POLICIES = {"pkv-full": ("full", {}), "pkv-pyramidkv": ("pyramidkv", {"kv_budget": 128, "window": 8})}
 
 

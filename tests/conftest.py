@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton-lang kernels run under the interpreter on a machine without a GPU. Triton reads this once, when a kernel
+# is first defined, and torch may import triton early: set it before any test module loads.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 from safetensors.torch import save_file
 
 from exporter.checkpoint import LoadedModel, load_model

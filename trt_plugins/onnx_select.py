@@ -27,6 +27,10 @@ F32_MIN = float(np.finfo(np.float32).min)
 SELECT_INPUTS = ["queries", "keys", "values", "lengths", "selected"]
 SELECT_OUTPUTS = ["kept_indices", "keys_out", "values_out"]
 STREAMING_INPUTS = ["keys", "values", "lengths", "selected"]
+# Attributes a node may carry (the body is specialised to them; the plugin reads the shape ones and max_selected).
+PYRAMIDKV_ATTRIBUTES = ["window", "kernel", "pooling", "granularity", "observe", "num_heads", "num_kv_heads",
+                        "head_dim", "max_selected"]
+STREAMING_ATTRIBUTES = ["window", "sinks", "num_kv_heads", "head_dim", "max_selected"]
 
 
 def _window(g: GraphBuilder, q: str, lengths: str, window: int) -> tuple[str, str, str]:
@@ -90,21 +94,28 @@ def _topk_window_gather(g: GraphBuilder, scores: str, selected: str, keys: str, 
                         q: str, heads: int, head_dim: int, window: int) -> None:
     """scores [B, Hc, q] (-inf outside each prefix) -> top-`selected` picks (ties to the lower index), plus the
     window, compact and ascending; gather K/V [B, Hc, q, d] into keys_out / values_out."""
-    w_eff, _, win = _window(g, q, lengths, window)
     k = g.op("ReduceMax", selected, keepdims=1)  # [1]: the batch's largest budget
     _, idx = g.op("TopK", scores, k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, Hc, k] by rank
-    # Row b keeps its first selected[b] ranks; the rest, and window slots of rows shorter than the window,
-    # become a sentinel that sorts last and then turns into -1.
+    # Row b keeps its first selected[b] ranks; the rest become a sentinel that sorts last and then turns into -1.
     used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
                 g.unsqueeze(selected, [1, 2]))  # [B, 1, k]
     sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
     picks = g.op("Where", used, g.op("Cast", idx, to=TensorProto.FLOAT), sentinel)
+    _window_sort_gather(g, picks, keys, values, lengths, q, heads, head_dim, window)
+
+
+def _window_sort_gather(g: GraphBuilder, picks: str, keys: str, values: str, lengths: str, q: str, heads: int,
+                        head_dim: int, window: int) -> None:
+    """picks [B, Hc, k] float positions (float(q) = unused) + each row's window -> kept_indices (ascending,
+    compact, -1 after), keys_out / values_out gathered from keys / values [B, Hc, q, d]."""
+    w_eff, _, win = _window(g, q, lengths, window)
+    sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
     b = g.dim(keys, 0)
     win_f = g.op("Where", g.op("GreaterOrEqual", win, g.const(0)), g.op("Cast", win, to=TensorProto.FLOAT), sentinel)
     win_f = g.op("Expand", g.unsqueeze(win_f, [1]), g.concat(b, g.const([heads]), w_eff))  # [B, Hc, w']
     both = g.op("Concat", picks, win_f, axis=-1)  # [B, Hc, k + w']
     # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
-    asc = g.op("TopK", both, g.op("Add", k, w_eff), outputs=2, axis=-1, largest=0, sorted=1)[0]
+    asc = g.op("TopK", both, g.dim(both, 2), outputs=2, axis=-1, largest=0, sorted=1)[0]
     kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1),
                 outputs=["kept_indices"])
     gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
@@ -125,8 +136,15 @@ def _expand_heads(g: GraphBuilder, x: str, num_kv_heads: int, group: int, head_d
     return g.reshape(expanded, g.const([0, num_kv_heads * group, -1, head_dim]))
 
 
+def _scores_output(g: GraphBuilder, raw: str, pooled: str) -> None:
+    """The optional 4th output, `scores` [B, Hc, 2, q] float32: raw (prefix only, group mean) and pooled, as the
+    Triton kernel's scratch holds them (the TensorRT plugin returns that scratch as its 4th output)."""
+    g.op("Concat", g.unsqueeze(raw, [2]), g.unsqueeze(pooled, [2]), axis=2, outputs=["scores"])
+
+
 def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
-                              num_kv_heads: int, head_dim: int, observe: str = "window") -> onnx.FunctionProto:
+                              num_kv_heads: int, head_dim: int, observe: str = "window",
+                              with_scores: bool = False) -> onnx.FunctionProto:
     g = GraphBuilder("pkvsel_")
     group = num_heads // num_kv_heads
     queries, keys, values, lengths, selected = SELECT_INPUTS
@@ -152,7 +170,7 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
         hc = num_heads
     _, prefix, _ = _window(g, q, lengths, window)
     in_prefix = g.unsqueeze(g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1])), [1])  # [B, 1, q]
-    scores = g.op("Where", in_prefix, scores, g.const(0.0, np.float32))
+    scores = raw = g.op("Where", in_prefix, scores, g.const(0.0, np.float32))
     if pooling != "none" and kernel > 1:
         rows_ = g.op("Mul", g.dim(scores, 0), g.dim(scores, 1))  # explicit B * Hc: -1 fails on empty tensors
         flat = g.reshape(scores, g.concat(rows_, g.const([1]), q))  # [B * Hc, 1, q]
@@ -162,13 +180,16 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
         else:
             pooled = g.op("AveragePool", flat, kernel_shape=[kernel], pads=pads, strides=[1], count_include_pad=1)
         scores = g.reshape(pooled, g.op("Shape", scores))
+    if with_scores:
+        _scores_output(g, raw, scores)
     scores = g.op("Where", in_prefix, scores, g.const(float("-inf"), np.float32))
     _topk_window_gather(g, scores, selected, keys, values, lengths, q, hc, head_dim, window)
-    return g.make_function("PyramidKVSelect", SELECT_INPUTS, SELECT_OUTPUTS,
-                           attributes=["window", "kernel", "pooling", "granularity", "observe"])
+    outputs = SELECT_OUTPUTS + (["scores"] if with_scores else [])
+    return g.make_function("PyramidKVSelect", SELECT_INPUTS, outputs, attributes=PYRAMIDKV_ATTRIBUTES)
 
 
-def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
+def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_dim: int,
+                              with_scores: bool = False) -> onnx.FunctionProto:
     """StreamingLLMSelect(keys, values, lengths, selected): sinks + most recent, as `streaming_select`."""
     g = GraphBuilder("stream_")
     keys, values, lengths, selected = STREAMING_INPUTS
@@ -178,7 +199,77 @@ def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_d
     boost = g.op("Mul", g.op("Cast", q, to=TensorProto.FLOAT), g.const(2.0, np.float32))
     scores = g.op("Where", g.op("Less", pos, g.const(float(sinks), np.float32)), g.op("Add", pos, boost), pos)
     in_prefix = g.op("Less", g.unsqueeze(pos, [0]), g.op("Cast", g.unsqueeze(prefix, [1]), to=TensorProto.FLOAT))
+    shape = g.concat(g.dim(keys, 0), g.const([num_kv_heads]), q)
+    if with_scores:
+        raw = g.op("Expand", g.unsqueeze(g.op("Where", in_prefix, g.unsqueeze(scores, [0]),
+                                              g.const(0.0, np.float32)), [1]), shape)
+        _scores_output(g, raw, raw)
     scores = g.op("Where", in_prefix, g.unsqueeze(scores, [0]), g.const(float("-inf"), np.float32))  # [B, q]
-    scores = g.op("Expand", g.unsqueeze(scores, [1]), g.concat(g.dim(keys, 0), g.const([num_kv_heads]), q))
+    scores = g.op("Expand", g.unsqueeze(scores, [1]), shape)
     _topk_window_gather(g, scores, selected, keys, values, lengths, q, num_kv_heads, head_dim, window)
-    return g.make_function("StreamingLLMSelect", STREAMING_INPUTS, SELECT_OUTPUTS, attributes=["window", "sinks"])
+    outputs = SELECT_OUTPUTS + (["scores"] if with_scores else [])
+    return g.make_function("StreamingLLMSelect", STREAMING_INPUTS, outputs, attributes=STREAMING_ATTRIBUTES)
+
+
+CHUNKKV_INPUTS = ["queries", "keys", "values", "lengths", "selected"]
+CHUNKKV_GATHER_INPUTS = ["chunk_scores", "keys", "values", "lengths", "selected"]
+
+
+def _chunk_picks(g: GraphBuilder, chunk_scores: str, selected: str, lengths: str, q: str, heads: int,
+                 chunk_size: int, window: int) -> str:
+    """Top floor(selected / c) chunks of chunk_scores [B, C] -> float token picks [B, Hc, k * c] (float(q): none)."""
+    _, prefix, _ = _window(g, q, lengths, window)
+    chunks = g.op("Div", selected, g.const(chunk_size))  # [B]
+    k = g.op("ReduceMax", chunks, keepdims=1)
+    _, top = g.op("TopK", g.unsqueeze(chunk_scores, [1]), k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, 1, k]
+    used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
+                g.unsqueeze(chunks, [1, 2]))
+    tokens = g.op("Add", g.unsqueeze(g.op("Mul", top, g.const(chunk_size)), [3]),
+                  g.const(np.arange(chunk_size).reshape(1, 1, 1, chunk_size)))  # [B, 1, k, c]
+    ok = g.op("And", g.unsqueeze(used, [3]), g.op("Less", tokens, g.unsqueeze(prefix, [1, 2, 3])))
+    picks = g.op("Where", ok, g.op("Cast", tokens, to=TensorProto.FLOAT), g.op("Cast", q, to=TensorProto.FLOAT))
+    picks = g.reshape(picks, g.concat(g.dim(chunk_scores, 0), g.const([1, -1])))  # [B, 1, k * c]
+    return g.op("Expand", picks, g.concat(g.dim(chunk_scores, 0), g.const([heads]), g.dim(picks, 2)))
+
+
+def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int,
+                            head_dim: int) -> onnx.FunctionProto:
+    """ChunkKVSelect(queries, keys, values, lengths, selected) -> kept_indices, keys_out, values_out, chunk_scores
+    [B, C], as `trt_plugins.chunkkv_select.chunkkv_select`."""
+    g = GraphBuilder("chunksel_")
+    queries, keys, values, lengths, selected = CHUNKKV_INPUTS
+    q = g.dim(keys, 2)
+    cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))
+    kf = g.op("Cast", keys, to=TensorProto.FLOAT)
+    _, prefix, rows = _window(g, q, lengths, window)
+    gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
+                g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
+    block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
+    scores = _block_scores(g, block_q, rows, kf, lengths, cols, num_heads, num_kv_heads, head_dim)  # [B, H, q]
+    tokens = g.op("ReduceSum", scores, g.const([1]), keepdims=0)  # [B, q]: over every query head
+    in_prefix = g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1]))
+    tokens = g.op("Where", in_prefix, tokens, g.const(0.0, np.float32))
+    n_chunks = g.op("Div", g.op("Add", q, g.const([chunk_size - 1])), g.const([chunk_size]))  # [1]
+    pad = g.op("Sub", g.op("Mul", n_chunks, g.const([chunk_size])), q)
+    padded = g.op("Pad", tokens, g.concat(g.const([0, 0, 0]), pad))  # [B, C * c]
+    sums = g.op("ReduceSum", g.reshape(padded, g.concat(g.dim(tokens, 0), n_chunks, g.const([chunk_size]))),
+                g.const([2]), keepdims=0)  # [B, C]
+    starts = g.op("Mul", g.op("Range", g.const(0), g.scalar(n_chunks), g.const(1)), g.const(chunk_size))
+    g.op("Where", g.op("Less", g.unsqueeze(starts, [0]), g.unsqueeze(prefix, [1])), sums,
+         g.const(float("-inf"), np.float32), outputs=["chunk_scores"])
+    picks = _chunk_picks(g, "chunk_scores", selected, lengths, q, num_kv_heads, chunk_size, window)
+    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    return g.make_function("ChunkKVSelect", CHUNKKV_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
+                           attributes=["window", "chunk_size"])
+
+
+def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
+    """ChunkKVGather(chunk_scores, keys, values, lengths, selected) -> kept_indices, keys_out, values_out: index
+    reuse, the chunks ranked by another layer's scores (as `chunkkv_from_scores`)."""
+    g = GraphBuilder("chunkgat_")
+    scores, keys, values, lengths, selected = CHUNKKV_GATHER_INPUTS
+    q = g.dim(keys, 2)
+    picks = _chunk_picks(g, scores, selected, lengths, q, num_kv_heads, chunk_size, window)
+    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    return g.make_function("ChunkKVGather", CHUNKKV_GATHER_INPUTS, SELECT_OUTPUTS,
+                           attributes=["window", "chunk_size"])

@@ -32,10 +32,12 @@ POOLING_CODES = {"none": 0, "max": 1, "avg": 2}
 
 @triton.jit
 def _select_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, sel_ptr, idx_ptr, ko_ptr, vo_ptr, sc_ptr,
-    q_len, width, scale,
-    sq_b, sq_s, sq_h, sk_b, sk_h, sk_s, so_b, so_h, so_s,
-    H: tl.constexpr, HC: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    # inputs, then int32 scalars, then outputs: the argument order TensorRT's AOT plugins pass
+    q_ptr, k_ptr, v_ptr, len_ptr, sel_ptr,
+    q_len, width, sq_b, sq_s, sq_h, sk_b, sk_h, sk_s, so_b, so_h, so_s,
+    idx_ptr, ko_ptr, vo_ptr, sc_ptr,
+    SCALE: tl.constexpr, H: tl.constexpr, HC: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr, KERNEL: tl.constexpr, POOLING: tl.constexpr, OBSERVE_ALL: tl.constexpr,
     QUERY_HEAD: tl.constexpr, POSITIONAL: tl.constexpr, SINKS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -43,6 +45,7 @@ def _select_kernel(
     pid = tl.program_id(0)
     b = pid // HC
     hc = pid % HC
+    b64 = b.to(tl.int64)  # batch offsets in int64: B x q x H x d may exceed int32
     n = tl.load(len_ptr + b).to(tl.int32)  # real tokens of this row
     sel = tl.load(sel_ptr + b).to(tl.int32)  # prefix tokens to keep
     w_eff = tl.minimum(n, WINDOW)
@@ -54,7 +57,7 @@ def _select_kernel(
     pooled_ptr = raw_ptr + q_len
     d_offs = tl.arange(0, BLOCK_D)
     d_ok = d_offs < D
-    k_base = k_ptr + b * sk_b + kvh * sk_h
+    k_base = k_ptr + b64 * sk_b + kvh * sk_h
 
     # 1. observation scores into raw[0:q]
     for j0 in range(0, q_len, BLOCK_K):
@@ -76,7 +79,7 @@ def _select_kernel(
             obs = r % n_obs
             pos = obs if OBSERVE_ALL else n - n_obs + obs  # absolute position of each observation query
             row_ok = (r < total_rows) & (pos >= 0) & (pos < n)
-            q_rows = tl.load(q_ptr + b * sq_b + pos[:, None] * sq_s + head[:, None] * sq_h + d_offs[None, :],
+            q_rows = tl.load(q_ptr + b64 * sq_b + pos[:, None] * sq_s + head[:, None] * sq_h + d_offs[None, :],
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             m = tl.full([BLOCK_R], float("-inf"), tl.float32)
             s = tl.zeros([BLOCK_R], tl.float32)
@@ -84,7 +87,7 @@ def _select_kernel(
                 j = j0 + tl.arange(0, BLOCK_K)
                 keys = tl.load(k_base + j[:, None] * sk_s + d_offs[None, :], mask=(j < q_len)[:, None] & d_ok[None, :],
                                other=0.0).to(tl.float32)
-                logits = tl.dot(q_rows, tl.trans(keys), input_precision="ieee") * scale
+                logits = tl.dot(q_rows, tl.trans(keys), input_precision="ieee") * SCALE
                 visible = (j[None, :] <= pos[:, None]) & (j[None, :] < n) & row_ok[:, None]
                 logits = tl.where(visible, logits, float("-inf"))
                 m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -97,7 +100,7 @@ def _select_kernel(
                 j = j0 + tl.arange(0, BLOCK_K)
                 keys = tl.load(k_base + j[:, None] * sk_s + d_offs[None, :], mask=(j < q_len)[:, None] & d_ok[None, :],
                                other=0.0).to(tl.float32)
-                logits = tl.dot(q_rows, tl.trans(keys), input_precision="ieee") * scale
+                logits = tl.dot(q_rows, tl.trans(keys), input_precision="ieee") * SCALE
                 visible = (j[None, :] <= pos[:, None]) & (j[None, :] < n) & row_ok[:, None]
                 probs = tl.where(visible, tl.exp(logits - m_safe[:, None]) / s_safe[:, None], 0.0)
                 acc = tl.load(raw_ptr + j, mask=j < q_len, other=0.0)
@@ -168,7 +171,7 @@ def _select_kernel(
     tl.debug_barrier()
 
     # 4. gather K/V (zeros in unused slots)
-    v_base = v_ptr + b * sk_b + kvh * sk_h
+    v_base = v_ptr + b64 * sk_b + kvh * sk_h
     for t0 in range(0, width, BLOCK_K):
         t = t0 + tl.arange(0, BLOCK_K)
         idx = tl.load(out_base + t, mask=t < width, other=-1)
@@ -176,7 +179,7 @@ def _select_kernel(
         safe = tl.where(used, idx, 0)
         mask = used[:, None] & d_ok[None, :]
         out_mask = (t < width)[:, None] & d_ok[None, :]
-        out_off = b * so_b + hc * so_h + t[:, None] * so_s + d_offs[None, :]
+        out_off = b64 * so_b + hc * so_h + t[:, None] * so_s + d_offs[None, :]
         kk = tl.load(k_base + safe[:, None] * sk_s + d_offs[None, :], mask=mask, other=0.0)
         tl.store(ko_ptr + out_off, kk, mask=out_mask)
         vv = tl.load(v_base + safe[:, None] * sk_s + d_offs[None, :], mask=mask, other=0.0)
@@ -187,34 +190,75 @@ def _launch(queries, keys, values, lengths, selected, window, kernel, pooling, g
             sinks, width, block_k):
     b, hkv, q, d = keys.shape
     h = queries.shape[2] if queries is not None else hkv
-    group = h // hkv
-    query_head = granularity == "query-head"
-    hc = h if query_head else hkv
+    hc = h if granularity == "query-head" else hkv
     lengths = lengths.to(torch.int64).reshape(b).contiguous()
     budgets = as_row_budgets(selected, b).to(lengths.device)
     check_budgets(budgets.cpu(), lengths.cpu(), window, q)
     if width is None:
         width = (int(budgets.max()) if b else 0) + min(window, q)
     device = keys.device
+    outputs = (torch.empty(b, hc, width, dtype=torch.int64, device=device),
+               torch.empty(b, hc, width, d, dtype=keys.dtype, device=device),
+               torch.empty(b, hc, width, d, dtype=values.dtype, device=device),
+               torch.empty(b, hc, 2, q, dtype=torch.float32, device=device))
+    launch_into(queries, keys, values, lengths, budgets, *outputs, h=h, window=window, kernel=kernel, pooling=pooling,
+                granularity=granularity, observe=observe, positional=positional, sinks=sinks, block_k=block_k)
+    return outputs
+
+
+@triton.jit
+def _streaming_kernel(
+    k_ptr, v_ptr, len_ptr, sel_ptr,
+    q_len, width, sq_b, sq_s, sq_h, sk_b, sk_h, sk_s, so_b, so_h, so_s,
+    idx_ptr, ko_ptr, vo_ptr, sc_ptr,
+    SCALE: tl.constexpr, H: tl.constexpr, HC: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, WINDOW: tl.constexpr, KERNEL: tl.constexpr, POOLING: tl.constexpr,
+    OBSERVE_ALL: tl.constexpr, QUERY_HEAD: tl.constexpr, POSITIONAL: tl.constexpr, SINKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """StreamingLLMSelect(keys, values, lengths, selected): the same kernel with positional scores and no queries
+    (the plugin's inputs are exactly these four; the query pointer is never read when POSITIONAL)."""
+    _select_kernel(k_ptr, k_ptr, v_ptr, len_ptr, sel_ptr, q_len, width, sq_b, sq_s, sq_h, sk_b, sk_h, sk_s,
+                   so_b, so_h, so_s, idx_ptr, ko_ptr, vo_ptr, sc_ptr, SCALE, H, HC, GROUP, D, BLOCK_D, WINDOW,
+                   KERNEL, POOLING, OBSERVE_ALL, QUERY_HEAD, POSITIONAL, SINKS, BLOCK_R, BLOCK_K)
+
+
+def launch_into(queries, keys, values, lengths, selected, kept, keys_out, values_out, scores, *, h: int, window: int,
+                kernel: int, pooling: str, granularity: str, observe: str, positional: bool = False, sinks: int = 0,
+                block_k: int = 64) -> None:
+    """Run the kernel into preallocated outputs (the TensorRT plugin's JIT path hands over its own buffers; the
+    output width is theirs, wider than needed is fine). Tensors contiguous, on one device."""
+    b, hkv, q, d = keys.shape
     keys, values = keys.contiguous(), values.contiguous()
-    if queries is None:  # positional scoring reads no queries
-        queries = torch.zeros(b, 1, 1, d, dtype=keys.dtype, device=device)
-    queries = queries.contiguous()
-    idx = torch.empty(b, hc, width, dtype=torch.int64, device=device)
-    keys_out = torch.empty(b, hc, width, d, dtype=keys.dtype, device=device)
-    values_out = torch.empty_like(keys_out)
-    scores = torch.empty(b, hc, 2, q, dtype=torch.float32, device=device)
-    block_d = triton.next_power_of_2(d)
-    _select_kernel[(b * hc,)](
-        queries, keys, values, lengths, budgets, idx, keys_out, values_out, scores,
-        q, width, float(d) ** -0.5,
-        queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        keys_out.stride(0), keys_out.stride(1), keys_out.stride(2),
-        H=h, HC=hc, GROUP=group, D=d, BLOCK_D=block_d, WINDOW=window, KERNEL=kernel,
-        POOLING=POOLING_CODES[pooling], OBSERVE_ALL=observe == "all", QUERY_HEAD=query_head, POSITIONAL=positional,
-        SINKS=sinks, BLOCK_R=max(16, triton.next_power_of_2(min(group * min(window, q), 64))), BLOCK_K=block_k,
+    hc = kept.shape[1]
+    if queries is None:  # StreamingLLM: positional scores, no queries
+        kernel_fn, tensors, q_strides = _streaming_kernel, (keys, values, lengths, selected), (0, 0, 0)
+    else:
+        queries = queries.contiguous()
+        kernel_fn, tensors = _select_kernel, (queries, keys, values, lengths, selected)
+        q_strides = (queries.stride(0), queries.stride(1), queries.stride(2))
+    kernel_fn[(b * hc,)](
+        *tensors,
+        q, kept.shape[2], *q_strides, keys.stride(0), keys.stride(1),
+        keys.stride(2), keys_out.stride(0), keys_out.stride(1), keys_out.stride(2),
+        kept, keys_out, values_out, scores,
+        **kernel_constants(h, hkv, d, window, kernel, pooling, granularity, observe, positional, sinks, q, block_k),
+        enable_fp_fusion=False,  # no fused multiply-add: the spec's float32 arithmetic, operation by operation
     )
-    return idx, keys_out, values_out, scores
+
+
+def kernel_constants(num_heads: int, num_kv_heads: int, head_dim: int, window: int, kernel: int, pooling: str,
+                     granularity: str, observe: str, positional: bool, sinks: int, q_hint: int | None = None,
+                     block_k: int = 64) -> dict:
+    """The compile-time constants of one specialisation of the kernel (the TensorRT plugin compiles with these)."""
+    group = num_heads // num_kv_heads
+    rows = group * (window if q_hint is None else min(window, q_hint))
+    return dict(SCALE=float(head_dim) ** -0.5, H=num_heads,
+                HC=num_heads if granularity == "query-head" else num_kv_heads, GROUP=group, D=head_dim,
+                BLOCK_D=triton.next_power_of_2(head_dim), WINDOW=window, KERNEL=kernel if pooling != "none" else 1,
+                POOLING=POOLING_CODES[pooling], OBSERVE_ALL=observe == "all", QUERY_HEAD=granularity == "query-head",
+                POSITIONAL=positional, SINKS=sinks, BLOCK_R=max(16, triton.next_power_of_2(min(rows, 64))),
+                BLOCK_K=block_k)
 
 
 def pyramidkv_select_triton(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,

@@ -69,7 +69,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      f"{TRT_TOPK_MAX}: "
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
-    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target)
+    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len)
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
         weights = ExternalWeights(tmp, np_dtype)

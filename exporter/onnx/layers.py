@@ -27,6 +27,13 @@ class GraphConfig:
     inv_freq: np.ndarray  # [d/2] float32, from the model's rotary embedding
     attention_scaling: float  # RoPE cos/sin factor (1.0 except for some scaled RoPE types)
     target: str = "onnxruntime"
+    max_input_len: int | None = None  # sizes the TensorRT plugin's static output width
+
+    def max_selected(self, layer: int) -> int:
+        """The largest budget layer `layer` gives any prompt the engine accepts (at its max input length)."""
+        selected = self.policy.layer_selected(self.spec.num_layers, self.max_input_len or
+                                              self.spec.max_position_embeddings)
+        return 0 if selected is None else selected[layer]
 
     @property
     def onnx_dtype(self) -> int:

@@ -42,25 +42,49 @@ def _keep_all(g: GraphBuilder, lay: Layers, k4: str, v4: str, lengths: str, hc: 
     return idx, g.op("Where", used, k4, zero), g.op("Where", used, v4, zero)
 
 
-def _select(g: GraphBuilder, lay: Layers, queries: str, k4: str, v4: str, lengths: str, selected: str):
-    """The selection node (op semantics of trt_plugins.pyramidkv_select): (kept, K, V)."""
+def _select(g: GraphBuilder, lay: Layers, layer: int, queries: str, k4: str, v4: str, lengths: str, selected: str,
+            shared: dict):
+    """The selection node (op semantics of trt_plugins.pyramidkv_select): (kept, K, V[, chunk scores]). The
+    tensorrt target's node also names its plugin and carries what the plugin needs (shapes, static width) and the
+    scores output. `shared` maps a ChunkKV group's first layer to its chunk scores (index reuse)."""
     pol, s = lay.cfg.policy, lay.s
+    if pol.name == "chunkkv":
+        source = pol.scores_from(layer)
+        if source != layer:
+            return g.op("ChunkKVGather", shared[source], k4, v4, lengths, selected, outputs=3, domain=CUSTOM_DOMAIN,
+                        window=pol.window, chunk_size=pol.chunk_size)
+        q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))
+        return g.op("ChunkKVSelect", q4, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
+                    window=pol.window, chunk_size=pol.chunk_size)
     attrs = lay.target.select_attributes()
+    outputs = 3
+    if attrs:
+        attrs |= {"num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "max_selected": lay.cfg.max_selected(layer)}
+        outputs = 4
     if pol.name == "streamingllm":
-        return g.op("StreamingLLMSelect", k4, v4, lengths, selected, outputs=3, domain=CUSTOM_DOMAIN,
-                    window=pol.window, sinks=pol.sinks, **attrs)
+        return g.op("StreamingLLMSelect", k4, v4, lengths, selected, outputs=outputs, domain=CUSTOM_DOMAIN,
+                    window=pol.window, sinks=pol.sinks, **attrs)[:3]
+    if attrs:
+        attrs["num_heads"] = s.num_heads
     q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))  # [B, q, H, d]: a view, no copy
-    return g.op("PyramidKVSelect", q4, k4, v4, lengths, selected, outputs=3, domain=CUSTOM_DOMAIN,
+    return g.op("PyramidKVSelect", q4, k4, v4, lengths, selected, outputs=outputs, domain=CUSTOM_DOMAIN,
                 window=pol.window, kernel=pol.kernel, pooling=pol.pooling_op(), granularity=pol.granularity,
-                observe=pol.observe, **attrs)
+                observe=pol.observe, **attrs)[:3]
 
 
 def _branch(builder: GraphBuilder, outputs: list[str], name: str, dtype: int) -> onnx.GraphProto:
     # A branch output must be produced inside the branch (not an outer-scope value): wrap in Identity.
     outs = [builder.op("Identity", o) for o in outputs]
-    infos = [helper.make_tensor_value_info(o, t, None)
-             for o, t in zip(outs, (TensorProto.INT64, dtype, dtype), strict=True)]
+    types = (TensorProto.INT64, dtype, dtype, TensorProto.FLOAT)[: len(outs)]
+    infos = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types, strict=True)]
     return helper.make_graph(builder.nodes, name, [], infos)
+
+
+def _no_chunk_scores(g: GraphBuilder, k4: str, chunk_size: int) -> str:
+    """The keep-all branch's stand-in for a ChunkKV group leader's scores: zeros [B, ceil(q / c)]."""
+    n = g.op("Div", g.op("Add", g.dim(k4, 2), g.const([chunk_size - 1])), g.const([chunk_size]))
+    return g.op("ConstantOfShape", g.concat(g.dim(k4, 0), n),
+                value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
 
 
 def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
@@ -75,6 +99,7 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     budgets = selected_counts(g, pol, s.num_layers, lengths) if pol.compresses else None
     reserve = g.op("Max", "reserve_tokens", g.const([0]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
+    shared: dict[int, str] = {}  # ChunkKV: group leader layer -> its chunk scores
 
     def attend(layer: int, h: str) -> str:
         q, k, v = lay.qkv(h, layer, cos, sin)  # RoPE here: the selection needs the rotated queries too
@@ -84,12 +109,18 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
         else:
             keep_all = GraphBuilder(g.prefix + f"keepall{layer}_")
             select = GraphBuilder(g.prefix + f"select{layer}_")
-            then = _branch(keep_all, list(_keep_all(keep_all, Layers(keep_all, cfg, target), k4, v4, lengths, hc)),
-                           g.fresh("keep_all"), cfg.onnx_dtype)
-            other = _branch(select, list(_select(select, Layers(select, cfg, target), q, k4, v4, lengths,
-                                                 budgets[layer])), g.fresh("select"), cfg.onnx_dtype)
+            kept_all = list(_keep_all(keep_all, Layers(keep_all, cfg, target), k4, v4, lengths, hc))
+            chosen = list(_select(select, Layers(select, cfg, target), layer, q, k4, v4, lengths, budgets[layer],
+                                  shared))
+            if len(chosen) == 4:  # a ChunkKV group leader also hands its chunk scores to the group
+                kept_all.append(_no_chunk_scores(keep_all, k4, pol.chunk_size))
+            then = _branch(keep_all, kept_all, g.fresh("keep_all"), cfg.onnx_dtype)
+            other = _branch(select, chosen, g.fresh("select"), cfg.onnx_dtype)
             short = g.op("Less", g.op("ReduceMax", lengths, keepdims=1), g.const([pol.kv_budget]))
-            kept, kk, vv = g.op("If", g.scalar(short), outputs=3, then_branch=then, else_branch=other)
+            kept, kk, vv, *scores = g.op("If", g.scalar(short), outputs=len(chosen), then_branch=then,
+                                         else_branch=other)
+            if scores:
+                shared[layer] = scores[0]
         g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
         pads = g.concat(g.const([0, 0, 0, 0, 0, 0]), reserve, g.const([0]))
         g.op("Pad", kk, pads, outputs=[f"present.{layer}.key"])
@@ -115,17 +146,28 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
 
 def make_model(g: GraphBuilder, cfg: GraphConfig, name: str, inputs, outputs, initializers,
                with_select: bool) -> onnx.ModelProto:
-    from trt_plugins.onnx_select import pyramidkv_select_function, streaming_select_function
+    from trt_plugins.onnx_select import (
+        chunkkv_gather_function,
+        chunkkv_select_function,
+        pyramidkv_select_function,
+        streaming_select_function,
+    )
 
     s, pol = cfg.spec, cfg.policy
     target = TARGETS[cfg.target]
     functions = []
     if with_select:
-        if pol.name == "streamingllm":
-            functions.append(streaming_select_function(pol.window, pol.sinks, s.num_kv_heads, s.head_dim))
+        scores = bool(target.select_attributes())  # the plugin's 4th output: the function has it too
+        if pol.name == "chunkkv":
+            functions.append(chunkkv_select_function(pol.window, pol.chunk_size, s.num_heads, s.num_kv_heads,
+                                                     s.head_dim))
+            if pol.reuse > 1:
+                functions.append(chunkkv_gather_function(pol.window, pol.chunk_size, s.num_kv_heads, s.head_dim))
+        elif pol.name == "streamingllm":
+            functions.append(streaming_select_function(pol.window, pol.sinks, s.num_kv_heads, s.head_dim, scores))
         else:
             functions.append(pyramidkv_select_function(pol.window, pol.kernel, pol.pooling_op(), pol.granularity,
-                                                       s.num_heads, s.num_kv_heads, s.head_dim, pol.observe))
+                                                       s.num_heads, s.num_kv_heads, s.head_dim, pol.observe, scores))
         for f in functions:  # the function body's standard ops come from the graph's opset
             del f.opset_import[:]
             f.opset_import.extend([helper.make_opsetid("", target.opset)])

@@ -35,7 +35,7 @@ from engines.triton_model import TritonPythonModel  # noqa: E402,F401
 
 
 def config_pbtxt(name: str, max_batch_size: int, instances: int, queue_delay_us: int, default_new_tokens: int,
-                 engine_dir: str = "engine") -> str:
+                 engine_dir: str = "engine", kind: str = "KIND_CPU") -> str:
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -50,7 +50,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}
 }}
 instance_group [
-  {{ count: {instances} kind: KIND_CPU }}
+  {{ count: {instances} kind: {kind} }}
 ]
 parameters {{ key: "engine_dir" value: {{ string_value: {json.dumps(engine_dir)} }} }}
 parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_new_tokens}" }} }}
@@ -67,17 +67,20 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
     if instances < 1 or max_batch_size < 1 or default_new_tokens < 1:
         raise UserInputError("--instances, --max-batch-size and --default-max-new-tokens must be at least 1")
     check_output(out, "triton-repo", force, engines.values())
-    for name, engine in engines.items():
+    for name in engines:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise UserInputError(f"model name {name!r}: use letters, digits, '_', '.', '-'")
-        read_manifest(engine)  # refuse unfinished, broken or edited engines up front
+    # TensorRT engines run on the GPU (the python backend's TensorRT runner registers the pkv plugins in the stub);
+    # ONNX engines on CPU instances (onnxruntime picks CUDA by itself where onnxruntime-gpu sees one).
+    kinds = {name: "KIND_GPU" if read_manifest(engine)["backend"] == "tensorrt" else "KIND_CPU"
+             for name, engine in engines.items()}  # read_manifest refuses unfinished, broken or edited engines
     with staging_dir(out, "triton-repo", force, engines.values()) as tmp:
         for name, engine in engines.items():
             version = tmp / name / "1"
             version.mkdir(parents=True)
             where = "engine" if copy else str(Path(engine).resolve())
             (tmp / name / "config.pbtxt").write_text(
-                config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where))
+                config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where, kinds[name]))
             (version / "model.py").write_text(MODEL_PY)
             if copy:
                 shutil.copytree(engine, version / "engine")

@@ -22,6 +22,8 @@ POLICY_CASES = [
     ("snapkv", {}),
     ("pyramidkv", {}),
     ("pyramidkv", {"granularity": "query-head", "pooling": "avg", "schedule": "mean"}),
+    ("chunkkv", {"chunk_size": 4}),
+    ("chunkkv", {"chunk_size": 3, "reuse": 2, "budget_schedule": "pyramid"}),
 ]
 _BUILT: dict = {}
 
@@ -45,7 +47,7 @@ def built(tmp_path_factory, model: str, name: str, kw: dict, target: str = "onnx
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name,kw", POLICY_CASES, ids=[f"{n}{'-' + '-'.join(kw.values()) if kw else ''}"
+@pytest.mark.parametrize("name,kw", POLICY_CASES, ids=[f"{n}{'-' + '-'.join(map(str, kw.values())) if kw else ''}"
                                                        for n, kw in POLICY_CASES])
 def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
     ort_engine, reference = built(tmp_path_factory, model, name, kw, target)

@@ -55,13 +55,20 @@ def test_select_contract(name, granularity):
     keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
     idx, k, v = policy.select(torch.randn(b, q, h, d), keys, values, lengths, 12)
     hc = h if policy.cache_heads_are_query_heads else hkv
-    assert idx.shape == (b, hc, 16) and k.shape == (b, hc, 16, d) and v.shape == k.shape
-    assert torch.all(idx[..., 1:] > idx[..., :-1]), "picks and window sorted ascending and distinct"
+    exact = name != "chunkkv"  # ChunkKV keeps whole chunks: floor(12 / chunk_size) of them
+    assert idx.shape[:2] == (b, hc) and (idx.shape[2] == 16 if exact else idx.shape[2] <= 16)
+    assert k.shape == (*idx.shape, d) and v.shape == k.shape
     for row, n in enumerate(lengths.tolist()):
-        assert torch.equal(idx[row, :, 12:], torch.arange(n - 4, n).expand(hc, 4)), "the window, last"
-        assert bool((idx[row] < n).all()), "padding is never selected"
+        for head in idx[row]:
+            valid = head[head >= 0]
+            assert bool((head[len(valid):] == -1).all()), "compact: the kept tokens first, -1 after"
+            assert torch.all(valid[1:] > valid[:-1]), "sorted ascending and distinct"
+            assert torch.equal(valid[-4:], torch.arange(n - 4, n)), "the window, last"
+            assert len(valid) == 16 if exact else len(valid) <= 16
+            assert bool((valid < n).all()), "padding is never selected"
     src = keys.repeat_interleave(h // hkv if hc == h else 1, dim=1)
-    assert torch.equal(k, torch.gather(src, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d)))
+    gathered = torch.gather(src, 2, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d))
+    assert torch.equal(k, torch.where(idx.unsqueeze(-1) >= 0, gathered, torch.zeros(())))
 
 
 @pytest.mark.parametrize("name", COMPRESSING)

@@ -1,0 +1,42 @@
+"""What every runner of a built engine directory shares: the checked manifest, the model spec, the tokenizer,
+the padding and EOS ids, and how a generation reports each prompt's per-layer budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.base import eos_ids, pad_id
+from exporter.engine_dir import read_manifest
+from exporter.errors import UserInputError
+from exporter.specs import ModelSpec
+
+
+class BuiltEngine:
+    backend = ""  # the manifest's backend this runner serves
+
+    def __init__(self, engine_dir: Path, manifest: dict | None = None):
+        from transformers import AutoTokenizer
+
+        self.dir = Path(engine_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
+        if self.manifest.get("backend") != self.backend:
+            raise UserInputError(f"{self.dir}: a '{self.manifest.get('backend')}' engine, not a {self.backend} one")
+        self.spec = ModelSpec.from_dict(self.manifest["model"])
+        self.max_input_len = int(self.manifest["max_input_len"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir / self.manifest["tokenizer"]),
+                                                       local_files_only=True, trust_remote_code=False)
+        self.tokenizer.padding_side = "left"
+        self.pad_id = pad_id(self.tokenizer)
+        self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
+        self.windowed = bool(self.spec.sliding_window)
+
+    def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
+        """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
+        nothing was compressed."""
+        pol = self.manifest["policy"]
+        if pol["name"] == "full" or int(lengths.max()) < pol["kv_budget"]:
+            return None
+        window = np.minimum(lengths, pol["window"])
+        return [[int(kv[b] - window[b]) for kv in kv_lengths] for b in range(len(lengths))]

@@ -1,0 +1,209 @@
+"""The one command a GPU host runs to prove the GPU half of pkv-export; on a machine without one it runs what it can.
+
+    python scripts/gpu_acceptance.py [--contexts 4096 8192 16384 32768] [--report DIR]
+
+Sections, each reported as passed / failed / skipped (with the reason):
+
+1. environment: torch, CUDA device, triton, TensorRT, TensorRT-LLM, onnxruntime execution providers;
+2. kernels: the Triton selection kernel against the op specification (tests/trt_plugins: the whole test matrix
+   on CUDA when there is a GPU, under TRITON_INTERPRET=1 otherwise), and the AOT payload compiled for sm_90;
+3. kernel benchmark (GPU): the kernel against the PyTorch specification on CUDA, LLaMA-3-8B head shapes;
+4. TensorRT (GPU + TensorRT): `build --backend tensorrt` of the tiny presets (PyramidKV, StreamingLLM, FullKV),
+   `compare` against the PyTorch reference (tokens, kept index sets, logits), then TensorRT against the
+   onnxruntime engine (CUDA execution provider where onnxruntime-gpu is installed) for FullKV and PyramidKV.
+
+Prints a JSON report, then Markdown; `--report DIR` also writes both there. Exit code 1 when a section that ran
+failed, 0 otherwise (skipped sections are not failures; the report says what was skipped and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKV = [sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export'; main()"]
+
+
+def version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return None
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "triton": version("triton"), "tensorrt": version("tensorrt"), "tensorrt_llm": version("tensorrt_llm")}
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        env["onnxruntime_providers"] = []
+    return env
+
+
+def section(name: str, fn, *args) -> dict:
+    t0 = time.perf_counter()
+    try:
+        result = fn(*args)
+    except Skip as e:
+        return {"section": name, "status": "skipped", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - the report records any failure, with its message
+        return {"section": name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return {"section": name, "status": result.pop("status", "passed"), "seconds": round(time.perf_counter() - t0, 1),
+            **result}
+
+
+class Skip(Exception):
+    pass
+
+
+def kernel_tests(env: dict, select: str | None) -> dict:
+    if not env["triton"]:
+        raise Skip("the triton package is not installed (pip install -e '.[gpu]' or '.[dev]')")
+    tests = ["tests/trt_plugins/test_triton_select.py", "tests/trt_plugins/test_trt_plugin.py"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
+                        *(["-k", select] if select else [])], cwd=ROOT, capture_output=True, text=True)
+    summary = (r.stdout.strip().splitlines() or [""])[-1]
+    return {"status": "passed" if r.returncode == 0 else "failed", "device": "cuda" if env["cuda"] else
+            "cpu (TRITON_INTERPRET=1)", "pytest": summary}
+
+
+def kernel_benchmark(env: dict, contexts: list[int]) -> dict:
+    if not env["cuda"] or not env["triton"]:
+        raise Skip("needs a CUDA GPU and triton")
+    import torch
+
+    from trt_plugins.pyramidkv_select import pyramidkv_select
+    from trt_plugins.triton_select import pyramidkv_select_triton
+
+    rows = []
+    for q in contexts:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        queries = torch.randn(1, q, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+        keys = torch.randn(1, 8, q, 128, device="cuda", dtype=torch.float16, generator=g)
+        values = torch.randn_like(keys)
+        lengths, selected = torch.tensor([q], device="cuda"), torch.tensor([248], device="cuda")
+        times = {}
+        for name, fn in (("triton_kernel", pyramidkv_select_triton), ("torch_spec", pyramidkv_select)):
+            fn(queries, keys, values, lengths, selected, 8)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                out = fn(queries, keys, values, lengths, selected, 8)
+            torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - t0) / 5 * 1000
+        want = pyramidkv_select(queries, keys, values, lengths, selected, 8)
+        rows.append({"context": q, **{k: round(v, 3) for k, v in times.items()},
+                     "indices_equal": bool(torch.equal(out[0], want[0]))})
+    return {"rows": rows, "status": "passed" if all(r["indices_equal"] for r in rows) else "failed"}
+
+
+def tensorrt_checks(env: dict, workdir: Path) -> dict:
+    if not env["cuda"]:
+        raise Skip("needs a CUDA GPU")
+    if not env["tensorrt"]:
+        raise Skip("TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com "
+                   "'tensorrt-cu12==10.15.*')")
+    rows = []
+    for model, policy in (("tiny-llama3", "pyramidkv"), ("tiny-mistral", "pyramidkv"), ("tiny-llama3", "streamingllm"),
+                          ("tiny-llama3", "full")):
+        out = workdir / f"trt-{model}-{policy}"
+        build = subprocess.run([*PKV, "build", "--backend", "tensorrt", "--model", model, "--policy", policy,
+                                "--kv-budget", "32", "--window", "4", "--max-input-len", "1024", "--max-new-tokens",
+                                "32", "--out", str(out)], capture_output=True, text=True)
+        row = {"model": model, "policy": policy, "built": build.returncode == 0}
+        if build.returncode != 0:
+            row["error"] = build.stderr.strip()[-400:]
+            rows.append(row)
+            continue
+        cmp = subprocess.run([*PKV, "compare", "--engine", str(out), "--prompt-len", "300", "--batch", "3",
+                              "--max-new-tokens", "12", "--atol", "1e-3", "--json"], capture_output=True, text=True)
+        row["compare"] = json.loads(cmp.stdout) if cmp.stdout.strip().startswith("{") else cmp.stderr.strip()[-400:]
+        row["passed"] = cmp.returncode == 0
+        rows.append(row)
+    return {"rows": rows, "status": "passed" if all(r.get("passed") for r in rows) else "failed"}
+
+
+def tensorrt_benchmark(env: dict, workdir: Path, contexts: list[int]) -> dict:
+    if not env["cuda"] or not env["tensorrt"]:
+        raise Skip("needs a CUDA GPU and TensorRT")
+    from engines.prompts import synthetic_prompt_ids
+    from engines.registry import open_engine
+
+    backends = ["tensorrt"] + (["onnx"] if "CUDAExecutionProvider" in env["onnxruntime_providers"] else [])
+    rows = []
+    for policy in ("full", "pyramidkv"):
+        for backend in backends:
+            out = workdir / f"bench-{backend}-{policy}"
+            args = ["build", "--backend", backend, "--model", "llama3-8b", "--random-weights", "--num-layers", "4",
+                    "--policy", policy, "--dtype", "fp16", "--max-input-len", str(max(contexts)), "--out", str(out)]
+            if backend == "tensorrt":
+                args += ["--max-batch", "1", "--max-new-tokens", "64"]
+            subprocess.run([*PKV, *args], check=True, capture_output=True)
+            engine = open_engine(out, device="cuda")
+            engine.eos_ids = set()
+            for q in contexts:
+                ids = synthetic_prompt_ids(engine.tokenizer, q)
+                engine.generate([ids], 4)  # warm-up
+                t = engine.generate([ids], 33).timings
+                rows.append({"backend": backend, "policy": policy, "context": q, "prefill_s": round(t["prefill"], 4),
+                             "decode_ms": round(1000 * t["decode"] / 32, 3)})
+            del engine
+    return {"rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# GPU acceptance", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in report["environment"].items()),
+             "", "| section | status | detail |", "|---|---|---|"]
+    for s in report["sections"]:
+        detail = s.get("reason") or s.get("error") or s.get("pytest") or f"{len(s.get('rows', []))} rows"
+        lines.append(f"| {s['section']} | {s['status']} | {str(detail).replace('|', '/')} |")
+    for s in report["sections"]:
+        if s.get("rows"):
+            keys = [k for k in s["rows"][0] if k not in ("compare", "error")]
+            lines += ["", f"## {s['section']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k)) for k in keys) + " |" for r in s["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--report", type=Path, default=None, help="Also write report.json and report.md here.")
+    parser.add_argument("-k", dest="select", default=None, help="Only the kernel tests matching this (pytest -k).")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    env = environment()
+    with tempfile.TemporaryDirectory(prefix="pkv-gpu-acceptance-") as tmp:
+        work = Path(tmp)
+        sections = [section("kernels vs spec", kernel_tests, env, args.select),
+                    section("kernel benchmark", kernel_benchmark, env, args.contexts),
+                    section("tensorrt build + compare", tensorrt_checks, env, work),
+                    section("tensorrt vs onnxruntime", tensorrt_benchmark, env, work, args.contexts)]
+    report = {"environment": env, "sections": sections,
+              "mode": "gpu" if env["cuda"] else "no-gpu: kernels under the interpreter only"}
+    print(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    print(text)
+    if args.report:
+        args.report.mkdir(parents=True, exist_ok=True)
+        (args.report / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (args.report / "report.md").write_text(text)
+    return 1 if any(s["status"] == "failed" for s in sections) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
