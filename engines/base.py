@@ -49,8 +49,37 @@ class GenerationResult:
 ProgressFn = Callable[[int, int], None]  # (steps done, steps total)
 
 
+@dataclass
+class ContextCache:
+    """A context prefilled and compressed once (batch 1); `answer` continues a copy of it with each question, so
+    the context is never prefilled again. `state` is the engine's own (buffers, lengths)."""
+
+    length: int  # context tokens
+    room: int  # question + answer tokens each answer may add
+    kv_bytes: int  # K/V bytes the compressed context holds
+    kept_indices: list[torch.Tensor] | None  # [1, Hc, n_l] per layer, as in GenerationResult
+    state: object = None
+    prefill_seconds: float = 0.0
+
+
+def question_ids(tokenizer, question: str | list[int]) -> list[int]:
+    """A question continues a context: its tokens without a BOS (the context has it)."""
+    ids = tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str) else list(question)
+    if not ids:
+        raise UserInputError("empty question")
+    return ids
+
+
+def check_room(context: ContextCache, question: list[int], max_new_tokens: int) -> None:
+    need = len(question) + max_new_tokens - 1
+    if max_new_tokens < 1 or need > context.room:
+        raise UserInputError(f"a question of {len(question)} tokens and {max_new_tokens} new tokens need {need} "
+                             f"cache slots; the context was compressed with room for {context.room}")
+
+
 class Engine(Protocol):
-    """A model with a KV policy baked in, generating greedily."""
+    """A model with a KV policy baked in, generating greedily; `compress_context` + `answer` serve several
+    questions from one compressed context."""
 
     name: str
 
@@ -63,6 +92,11 @@ class Engine(Protocol):
         return_indices: bool = False,
         progress: ProgressFn | None = None,
     ) -> GenerationResult: ...
+
+    def compress_context(self, context: str | list[int], room: int = 256) -> ContextCache: ...
+
+    def answer(self, context: ContextCache, question: str | list[int], max_new_tokens: int = 32, *,
+               return_logits: bool = False) -> GenerationResult: ...
 
 
 def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], pad_id: int, max_len: int,

@@ -43,7 +43,7 @@ class CompressedKVState:
     key_mask: torch.Tensor  # [B, q] bool, True = real token (left padding)
     positions: torch.Tensor  # [B, q] int64
     prefill: bool = True
-    step_positions: torch.Tensor | None = None  # [B] absolute position of the token being decoded
+    step_positions: torch.Tensor | None = None  # [B, S] absolute positions of the tokens being decoded
     layers: dict[int, LayerCache] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # what a layer's selection leaves for later layers (index reuse)
 
@@ -114,21 +114,24 @@ def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerC
 
 
 def _decode_attention(state: CompressedKVState, module, query, key, value, scaling, sliding_window):
+    """S new tokens per row (1 while generating, a whole question at batch 1) appended to the layer's cache;
+    each attends to the cached tokens and to the new ones up to itself, by true absolute positions."""
     cache = state.layers[module.layer_idx]
     h, hc = query.shape[1], cache.keys.shape[1]
     if hc != key.shape[1]:  # query-head granularity caches H heads
         key, value = key.repeat_interleave(hc // key.shape[1], 1), value.repeat_interleave(hc // value.shape[1], 1)
-    step = state.step_positions.view(-1, 1, 1).expand(-1, hc, 1)  # [B, Hc, 1]
-    cache.keys = torch.cat([cache.keys, key], dim=2)  # [B, Hc, n + 1, d]
+    steps = state.step_positions.view(query.shape[0], 1, -1).expand(-1, hc, -1)  # [B, Hc, S]
+    cache.keys = torch.cat([cache.keys, key], dim=2)  # [B, Hc, n + S, d]
     cache.values = torch.cat([cache.values, value], dim=2)
-    cache.positions = torch.cat([cache.positions, step], dim=2)  # [B, Hc, n + 1]
-    visible = cache.positions >= 0
+    cache.positions = torch.cat([cache.positions, steps], dim=2)  # [B, Hc, n + S]
+    cached, new = cache.positions[:, :, None, :], steps[..., None]  # [B, Hc, 1, n + S], [B, Hc, S, 1]
+    visible = (cached >= 0) & (cached <= new)
     if sliding_window is not None:
-        visible &= (step - cache.positions) < sliding_window
+        visible &= (new - cached) < sliding_window
     # Additive mask exactly like transformers' eager path, so FullKV reproduces it bit for bit.
     mask = torch.zeros(visible.shape, dtype=query.dtype).masked_fill(~visible, torch.finfo(query.dtype).min)
     k, v = repeat_kv(cache.keys, h // hc), repeat_kv(cache.values, h // hc)
-    mask = repeat_kv(mask.unsqueeze(2), h // hc)  # [B, H, 1, n + 1]
+    mask = repeat_kv(mask, h // hc)  # [B, H, S, n + S]
     weights = torch.matmul(query, k.transpose(2, 3)) * scaling + mask
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import GenerationResult, ProgressFn, encode_batch, finish_result
+from engines.base import (
+    ContextCache,
+    GenerationResult,
+    ProgressFn,
+    check_room,
+    encode_batch,
+    finish_result,
+    question_ids,
+)
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from exporter.errors import UserInputError
@@ -97,8 +105,10 @@ class OrtEngine(BuiltEngine):
                     binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
 
         def step(token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray]) -> np.ndarray:
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(token.reshape(-1, 1), dtype=np.int64))
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position.reshape(-1, 1), dtype=np.int64))
+            """token / position: [B] (one token per row) or [B, S] (S tokens: a question at batch 1)."""
+            tokens, positions = (x if x.ndim == 2 else x.reshape(-1, 1) for x in (token, position))
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
             for layer, n in enumerate(past_lengths):
                 binding.bind_cpu_input(f"past_lengths.{layer}", n)
             self.decode.run_with_iobinding(binding)
@@ -162,3 +172,47 @@ class OrtEngine(BuiltEngine):
         )
         selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+
+    def compress_context(self, context: str | list[int], room: int = 256) -> ContextCache:
+        """Prefill and compress a context once (batch 1), with `room` free cache slots behind every layer."""
+        input_ids, mask, positions = encode_batch(self.tokenizer, [context], self.pad_id, self.max_input_len,
+                                                  room + 1, padding_side="right",
+                                                  max_positions=self.spec.max_position_embeddings)
+        t0 = time.perf_counter()
+        outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy(), room)
+        layers = range(self.spec.num_layers)
+        kept = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
+        state = {"cache": {k: v for k, v in outputs.items() if k.startswith("present.")}, "kept": kept,
+                 "lengths": [outputs[f"kv_lengths.{i}"].numpy() for i in layers]}
+        return ContextCache(int(mask.sum()), room, self.cache_bytes(kept),
+                            [torch.from_numpy(v.numpy()) for v in kept.values()], state,
+                            time.perf_counter() - t0)
+
+    def answer(self, context: ContextCache, question: str | list[int], max_new_tokens: int = 32, *,
+               return_logits: bool = False) -> GenerationResult:
+        """Continue a copy of the compressed context with the question, then generate greedily."""
+        import onnxruntime as ort
+
+        ids = question_ids(self.tokenizer, question)
+        check_room(context, ids, max_new_tokens)
+        state = context.state
+        cache = {name: ort.OrtValue.ortvalue_from_numpy(value.numpy().copy(), self.device_type)
+                 for name, value in state["cache"].items()}  # the context's buffers stay as they are
+        _, run_step = self.decode_binding(cache, state["kept"])
+        base = [n.astype(np.int64) for n in state["lengths"]]
+        t0 = time.perf_counter()
+        first = run_step(np.array([ids]), np.arange(context.length, context.length + len(ids))[None], base)
+        timings = {"prefill": time.perf_counter() - t0}
+        fed = len(ids)
+
+        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            nonlocal fed
+            past = [n + fed for n in base]
+            fed += 1
+            return torch.from_numpy(run_step(token.numpy(), pos.numpy(), past))
+
+        mask = torch.ones(1, context.length + len(ids), dtype=torch.long)
+        generated, step_logits, timings["decode"] = greedy_loop(
+            torch.from_numpy(first), torch.tensor([context.length + len(ids)]), step, self.eos_ids, self.pad_id,
+            max_new_tokens)
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, None, None, timings)

@@ -12,13 +12,16 @@ import time
 import torch
 
 from engines.base import (
+    ContextCache,
     GenerationResult,
     ProgressFn,
+    check_room,
     encode_batch,
     encode_prompts,
     eos_ids,
     finish_result,
     pad_id,
+    question_ids,
 )
 from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
 from engines.greedy import greedy_loop
@@ -72,7 +75,7 @@ class ReferenceEngine:
             kept = [state.layers[i].kept for i in range(self.spec.num_layers)]
 
         def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            state.step_positions = pos
+            state.step_positions = pos[:, None]
             out = self.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False, pkv_state=state)
             return out.logits[:, -1]
 
@@ -86,6 +89,50 @@ class ReferenceEngine:
             per_prompt = [[int((state.layers[i].kept[b, 0] >= 0).sum() - window[b]) for i in layers]
                           for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
+
+
+    @torch.inference_mode()
+    def compress_context(self, context: str | list[int], room: int = 256) -> ContextCache:
+        """Prefill and compress a context once (batch 1); `answer` continues copies of it."""
+        input_ids, mask, positions = encode_batch(self.tokenizer, [context], self.pad_id, self.max_input_len,
+                                                  room + 1, max_positions=self.spec.max_position_embeddings)
+        length = int(mask.sum())
+        state = CompressedKVState(self.policy, self.policy.batch_selected(self.spec.num_layers, [length]),
+                                  mask.bool(), positions)
+        t0 = time.perf_counter()
+        self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=1, pkv_state=state)
+        state.prefill = False
+        layers = [state.layers[i] for i in range(self.spec.num_layers)]
+        item = layers[0].keys.element_size()
+        return ContextCache(length, room, sum(2 * c.keys.numel() * item for c in layers), [c.kept for c in layers],
+                            state, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def answer(self, context: ContextCache, question: str | list[int], max_new_tokens: int = 32, *,
+               return_logits: bool = False) -> GenerationResult:
+        """Continue a copy of the compressed context with the question, then generate greedily."""
+        import copy
+
+        ids = question_ids(self.tokenizer, question)
+        check_room(context, ids, max_new_tokens)
+        state = copy.deepcopy(context.state)  # the context's caches stay as they are
+        positions = torch.arange(context.length, context.length + len(ids))[None]
+        state.step_positions = positions
+        t0 = time.perf_counter()
+        out = self.model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=False, pkv_state=state)
+        timings = {"prefill": time.perf_counter() - t0}
+
+        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            state.step_positions = pos[:, None]
+            return self.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False,
+                              pkv_state=state).logits[:, -1]
+
+        mask = torch.ones(1, context.length + len(ids), dtype=torch.long)
+        generated, step_logits, timings["decode"] = greedy_loop(
+            out.logits[:, -1], torch.tensor([context.length + len(ids)]), step, self.eos_ids, self.pad_id,
+            max_new_tokens)
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, None, None, timings)
 
 
 def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedModel:

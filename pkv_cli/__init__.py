@@ -11,6 +11,7 @@ from exporter.plan import human_bytes, make_plan
 from exporter.specs import DEFAULT_MODEL, PRESETS
 from pkv_cli.common import (
     PkvGroup,
+    check_text,
     emit_json,
     policy_from_options,
     policy_options,
@@ -86,16 +87,29 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Reference weights and compute dtype (without --engine).")
 @click.option("--random-weights", is_flag=True, help="Deterministic random weights of the model's shape.")
+@click.option("--context", "context_file", default=None,
+              help="Compress this file ('-' for stdin) once and answer every --question from it.")
+@click.option("--question", "questions", multiple=True,
+              help="With --context: a question (repeatable), each answered from a copy of the compressed context.",
+              callback=lambda c, p, v: tuple(check_text(x, "--question") for x in v))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
 def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str, ...], prompt_file: str | None,
-             max_new_tokens: int, dtype: str, random_weights: bool, as_json: bool, **kwargs) -> None:
-    """Generate greedily with a compressed KV cache: the PyTorch reference, or a built engine (--engine)."""
+             max_new_tokens: int, dtype: str, random_weights: bool, context_file: str | None,
+             questions: tuple[str, ...], as_json: bool, **kwargs) -> None:
+    """Generate greedily with a compressed KV cache: the PyTorch reference, or a built engine (--engine).
+
+    With --context and --question: the context is prefilled and compressed once, every question is answered from
+    a copy of that compressed cache (the context is not prefilled again)."""
     from engines.hf_model import torch_dtype
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
 
     policy = policy_from_options(kwargs)
-    texts = read_prompts(prompts, prompt_file)
+    if (context_file is None) != (not questions):
+        raise UserInputError("--context FILE and --question TEXT go together")
+    texts = read_prompts(prompts, prompt_file) if context_file is None else read_prompts((), context_file)
+    if context_file is not None and (prompts or prompt_file):
+        raise UserInputError("give --prompt/--prompt-file, or --context with --question, not both")
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if engine_dir is not None:
@@ -106,6 +120,9 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
         loaded = load_model(model, random_weights=random_weights)
         engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
         source = loaded.source
+    if context_file is not None:
+        _answer_questions(engine, texts[0], questions, max_new_tokens, as_json, source, policy)
+        return
     bar, update = progress_bar("decoding", max_new_tokens)
     with bar:
         result = engine.generate(texts, max_new_tokens, progress=update)
@@ -127,16 +144,34 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
                    "machinery (use --model DIR for a real checkpoint)", err=True)
 
 
+def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_json: bool, source: str,
+                      policy) -> None:
+    from engines.base import question_ids
+
+    room = max(len(question_ids(engine.tokenizer, q)) for q in questions) + max_new_tokens
+    cache = engine.compress_context(context, room=room)
+    answers = [engine.answer(cache, q, max_new_tokens) for q in questions]
+    if as_json:
+        pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
+        emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,
+                   "engine": engine.name, "context_tokens": cache.length, "context_kv_bytes": cache.kv_bytes,
+                   "context_prefill_s": round(cache.prefill_seconds, 4),
+                   "answers": [{"question": q, "tokens": a.tokens[0], "text": a.text[0], "timings_s": a.timings}
+                               for q, a in zip(questions, answers, strict=True)]})
+        return
+    for question, a in zip(questions, answers, strict=True):
+        click.echo(f"Q: {printable(question)}")
+        click.echo(f"A: {printable(a.text[0])}")
+
+
 def _register_engine_commands() -> None:
     from pkv_cli.engine import build, compare
+    from pkv_cli.sweep import sweep
     from pkv_cli.triton import client, serve, triton
     from pkv_cli.validate import validate
 
-    for command in (triton, serve, client):
+    for command in (build, compare, validate, sweep, triton, serve, client):
         main.add_command(command)
-    main.add_command(build)
-    main.add_command(compare)
-    main.add_command(validate)
 
 
 _register_engine_commands()

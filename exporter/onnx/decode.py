@@ -1,9 +1,10 @@
-"""The decode graph: one token per row -> logits, every layer's cache updated in its own buffer.
+"""The decode graph: S new tokens per row (1 while generating; a whole question when a compressed context is
+asked something, batch 1) -> logits of the last one, every layer's cache updated in its own buffer.
 
 I/O (per layer i; the buffers come from the prefill's present.{i}.* and stay where they are):
-  in:  input_ids, position_ids [B, 1] int64 (the token and its true absolute position);
+  in:  input_ids, position_ids [B, S] int64 (the tokens and their true absolute positions);
        past_key_values.{i}.key / .value [B, Hc, cap_i, d]: valid slots first;
-       past_lengths.{i} [B] int64: valid slots per row before this token (the token goes to that slot);
+       past_lengths.{i} [B] int64: valid slots per row before these tokens (they go to the slots after);
        cache_positions.{i} [B, Hc, n_i] int64 (sliding-window models only): the prefill's kept_indices.{i},
            i.e. the absolute position of each kept token, for the window mask
   out: logits [B, V] f32; present.{i}.key / .value [B, Hc, cap_i, d] (onnxruntime target: bind the past
@@ -23,8 +24,8 @@ from trt_plugins.onnx_graph import GraphBuilder
 
 
 def _window_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
-    """For a sliding-window model: a function T -> [B, H, 1, T] bool, slot s visible when its token's absolute
-    position is within the window of the current token. None for models without a window."""
+    """For a sliding-window model: a function T -> [B, H, S, T] bool, slot t visible to new token i when its
+    token's absolute position is within the window of token i's. None for models without a window."""
     s = lay.s
     if not s.sliding_window:
         return lambda total: None
@@ -41,16 +42,19 @@ def _window_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str,
                                                                               g.const([0]))),
                            g.const(-1))  # [B, Hc, T]
         slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(total), g.const(1)), [0, 1])  # [1, 1, T]
-        step = g.unsqueeze("position_ids", [2])  # [B, 1, 1]
-        # Slots after the prefill's tokens hold generated tokens: position = current - (past_length - slot).
-        generated = g.op("Add", g.op("Sub", step, g.unsqueeze(past_lengths, [1, 2])), slots)
-        pos = g.op("Where", g.op("Less", slots, kept), prefill_pos, generated)
-        ok = g.op("Less", g.op("Sub", step, pos), g.const(s.sliding_window))  # [B, Hc, T]
+        first = g.unsqueeze(g.slice("position_ids", g.const([0]), g.const([1]), axis=1), [2])  # [B, 1, 1]
+        # Slots after the prefill's tokens hold later tokens: position = first new - (past_length - slot).
+        later = g.op("Add", g.op("Sub", first, g.unsqueeze(past_lengths, [1, 2])), slots)
+        pos = g.op("Where", g.op("Less", slots, kept), prefill_pos, later)  # [B, Hc, T]
+        new = g.unsqueeze("position_ids", [1, 3])  # [B, 1, S, 1]
+        ok = g.op("Less", g.op("Sub", new, g.unsqueeze(pos, [2])), g.const(s.sliding_window))  # [B, Hc, S, T]
         group = s.num_heads // lay.cfg.cache_heads
         if group > 1:
-            ok = g.reshape(g.op("Expand", g.unsqueeze(ok, [2]), g.concat(g.dim(ok, 0), g.const(
-                [lay.cfg.cache_heads, group]), total)), g.const([0, s.num_heads, -1]))
-        return g.unsqueeze(ok, [2])  # [B, H, 1, T]
+            batch, steps = g.dim(ok, 0), g.dim(ok, 2)
+            shape = g.concat(batch, g.const([lay.cfg.cache_heads, group]), steps, total)
+            ok = g.reshape(g.op("Expand", g.unsqueeze(ok, [2]), shape),
+                           g.concat(batch, g.const([s.num_heads]), steps, total))
+        return ok  # [B, H, S, T]
 
     return visible
 
@@ -63,7 +67,8 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
     hc = cfg.cache_heads
     x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, 1, hidden]
     cos, sin = (None, None) if target.rotary_in_attention else lay.rope_tables("position_ids")
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 1]) for n in ("input_ids", "position_ids")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "new_tokens"])
+              for n in ("input_ids", "position_ids")]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
 
     def attend(layer: int, h: str) -> str:

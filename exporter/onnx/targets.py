@@ -70,21 +70,23 @@ class OnnxRuntimeTarget:
                          window=lay.s.sliding_window)
 
     def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
-        """h [B, 1, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
+        """h [B, S, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
         -> out [B, 1, H*d]; the updated caches are written to the names `present` (key, value).
-        `visible(T)` gives a [B, H, 1, T] mask or None. The new token is rotated at position_ids in the op."""
+        `visible(T)` gives a [B, H, S, T] mask or None. New tokens are rotated at position_ids in the op."""
         g, hc = lay.g, lay.cfg.cache_heads
+        new = g.dim(h, 1)  # S new tokens (a question at batch 1, else 1)
         packed = lay.qkv_packed(h, layer)
         if hc == lay.s.num_kv_heads:  # GQA splits the packed projection itself
             q, k, v = packed, "", ""
         else:  # query-head caches: the new K/V go to every query head
             q, k, v = lay.split_qkv(packed)
             k, v = lay.expand_kv(k, hc), lay.expand_kv(v, hc)
-        total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), g.const([1]))  # [1]
+        total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), new)  # [1]
         mask = visible(total)
         bias = None if mask is None else lay.g.op("Where", mask, g.const(0.0, lay.cfg.np_dtype),
                                                   g.const(float(np.finfo(lay.cfg.np_dtype).min), lay.cfg.np_dtype))
-        return self._gqa(lay, q, k, v, past_key, past_value, past_lengths, total, hc, bias=bias, present=present,
+        seqlens = g.op("Add", past_lengths, g.op("Sub", new, g.const([1])))  # GQA: total length - 1 per row
+        return self._gqa(lay, q, k, v, past_key, past_value, seqlens, total, hc, bias=bias, present=present,
                          rotary_positions="position_ids")[0]
 
     def select_attributes(self) -> dict:
@@ -136,8 +138,10 @@ class TensorRTTarget:
         present_v = g.op("TensorScatter", past_value, lay.to_heads(v, hc), past_lengths, axis=2,
                          outputs=[present[1]])
         capacity = g.dim(past_key, 2)
-        slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(capacity), g.const(1)), [0])  # [1, cap]
-        mask = g.unsqueeze(g.op("LessOrEqual", slots, g.unsqueeze(past_lengths, [1])), [1, 2])  # [B, 1, 1, cap]
+        slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(capacity), g.const(1)), [0, 1, 2])  # [1, 1, 1, cap]
+        new = g.unsqueeze(g.op("Range", g.const(0), g.scalar(g.dim(h, 1)), g.const(1)), [0, 1, 3])  # [1, 1, S, 1]
+        last = g.op("Add", g.unsqueeze(past_lengths, [1, 2, 3]), new)  # [B, 1, S, 1]: the slot of each new token
+        mask = g.op("LessOrEqual", slots, last)  # [B, 1, S, cap]: causal over the cache and the new tokens
         window = visible(capacity)
         if window is not None:
             mask = g.op("And", mask, window)

@@ -165,3 +165,49 @@ def test_graph_ops_per_target(tmp_path_factory, target):
     else:
         assert ("", "Attention") in ops["prefill"] & ops["decode"] and ("", "TensorScatter") in ops["decode"]
     assert engine.manifest["onnx"]["target"] == target
+
+
+CONTEXT = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 3
+QUESTIONS = [" Where is the cat?", " What does the fox do? Answer briefly."]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
+@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv"])
+def test_answers_from_one_compressed_context(tmp_path_factory, model, name, target):
+    """Several questions on one compressed context: the engine answers exactly as the reference does, and the
+    context is left as it was (the second question sees the same cache as the first)."""
+    kw = {"chunk_size": 4} if name == "chunkkv" else {}
+    ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
+    got_ctx, want_ctx = ort_engine.compress_context(CONTEXT, 48), reference.compress_context(CONTEXT, 48)
+    assert got_ctx.length == want_ctx.length and got_ctx.kv_bytes == want_ctx.kv_bytes
+    for a, b in zip(got_ctx.kept_indices, want_ctx.kept_indices, strict=True):
+        assert kept_sets(a[0]) == kept_sets(b[0])
+    for question in QUESTIONS + QUESTIONS[:1]:  # asking again gives the same answer: the context is not mutated
+        got = ort_engine.answer(got_ctx, question, 10, return_logits=True)
+        want = reference.answer(want_ctx, question, 10, return_logits=True)
+        assert got.tokens == want.tokens
+        assert (got.logits - want.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
+def test_full_kv_answer_is_generate_on_context_plus_question(tmp_path_factory, model):
+    ort_engine, reference = built(tmp_path_factory, model, "full", {})
+    tok = reference.tokenizer
+    for engine in (ort_engine, reference):
+        ctx = engine.compress_context(CONTEXT, 48)
+        ids = tok(CONTEXT)["input_ids"] + tok(QUESTIONS[1], add_special_tokens=False)["input_ids"]
+        whole = engine.generate([ids], 10, return_logits=True)
+        answer = engine.answer(ctx, QUESTIONS[1], 10, return_logits=True)
+        assert answer.tokens == whole.tokens
+        torch.testing.assert_close(answer.logits, whole.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_answer_checks_room(tmp_path_factory):
+    ort_engine, reference = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+    for engine in (ort_engine, reference):
+        ctx = engine.compress_context(CONTEXT, 8)
+        with pytest.raises(UserInputError, match="room for 8"):
+            engine.answer(ctx, QUESTIONS[1], 10)
+        with pytest.raises(UserInputError, match="empty question"):
+            engine.answer(ctx, "", 4)

@@ -104,3 +104,30 @@ def test_cuda_device_without_gpu_is_one_clear_line(tmp_path):
     assert invoke("build", "--kv-budget", "24", "--window", "4", "--out", str(out)).exit_code == 0
     r = invoke("generate", "--engine", str(out), "--device", "cuda", "--prompt", "hi")
     assert r.exit_code == 2 and "onnxruntime-gpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_answers_questions_from_one_context(tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 3)
+    common = ("generate", "--kv-budget", "24", "--window", "4", "--max-new-tokens", "6")
+    r = invoke(*common, "--context", str(context), "--question", " Where?", "--question", " Who jumps?", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [a["question"] for a in d["answers"]] == [" Where?", " Who jumps?"]
+    assert d["context_tokens"] > 24 and all(len(a["tokens"]) == 6 for a in d["answers"])
+    # each answer equals a run with that question alone: the context is not changed by earlier questions
+    alone = json.loads(invoke(*common, "--context", str(context), "--question", " Who jumps?", "--json").stdout)
+    assert alone["answers"][0]["tokens"] == d["answers"][1]["tokens"]
+    text = invoke(*common, "--context", str(context), "--question", " Where?")
+    assert text.exit_code == 0 and text.stdout.startswith("Q:  Where?\nA: ")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--question", "q"], "go together"),
+    (["--context", "-"], "go together"),
+    (["--context", "-", "--question", "q", "--prompt", "p"], "not both"),
+    (["--context", "-", "--question", ""], "empty question"),
+])
+def test_generate_context_usage_errors(args, fragment):
+    r = invoke("generate", *args, input="some context")
+    assert r.exit_code == 2 and fragment in r.stderr and "Traceback" not in r.output
