@@ -8,7 +8,8 @@ from pathlib import Path
 from exporter.engine_dir import read_manifest
 from exporter.errors import UserInputError
 
-RUNNERS = {"onnx": "engines.ort_engine:OrtEngine", "tensorrt": "engines.trt_engine:TensorRTEngine"}
+RUNNERS = {"onnx": "engines.ort_engine:OrtEngine", "tensorrt": "engines.trt_engine:TensorRTEngine",
+           "trtllm": "engines.trtllm_engine:TrtllmEngine"}
 
 
 def open_engine(engine_dir: Path, **options):

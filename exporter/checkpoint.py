@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,14 @@ def load_directory(directory: Path, name: str | None = None) -> LoadedModel:
     weights = SafetensorsWeights(directory)
     check_complete(spec, weights, str(directory))
     return LoadedModel(spec, str(directory), weights, directory)
+
+
+def save_tokenizer(loaded: LoadedModel, directory: Path) -> None:
+    """The checkpoint's own tokenizer files, copied into an engine directory (or the embedded one, saved)."""
+    directory.mkdir()
+    if loaded.directory is not None and any((loaded.directory / f).is_file() for f in TOKENIZER_FILES):
+        for f in loaded.directory.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map")) or f.name in ("generation_config.json",):
+                shutil.copy2(f, directory / f.name)
+        return
+    loaded.tokenizer().save_pretrained(directory)

@@ -21,7 +21,7 @@ from exporter.hash_cache import HashCache
 MANIFEST = "pkv-engine.json"
 FORMAT_VERSION = 3
 DIGEST_FIELD = "manifest_sha256"
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -144,6 +144,11 @@ def check_manifest(manifest: dict[str, Any], directory: Path) -> None:
                 and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str) and _HEX64.match(entry["sha256"])):
             raise UserInputError(f"{MANIFEST}: files[{i}] has a bad value {entry!r}")
     listed = {e["path"] for e in files}
+    if manifest["backend"] == "trtllm":
+        for name in _field(manifest, "trtllm.ranks", list, lambda v: all(isinstance(p, str) for p in v)) + [
+                _field(manifest, "trtllm.config", str)]:
+            if name not in listed:
+                raise UserInputError(f"{MANIFEST}: TensorRT-LLM file {name!r} is not among the engine's files")
     if manifest["backend"] == "tensorrt":
         for name in _field(manifest, "tensorrt.plans", list, lambda v: all(isinstance(p, str) for p in v)):
             if name not in listed:

@@ -17,13 +17,13 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
 @click.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @policy_options
-@click.option("--backend", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
-              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA), or TensorRT plans with the "
-                   "PyramidKVSelect plugin (a GPU host with TensorRT 10.x).")
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt", "trtllm"]), default="onnx", show_default=True,
+              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the PyramidKVSelect "
+                   "plugin (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint (written anywhere).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Graphs for onnxruntime (fused GroupQueryAttention, in-place caches) or for TensorRT's parser "
                    "(standard ops: Attention, TensorScatter; plugin-ready selection nodes). Both run on onnxruntime.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights, activations and KV cache of the engine (fp32 is compared with the reference to 1e-4).")
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt the engine accepts [model maximum].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Engine directory to create.")
@@ -36,10 +36,12 @@ MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in
               help="--backend tensorrt: largest batch the plans accept.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True,
               help="--backend tensorrt: most tokens generated per prompt (sizes every layer's cache).")
+@click.option("--tp", type=int, default=1, show_default=True, help="--backend trtllm: tensor-parallel ranks.")
+@click.option("--pp", type=int, default=1, show_default=True, help="--backend trtllm: pipeline-parallel ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
-          random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int, as_json: bool,
-          **kwargs) -> None:
+          random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int, tp: int,
+          pp: int, as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.outputs import check_output
 
@@ -53,7 +55,13 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
     bar, update = progress_bar("writing weights", 1)
     with bar:
-        if backend == "tensorrt":
+        if backend == "trtllm":
+            from exporter.trtllm.checkpoint import write_trtllm_checkpoint
+
+            manifest = write_trtllm_checkpoint(loaded, policy, out, tp=tp, pp=pp, dtype=dtype,
+                                               max_input_len=max_input_len, force=force, progress=update)
+            target = f"TensorRT-LLM 1.2, tp {tp} x pp {pp}"
+        elif backend == "tensorrt":
             from exporter.tensorrt.build import build_tensorrt_engine
 
             manifest = build_tensorrt_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len,

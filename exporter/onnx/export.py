@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from exporter.checkpoint import TOKENIZER_FILES, LoadedModel
+from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.errors import UserInputError
 from exporter.onnx.decode import build_decode
@@ -86,7 +86,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             onnx.save_model(model, str(tmp / name))
             onnx.checker.check_model(str(tmp / name))
             versions = {o.domain: o.version for o in model.opset_import}
-        _save_tokenizer(loaded, tmp / "tokenizer")
+        save_tokenizer(loaded, tmp / "tokenizer")
         manifest = write_manifest(tmp, {
             "backend": "onnx",
             "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights,
@@ -105,13 +105,3 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "tools": tool_versions(),
         })
     return manifest
-
-
-def _save_tokenizer(loaded: LoadedModel, directory: Path) -> None:
-    directory.mkdir()
-    if loaded.directory is not None and any((loaded.directory / f).is_file() for f in TOKENIZER_FILES):
-        for f in loaded.directory.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens_map")) or f.name in ("generation_config.json",):
-                shutil.copy2(f, directory / f.name)
-        return
-    loaded.tokenizer().save_pretrained(directory)

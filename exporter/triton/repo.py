@@ -72,7 +72,9 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
             raise UserInputError(f"model name {name!r}: use letters, digits, '_', '.', '-'")
     # TensorRT engines run on the GPU (the python backend's TensorRT runner registers the pkv plugins in the stub);
     # ONNX engines on CPU instances (onnxruntime picks CUDA by itself where onnxruntime-gpu sees one).
-    kinds = {name: "KIND_GPU" if read_manifest(engine)["backend"] == "tensorrt" else "KIND_CPU"
+    # TensorRT-LLM checkpoints run through its LLM API (PyTorch backend) inside the same python model, with KV cache
+    # block reuse off: an evicting policy changes what a cached block holds, so blocks cannot be shared.
+    kinds = {name: "KIND_GPU" if read_manifest(engine)["backend"] in ("tensorrt", "trtllm") else "KIND_CPU"
              for name, engine in engines.items()}  # read_manifest refuses unfinished, broken or edited engines
     with staging_dir(out, "triton-repo", force, engines.values()) as tmp:
         for name, engine in engines.items():

@@ -1,0 +1,79 @@
+"""The TensorRT-LLM engine: runs a `build --backend trtllm` directory with TensorRT-LLM 1.2's PyTorch backend and
+the `pyramidkv` sparse-attention algorithm of `engines.trtllm_sparse` (GPU hosts only).
+
+The PyTorch backend loads Hugging Face checkpoints: the runner uses the checkpoint recorded in the manifest
+(`model.checkpoint_dir`) with the policy of the manifest; the rank files of the same directory are the
+TensorRT-engine path's input (`trtllm-build`), which cannot run any KV selection. KV cache block reuse is off
+(eviction requires it). Without TensorRT-LLM it says what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from engines.base import GenerationResult, ProgressFn, finish_result
+from engines.built import BuiltEngine
+from exporter.errors import UserInputError
+
+TRTLLM_HINT = ("TensorRT-LLM 1.2 on a GPU host: pip install --extra-index-url https://pypi.nvidia.com "
+               "'tensorrt-llm==1.2.*'")
+
+
+def require_trtllm():
+    try:
+        import tensorrt_llm
+    except ImportError:
+        raise UserInputError(f"running a TensorRT-LLM checkpoint needs {TRTLLM_HINT}") from None
+    if not tensorrt_llm.__version__.startswith("1.2"):
+        raise UserInputError(f"TensorRT-LLM {tensorrt_llm.__version__} found; the pyramidkv integration is written "
+                             f"for 1.2 ({TRTLLM_HINT})")
+    return tensorrt_llm
+
+
+class TrtllmEngine(BuiltEngine):
+    name = "tensorrt-llm"
+    backend = "trtllm"
+
+    def __init__(self, engine_dir: Path, device: str = "cuda", manifest: dict | None = None):
+        super().__init__(engine_dir, manifest)
+        require_trtllm()
+        if not torch.cuda.is_available():  # pragma: no cover - TensorRT-LLM without a GPU
+            raise UserInputError("TensorRT-LLM needs a CUDA GPU")
+        from tensorrt_llm import LLM  # pragma: no cover - GPU host
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        from engines.trtllm_sparse import install
+
+        checkpoint = self.manifest["model"].get("checkpoint_dir")
+        if not checkpoint:
+            raise UserInputError(f"{self.dir}: built from random weights; TensorRT-LLM's PyTorch backend needs the "
+                                 "Hugging Face checkpoint it came from")
+        sparse = None
+        if self.manifest["policy"]["name"] != "full":
+            sparse = install(self.manifest["policy"], self.spec.num_layers, self.max_input_len)
+        trt = self.manifest["trtllm"]
+        self.llm = LLM(model=checkpoint, backend="pytorch", tensor_parallel_size=trt["tp"],
+                       pipeline_parallel_size=trt["pp"], sparse_attention_config=sparse,
+                       kv_cache_config=KvCacheConfig(enable_block_reuse=False),  # eviction needs reuse off
+                       enable_chunked_prefill=False)
+
+    def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 32, *,  # pragma: no cover
+                 return_logits: bool = False, return_indices: bool = False,
+                 progress: ProgressFn | None = None) -> GenerationResult:
+        from tensorrt_llm import SamplingParams
+
+        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        params = SamplingParams(max_tokens=max_new_tokens, top_k=1, return_generation_logits=return_logits)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(ids, params)
+        seconds = time.perf_counter() - t0
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        steps = []
+        if return_logits:  # [T, V] per row -> one [B, V] per step
+            steps = list(torch.stack([o.outputs[0].generation_logits.float().cpu() for o in outputs]).unbind(1))
+        mask = torch.ones(len(ids), max(len(x) for x in ids), dtype=torch.long)
+        return finish_result(self.tokenizer, tokens, mask, steps, return_logits, None, None,
+                             {"prefill": 0.0, "decode": seconds})

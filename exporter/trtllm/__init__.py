@@ -1,0 +1,1 @@
+"""The TensorRT-LLM checkpoint writer (config.json + rank{r}.safetensors) and its reader."""
