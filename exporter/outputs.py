@@ -39,6 +39,7 @@ OUTPUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "triton-repo": ("a pkv-export Triton model repository", _has_file("pkv-triton-repo.json")),
     "validation-run": ("a pkv-export validation run", lambda d: (d / "run.json").is_file()
                        or (d / "samples.jsonl").is_file()),
+    "sweep": ("a pkv-export sweep", _has_file("sweep-config.json")),
 }
 
 

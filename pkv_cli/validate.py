@@ -74,6 +74,9 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--question", default=None, help="NIAH question about the needle (with --needle).")
 @click.option("--answer", default=None, help="NIAH expected answer, scored by word recall (with --needle).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
+@click.option("--multi-query", is_flag=True,
+              help="NIAH: one context per length with a needle at every depth, each asked twice: re-compressed with "
+                   "the question, and from the context compressed once.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
 @click.option("--hub", is_flag=True, help="LongBench: load through the `datasets` library from the hub.")
 @click.option("--datasets", default=None, help="LongBench datasets, comma-separated [every file in --data].")
@@ -83,8 +86,8 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--skip-bad", is_flag=True, help="Count and skip malformed data lines instead of stopping.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def validate(engine_dir, model, suite, reference, reference_policy, limit, shard, resume, force, min_agreement, out,
-             merge_dirs, lengths, depths, haystack, needle, question, answer, max_new_tokens, data, hub, datasets,
-             config_dir, chat, skip_bad, as_json, **kwargs) -> None:
+             merge_dirs, lengths, depths, haystack, needle, question, answer, max_new_tokens, multi_query, data, hub,
+             datasets, config_dir, chat, skip_bad, as_json, **kwargs) -> None:
     """Validate an engine on Needle-in-a-Haystack or LongBench against the PyTorch reference.
 
     Every finished sample is appended to OUT/samples.jsonl; OUT/summary.json, OUT/report.md (and for NIAH
@@ -117,10 +120,12 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     # Every input is checked (and the engine opened and verified) before anything under --out is touched.
     inputs = [engine_dir, data, haystack, config_dir]
     _check_run_output(out, force, resume, inputs)
+    if multi_query and suite != "niah":
+        raise UserInputError("--multi-query is a NIAH mode (--suite niah)")
     if suite == "niah":
         spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
                          parse_grid_list(depths, float) if depths else None, haystack, needle, question, answer,
-                         max_new_tokens, chat)
+                         max_new_tokens, chat, multi_query=multi_query)
     else:
         spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat)
     engine, ref, description = _engines(engine_dir, model, policy, reference, reference_policy)
@@ -133,8 +138,8 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
         raise UserInputError(f"shard {index}/{count} holds no samples (there are fewer samples than shards)")
     run = {**description, "shard": f"{index}/{count}", "skipped_bad": bad,
            "config": {"suite": suite, "limit": limit, "lengths": lengths, "depths": depths, "datasets": datasets,
-                      "chat": chat, "max_new_tokens": max_new_tokens, "reference": reference,
-                      "reference_policy": reference_policy}}
+                      "chat": chat, "max_new_tokens": max_new_tokens, "multi_query": multi_query,
+                      "reference": reference, "reference_policy": reference_policy}}
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     if force and out.exists():
@@ -166,7 +171,7 @@ def _check_run_output(out: Path, force: bool, resume: bool, inputs) -> None:
 
 def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: int, count: int, resume: bool) -> dict:
     from validate.report import write_report
-    from validate.runner import SAMPLES_FILE, read_records, run_samples
+    from validate.runner import SAMPLES_FILE, read_records, record_ids, run_samples
 
     out.mkdir(parents=True, exist_ok=True)
     samples_file, run_file = out / SAMPLES_FILE, out / "run.json"
@@ -177,8 +182,8 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
             raise UserInputError(f"{out} holds a different run (engine, suite, shard or options differ); use --force")
     atomic_write_text(run_file, json.dumps(run, indent=2, ensure_ascii=False))
     done = {r["id"] for r in read_records(samples_file, repair=True)}
-    wanted = {s.id for s in samples}
-    finished = len(done & wanted)  # a resumed run's bar starts where the last one stopped
+    wanted = {rid for s in samples for rid in record_ids(s)}
+    finished = sum(all(r in done for r in record_ids(s)) for s in samples)  # a resumed bar starts where it stopped
     bar, update = progress_bar(f"{suite} {index}/{count}", len(samples), lines=True)
     with bar:
         update(finished, len(samples))

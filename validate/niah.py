@@ -337,6 +337,86 @@ def build_haystack_prompt(
     return _build(tokenizer, _TokenizedSentences(tokenizer, sentences), context_len, depth_percent, needle, chat)
 
 
+# --- several needles in one context (multi-query) -------------------------------------------------------------------
+
+# Needles for multi-query contexts, one per depth. The first is the default; the others are in the same two forms
+# (a "best thing to do" fact, a "magic number"), with answers none of the haystack's words.
+MULTI_NEEDLES = (
+    DEFAULT_NEEDLE,
+    Needle("The magic number of Lisbon is 4817203.", "What is the magic number of Lisbon?", "4817203"),
+    Needle("The best thing to do in Reykjavik is swim in a warm lagoon under the northern lights.",
+           "What is the best thing to do in Reykjavik?", "swim in a warm lagoon under the northern lights"),
+    Needle("The magic number of Winnipeg is 90316.", "What is the magic number of Winnipeg?", "90316"),
+    Needle("The best thing to do in Kyoto is walk through the bamboo forest at dawn.",
+           "What is the best thing to do in Kyoto?", "walk through the bamboo forest at dawn"),
+)
+
+
+@dataclass
+class MultiNeedleContext:
+    """One context holding several needles, and the questions about them, as token ids that continue it."""
+
+    context_ids: list[int]
+    question_ids: list[list[int]]  # question i: full prompt i = context_ids + question_ids[i]
+    needles: list[Needle]
+    depths: list[float]
+
+
+def build_multi_needle_context(tokenizer: Any, source: _TokenizedSentences, context_len: int,
+                               depths: Sequence[float], needles: Sequence[Needle], chat: bool) -> MultiNeedleContext:
+    """A haystack of at most `context_len` tokens with needle i at depth i, and for each needle the tokens of its
+    question, so that context + question is exactly the prompt a single-needle NIAH sample would be (the context
+    can be prefilled and compressed once, then asked each question)."""
+    for d in depths:
+        _check_depth(d)
+    if len(needles) < len(depths):
+        raise UserInputError(f"{len(depths)} depths need as many needles (there are {len(needles)})")
+    needles = list(needles[: len(depths)])
+    templated = _use_chat(tokenizer, chat)
+    tails = [_tail(n, templated) for n in needles]
+    fixed = max(len(_encode(tokenizer, _render(tokenizer, t, templated), add_special_tokens=not templated))
+                for t in tails)
+    needle_len = sum(_piece_lengths(tokenizer, [n.needle for n in needles]))
+    if fixed + needle_len > context_len:
+        raise UserInputError(f"NIAH context length {context_len} is too small: {len(needles)} needles and a question "
+                             f"take {fixed + needle_len} tokens")
+    n = source.count_within(context_len - fixed - needle_len)
+    cum = source.cum
+    sentinel = "\x00CONTEXT-END\x00"
+    while True:
+        at = [_nearest_boundary(cum, n, d) for d in depths]
+        pieces: list[str] = []
+        for k in range(n + 1):
+            pieces += [needle.needle for needle, where in zip(needles, at, strict=True) if where == k]
+            if k < n:
+                pieces.append(source.texts[k])
+        body = " ".join(pieces)
+        head = _render(tokenizer, body + sentinel, templated).split(sentinel, 1)[0]
+        context_ids = _encode(tokenizer, head, add_special_tokens=not templated)
+        prompts = [_encode(tokenizer, _render(tokenizer, body + t, templated), add_special_tokens=not templated)
+                   for t in tails]
+        excess = max(len(p) for p in prompts) - context_len
+        if excess <= 0:
+            break
+        if n == 0:  # pragma: no cover - the up-front check makes this unreachable for sane tokenizers
+            raise UserInputError(f"NIAH context length {context_len} is too small for the needles")
+        n = max(0, bisect.bisect_right(cum, cum[n] - excess, 0, n + 1) - 1)
+    for p in prompts:
+        if p[: len(context_ids)] != context_ids:
+            raise UserInputError("this tokenizer merges tokens across the end of the context and the question; "
+                                 "multi-query NIAH needs them separable")
+    return MultiNeedleContext(context_ids, [p[len(context_ids):] for p in prompts], needles, [float(d) for d in depths])
+
+
+def multi_needle_contexts(tokenizer: Any, lengths: Iterable[int], depths: Sequence[float], haystack: str | Path | None,
+                          chat: bool, seed: int = 0) -> list[tuple[int, MultiNeedleContext]]:
+    """One context per length, with one needle of `MULTI_NEEDLES` per depth."""
+    stream = generated_sentences(seed) if haystack is None else directory_sentences(haystack)
+    source = _TokenizedSentences(tokenizer, stream)
+    return [(n, build_multi_needle_context(tokenizer, source, n, depths, MULTI_NEEDLES, chat))
+            for n in dict.fromkeys(lengths)]
+
+
 # --- grid ----------------------------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,8 @@ def niah_heatmaps(cells: list[dict], out_png: Path, title: str) -> Path:
     lengths = sorted({int(c["context_len"]) for c in cells})
     depths = sorted({float(c["depth_percent"]) for c in cells})
     panels = [("Engine", _grid(cells, "engine_score", lengths, depths))]
+    if any(c.get("engine_reuse_score") is not None for c in cells):
+        panels.append(("Engine, context compressed once", _grid(cells, "engine_reuse_score", lengths, depths)))
     if any(c.get("reference_score") is not None for c in cells):
         panels.append(("Reference", _grid(cells, "reference_score", lengths, depths)))
 
@@ -79,6 +81,12 @@ def niah_heatmaps(cells: list[dict], out_png: Path, title: str) -> Path:
     fig.colorbar(image, ax=list(axes), label="score")
     fig.suptitle(title)
 
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write a figure as PNG through a temporary sibling, so readers never see a partial file."""
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".tmp", dir=out_png.parent)
     try:

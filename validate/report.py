@@ -22,6 +22,7 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
     for r in records:
         by_group[r["group"]].append(r)
     has_ref = any("reference_score" in r for r in records)
+    has_reuse = any("engine_reuse_score" in r for r in records)  # multi-query: the compress-once answers too
     groups = []
     for name in sorted(by_group, key=_group_key):
         rows = by_group[name]
@@ -29,8 +30,13 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
                              "engine_score": _score([r["engine_score"] for r in rows], suite)}
         if suite == "niah":
             g["context_len"], g["depth_percent"] = rows[0].get("context_len"), rows[0].get("depth_percent")
+        if has_reuse:
+            g["engine_reuse_score"] = _score([r["engine_reuse_score"] for r in rows], suite)
         if has_ref:
             g["reference_score"] = _score([r["reference_score"] for r in rows], suite)
+            if has_reuse:
+                g["reference_reuse_score"] = _score([r["reference_reuse_score"] for r in rows], suite)
+                g["reuse_agreement_rate"] = round(mean(1.0 if r["reuse_tokens_agree"] else 0.0 for r in rows), 4)
             g["delta"] = round(g["engine_score"] - g["reference_score"], 4)
             g["agreement_rate"] = round(mean(1.0 if r["tokens_agree"] else 0.0 for r in rows), 4)
             layers = [mean(x for x in r["index_agreement_per_layer"] if x is not None) for r in rows
@@ -40,6 +46,9 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
     overall: dict[str, Any] = {"n": len(records)}
     if groups:
         overall["engine_score"] = round(mean(g["engine_score"] for g in groups), 4)
+        for key in ("engine_reuse_score", "reference_reuse_score", "reuse_agreement_rate"):
+            if key in groups[0]:
+                overall[key] = round(mean(g[key] for g in groups), 4)
         if has_ref:
             overall["reference_score"] = round(mean(g["reference_score"] for g in groups), 4)
             overall["delta"] = round(overall["engine_score"] - overall["reference_score"], 4)
@@ -81,6 +90,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [f"- time: engine {t['engine_seconds']} s{ref_time}", ""]
     cols = ["group", "n", "engine_score"] + (["reference_score", "delta", "agreement_rate", "index_agreement"]
                                             if has_ref else [])
+    reuse = [c for c in ("engine_reuse_score", "reference_reuse_score", "reuse_agreement_rate") if c in o]
+    if reuse:  # multi-query: the same questions answered from one compressed context
+        cols += reuse
+        lines.insert(-1, f"- multi-query: engine score with the context compressed once: {o['engine_reuse_score']}"
+                         f" (re-compressed with each question: {o['engine_score']})")
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for g in summary["groups"]:
@@ -96,7 +110,8 @@ def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: 
         from validate.plots import niah_heatmaps
 
         cells = [{"context_len": g["context_len"], "depth_percent": g["depth_percent"],
-                  "engine_score": g["engine_score"], "reference_score": g.get("reference_score")}
+                  "engine_score": g["engine_score"], "reference_score": g.get("reference_score"),
+                  "engine_reuse_score": g.get("engine_reuse_score")}
                  for g in summary["groups"]]
         niah_heatmaps(cells, out_dir / "niah_heatmap.png", "NIAH answer recall by context length and needle depth")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))

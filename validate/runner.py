@@ -52,10 +52,20 @@ def compare_one(engine_result, reference_result) -> dict[str, Any]:
 def run_samples(samples: list[ValidationSample], suite, engine, reference, out_file: Path,
                 done_ids: set[str], progress=None) -> list[dict[str, Any]]:
     """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished."""
+    from validate.multiquery import run_context
+
     records = []
-    todo = [s for s in samples if s.id not in done_ids]
+    todo = [s for s in samples if not _done(s, done_ids)]
     with out_file.open("a", encoding="utf-8") as f:
         for k, sample in enumerate(todo):
+            if "questions" in sample.meta:  # a multi-query context: one record per question, written together
+                for record in run_context(sample, suite, engine, reference):
+                    if record["id"] not in done_ids:
+                        _append(f, record)
+                        records.append(record)
+                if progress:
+                    progress(k + 1, len(todo))
+                continue
             t0 = time.perf_counter()
             got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True)
             record: dict[str, Any] = {
@@ -63,18 +73,37 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
                 "engine_answer": got.text[0], "engine_score": suite.score(sample, got.text[0]),
                 "engine_seconds": round(time.perf_counter() - t0, 4),
             }
+            if got.kept_indices is not None:  # (layer, cache head, token) slots held: the cache's real size
+                record["kv_slots"] = int(sum((k[0] >= 0).sum() for k in got.kept_indices))
             if reference is not None:
                 t1 = time.perf_counter()
                 want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)
                 record.update({"reference_answer": want.text[0], "reference_score": suite.score(sample, want.text[0]),
                                "reference_seconds": round(time.perf_counter() - t1, 4), **compare_one(got, want)})
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            _append(f, record)
             records.append(record)
             if progress:
                 progress(k + 1, len(todo))
     return records
+
+
+def record_ids(sample: ValidationSample) -> list[str]:
+    """The ids of the records a sample produces: its own, or one per question of a multi-query context."""
+    if "questions" in sample.meta:
+        from validate.multiquery import question_ids
+
+        return question_ids(sample)
+    return [sample.id]
+
+
+def _done(sample: ValidationSample, done_ids: set[str]) -> bool:
+    return all(r in done_ids for r in record_ids(sample))
+
+
+def _append(f, record: dict[str, Any]) -> None:
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _meta(sample: ValidationSample) -> dict[str, Any]:

@@ -35,6 +35,7 @@ class NiahSuite:
     max_new_tokens: int = 32
     chat: bool = True
     seed: int = 0
+    multi_query: bool = False  # one context per length with a needle at every depth, each asked (validate.multiquery)
     name: str = "niah"
 
     def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
@@ -48,6 +49,8 @@ class NiahSuite:
         given = (self.needle, self.question, self.answer)
         if any(given) and not all(given):
             raise UserInputError("--needle, --question and --answer go together")
+        if self.multi_query:
+            return self._multi_query_samples(tokenizer, lengths, depths, limit, any(given)), []
         needle = Needle(*given) if all(given) else DEFAULT_NEEDLE
         out = []
         for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
@@ -56,10 +59,27 @@ class NiahSuite:
                                          "answer": s.answer}))
         return out[:limit] if limit else out, []
 
+    def _multi_query_samples(self, tokenizer, lengths, depths, limit, custom_needle: bool) -> list[ValidationSample]:
+        from validate.niah import MULTI_NEEDLES, multi_needle_contexts
+
+        if custom_needle:
+            raise UserInputError("--multi-query uses its own needles; it does not take --needle/--question/--answer")
+        if len(depths) > len(MULTI_NEEDLES):
+            raise UserInputError(f"--multi-query puts one needle per depth: at most {len(MULTI_NEEDLES)} depths")
+        out = []
+        for n, ctx in multi_needle_contexts(tokenizer, lengths, depths, self.haystack, self.chat, self.seed):
+            out.append(ValidationSample(f"niah-mq-L{n}", f"L{n}", ctx.context_ids, self.max_new_tokens,
+                                        {"context_len": n, "depths": ctx.depths, "questions": ctx.question_ids,
+                                         "answers": [needle.answer for needle in ctx.needles]}))
+        return out[:limit] if limit else out
+
     def score(self, sample: ValidationSample, prediction: str) -> float:
+        return self.score_text(prediction, sample.meta["answer"])
+
+    def score_text(self, prediction: str, answer: str) -> float:
         from validate.niah import score_answer
 
-        return score_answer(prediction, sample.meta["answer"])["recall"]
+        return score_answer(prediction, answer)["recall"]
 
 
 @dataclass

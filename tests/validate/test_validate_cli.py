@@ -132,3 +132,44 @@ def test_bad_usage(tmp_path, args, fragment):
     r = run(*args)
     assert r.exit_code == 2, r.output
     assert fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multi_query_niah_scores_both_ways(tmp_path):
+    """One context per length with a needle at every depth; each question answered re-compressed and from the
+    context compressed once, on the engine and the reference; the ORT engine agrees with the reference in both."""
+    engine = tmp_path / "E"
+    assert CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--kv-budget", "48", "--window", "4",
+                                     "--max-input-len", "1024", "--out", str(engine)]).exit_code == 0
+    out = tmp_path / "mq"
+    r = run("--engine", str(engine), "--suite", "niah", "--multi-query", "--lengths", "500,700",
+            "--depths", "10,50,90", "--max-new-tokens", "6", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["overall"]["n"] == 6  # 2 contexts x 3 questions
+    assert summary["overall"]["agreement_rate"] == 1.0 and summary["overall"]["reuse_agreement_rate"] == 1.0
+    assert {"engine_reuse_score", "reference_reuse_score"} <= set(summary["groups"][0])
+    records = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert sorted(r["id"] for r in records) == sorted(f"niah-mq-L{n}-D{d}" for n in (500, 700) for d in (10, 50, 90))
+    assert {r["answer"] for r in records} == {"eat a sandwich and sit in Dolores Park on a sunny day", "4817203",
+                                              "swim in a warm lagoon under the northern lights"}
+    assert all(r["prompt_tokens"] <= r["context_len"] for r in records)
+    assert "compressed once" in (out / "report.md").read_text()
+    # resume after losing the last context's records: only that context is run again
+    lines = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    (out / "samples.jsonl").write_text("".join(lines[:4]))
+    r = run("--engine", str(engine), "--suite", "niah", "--multi-query", "--lengths", "500,700",
+            "--depths", "10,50,90", "--max-new-tokens", "6", "--out", str(out), "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["n"] == 6
+    ids = [json.loads(line)["id"] for line in (out / "samples.jsonl").open()]
+    assert len(ids) == 6 == len(set(ids))  # the context re-run, only its 2 missing questions appended
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--suite", "longbench", "--data", "X"], "NIAH mode"),
+    (["--suite", "niah", "--depths", "0,20,40,60,80,100"], "at most 5 depths"),
+    (["--suite", "niah", "--needle", "n", "--question", "q", "--answer", "a"], "its own needles"),
+])
+def test_multi_query_bad_input(tmp_path, args, fragment):
+    r = run("--model", "tiny-llama3", "--multi-query", *args, "--lengths", "500", "--out",
+            str(tmp_path / "o"))
+    assert r.exit_code == 2 and fragment in r.stderr, r.output

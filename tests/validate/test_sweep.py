@@ -1,0 +1,129 @@
+"""`pkv-export sweep`: every (policy, budget) cell on the same samples, resumable, with bytes checked against plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pkv_cli import main
+from validate.sweep import category_scores, parse_cells
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NIAH = ("sweep", "--model", "tiny-llama3", "--policies", "full,streamingllm,pyramidkv", "--budgets", "32,16",
+        "--window", "4", "--suite", "niah", "--lengths", "320,400", "--depths", "0,100", "--max-new-tokens", "4")
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def onnx_sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "niah"
+    r = run(*NIAH, "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def cells_of(out: Path) -> dict[str, dict]:
+    return {c["cell"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+
+
+def test_every_cell_once_with_bytes_checked_against_plan(onnx_sweep):
+    summary = json.loads((onnx_sweep / "sweep.json").read_text())
+    cells = cells_of(onnx_sweep)
+    assert summary["complete"] and summary["samples"] == 4
+    assert list(cells) == ["full", "streamingllm-C16", "streamingllm-C32", "pyramidkv-C16", "pyramidkv-C32"]
+    assert all(c["kv_matches_plan"] and c["n"] == 4 for c in cells.values())
+    assert cells["full"]["kv_ratio"] == 1.0 and cells["full"]["delta_to_full"] == 0.0
+    for policy in ("streamingllm", "pyramidkv"):  # compressed, and more bytes for the larger budget
+        assert 0 < cells[f"{policy}-C16"]["kv_ratio"] < cells[f"{policy}-C32"]["kv_ratio"] < 0.2
+    for png in ("score_vs_kv.png", "niah_cells.png"):
+        assert (onnx_sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (onnx_sweep / "report.md").read_text()
+    assert "| pyramidkv-C16 |" in report and "L320" in report and "![niah_cells](niah_cells.png)" in report
+    assert sorted(p.name for p in (onnx_sweep / "engines").iterdir()) == sorted(cells)  # one engine per cell
+
+
+def test_the_onnx_cells_answer_as_the_reference_cells(onnx_sweep, tmp_path):
+    out = tmp_path / "ref"
+    assert run(*NIAH, "--engine-backend", "reference", "--out", str(out)).exit_code == 0
+    for cell in cells_of(onnx_sweep):
+        answers = [[json.loads(line)["engine_answer"] for line in (d / "cells" / cell / "samples.jsonl").open()]
+                   for d in (onnx_sweep, out)]
+        assert answers[0] == answers[1]
+
+
+def test_resume_runs_only_what_is_missing(onnx_sweep, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(onnx_sweep, out)
+    victim = out / "cells" / "pyramidkv-C32" / "samples.jsonl"
+    lines = victim.read_text().splitlines(keepends=True)
+    victim.write_text(lines[0] + lines[1][:10])  # killed mid-write: one sample finished, one torn
+    (out / "sweep.json").unlink()
+    untouched = (out / "cells" / "full" / "samples.jsonl").read_text()
+    engine_stamp = (out / "engines" / "pyramidkv-C32" / "pkv-engine.json").stat().st_mtime_ns
+    r = run(*NIAH, "--out", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    def answers(rows):
+        return [{k: v for k, v in json.loads(row).items() if k != "engine_seconds"} for row in rows]
+
+    assert answers(victim.read_text().splitlines()) == answers(lines)  # the torn sample redone, the same answers
+    assert (out / "cells" / "full" / "samples.jsonl").read_text() == untouched
+    assert (out / "engines" / "pyramidkv-C32" / "pkv-engine.json").stat().st_mtime_ns == engine_stamp
+    def timeless(rows):
+        return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in rows.items()}
+
+    assert timeless(cells_of(out)) == timeless(cells_of(onnx_sweep))  # the same table as the uninterrupted sweep
+    # a resume with other settings is refused, and leaves the sweep alone
+    r = run(*[a if a != "32,16" else "32,24" for a in NIAH], "--out", str(out), "--resume")
+    assert r.exit_code == 2 and "other settings (budgets)" in r.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--policies", "full,nope"], "unknown nope"),
+    (["--budgets", "16,x"], "must be integers"),
+    (["--budgets", "16,16"], "distinct"),
+    (["--budgets", "4"], "--window"),
+    (["--resume", "--force"], "give one of them"),
+])
+def test_bad_input_is_one_line(tmp_path, args, fragment):
+    r = run(*NIAH, *args, "--out", str(tmp_path / "s"))
+    assert r.exit_code == 2 and fragment in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_force_replaces_only_a_sweep(tmp_path, onnx_sweep):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = run(*NIAH, "--out", str(other), "--force")
+    assert r.exit_code == 2 and "replaces only a pkv-export sweep" in r.stderr
+    assert (other / "notes.txt").read_text() == "mine"
+    r = run(*NIAH, "--out", str(onnx_sweep))
+    assert r.exit_code == 2 and "--force" in r.stderr
+
+
+def test_longbench_categories(tmp_path):
+    out = tmp_path / "lb"
+    r = run("sweep", "--model", "tiny-llama3", "--policies", "full,snapkv", "--budgets", "24", "--window", "4",
+            "--suite", "longbench", "--data", str(FIXTURES), "--datasets", "hotpotqa,trec", "--limit", "1",
+            "--engine-backend", "reference", "--max-input-len", "512", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    cells = {c["cell"]: c for c in json.loads(r.stdout)["cells"]}
+    assert set(cells) == {"full", "snapkv-C24"}
+    assert set(cells["snapkv-C24"]["categories"]) == {"multi-doc QA", "few-shot"}
+    assert (out / "score_vs_kv.png").is_file() and not (out / "niah_cells.png").exists()
+
+
+def test_cells_and_categories():
+    cells = parse_cells("pyramidkv,full,pyramidkv", "128,64", 8)
+    assert [c.name for c in cells] == ["pyramidkv-C64", "pyramidkv-C128", "full"]
+    groups = [{"group": "hotpotqa", "engine_score": 40.0}, {"group": "musique", "engine_score": 20.0},
+              {"group": "trec_e", "engine_score": 10.0}, {"group": "mine", "engine_score": 1.0}]
+    assert category_scores(groups) == {"multi-doc QA": 30.0, "few-shot": 10.0, "other": 1.0}

@@ -1,0 +1,125 @@
+"""A sweep's report: tables (Markdown) and plots (score versus KV ratio; every cell's NIAH heatmap side by side)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from validate.plots import save_figure
+
+
+def _niah_cell(group: str) -> tuple[int, float]:
+    length, depth = group[1:].split("-D")
+    return int(length), float(depth)
+
+
+def _by_length(row: dict) -> dict[int, float]:
+    """NIAH: a cell's mean score per context length (over depths)."""
+    sums: dict[int, list[float]] = {}
+    for group, score in row["groups"].items():
+        sums.setdefault(_niah_cell(group)[0], []).append(score)
+    return {n: round(sum(v) / len(v), 4) for n, v in sorted(sums.items())}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    rows, suite = summary["cells"], summary["suite"]
+    done = "" if summary["complete"] else " (incomplete: resume with --resume)"
+    lines = [f"# Sweep: {summary['suite']} on {summary['model']}{done}", "",
+             f"- cells run by: {summary['engine_backend']} ({summary['dtype']}), window {summary['window']}",
+             f"- samples per cell: {summary.get('samples')}", ""]
+    extra: list[str] = []
+    if suite == "longbench":
+        extra = sorted({c for r in rows for c in r.get("categories", {})})
+    elif rows:
+        extra = [f"L{n}" for n in sorted({n for r in rows for n in _by_length(r)})]
+    cols = ["cell", "score", "delta_to_full", "kv_ratio", "kv_bytes_held", "kv_matches_plan", *extra]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in rows:
+        per = r.get("categories", {}) if suite == "longbench" else {f"L{n}": v for n, v in _by_length(r).items()}
+        values = [r["cell"], r["score"], r["delta_to_full"], r["kv_ratio"], r["kv_bytes_held"], r["kv_matches_plan"]]
+        lines.append("| " + " | ".join(str(v) for v in values + [per.get(c) for c in extra]) + " |")
+    lines += ["", "kv_ratio: K/V bytes the engine held after the prefill over FullKV's, over all samples; "
+              "kv_matches_plan: equal to `pkv-export plan` for every sample."]
+    if summary.get("plots"):
+        lines += [""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, summary: dict[str, Any], suite: str) -> list[str]:
+    """Write the sweep's PNGs into `out`; return their names."""
+    names = [_score_vs_kv(out / "score_vs_kv.png", summary, suite).name]
+    if suite == "niah":
+        names.append(_niah_cells(out / "niah_cells.png", summary).name)
+    return names
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
+    """One panel per LongBench category (plus the overall score): score against KV ratio, a line per policy."""
+    rows = summary["cells"]
+    panels = ["overall"] + (sorted({c for r in rows for c in r.get("categories", {})}) if suite == "longbench" else [])
+    cols = min(len(panels), 4)
+    fig = _figure(4.2 * cols, 3.4 * math.ceil(len(panels) / cols))
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    for ax, panel in zip(axes, panels, strict=False):
+        for policy in policies:
+            mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["kv_ratio"] or 0)
+            ys = [r["score"] if panel == "overall" else r.get("categories", {}).get(panel) for r in mine]
+            xs = [r["kv_ratio"] for r in mine]
+            if policy == "full" and ys and ys[0] is not None:
+                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="full")
+            elif any(y is not None for y in ys):
+                ax.plot(xs, ys, marker="o", label=policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes held / FullKV")
+        ax.set_ylabel("score")
+        ax.set_title(panel)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{summary['suite']} score versus KV cache size ({summary['model']})")
+    return save_figure(fig, path)
+
+
+def _niah_cells(path: Path, summary: dict) -> Path:
+    """Every cell's NIAH heatmap (depth x context length) side by side, on one colour scale."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    rows = summary["cells"]
+    lengths = sorted({_niah_cell(g)[0] for r in rows for g in r["groups"]})
+    depths = sorted({_niah_cell(g)[1] for r in rows for g in r["groups"]})
+    cols = min(len(rows), 5)
+    nrows = math.ceil(len(rows) / cols)
+    fig = _figure(max(3.0, 0.6 * len(lengths) + 1.5) * cols + 1, (0.35 * len(depths) + 1.6) * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    cmap, norm = colormaps["RdYlGn"].with_extremes(bad="white"), Normalize(0.0, 1.0)
+    image = None
+    for ax, r in zip(axes, rows, strict=False):
+        cells = {_niah_cell(g): s for g, s in r["groups"].items()}
+        matrix = [[cells.get((n, d), math.nan) for n in lengths] for d in depths]
+        image = ax.imshow(matrix, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        for i, line in enumerate(matrix):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_title(f"{r['cell']} ({r['score']})", fontsize=9)
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes), label="recall")
+    fig.suptitle(f"NIAH recall per cell: needle depth (rows) x context length (columns), {summary['model']}")
+    return save_figure(fig, path)
