@@ -38,8 +38,12 @@ class TritonTextClient:
     def __exit__(self, *exc) -> None:
         self._client.close()
 
-    def generate(self, model: str, prompt: str, max_new_tokens: int | None = None, stop: str | None = None) -> dict:
-        """{'text', 'output_ids', 'seconds'}; a server-side error becomes JobError with Triton's message."""
+    def generate(self, model: str, prompt: str, max_new_tokens: int | None = None, stop: str | None = None, *,
+                 context_id: str | None = None, store_context: bool = False, room: int | None = None) -> dict:
+        """{'text', 'output_ids', 'seconds'}; a server-side error becomes JobError with Triton's message.
+
+        With `context_id` and `store_context`, `prompt` is a context the model compresses and keeps under that id;
+        with `context_id` alone, `prompt` is a question about that stored context."""
         from tritonclient.utils import InferenceServerException
 
         data = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
@@ -50,6 +54,12 @@ class TritonTextClient:
             params["max_new_tokens"] = int(max_new_tokens)
         if stop is not None:
             params["stop"] = stop
+        if context_id is not None:
+            params["context_id"] = context_id
+            if store_context:
+                params["store_context"] = True
+                if room is not None:
+                    params["room"] = int(room)
         outputs = [self.tc.InferRequestedOutput("text_output"), self.tc.InferRequestedOutput("output_ids")]
         t0 = time.perf_counter()
         try:

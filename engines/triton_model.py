@@ -5,11 +5,20 @@ Request parameters: `max_new_tokens` (int, default from the model config) and `s
 cut before its first occurrence). Requests that Triton's dynamic batcher hands over together run as one
 engine batch (left-padded; every prompt keeps its own KV budget, so each answer equals the engine's direct
 output for that prompt alone). A bad request gets an error response; the others in the batch are unaffected.
+
+Compressed contexts (multi-turn; engines with `compress_context`, i.e. onnx): a request with the parameters
+`context_id` and `store_context: true` prefills and compresses its text once and keeps the cache under that id
+(`room`: question + answer tokens each later question may add, default 512; at most `max_contexts` ids per model
+instance, parameter of config.pbtxt, default 16, the least recently used dropped first); it answers with a JSON
+text {"context_id", "context_tokens", "kv_bytes"}. A request with `context_id` alone is a question about that
+context: it is answered from a copy of the stored cache, without prefilling the context again. The store belongs
+to one model instance: serve with one instance (the default) when clients use context ids.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +47,38 @@ class TritonPythonModel:
         self.engine = open_engine(engine_dir, device="auto")  # CUDA when onnxruntime-gpu sees a GPU
         self.default_new_tokens = int(params.get("default_max_new_tokens", "32"))
         self.limit = min(MAX_NEW_TOKENS_LIMIT, self.engine.spec.max_position_embeddings)
+        self.contexts: OrderedDict = OrderedDict()  # context_id -> ContextCache, least recently used first
+        self.max_contexts = int(params.get("max_contexts", "16"))
 
-    def _parse(self, request) -> tuple[list[int], int, str | None]:
+    def _context_request(self, text: str, params: dict, new_tokens: int) -> tuple[str, list[int]]:
+        """(text_output, output_ids) of a request that stores a context or asks about a stored one."""
+        context_id = params["context_id"]
+        if not isinstance(context_id, str) or not context_id or len(context_id) > 256:
+            raise RequestError("context_id must be a non-empty string of at most 256 characters")
+        if not hasattr(self.engine, "compress_context"):
+            raise RequestError(f"this engine ({self.engine.name}) cannot keep compressed contexts")
+        if params.get("store_context"):
+            room = params.get("room", 512)
+            if isinstance(room, bool) or not isinstance(room, int) or not 1 <= room <= self.limit:
+                raise RequestError(f"room must be an integer in [1, {self.limit}] (got {room!r})")
+            ids = self.engine.tokenizer(text)["input_ids"]
+            if len(ids) + room > self.engine.spec.max_position_embeddings or len(ids) > self.engine.max_input_len:
+                raise RequestError(f"a context of {len(ids)} tokens with room {room} does not fit the engine")
+            cache = self.engine.compress_context(ids, room=room)
+            self.contexts.pop(context_id, None)
+            self.contexts[context_id] = cache
+            while len(self.contexts) > self.max_contexts:
+                self.contexts.popitem(last=False)
+            return json.dumps({"context_id": context_id, "context_tokens": cache.length,
+                               "kv_bytes": cache.kv_bytes}), []
+        cache = self.contexts.get(context_id)
+        if cache is None:
+            raise RequestError(f"unknown context_id {context_id!r} (store it first with store_context)")
+        self.contexts.move_to_end(context_id)
+        result = self.engine.answer(cache, text, new_tokens)
+        return result.text[0], result.tokens[0]
+
+    def _parse(self, request) -> tuple[list[int] | str, int, str | None, dict]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
         if tensor is None:
             raise RequestError("missing input 'text_input'")
@@ -57,19 +96,28 @@ class TritonPythonModel:
         stop = params.get("stop")
         if stop is not None and (not isinstance(stop, str) or not stop):
             raise RequestError("stop must be a non-empty string")
+        if "context_id" in params:  # tokenised where the context or the question is used
+            return text, new_tokens, stop, params
         ids = self.engine.tokenizer(text)["input_ids"]
         if len(ids) > self.engine.max_input_len:
             raise RequestError(f"prompt has {len(ids)} tokens, the engine accepts at most {self.engine.max_input_len}")
-        return ids, new_tokens, stop
+        return ids, new_tokens, stop, params
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         batch: list[tuple[int, list[int], int, str | None]] = []
         for k, request in enumerate(requests):
             try:
-                ids, new_tokens, stop = self._parse(request)
+                ids, new_tokens, stop, params = self._parse(request)
+                if "context_id" in params:  # one at a time: each has its own cache
+                    text, tokens = self._context_request(ids, params, new_tokens)
+                    responses[k] = self._response(text, tokens, stop)
+                    continue
             except (RequestError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                continue
+            except Exception as e:  # a failing context request must not take the batch or the server down
+                responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
                 continue
             batch.append((k, ids, new_tokens, stop))
         if not batch:
@@ -82,14 +130,17 @@ class TritonPythonModel:
             return responses
         for row, (k, _, new_tokens, stop) in enumerate(batch):
             tokens = result.tokens[row][:new_tokens]
-            text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-            responses[k] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-                pb_utils.Tensor("output_ids", np.array([tokens], dtype=np.int64)),
-            ])
+            responses[k] = self._response(self.engine.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stop)
         return responses
+
+    @staticmethod
+    def _response(text: str, tokens: list[int], stop: str | None):
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array([tokens], dtype=np.int64)),
+        ])
 
     def finalize(self) -> None:
         self.engine = None

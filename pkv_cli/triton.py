@@ -106,13 +106,22 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 @click.option("--max-new-tokens", type=int, default=None, help="[the model's default]")
 @click.option("--stop", default=None, help="Cut the answer before this string.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--context-id", default=None,
+              help="Ask about the context stored under this id (or, with --store-context, store --prompt as it).")
+@click.option("--store-context", is_flag=True, help="With --context-id: compress --prompt once and keep it.")
+@click.option("--room", type=int, default=None,
+              help="With --store-context: question + answer tokens each later question may add [512].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (text, token ids, timing).")
-def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, as_json) -> None:
+def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, context_id, store_context, room,
+           as_json) -> None:
     """Send one prompt to a served engine with tritonclient and print the answer."""
     from engines.triton_client import TritonTextClient
 
+    if (store_context or room is not None) and context_id is None:
+        raise UserInputError("--store-context and --room need --context-id")
     with TritonTextClient(url, protocol, timeout) as c:
-        result = c.generate(model_name, prompt, max_new_tokens=max_new_tokens, stop=stop)
+        result = c.generate(model_name, prompt, max_new_tokens=max_new_tokens, stop=stop, context_id=context_id,
+                            store_context=store_context, room=room)
     if as_json:
         emit_json({"model": model_name, "protocol": protocol, **result})
     else:

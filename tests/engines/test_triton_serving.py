@@ -96,6 +96,37 @@ def test_grpc_and_the_cli_client(server, engine_dir):
     assert d["output_ids"] == want.tokens[0] and d["text"] == want.text[0]
 
 
+CONTEXT = "The river runs past the old mill, and the miller keeps his ledgers in the attic above the wheel. " * 2
+
+
+def test_a_stored_context_answers_questions_without_a_new_prefill(server, engine_dir):
+    """client --context-id --store-context compresses once; later questions with the id are answered from a copy
+    of that cache, exactly as the engine's own compress_context + answer do."""
+    direct = OrtEngine(engine_dir)
+    cache = direct.compress_context(CONTEXT, room=64)
+    base = ["client", "--url", server.http_url, "--context-id", "doc-1", "--json"]
+    r = CliRunner().invoke(main, [*base, "--store-context", "--room", "64", "--prompt", CONTEXT])
+    assert r.exit_code == 0, r.output
+    stored = json.loads(json.loads(r.stdout)["text"])
+    assert stored == {"context_id": "doc-1", "context_tokens": cache.length, "kv_bytes": cache.kv_bytes}
+    for question in (" Where are the ledgers?", " Who keeps them?", " Where are the ledgers?"):
+        r = CliRunner().invoke(main, [*base, "--prompt", question, "--max-new-tokens", "6"])
+        assert r.exit_code == 0, r.output
+        want = direct.answer(cache, question, 6)
+        assert json.loads(r.stdout)["output_ids"] == want.tokens[0]
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"context_id": "never-stored"}, "unknown context_id"),
+    ({"context_id": "", "store_context": True}, "non-empty string"),
+    ({"context_id": "x", "store_context": True, "room": 0}, "room must be"),
+])
+def test_bad_context_requests_get_errors(server, params, fragment):
+    with pytest.raises(InferenceServerException, match=fragment):
+        infer_http(server.http_url, CONTEXT, params)
+    assert infer_http(server.http_url, "still serving", {"max_new_tokens": 2}).as_numpy("output_ids").size > 0
+
+
 def test_stop_parameter_cuts_the_text(server, engine_dir):
     full = OrtEngine(engine_dir).generate([PROMPTS[1]], 8).text[0]
     stop = full[3:5]
@@ -160,6 +191,7 @@ def test_broken_model_fails_fast_with_its_error(tmp_path, engine_dir):
     (["client", "--url", "nohost:99999", "--prompt", "hi"], "expected HOST:PORT"),
     (["client", "--url", "127.0.0.1", "--prompt", "hi"], "expected HOST:PORT"),
     (["serve", "--repo", ".", "--http-port", "70000"], "70000"),
+    (["client", "--store-context", "--prompt", "a long context"], "need --context-id"),
 ])
 def test_bad_urls_and_ports_are_usage_errors(args, fragment):
     r = CliRunner().invoke(main, args)
