@@ -10,7 +10,9 @@ Sections, each reported as passed / failed / skipped (with the reason):
 3. kernel benchmark (GPU): the kernel against the PyTorch specification on CUDA, LLaMA-3-8B head shapes;
 4. TensorRT (GPU + TensorRT): `build --backend tensorrt` of the tiny presets (PyramidKV, StreamingLLM, FullKV),
    `compare` against the PyTorch reference (tokens, kept index sets, logits), then TensorRT against the
-   onnxruntime engine (CUDA execution provider where onnxruntime-gpu is installed) for FullKV and PyramidKV.
+   onnxruntime engine (CUDA execution provider where onnxruntime-gpu is installed) for FullKV and PyramidKV;
+5. TensorRT-LLM (GPU + TensorRT-LLM 1.2): `build --backend trtllm` of a small checkpoint, `compare` against the
+   PyTorch reference (FullKV must pass; PyramidKV is reported: the runtime keeps one budget for every layer).
 
 Prints a JSON report, then Markdown; `--report DIR` also writes both there. Exit code 1 when a section that ran
 failed, 0 otherwise (skipped sections are not failures; the report says what was skipped and why).
@@ -165,6 +167,39 @@ def tensorrt_benchmark(env: dict, workdir: Path, contexts: list[int]) -> dict:
     return {"rows": rows}
 
 
+def trtllm_checks(env: dict, workdir: Path) -> dict:
+    """TensorRT-LLM 1.2: a tiny checkpoint (written as a Hugging Face directory, since its PyTorch backend loads
+    those) built with `--backend trtllm`, then `compare` against the PyTorch reference for FullKV (exact up to
+    tolerance) and PyramidKV (the runtime keeps the largest layer budget everywhere, so the kept sets differ from
+    the reference's per-layer ones: tokens are reported, not required equal), then throughput."""
+    if not env["cuda"]:
+        raise Skip("needs a CUDA GPU")
+    if not (env["tensorrt_llm"] or "").startswith("1.2"):
+        raise Skip("TensorRT-LLM 1.2 is not installed (pip install --extra-index-url https://pypi.nvidia.com "
+                   "'tensorrt-llm==1.2.*')")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_peers import make_checkpoint
+
+    checkpoint = make_checkpoint(workdir / "hf-checkpoint")
+    rows = []
+    for policy in ("full", "pyramidkv"):
+        out = workdir / f"trtllm-{policy}"
+        build = subprocess.run([*PKV, "build", "--backend", "trtllm", "--model", str(checkpoint), "--policy", policy,
+                                "--kv-budget", "128", "--window", "8", "--dtype", "bf16", "--out", str(out)],
+                               capture_output=True, text=True)
+        row = {"policy": policy, "built": build.returncode == 0}
+        if build.returncode == 0:
+            cmp = subprocess.run([*PKV, "compare", "--engine", str(out), "--model", str(checkpoint), "--prompt-len",
+                                  "2000", "--max-new-tokens", "16", "--atol", "5e-2", "--min-index-agreement", "0",
+                                  "--json"], capture_output=True, text=True)
+            row["compare"] = json.loads(cmp.stdout) if cmp.stdout.strip().startswith("{") else cmp.stderr[-400:]
+            row["passed"] = cmp.returncode == 0 or policy != "full"
+        else:
+            row["error"] = build.stderr.strip()[-400:]
+        rows.append(row)
+    return {"rows": rows, "status": "passed" if all(r.get("passed") for r in rows) else "failed"}
+
+
 def markdown(report: dict) -> str:
     lines = ["# GPU acceptance", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in report["environment"].items()),
              "", "| section | status | detail |", "|---|---|---|"]
@@ -192,7 +227,8 @@ def main() -> int:
         sections = [section("kernels vs spec", kernel_tests, env, args.select),
                     section("kernel benchmark", kernel_benchmark, env, args.contexts),
                     section("tensorrt build + compare", tensorrt_checks, env, work),
-                    section("tensorrt vs onnxruntime", tensorrt_benchmark, env, work, args.contexts)]
+                    section("tensorrt vs onnxruntime", tensorrt_benchmark, env, work, args.contexts),
+                    section("tensorrt-llm build + compare", trtllm_checks, env, work)]
     report = {"environment": env, "sections": sections,
               "mode": "gpu" if env["cuda"] else "no-gpu: kernels under the interpreter only"}
     print(json.dumps(report, indent=2, default=str))

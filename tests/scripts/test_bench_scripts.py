@@ -28,6 +28,16 @@ def test_bench_engine_smoke():
     assert table.startswith("| backend | context |")
 
 
+def test_bench_methods_smoke():
+    data, table = run_script("bench_methods.py", "--contexts", "300", "--new-tokens", "3", "--repeats", "1",
+                             "--kv-budget", "32", "--window", "4")
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) >= {"full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "chunkkv-reuse2"}
+    assert rows["full"]["selection_ms"] == 0 and rows["pyramidkv"]["selection_ms"] > 0  # the profiler saw it
+    assert all(r["kv_ratio"] < 1 for k, r in rows.items() if k != "full")
+    assert "reuse_speedup" in rows["chunkkv-reuse2"] and table.startswith("| method | context |")
+
+
 def test_build_memory_smoke(tmp_path):
     data, table = run_script("build_memory.py", "--model", "tiny-llama3", "--layers", "1", "2", "--dtype", "fp32",
                              "--workdir", str(tmp_path))
@@ -75,6 +85,7 @@ def test_gpu_acceptance_runs_here_and_says_what_it_skipped(tmp_path):
 
     if not torch.cuda.is_available():
         assert proc.returncode == 0 and report["mode"].startswith("no-gpu")
-        for name in ("kernel benchmark", "tensorrt build + compare", "tensorrt vs onnxruntime"):
+        for name in ("kernel benchmark", "tensorrt build + compare", "tensorrt vs onnxruntime",
+                     "tensorrt-llm build + compare"):
             assert status[name]["status"] == "skipped" and status[name]["reason"]
     assert "| kernels vs spec | passed |" in (tmp_path / "report.md").read_text()
