@@ -86,10 +86,14 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
         ax.set_ylabel("score")
         ax.set_title(panel)
         ax.grid(True, alpha=0.3)
+        if suite == "niah":
+            ax.set_ylim(-0.02, 1.05)  # recall: the whole scale, so an all-zero sweep looks like one
+        else:
+            ax.set_ylim(bottom=0)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{summary['suite']} score versus KV cache size ({summary['model']})")
+    fig.suptitle(f"{summary['suite']}: score vs KV cache size\n{summary['model']}", fontsize=10)
     return save_figure(fig, path)
 
 
