@@ -148,6 +148,9 @@ def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_j
                       policy) -> None:
     from engines.base import question_ids
 
+    if not hasattr(engine, "compress_context"):
+        raise UserInputError(f"--context/--question need an engine that can keep a compressed context (onnx or the "
+                             f"reference); {engine.name} cannot")
     room = max(len(question_ids(engine.tokenizer, q)) for q in questions) + max_new_tokens
     cache = engine.compress_context(context, room=room)
     answers = [engine.answer(cache, q, max_new_tokens) for q in questions]
