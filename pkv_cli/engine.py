@@ -14,10 +14,37 @@ from pkv_cli.common import check_text, emit_json, policy_from_options, policy_op
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
 
+def _build_onnx(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
+    from exporter.onnx.export import build_onnx_engine
+
+    return build_onnx_engine(loaded, policy, out, dtype=o["dtype"], max_input_len=o["max_input_len"],
+                             force=o["force"], progress=o["progress"], target=o["target"]), o["target"]
+
+
+def _build_tensorrt(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
+    from exporter.tensorrt.build import build_tensorrt_engine
+
+    return build_tensorrt_engine(loaded, policy, out, dtype=o["dtype"], max_input_len=o["max_input_len"],
+                                 max_batch=o["max_batch"], max_new_tokens=o["max_new_tokens"], force=o["force"],
+                                 progress=o["progress"]), "tensorrt"
+
+
+def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
+    from exporter.trtllm.checkpoint import write_trtllm_checkpoint
+
+    return write_trtllm_checkpoint(loaded, policy, out, tp=o["tp"], pp=o["pp"], dtype=o["dtype"],
+                                   max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"]), \
+        f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
+
+
+# backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
+BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_trtllm}
+
+
 @click.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @policy_options
-@click.option("--backend", type=click.Choice(["onnx", "tensorrt", "trtllm"]), default="onnx", show_default=True,
+@click.option("--backend", type=click.Choice(list(BUILDERS)), default="onnx", show_default=True,
               help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the PyramidKVSelect "
                    "plugin (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint (written anywhere).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
@@ -55,24 +82,9 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
     bar, update = progress_bar("writing weights", 1)
     with bar:
-        if backend == "trtllm":
-            from exporter.trtllm.checkpoint import write_trtllm_checkpoint
-
-            manifest = write_trtllm_checkpoint(loaded, policy, out, tp=tp, pp=pp, dtype=dtype,
-                                               max_input_len=max_input_len, force=force, progress=update)
-            target = f"TensorRT-LLM 1.2, tp {tp} x pp {pp}"
-        elif backend == "tensorrt":
-            from exporter.tensorrt.build import build_tensorrt_engine
-
-            manifest = build_tensorrt_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len,
-                                             max_batch=max_batch, max_new_tokens=max_new_tokens, force=force,
-                                             progress=update)
-            target = "tensorrt"
-        else:
-            from exporter.onnx.export import build_onnx_engine
-
-            manifest = build_onnx_engine(loaded, policy, out, dtype=dtype, max_input_len=max_input_len, force=force,
-                                         progress=update, target=target)
+        options = {"dtype": dtype, "max_input_len": max_input_len, "force": force, "progress": update,
+                   "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens, "tp": tp, "pp": pp}
+        manifest, target = BUILDERS[backend](loaded, policy, out, options)
     if as_json:
         emit_json(manifest)
         return
