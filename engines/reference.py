@@ -74,14 +74,9 @@ class ReferenceEngine:
         if return_indices:
             kept = [state.layers[i].kept for i in range(self.spec.num_layers)]
 
-        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            state.step_positions = pos[:, None]
-            out = self.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False, pkv_state=state)
-            return out.logits[:, -1]
-
         generated, step_logits, timings["decode"] = greedy_loop(
-            out.logits[:, -1], positions[:, -1] + 1, step, self.eos_ids, self.pad_id, max_new_tokens, progress
-        )
+            out.logits[:, -1], positions[:, -1] + 1, self._decode_step(state), self.eos_ids, self.pad_id,
+            max_new_tokens, progress)
         per_prompt = None
         if selected is not None:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks)
             window = torch.clamp(mask.sum(-1), max=self.policy.window)
@@ -90,6 +85,15 @@ class ReferenceEngine:
                           for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
 
+    def _decode_step(self, state: CompressedKVState):
+        """The greedy loop's step over a compressed state: token [B], position [B] -> last logits [B, V]."""
+
+        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            state.step_positions = pos[:, None]
+            out = self.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False, pkv_state=state)
+            return out.logits[:, -1]
+
+        return step
 
     @torch.inference_mode()
     def compress_context(self, context: str | list[int], room: int = 256) -> ContextCache:
@@ -122,16 +126,10 @@ class ReferenceEngine:
         t0 = time.perf_counter()
         out = self.model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=False, pkv_state=state)
         timings = {"prefill": time.perf_counter() - t0}
-
-        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            state.step_positions = pos[:, None]
-            return self.model(input_ids=token[:, None], position_ids=pos[:, None], use_cache=False,
-                              pkv_state=state).logits[:, -1]
-
         mask = torch.ones(1, context.length + len(ids), dtype=torch.long)
         generated, step_logits, timings["decode"] = greedy_loop(
-            out.logits[:, -1], torch.tensor([context.length + len(ids)]), step, self.eos_ids, self.pad_id,
-            max_new_tokens)
+            out.logits[:, -1], torch.tensor([context.length + len(ids)]), self._decode_step(state), self.eos_ids,
+            self.pad_id, max_new_tokens)
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, None, None, timings)
 
 
