@@ -13,7 +13,7 @@ from typing import Any
 from exporter.errors import UserInputError
 
 
-def _grid(cells: Sequence[dict], key: str, lengths: list[int], depths: list[float]) -> list[list[float]]:
+def grid(cells: Sequence[dict], key: str, lengths: list[int], depths: list[float]) -> list[list[float]]:
     """Rows = depths (top to bottom), columns = lengths; NaN where no cell (or no score) exists; duplicates mean."""
     values: dict[tuple[int, float], list[float]] = defaultdict(list)
     for cell in cells:
@@ -42,38 +42,22 @@ def niah_heatmaps(cells: list[dict], out_png: Path, title: str) -> Path:
     """
     if not cells:
         raise UserInputError("no NIAH results to plot")
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
     out_png = Path(out_png)
     lengths = sorted({int(c["context_len"]) for c in cells})
     depths = sorted({float(c["depth_percent"]) for c in cells})
-    panels = [("Engine", _grid(cells, "engine_score", lengths, depths))]
+    panels = [("Engine", grid(cells, "engine_score", lengths, depths))]
     if any(c.get("engine_reuse_score") is not None for c in cells):
-        panels.append(("Engine, context compressed once", _grid(cells, "engine_reuse_score", lengths, depths)))
+        panels.append(("Engine, context compressed once", grid(cells, "engine_reuse_score", lengths, depths)))
     if any(c.get("reference_score") is not None for c in cells):
-        panels.append(("Reference", _grid(cells, "reference_score", lengths, depths)))
+        panels.append(("Reference", grid(cells, "reference_score", lengths, depths)))
 
-    cmap = colormaps["RdYlGn"].with_extremes(bad="white")
-    norm = Normalize(vmin=0.0, vmax=1.0)
     panel_w = max(4.0, 0.9 * len(lengths) + 1.8)
     height = max(3.5, 0.5 * len(depths) + 2.2)
-    fig = Figure(figsize=(panel_w * len(panels) + 1.2, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(panel_w * len(panels) + 1.2, height)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (name, matrix) in zip(axes, panels, strict=True):
-        image = ax.imshow(matrix, cmap=cmap, norm=norm, aspect="auto", origin="upper", interpolation="nearest")
-        for row, depth_values in enumerate(matrix):
-            for col, value in enumerate(depth_values):
-                if not math.isnan(value):
-                    # White text on the dark ends of the scale, black in between.
-                    colour = "white" if value < 0.15 or value > 0.85 else "black"
-                    ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        image = draw_heatmap(ax, matrix, lengths, depths)
         ax.set_xlabel("Context length (tokens)")
         ax.set_ylabel("Needle depth (%)")
         mean = _mean(matrix)
@@ -82,6 +66,38 @@ def niah_heatmaps(cells: list[dict], out_png: Path, title: str) -> Path:
     fig.suptitle(title)
 
     return save_figure(fig, out_png)
+
+
+def new_figure(width: float, height: float):
+    """A figure on the Agg canvas (no pyplot: no display needed, a host process's backend left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def draw_heatmap(ax, matrix: list[list[float]], lengths: list[int], depths: list[float], fontsize: int = 8,
+                 digits: int = 2, tick_fontsize: float | None = None):
+    """One NIAH panel: rows = depths, columns = lengths, 0..1 on a fixed red→green scale, each cell annotated,
+    NaN cells blank. Returns the image (for a colour bar)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    cmap = colormaps["RdYlGn"].with_extremes(bad="white")
+    image = ax.imshow(matrix, cmap=cmap, norm=Normalize(vmin=0.0, vmax=1.0), aspect="auto", origin="upper",
+                      interpolation="nearest")
+    for row, depth_values in enumerate(matrix):
+        for col, value in enumerate(depth_values):
+            if not math.isnan(value):
+                # White text on the dark ends of the scale, black in between.
+                colour = "white" if value < 0.15 or value > 0.85 else "black"
+                ax.text(col, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=fontsize, color=colour)
+    ticks = {} if tick_fontsize is None else {"fontsize": tick_fontsize}
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], **ticks)
+    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], **ticks)
+    return image
 
 
 def save_figure(fig, out_png: Path) -> Path:

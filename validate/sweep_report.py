@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from validate.plots import save_figure
+from validate.plots import draw_heatmap, grid, new_figure, save_figure
 
 
 def _niah_cell(group: str) -> tuple[int, float]:
@@ -55,21 +55,12 @@ def plots(out: Path, summary: dict[str, Any], suite: str) -> list[str]:
     return names
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
     """One panel per LongBench category (plus the overall score): score against KV ratio, a line per policy."""
     rows = summary["cells"]
     panels = ["overall"] + (sorted({c for r in rows for c in r.get("categories", {})}) if suite == "longbench" else [])
     cols = min(len(panels), 4)
-    fig = _figure(4.2 * cols, 3.4 * math.ceil(len(panels) / cols))
+    fig = new_figure(4.2 * cols, 3.4 * math.ceil(len(panels) / cols))
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     for ax, panel in zip(axes, panels, strict=False):
@@ -99,28 +90,19 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
 
 def _niah_cells(path: Path, summary: dict) -> Path:
     """Every cell's NIAH heatmap (depth x context length) side by side, on one colour scale."""
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-
     rows = summary["cells"]
     lengths = sorted({_niah_cell(g)[0] for r in rows for g in r["groups"]})
     depths = sorted({_niah_cell(g)[1] for r in rows for g in r["groups"]})
     cols = min(len(rows), 5)
     nrows = math.ceil(len(rows) / cols)
-    fig = _figure(max(3.0, 0.6 * len(lengths) + 1.5) * cols + 1, (0.35 * len(depths) + 1.6) * nrows)
+    fig = new_figure(max(3.0, 0.6 * len(lengths) + 1.5) * cols + 1, (0.35 * len(depths) + 1.6) * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    cmap, norm = colormaps["RdYlGn"].with_extremes(bad="white"), Normalize(0.0, 1.0)
     image = None
     for ax, r in zip(axes, rows, strict=False):
-        cells = {_niah_cell(g): s for g, s in r["groups"].items()}
-        matrix = [[cells.get((n, d), math.nan) for n in lengths] for d in depths]
-        image = ax.imshow(matrix, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        for i, line in enumerate(matrix):
-            for j, value in enumerate(line):
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        cells = [dict(zip(("context_len", "depth_percent"), _niah_cell(g), strict=True), score=s)
+                 for g, s in r["groups"].items()]
+        image = draw_heatmap(ax, grid(cells, "score", lengths, depths), lengths, depths, fontsize=7, digits=1,
+                             tick_fontsize=7)
         ax.set_title(f"{r['cell']} ({r['score']})", fontsize=9)
     for ax in axes[len(rows):]:
         ax.set_visible(False)
