@@ -143,6 +143,14 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def check_run_counts(limit: int | None, max_new_tokens: int) -> None:
+    """--limit and --max-new-tokens of the commands that run samples (validate, sweep)."""
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    if max_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be at least 1")
+
+
 def check_text(text: str, where: str) -> str:
     """A prompt must be valid Unicode; arguments that were not UTF-8 arrive with lone surrogates."""
     try:

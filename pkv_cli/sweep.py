@@ -8,7 +8,7 @@ import click
 
 from exporter.errors import UserInputError
 from exporter.specs import DEFAULT_MODEL
-from pkv_cli.common import emit_json, progress_bar
+from pkv_cli.common import check_run_counts, emit_json, progress_bar
 
 
 @click.command()
@@ -53,18 +53,15 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
     from exporter.outputs import check_output, staging_dir
     from validate.niah import parse_grid_list
     from validate.suites import LongBenchSuite, NiahSuite
-    from validate.sweep import parse_cells
+    from validate.sweep import CONFIG_FILE, parse_cells
 
     if resume and force:
         raise UserInputError("--resume continues a sweep, --force replaces it: give one of them")
-    if limit is not None and limit < 1:
-        raise UserInputError("--limit must be at least 1")
-    if max_new_tokens < 1:
-        raise UserInputError("--max-new-tokens must be at least 1")
+    check_run_counts(limit, max_new_tokens)
     cells = parse_cells(policies, budgets, window)
     inputs = [data, config_dir]
     if out.exists() and resume:
-        if not (out / "sweep-config.json").is_file():
+        if not (out / CONFIG_FILE).is_file():
             raise UserInputError(f"{out} holds no sweep to resume")
         check_output(out, "sweep", True, inputs)
     else:

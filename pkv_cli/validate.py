@@ -9,7 +9,7 @@ import click
 
 from exporter.errors import JobError, UserInputError
 from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
-from pkv_cli.common import check_text, emit_json, policy_from_options, policy_options, progress_bar
+from pkv_cli.common import check_run_counts, check_text, emit_json, policy_from_options, policy_options, progress_bar
 
 
 def _engines(engine_dir: Path | None, model: str | None, policy, reference: str, reference_policy: str | None):
@@ -112,10 +112,7 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
         return
     if suite is None:
         raise UserInputError("--suite niah|longbench is required (or --merge DIR...)")
-    if limit is not None and limit < 1:
-        raise UserInputError("--limit must be at least 1")
-    if max_new_tokens < 1:
-        raise UserInputError("--max-new-tokens must be at least 1")
+    check_run_counts(limit, max_new_tokens)
     index, count = parse_shard(shard)
     # Every input is checked (and the engine opened and verified) before anything under --out is touched.
     inputs = [engine_dir, data, haystack, config_dir]

@@ -18,7 +18,8 @@ from exporter.errors import UserInputError
 from validate.suites import ValidationSample
 
 
-def question_ids(sample: ValidationSample) -> list[str]:
+def question_record_ids(sample: ValidationSample) -> list[str]:
+    """The record id of each question about the sample's context."""
     return [f"{sample.id}-D{d:g}" for d in sample.meta["depths"]]
 
 
@@ -42,7 +43,7 @@ def run_context(sample: ValidationSample, suite, engine, reference) -> list[dict
     if reference is not None:
         want, want_reuse, ref_seconds = _answers(reference, sample)
     records = []
-    for i, rid in enumerate(question_ids(sample)):
+    for i, rid in enumerate(question_record_ids(sample)):
         answer = sample.meta["answers"][i]
         record: dict[str, Any] = {
             "id": rid, "group": f"L{sample.meta['context_len']}-D{sample.meta['depths'][i]:g}",

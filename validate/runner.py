@@ -90,9 +90,9 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
 def record_ids(sample: ValidationSample) -> list[str]:
     """The ids of the records a sample produces: its own, or one per question of a multi-query context."""
     if "questions" in sample.meta:
-        from validate.multiquery import question_ids
+        from validate.multiquery import question_record_ids
 
-        return question_ids(sample)
+        return question_record_ids(sample)
     return [sample.id]
 
 

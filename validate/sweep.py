@@ -23,8 +23,7 @@ from exporter.outputs import atomic_write_text
 from exporter.plan import DTYPE_BYTES, make_plan
 from exporter.policies import POLICIES, KVPolicy, make_policy
 
-CONFIG_FILE = "sweep-config.json"
-BACKENDS = ("onnx", "reference")
+CONFIG_FILE = "sweep-config.json"  # exporter.outputs recognises a sweep by it
 
 # LongBench v1's task categories (the paper's table columns).
 CATEGORIES = {
@@ -48,7 +47,7 @@ class Cell:
         return self.policy.name if self.budget is None else f"{self.policy.name}-C{self.budget}"
 
 
-def parse_cells(policies: str, budgets: str, window: int, options: dict[str, Any] | None = None) -> list[Cell]:
+def parse_cells(policies: str, budgets: str, window: int) -> list[Cell]:
     """'full,pyramidkv' x '64,128' -> cells (every policy checked before anything runs)."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [n for n in names if n not in POLICIES]
@@ -67,7 +66,7 @@ def parse_cells(policies: str, budgets: str, window: int, options: dict[str, Any
             cells.append(Cell(make_policy("full"), None))
             continue
         for size in sorted(sizes):
-            cells.append(Cell(make_policy(name, kv_budget=size, window=window, **(options or {})), size))
+            cells.append(Cell(make_policy(name, kv_budget=size, window=window), size))
     return cells
 
 
