@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import markdown_table, write_section  # noqa: E402
-from bench_engine import BENCH_SPEC, decode  # noqa: E402
+from bench_engine import BENCH_SPEC, decode, prefill_seconds  # noqa: E402
 
 from engines.ort_engine import OrtEngine  # noqa: E402
 from engines.prompts import synthetic_prompt_ids  # noqa: E402
@@ -97,14 +96,11 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         prompts = [synthetic_prompt_ids(engines["full"].tokenizer, context, seed=0)]
-        times: dict = {k: [] for k in engines}
-        for r in range(args.repeats):
-            for key in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-                times[key].append(engines[key].generate(prompts, 1).timings["prefill"])
+        prefill = prefill_seconds(engines, prompts, args.repeats)
         measured = {}
         for key, engine in engines.items():
             selection, total = profiled_selection(work / key, engine, prompts)
-            measured[key] = {"prefill": statistics.median(times[key]), "selection_ms": selection,
+            measured[key] = {"prefill": prefill[key], "selection_ms": selection,
                              "node_ms": total, **decode(engine, prompts, args.new_tokens)}
             print(f"context={context} {key}: {measured[key]['prefill']:.2f}s", file=sys.stderr)
         full = measured["full"]
