@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.errors import UserInputError
+
 try:  # only importable inside Triton's python backend
     import triton_python_backend_utils as pb_utils
 except ImportError:  # pragma: no cover - outside Triton the module is still importable for documentation
@@ -61,10 +63,7 @@ class TritonPythonModel:
             room = params.get("room", 512)
             if isinstance(room, bool) or not isinstance(room, int) or not 1 <= room <= self.limit:
                 raise RequestError(f"room must be an integer in [1, {self.limit}] (got {room!r})")
-            ids = self.engine.tokenizer(text)["input_ids"]
-            if len(ids) + room > self.engine.spec.max_position_embeddings or len(ids) > self.engine.max_input_len:
-                raise RequestError(f"a context of {len(ids)} tokens with room {room} does not fit the engine")
-            cache = self.engine.compress_context(ids, room=room)
+            cache = self.engine.compress_context(text, room=room)  # the engine checks that it fits
             self.contexts.pop(context_id, None)
             self.contexts[context_id] = cache
             while len(self.contexts) > self.max_contexts:
@@ -113,7 +112,7 @@ class TritonPythonModel:
                     text, tokens = self._context_request(ids, params, new_tokens)
                     responses[k] = self._response(text, tokens, stop)
                     continue
-            except (RequestError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (RequestError, UserInputError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             except Exception as e:  # a failing context request must not take the batch or the server down

@@ -120,11 +120,19 @@ def test_a_stored_context_answers_questions_without_a_new_prefill(server, engine
     ({"context_id": "never-stored"}, "unknown context_id"),
     ({"context_id": "", "store_context": True}, "non-empty string"),
     ({"context_id": "x", "store_context": True, "room": 0}, "room must be"),
+    ({"context_id": "long", "store_context": True, "room": 8}, "the engine accepts at most 256"),
 ])
 def test_bad_context_requests_get_errors(server, params, fragment):
+    text = CONTEXT * 3 if params["context_id"] == "long" else CONTEXT  # 3 x 200 tokens > max input 256
     with pytest.raises(InferenceServerException, match=fragment):
-        infer_http(server.http_url, CONTEXT, params)
+        infer_http(server.http_url, text, params)
     assert infer_http(server.http_url, "still serving", {"max_new_tokens": 2}).as_numpy("output_ids").size > 0
+
+
+def test_a_question_longer_than_the_room_is_refused(server):
+    infer_http(server.http_url, CONTEXT, {"context_id": "small-room", "store_context": True, "room": 4})
+    with pytest.raises(InferenceServerException, match="room for 4"):
+        infer_http(server.http_url, " A question far longer than four tokens?", {"context_id": "small-room"})
 
 
 def test_stop_parameter_cuts_the_text(server, engine_dir):
