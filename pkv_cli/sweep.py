@@ -68,7 +68,8 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         check_output(out, "sweep", force, inputs)
     loaded = load_model(model)
     spec = loaded.spec
-    max_input_len = max_input_len or spec.max_position_embeddings
+    if max_input_len is None:  # 0 is a mistake to report, not a request for the default
+        max_input_len = spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     if suite == "niah":

@@ -91,6 +91,7 @@ def test_resume_runs_only_what_is_missing(onnx_sweep, tmp_path):
     (["--budgets", "16,16"], "distinct"),
     (["--budgets", "4"], "--window"),
     (["--resume", "--force"], "give one of them"),
+    (["--max-input-len", "0"], "--max-input-len must be in"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, fragment):
     r = run(*NIAH, *args, "--out", str(tmp_path / "s"))
