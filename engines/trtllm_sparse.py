@@ -12,8 +12,9 @@ by PyramidKV's scoring (SnapKV: observation window, pooling). Because top-k sets
 contains exactly what PyramidKV would keep there, plus the extra tokens up to layer 0's budget: accuracy at least
 PyramidKV's, memory L x max_l(budget_l) instead of sum_l budget_l (for 32 layers at C = 128, w = 8: 242 instead of
 the pyramid's mean of 133.5 tokens per layer, 1.8x). `context_indices` (pure PyTorch, tested on CPU against the
-op specification) builds the hook's output; `install()` (GPU hosts, TensorRT-LLM 1.2 only) registers the algorithm by subclassing
-RocketKV's attention, whose metadata and cache manager already shrink each request to `prompt_budget`.
+op specification) builds the hook's output; `install()` (GPU hosts, TensorRT-LLM 1.2 only) registers the
+algorithm by subclassing RocketKV's attention, whose metadata and cache manager already shrink each request to
+`prompt_budget`.
 """
 
 from __future__ import annotations
