@@ -30,7 +30,8 @@ class BuiltEngine:
         self.tokenizer.padding_side = "left"
         self.pad_id = pad_id(self.tokenizer)
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
-        self.windowed = bool(self.spec.sliding_window)
+        # The decode takes each layer's kept positions: a sliding window masks by them, and so do per-head lengths.
+        self.windowed = bool(self.spec.sliding_window) or self.manifest["policy"]["name"] == "kvzip"
 
     def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
         """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
@@ -38,5 +39,5 @@ class BuiltEngine:
         pol = self.manifest["policy"]
         if pol["name"] == "full" or int(lengths.max()) < pol["kv_budget"]:
             return None
-        window = np.minimum(lengths, pol["window"])
+        window = np.minimum(lengths, pol.get("window", 0))  # KVzip has none
         return [[int(kv[b] - window[b]) for kv in kv_lengths] for b in range(len(lengths))]

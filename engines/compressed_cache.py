@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from exporter.policies import KVPolicy
+from trt_plugins.kvzip_select import reconstruction_attention
 
 ATTN_IMPLEMENTATION = "pkv"
 # Attention scores held at once in the prefill, per batch row: blocks of query rows are sized to this, so a short
@@ -46,6 +47,9 @@ class CompressedKVState:
     step_positions: torch.Tensor | None = None  # [B, S] absolute positions of the tokens being decoded
     layers: dict[int, LayerCache] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # what a layer's selection leaves for later layers (index reuse)
+    # KVzip's reconstruction pass (set while it runs): lengths [B], positions / taking_part [B, s] of the chunk
+    # being reconstructed, and scores {layer: [B, Hkv, q]} (the running maxima).
+    reconstruction: dict | None = None
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -54,6 +58,8 @@ def compressed_attention(module, query, key, value, attention_mask, scaling, dro
     if state is None:
         raise RuntimeError("the 'pkv' attention needs a CompressedKVState (pass pkv_state=...)")
     sliding_window = kwargs.get("sliding_window")
+    if state.reconstruction is not None:
+        return _reconstruction_attention(state, module.layer_idx, query, key, value, sliding_window)
     if state.prefill:
         out = _prefill_attention(state, query, key, value, scaling, sliding_window)
         state.layers[module.layer_idx] = _compress(state, module.layer_idx, query, key, value)
@@ -80,6 +86,17 @@ def _prefill_attention(state: CompressedKVState, query, key, value, scaling, sli
         weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         out.append(torch.matmul(weights, v))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _reconstruction_attention(state: CompressedKVState, layer: int, query, key, value, sliding_window):
+    """KVzip's scoring: the chunk attends to the layer's whole context cache and to itself; the cache's scores
+    keep their maximum over the chunks. The chunk's own K/V are not kept."""
+    cache, rec = state.layers[layer], state.reconstruction
+    out, scores = reconstruction_attention(query, key, value, cache.keys, cache.values, rec["lengths"],
+                                           rec["positions"], rec["taking_part"], sliding_window)
+    best = rec["scores"].get(layer)
+    rec["scores"][layer] = scores if best is None else torch.maximum(best, scores)
+    return out, None
 
 
 def right_aligned(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:

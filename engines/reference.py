@@ -23,12 +23,13 @@ from engines.base import (
     pad_id,
     question_ids,
 )
-from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
+from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState, LayerCache, right_aligned
 from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
 from exporter.errors import UserInputError
 from exporter.policies import KVPolicy
+from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT, chunk_count, chunk_inputs, kvzip_select
 
 
 class ReferenceEngine:
@@ -68,8 +69,9 @@ class ReferenceEngine:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
             logits_to_keep=1, pkv_state=state,
         )
-        timings = {"prefill": time.perf_counter() - t0}
         state.prefill = False
+        compressed = selected is not None or self._select_globally(state, input_ids, mask)
+        timings = {"prefill": time.perf_counter() - t0}
         kept = None
         if return_indices:
             kept = [state.layers[i].kept for i in range(self.spec.num_layers)]
@@ -78,12 +80,38 @@ class ReferenceEngine:
             out.logits[:, -1], positions[:, -1] + 1, self._decode_step(state), self.eos_ids, self.pad_id,
             max_new_tokens, progress)
         per_prompt = None
-        if selected is not None:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks)
+        if compressed:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks; KVzip's
+            # heads differ: a row's longest head, the slots its cache spans)
             window = torch.clamp(mask.sum(-1), max=self.policy.window)
             layers = range(self.spec.num_layers)
-            per_prompt = [[int((state.layers[i].kept[b, 0] >= 0).sum() - window[b]) for i in layers]
+            per_prompt = [[int((state.layers[i].kept[b] >= 0).sum(-1).max() - window[b]) for i in layers]
                           for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
+
+    def _select_globally(self, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        """KVzip after the prefill (which kept everything): reconstruct the context chunk by chunk to score every
+        cached pair, then keep the top pairs over all layers and heads. Returns whether anything was compressed.
+        input_ids, mask: [B, q], left-padded as the prefill took them."""
+        pol = self.policy
+        lengths = mask.sum(-1)
+        if not pol.global_selection or int(lengths.max()) < pol.kv_budget:
+            return False
+        context = right_aligned(input_ids[:, None], mask.bool())[:, 0]  # [B, q] right-padded
+        first, later = (self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
+        state.reconstruction = {"lengths": lengths, "scores": {}}
+        for i in range(chunk_count(context.shape[1], pol.score_chunk)):
+            ids, positions, part = chunk_inputs(context, lengths, i, pol.score_chunk, pol.postfix, first, later,
+                                                self.pad_id)
+            state.reconstruction.update(positions=positions, taking_part=part)
+            self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, pkv_state=state)
+        scores = state.reconstruction["scores"]
+        state.reconstruction = None
+        layers = range(self.spec.num_layers)
+        picked = kvzip_select([scores[i] for i in layers], [state.layers[i].keys for i in layers],
+                              [state.layers[i].values for i in layers], lengths, pol.kv_budget, pol.sinks)
+        for i, (idx, k, v) in enumerate(picked):
+            state.layers[i] = LayerCache(k.contiguous(), v.contiguous(), idx.clone(), idx)
+        return True
 
     def _decode_step(self, state: CompressedKVState):
         """The greedy loop's step over a compressed state: token [B], position [B] -> last logits [B, V]."""
@@ -107,6 +135,7 @@ class ReferenceEngine:
         self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=1, pkv_state=state)
         state.prefill = False
+        self._select_globally(state, input_ids, mask)
         layers = [state.layers[i] for i in range(self.spec.num_layers)]
         item = layers[0].keys.element_size()
         return ContextCache(length, room, sum(2 * c.keys.numel() * item for c in layers), [c.kept for c in layers],

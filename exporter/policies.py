@@ -56,6 +56,9 @@ class KVPolicy:
     def cache_heads_are_query_heads(self) -> bool:
         return False
 
+    # True when the selection is one decision over every layer after the prefill (KVzip), not per layer inside it.
+    global_selection: ClassVar[bool] = False
+
     def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
         """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
         return None
@@ -244,6 +247,41 @@ class ChunkKVPolicy(_BudgetedPolicy):
         if shared is not None:
             shared[("chunkkv", layer)] = scores
         return idx, k, v
+
+
+@register
+@dataclass(frozen=True)
+class KVzipPolicy(KVPolicy):
+    """KVzip: query-agnostic. After the prefill the model reconstructs the context (teacher-forced, in chunks of
+    `score_chunk` tokens); each cached pair scores the most attention it receives; the top pairs over every layer
+    and head are kept at once (per-head lengths), C per head on average, the first `sinks` tokens always. No
+    observation window: nothing about the question is known (trt_plugins.kvzip_select)."""
+
+    name: ClassVar[str] = "kvzip"
+    global_selection: ClassVar[bool] = True
+    window: ClassVar[int] = 0  # nothing is kept for being recent: the budget C is all scored pairs
+    kv_budget: int = 128
+    sinks: int = 4
+    score_chunk: int = 2048
+    postfix: int = 8
+
+    def validate(self) -> None:
+        _positive(self, "kv_budget", "score_chunk")
+        if self.sinks < 0 or self.sinks > self.kv_budget:
+            raise UserInputError(f"--sinks must be in [0, kv_budget] (got {self.sinks})")
+        if self.postfix < 0:
+            raise UserInputError(f"--postfix must be a non-negative integer (got {self.postfix})")
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        """The mean per layer (C); the engine spreads the same total unevenly over layers and heads."""
+        return uniform_selected(num_layers, self.kv_budget, 0, prompt_len)
+
+    def batch_selected(self, num_layers: int, lengths: list[int]) -> torch.Tensor | None:
+        return None  # the prefill keeps everything; the selection comes after it, over every layer at once
 
 
 def _positive(policy: KVPolicy, *fields: str) -> None:

@@ -23,11 +23,14 @@ from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import GraphBuilder
 
 
-def _window_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
-    """For a sliding-window model: a function T -> [B, H, S, T] bool, slot t visible to new token i when its
-    token's absolute position is within the window of token i's. None for models without a window."""
+def _cache_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
+    """A function T -> [B, H, S, T] bool (slot t visible to new token i), or to None when every slot of every
+    row up to its length is visible. Needed for a sliding window (a slot's token must be within the window of
+    token i, by absolute position) and for per-head cache lengths (KVzip: a head's slots after its own count,
+    up to the row's longest head, hold nothing)."""
     s = lay.s
-    if not s.sliding_window:
+    per_head = lay.cfg.policy.global_selection
+    if not s.sliding_window and not per_head:
         return lambda total: None
     name = f"cache_positions.{layer}"
     inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", lay.cfg.cache_heads,
@@ -35,24 +38,32 @@ def _window_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str,
 
     def visible(total: str) -> str:
         n = g.dim(name, 2)
-        kept = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", name, g.const(0)), to=TensorProto.INT64),
-                    g.const([2]), keepdims=1)  # [B, Hc, 1] prefill tokens per row
+        counts = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", name, g.const(0)), to=TensorProto.INT64),
+                      g.const([2]), keepdims=1)  # [B, Hc, 1] prefill tokens per head
+        kept = g.op("ReduceMax", counts, g.const([1]), keepdims=1)  # [B, 1, 1] the row's prefill slots
         head = g.slice(name, g.const([0]), g.op("Min", n, total), axis=2)
         prefill_pos = g.op("Pad", head, g.concat(g.const([0, 0, 0, 0, 0]), g.op("Max", g.op("Sub", total, n),
                                                                               g.const([0]))),
                            g.const(-1))  # [B, Hc, T]
         slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(total), g.const(1)), [0, 1])  # [1, 1, T]
-        first = g.unsqueeze(g.slice("position_ids", g.const([0]), g.const([1]), axis=1), [2])  # [B, 1, 1]
-        # Slots after the prefill's tokens hold later tokens: position = first new - (past_length - slot).
-        later = g.op("Add", g.op("Sub", first, g.unsqueeze(past_lengths, [1, 2])), slots)
-        pos = g.op("Where", g.op("Less", slots, kept), prefill_pos, later)  # [B, Hc, T]
-        new = g.unsqueeze("position_ids", [1, 3])  # [B, 1, S, 1]
-        ok = g.op("Less", g.op("Sub", new, g.unsqueeze(pos, [2])), g.const(s.sliding_window))  # [B, Hc, S, T]
+        in_prefill = g.op("Less", slots, kept)  # [B, 1, T]
+        batch, steps = g.dim("position_ids", 0), g.dim("position_ids", 1)
+        shape = g.concat(batch, g.const([lay.cfg.cache_heads]), steps, total)
+        # A prefill slot is used when it holds a position (a shorter head's tail does not).
+        ok = g.op("Expand", g.unsqueeze(g.op("Or", g.op("Not", in_prefill),
+                                              g.op("GreaterOrEqual", prefill_pos, g.const(0))), [2]), shape)
+        if s.sliding_window:
+            first = g.unsqueeze(g.slice("position_ids", g.const([0]), g.const([1]), axis=1), [2])  # [B, 1, 1]
+            # Slots after the prefill's tokens hold later tokens: position = first new - (past_length - slot).
+            later = g.op("Add", g.op("Sub", first, g.unsqueeze(past_lengths, [1, 2])), slots)
+            pos = g.op("Where", in_prefill, prefill_pos, later)  # [B, Hc, T]
+            new = g.unsqueeze("position_ids", [1, 3])  # [B, 1, S, 1]
+            near = g.op("Less", g.op("Sub", new, g.unsqueeze(pos, [2])), g.const(s.sliding_window))  # [B, Hc, S, T]
+            ok = g.op("And", ok, near)
         group = s.num_heads // lay.cfg.cache_heads
         if group > 1:
-            batch, steps = g.dim(ok, 0), g.dim(ok, 2)
-            shape = g.concat(batch, g.const([lay.cfg.cache_heads, group]), steps, total)
-            ok = g.reshape(g.op("Expand", g.unsqueeze(ok, [2]), shape),
+            grouped = g.concat(batch, g.const([lay.cfg.cache_heads, group]), steps, total)
+            ok = g.reshape(g.op("Expand", g.unsqueeze(ok, [2]), grouped),
                            g.concat(batch, g.const([s.num_heads]), steps, total))
         return ok  # [B, H, S, T]
 
@@ -78,7 +89,7 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
         inputs.extend([helper.make_tensor_value_info(past[0], cfg.onnx_dtype, cache),
                        helper.make_tensor_value_info(past[1], cfg.onnx_dtype, cache),
                        helper.make_tensor_value_info(lengths, TensorProto.INT64, ["batch"])])
-        visible = _window_visible(g, lay, layer, lengths, inputs)
+        visible = _cache_visible(g, lay, layer, lengths, inputs)
         # The attention op writes the graph outputs itself: an Identity in between would make onnxruntime
         # allocate (and copy) a new cache instead of updating the bound buffer in place.
         present = (f"present.{layer}.key", f"present.{layer}.value")

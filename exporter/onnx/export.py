@@ -19,6 +19,7 @@ from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
+from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TRT_TOPK_MAX = 3840  # TensorRT's TopK limit on K
@@ -61,6 +62,9 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
+    if policy.global_selection and target != "onnxruntime":
+        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass, which "
+                             "only the onnxruntime target builds (use --target onnxruntime)")
     check_output(Path(out), "engine", force, [loaded.directory])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
@@ -70,6 +74,10 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len)
+    if policy.global_selection:  # KVzip's repeat prompts, in this model's tokens
+        tok = loaded.tokenizer()
+        cfg.repeat_prompts = tuple(tok(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
+        cfg.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
         weights = ExternalWeights(tmp, np_dtype)

@@ -28,6 +28,9 @@ class GraphConfig:
     attention_scaling: float  # RoPE cos/sin factor (1.0 except for some scaled RoPE types)
     target: str = "onnxruntime"
     max_input_len: int | None = None  # sizes the TensorRT plugin's static output width
+    # KVzip: the repeat prompts' token ids (first chunk, later chunks) and the pad id, from the model's tokenizer
+    repeat_prompts: tuple[list[int], list[int]] | None = None
+    pad_id: int = 0
 
     def max_selected(self, layer: int) -> int:
         """The largest budget layer `layer` gives any prompt the engine accepts (at its max input length)."""

@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx.budget import selected_counts
+from exporter.onnx.kvzip import global_select, reconstruction_scores
 from exporter.onnx.layers import GraphConfig, Layers
 from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, GraphBuilder
@@ -96,16 +97,38 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, q, hidden]
     cos, sin = lay.rope_tables("position_ids")
     lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)  # [B] real prompt lengths
-    budgets = selected_counts(g, pol, s.num_layers, lengths) if pol.compresses else None
+    budgets = selected_counts(g, pol, s.num_layers, lengths) if pol.compresses and not pol.global_selection else None
     reserve = g.op("Max", "reserve_tokens", g.const([0]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
     shared: dict[int, str] = {}  # ChunkKV: group leader layer -> its chunk scores
+
+    def emit(layer: int, kept: str, kk: str, vv: str) -> None:
+        """The layer's outputs: kept indices, the cache padded with the decode slots, valid slots per row."""
+        g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
+        pads = g.concat(g.const([0, 0, 0, 0, 0, 0]), reserve, g.const([0]))
+        g.op("Pad", kk, pads, outputs=[f"present.{layer}.key"])
+        g.op("Pad", vv, pads, outputs=[f"present.{layer}.value"])
+        # A row's longest head: the slot its next token goes to (KVzip's heads hold different counts).
+        valid = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", kept, g.const(0)), to=TensorProto.INT64),
+                     g.const([2]), keepdims=0)  # [B, Hc]
+        g.op("ReduceMax", valid, g.const([1]), keepdims=0, outputs=[f"kv_lengths.{layer}"])
+        cache = ["batch", hc, f"present_len_{layer}", s.head_dim]
+        outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
+                        helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache),
+                        helper.make_tensor_value_info(f"kept_indices.{layer}", TensorProto.INT64,
+                                                      ["batch", hc, f"kept_len_{layer}"]),
+                        helper.make_tensor_value_info(f"kv_lengths.{layer}", TensorProto.INT64, ["batch"])])
+
+    whole: list[tuple[str, str]] = []  # KVzip: every layer's whole context cache, selected after the decoder
 
     def attend(layer: int, h: str) -> str:
         q, k, v = lay.qkv(h, layer, cos, sin)  # RoPE here: the selection needs the rotated queries too
         out, k4, v4 = target.prefill_attention(lay, q, k, v, lengths)  # K/V: [B, Hkv, q, d] post-RoPE
         if budgets is None:
             kept, kk, vv = _keep_all(g, lay, k4, v4, lengths, hc)
+            if pol.global_selection:
+                whole.append((kk, vv))
+                return out
         else:
             keep_all = GraphBuilder(g.prefix + f"keepall{layer}_")
             select = GraphBuilder(g.prefix + f"select{layer}_")
@@ -121,23 +144,15 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
                                          else_branch=other)
             if scores:
                 shared[layer] = scores[0]
-        g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
-        pads = g.concat(g.const([0, 0, 0, 0, 0, 0]), reserve, g.const([0]))
-        g.op("Pad", kk, pads, outputs=[f"present.{layer}.key"])
-        g.op("Pad", vv, pads, outputs=[f"present.{layer}.value"])
-        head0 = g.slice(kept, g.const([0]), g.const([1]), axis=1)  # every head of a row holds as many
-        valid = g.op("Cast", g.op("GreaterOrEqual", head0, g.const(0)), to=TensorProto.INT64)
-        g.op("ReduceSum", valid, g.const([1, 2]), keepdims=0, outputs=[f"kv_lengths.{layer}"])
-        cache = ["batch", hc, f"present_len_{layer}", s.head_dim]
-        outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
-                        helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache),
-                        helper.make_tensor_value_info(f"kept_indices.{layer}", TensorProto.INT64,
-                                                      ["batch", hc, f"kept_len_{layer}"]),
-                        helper.make_tensor_value_info(f"kv_lengths.{layer}", TensorProto.INT64, ["batch"])])
+        emit(layer, kept, kk, vv)
         return out
 
     h = lay.decoder(x, attend)
     lay.logits(h, g.op("Sub", lengths, g.const(1)))
+    if whole:  # KVzip: reconstruct the context to score every pair, then one selection over all layers
+        scores = reconstruction_scores(g, cfg, target, whole, lengths, cfg.repeat_prompts, cfg.pad_id)
+        for layer, (kept, kk, vv) in enumerate(global_select(g, cfg, scores, whole, lengths)):
+            emit(layer, kept, kk, vv)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "prompt_len"])
               for n in ("input_ids", "attention_mask", "position_ids")]
     inputs.append(helper.make_tensor_value_info("reserve_tokens", TensorProto.INT64, [1]))
@@ -156,7 +171,7 @@ def make_model(g: GraphBuilder, cfg: GraphConfig, name: str, inputs, outputs, in
     s, pol = cfg.spec, cfg.policy
     target = TARGETS[cfg.target]
     functions = []
-    if with_select:
+    if with_select and not pol.global_selection:  # KVzip's selection is inline ops (exporter.onnx.kvzip)
         scores = bool(target.select_attributes())  # the plugin's 4th output: the function has it too
         if pol.name == "chunkkv":
             functions.append(chunkkv_select_function(pol.window, pol.chunk_size, s.num_heads, s.num_kv_heads,

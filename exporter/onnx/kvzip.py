@@ -1,0 +1,170 @@
+"""KVzip inside the prefill graph: the reconstruction pass (an ONNX `Loop` over chunks of the context) and the
+one top-k over every layer and head, in the op semantics of trt_plugins.kvzip_select.
+
+The prefill's first pass kept every layer's whole context cache; this module turns those caches into the
+compressed ones. Only the onnxruntime target builds it: the reconstruction attention needs its probabilities
+(explicit MatMul + Softmax), and no TensorRT plugin implements the global selection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from exporter.onnx.layers import GraphConfig, Layers
+from trt_plugins.kvzip_select import SINK_SCORE
+from trt_plugins.onnx_graph import GraphBuilder
+from trt_plugins.onnx_select import F32_MIN
+
+
+def _prompt(g: GraphBuilder, cfg: GraphConfig, prompts: tuple[list[int], list[int]], start: str, i: str,
+            batch: str) -> str:
+    """The chunk's repeat prompt [B, p]: the first chunk's, or the later one followed by the previous chunk's last
+    `postfix` tokens of input_ids (an `If`: the two differ in length)."""
+    pol = cfg.policy
+    branches = []
+    for which, ids in enumerate(prompts):
+        b = GraphBuilder(g.prefix + f"prompt{which}_")
+        out = b.op("Expand", b.const([ids]), b.concat(batch, b.const([len(ids)])))
+        if which == 1:
+            tail_from = b.op("Max", b.op("Sub", start, b.const([pol.postfix])),
+                             b.op("Sub", start, b.const([pol.score_chunk])))
+            out = b.op("Concat", out, b.slice("input_ids", tail_from, start, axis=1), axis=1)
+        out = b.op("Identity", out)
+        branches.append(helper.make_graph(b.nodes, g.fresh(f"prompt{which}"), [],
+                                          [helper.make_tensor_value_info(out, TensorProto.INT64, None)]))
+    first = g.op("Equal", i, g.const(0))
+    return g.op("If", first, then_branch=branches[0], else_branch=branches[1])
+
+
+def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], lengths: str,
+            positions: str, part: str, best: str) -> tuple[str, str]:
+    """One layer of the reconstruction: h [B, s, hidden] -> (attention output [B, s, H*d], new best scores
+    [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; positions, part: [B, s]."""
+    g, s = lay.g, lay.s
+    hkv, heads, d = s.num_kv_heads, s.num_heads, s.head_dim
+    q, k, v = lay.qkv(h, layer, *rope)
+    q4 = g.op("Cast", lay.to_heads(q, heads), to=TensorProto.FLOAT)  # [B, H, s, d]
+    keys = g.op("Cast", g.op("Concat", cache[0], lay.to_heads(k, hkv), axis=2), to=TensorProto.FLOAT)
+    values = g.op("Cast", g.op("Concat", cache[1], lay.to_heads(v, hkv), axis=2), to=TensorProto.FLOAT)
+    n = g.dim(cache[0], 2)  # q context tokens
+    # Each KV head's query group in one MatMul: [B, Hkv, g * s, d] @ [B, Hkv, d, q + s].
+    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+    logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
+    cols = g.op("Range", g.const(0), g.scalar(n), g.const(1))  # [q]
+    key_pos = g.op("Concat", g.op("Expand", g.unsqueeze(cols, [0]), g.concat(g.dim(positions, 0), n)), positions,
+                   axis=1)  # [B, q + s]
+    real = g.op("Concat", g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(lengths, [1])),
+                g.op("Expand", g.const([[True]], np.bool_), g.op("Shape", positions)), axis=1)  # [B, q + s]
+    visible = g.op("And", g.unsqueeze(real, [1]),
+                   g.op("LessOrEqual", g.unsqueeze(key_pos, [1]), g.unsqueeze(positions, [2])))  # [B, s, q + s]
+    if s.sliding_window:
+        near = g.op("Less", g.op("Sub", g.unsqueeze(positions, [2]), g.unsqueeze(key_pos, [1])),
+                    g.const(s.sliding_window))
+        visible = g.op("And", visible, near)
+    probs = g.op("Softmax", g.op("Where", g.unsqueeze(visible, [1]), logits, g.const(F32_MIN, np.float32)), axis=-1)
+    out = g.op("MatMul", g.reshape(probs, g.const([0, hkv, -1, 0])), values)  # [B, Hkv, g * s, d]
+    out = g.op("Cast", g.reshape(out, g.const([0, heads, -1, d])), to=lay.cfg.onnx_dtype)
+    out = g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * d]))
+    on_cache = g.op("Mul", g.slice(probs, g.const([0]), n, axis=3),
+                    g.unsqueeze(g.op("Cast", part, to=TensorProto.FLOAT), [1, 3]))  # [B, H, s, q]
+    per_head = g.op("ReduceMax", on_cache, g.const([2]), keepdims=0)  # [B, H, q]
+    grouped = g.op("ReduceMax", g.reshape(per_head, g.concat(g.const([0, hkv, -1]), n)), g.const([2]), keepdims=0)
+    return out, g.op("Max", best, grouped)
+
+
+def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: list[tuple[str, str]], lengths: str,
+                          prompts: tuple[list[int], list[int]], pad_id: int) -> list[str]:
+    """Every layer's KVzip scores [B, Hkv, q] f32 from a Loop over the context's chunks (right-padded input_ids)."""
+    s, pol = cfg.spec, cfg.policy
+    num_layers = s.num_layers
+    q = g.dim("input_ids", 1)
+    chunks = g.op("Max", g.op("Div", g.op("Add", q, g.const([pol.score_chunk - 1])), g.const([pol.score_chunk])),
+                  g.const([1]))
+    zeros = g.op("ConstantOfShape", g.concat(g.dim("input_ids", 0), g.const([s.num_kv_heads]), q),
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    b = GraphBuilder(g.prefix + "rec_")
+    body = Layers(b, cfg, target)
+    i = b.unsqueeze("rec_i", [0])
+    start = b.op("Mul", i, b.const([pol.score_chunk]))
+    end = b.op("Min", b.op("Add", start, b.const([pol.score_chunk])), q)
+    batch = b.dim("input_ids", 0)
+    prompt = _prompt(b, cfg, prompts, start, i, batch)
+    ids = b.op("Concat", prompt, b.slice("input_ids", start, end, axis=1), axis=1)  # [B, s]
+    j = b.unsqueeze(b.op("Range", b.const(0), b.scalar(b.dim(ids, 1)), b.const(1)), [0])  # [1, s]
+    row_len = b.unsqueeze(lengths, [1])  # [B, 1]
+    in_context = b.op("Less", b.op("Sub", b.op("Add", start, j), b.dim(prompt, 1)), row_len)
+    part = b.op("And", in_context, b.op("Less", start, row_len))  # [B, s]
+    ids = b.op("Where", part, ids, b.const(pad_id))
+    positions = b.op("Add", row_len, j)  # [B, s]
+    rope = body.rope_tables(positions)
+    x = b.op("Gather", "model.embed_tokens.weight", ids, axis=0)
+    best = [f"rec_best_{layer}" for layer in range(num_layers)]
+    new_best = []
+    residual, h = None, None
+    for layer in range(num_layers):  # the decoder, stopping after the last layer's attention (nothing reads on)
+        p = f"model.layers.{layer}."
+        if residual is None:
+            residual, h = x, target.norm(body, x, p + "input_layernorm.weight")
+        else:
+            residual, h = target.add_norm(body, residual, h, p + "input_layernorm.weight")
+        attn, scores = _attend(body, h, layer, rope, caches[layer], lengths, positions, part, best[layer])
+        new_best.append(scores)
+        if layer == num_layers - 1:
+            break
+        attn = b.op("MatMul", attn, p + "self_attn.o_proj.weight.T")
+        residual, h = target.add_norm(body, residual, attn, p + "post_attention_layernorm.weight")
+        h = body.mlp(h, layer)
+    b.op("Identity", "rec_cond", outputs=["rec_cond_out"])
+    outs = [b.op("Identity", n, outputs=[f"rec_best_out_{layer}"]) for layer, n in enumerate(new_best)]
+    graph = helper.make_graph(
+        b.nodes, g.fresh("reconstruction"),
+        [helper.make_tensor_value_info("rec_i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("rec_cond", TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in best]],
+        [helper.make_tensor_value_info("rec_cond_out", TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outs]])
+    result = g.op("Loop", g.scalar(chunks), g.const(True, np.bool_), *[zeros] * num_layers, body=graph,
+                  outputs=num_layers)
+    return result if isinstance(result, list) else [result]
+
+
+def global_select(g: GraphBuilder, cfg: GraphConfig, scores: list[str], caches: list[tuple[str, str]],
+                  lengths: str) -> list[tuple[str, str, str]]:
+    """The top min(C, length) * L * Hkv pairs of every row over all layers and heads -> per layer (kept [B, Hkv, n_l],
+    K, V [B, Hkv, n_l, d]): each head's picks compact and ascending, -1 and zeros after them."""
+    s, pol = cfg.spec, cfg.policy
+    num_layers, hkv, d = s.num_layers, s.num_kv_heads, s.head_dim
+    q = g.dim("input_ids", 1)
+    pos = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
+    flat = g.op("Concat", *[g.unsqueeze(x, [1]) for x in scores], axis=1)  # [B, L, Hkv, q]
+    flat = g.op("Where", g.op("Less", pos, g.const(pol.sinks)), g.const(SINK_SCORE, np.float32), flat)
+    real = g.unsqueeze(g.op("Less", g.unsqueeze(pos, [0]), g.unsqueeze(lengths, [1])), [1, 2])  # [B, 1, 1, q]
+    flat = g.reshape(g.op("Where", real, flat, g.const(-1.0, np.float32)), g.const([0, -1]))  # [B, L * Hkv * q]
+    budgets = g.op("Mul", g.op("Min", lengths, g.const(pol.kv_budget)), g.const(num_layers * hkv))  # [B]
+    k = g.op("ReduceMax", budgets, keepdims=1)
+    _, order = g.op("TopK", flat, k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, k] by rank, ties lower first
+    used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0]),
+                g.unsqueeze(budgets, [1]))  # [B, k]
+    keep = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Shape", flat),
+                                         value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])),
+                order, g.op("Cast", used, to=TensorProto.INT64), axis=1)
+    keep = g.reshape(keep, g.concat(g.dim(flat, 0), g.const([num_layers, hkv]), q))  # [B, L, Hkv, q] 0/1
+    sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
+    out = []
+    for layer in range(num_layers):
+        held = g.op("Squeeze", g.slice(keep, g.const([layer]), g.const([layer + 1]), axis=1), g.const([1]))
+        n = g.reshape(g.op("ReduceMax", g.op("ReduceSum", held, g.const([2]), keepdims=0), keepdims=1),
+                      g.const([1]))  # the layer's longest head
+        picks = g.op("Where", g.op("Cast", held, to=TensorProto.BOOL), g.op("Cast", pos, to=TensorProto.FLOAT),
+                     sentinel)  # [B, Hkv, q]
+        asc = g.op("TopK", picks, n, outputs=2, axis=-1, largest=0, sorted=1)[0]  # exact below 2^24
+        kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1))
+        gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
+                    g.concat(g.op("Shape", kept), g.const([d])))
+        slot_used = g.unsqueeze(g.op("GreaterOrEqual", kept, g.const(0)), [3])
+        zero = g.const(0.0, cfg.np_dtype)
+        kv = [g.op("Where", slot_used, g.op("GatherElements", src, gidx, axis=2), zero) for src in caches[layer]]
+        out.append((kept, kv[0], kv[1]))
+    return out
+
