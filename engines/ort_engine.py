@@ -135,6 +135,13 @@ class OrtEngine(BuiltEngine):
             total += 2 * b * hc * n * self.spec.head_dim * itemsize
         return total
 
+    def ideal_bytes(self, kept: dict) -> int:
+        """Bytes of K/V the kept pairs alone would take: what `cache_bytes` holds, less the slots a shorter head
+        leaves empty (per-head lengths: KVzip) or a row with a smaller budget leaves empty in a batch."""
+        itemsize = 2 if self.manifest["dtype"] == "fp16" else 4
+        pairs = sum(int((kept[f"kept_indices.{i}"].numpy() >= 0).sum()) for i in range(self.spec.num_layers))
+        return 2 * pairs * self.spec.head_dim * itemsize
+
     def generate(
         self,
         prompts: list[str] | list[list[int]],
@@ -155,6 +162,7 @@ class OrtEngine(BuiltEngine):
         kv_lengths = [outputs[f"kv_lengths.{i}"].numpy() for i in layers]  # [B] valid slots per layer
         kept = [torch.from_numpy(kept_raw[f"kept_indices.{i}"].numpy()) for i in layers] if return_indices else None
         timings["kv_bytes_after_prefill"] = self.cache_bytes(kept_raw)
+        timings["kv_bytes_ideal"] = self.ideal_bytes(kept_raw)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
         _, run_step = self.decode_binding(cache, kept_raw)

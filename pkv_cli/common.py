@@ -88,12 +88,17 @@ def policy_options(fn: Callable) -> Callable:
         click.option("--beta", type=int, default=None, help="PyramidKV: min budget = (C - w) // beta [20]."),
         click.option("--schedule", type=click.Choice(["paper", "mean"]), default=None,
                      help="PyramidKV budgets: the paper's integer rule, or mean-preserving [paper]."),
-        click.option("--sinks", type=int, default=None, help="StreamingLLM: attention-sink tokens kept [4]."),
+        click.option("--sinks", type=int, default=None,
+                     help="StreamingLLM, KVzip: first tokens (attention sinks) always kept [4]."),
         click.option("--chunk-size", type=int, default=None, help="ChunkKV: tokens per chunk [10]."),
         click.option("--reuse", type=int, default=None,
                      help="ChunkKV: layers per group sharing the first layer's chunk ranking (1 = no reuse) [1]."),
         click.option("--budget-schedule", type=click.Choice(["uniform", "pyramid"]), default=None,
                      help="ChunkKV: the same budget for every layer, or PyramidKV's pyramid [uniform]."),
+        click.option("--score-chunk", type=int, default=None,
+                     help="KVzip: context tokens reconstructed per chunk of the scoring pass [2048]."),
+        click.option("--postfix", type=int, default=None,
+                     help="KVzip: tokens of the previous chunk repeated in a later chunk's prompt [8]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -103,7 +108,7 @@ def policy_options(fn: Callable) -> Callable:
 def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
     """Pop the policy options out of a command's kwargs and build the policy."""
     names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks", "chunk_size",
-             "reuse", "budget_schedule")
+             "reuse", "budget_schedule", "score_chunk", "postfix")
     hyper = {n: kwargs.pop(n) for n in names}
     return make_policy(kwargs.pop("policy"), **hyper)
 

@@ -63,8 +63,8 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
     if policy.global_selection and target != "onnxruntime":
-        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass, which "
-                             "only the onnxruntime target builds (use --target onnxruntime)")
+        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass: only "
+                             "--backend onnx --target onnxruntime builds it")
     check_output(Path(out), "engine", force, [loaded.directory])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []

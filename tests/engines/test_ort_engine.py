@@ -24,6 +24,8 @@ POLICY_CASES = [
     ("pyramidkv", {"granularity": "query-head", "pooling": "avg", "schedule": "mean"}),
     ("chunkkv", {"chunk_size": 4}),
     ("chunkkv", {"chunk_size": 3, "reuse": 2, "budget_schedule": "pyramid"}),
+    ("kvzip", {}),
+    ("kvzip", {"score_chunk": 16, "sinks": 2, "postfix": 3}),
 ]
 _BUILT: dict = {}
 
@@ -35,6 +37,8 @@ def kept_sets(kept: torch.Tensor) -> list[list[int]]:
 
 def built(tmp_path_factory, model: str, name: str, kw: dict, target: str = "onnxruntime"
           ) -> tuple[OrtEngine, ReferenceEngine]:
+    if target != "onnxruntime" and make_policy(name).global_selection:
+        pytest.skip("a global selection (KVzip) is built for onnxruntime only: test_global_selection_needs_onnxruntime")
     key = (model, name, tuple(sorted(kw.items())), target)
     if key not in _BUILT:
         loaded = load_model(model)
@@ -64,8 +68,9 @@ def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-def test_batched_equals_alone(tmp_path_factory, model, target):
-    ort_engine, _ = built(tmp_path_factory, model, "pyramidkv", {}, target)
+@pytest.mark.parametrize("name", ["pyramidkv", "kvzip"])
+def test_batched_equals_alone(tmp_path_factory, model, target, name):
+    ort_engine, _ = built(tmp_path_factory, model, name, {}, target)
     prompts = [LONG, LONG[:90] + "!", LONG[:45], "Short prompt, left padded.", "Hi"]  # every regime in one batch
     batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
     for b, prompt in enumerate(prompts):
@@ -85,6 +90,31 @@ def test_compression_is_real(tmp_path_factory):
     b = pyramid.generate([LONG], 12, return_logits=True)
     assert not torch.allclose(a.logits[:, 1:], b.logits[:, 1:])
     assert b.timings["kv_bytes_after_prefill"] < a.timings["kv_bytes_after_prefill"]
+
+
+def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(tmp_path_factory):
+    """KVzip's one top-k over every layer and head gives heads and layers different lengths: the engine reports
+    the bytes it holds (each layer padded to its longest head) and the ideal (the kept pairs alone), which is what
+    `plan` counts: C pairs per head on average."""
+    from exporter.plan import make_plan
+
+    engine, reference = built(tmp_path_factory, "tiny-llama3", "kvzip", {})
+    result = engine.generate([LONG], 1, return_indices=True)
+    counts = [(k[0] >= 0).sum(-1).tolist() for k in result.kept_indices]  # [layer][head]
+    assert len({c for layer in counts for c in layer}) > 1, "per-head lengths"
+    assert sum(map(sum, counts)) == 32 * engine.spec.num_layers * engine.spec.num_kv_heads
+    plan = make_plan(engine.spec, reference.policy, result.prompt_lengths[0], 1, "fp32")
+    assert result.timings["kv_bytes_ideal"] == plan["kv_bytes_compressed"]
+    assert result.timings["kv_bytes_after_prefill"] >= result.timings["kv_bytes_ideal"]
+    assert result.timings["kv_bytes_after_prefill"] == sum(
+        2 * max(c) * engine.spec.num_kv_heads * engine.spec.head_dim * 4 for c in counts)
+
+
+def test_global_selection_needs_onnxruntime(tmp_path):
+    loaded = load_model("tiny-llama3")
+    with pytest.raises(UserInputError, match="only --backend onnx --target onnxruntime"):
+        build_onnx_engine(loaded, make_policy("kvzip", kv_budget=32), tmp_path / "e", target="tensorrt")
+    assert not (tmp_path / "e").exists()
 
 
 def test_kv_bytes_held_equal_the_plan(tmp_path_factory):
@@ -173,11 +203,11 @@ QUESTIONS = [" Where is the cat?", " What does the fox do? Answer briefly."]
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv"])
+@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv", "kvzip"])
 def test_answers_from_one_compressed_context(tmp_path_factory, model, name, target):
     """Several questions on one compressed context: the engine answers exactly as the reference does, and the
     context is left as it was (the second question sees the same cache as the first)."""
-    kw = {"chunk_size": 4} if name == "chunkkv" else {}
+    kw = {"chunkkv": {"chunk_size": 4}, "kvzip": {"score_chunk": 16, "sinks": 2, "postfix": 3}}.get(name, {})
     ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
     got_ctx, want_ctx = ort_engine.compress_context(CONTEXT, 48), reference.compress_context(CONTEXT, 48)
     assert got_ctx.length == want_ctx.length and got_ctx.kv_bytes == want_ctx.kv_bytes

@@ -39,12 +39,33 @@ def test_first_token_equals_full(tiny, name):
     assert [t[0] for t in comp.tokens] == [t[0] for t in full.tokens]
     assert torch.equal(comp.logits[:, 0], full.logits[:, 0])  # the prefill attends to the full prompt
     assert comp.selected is not None
+    per_head = POLICIES[name].global_selection  # KVzip: heads hold different counts, a row spans its longest
+    w = 0 if per_head else 4
     for layer, kept in enumerate(comp.kept_indices):
-        assert kept.shape[-1] == max(sel[layer] for sel in comp.selected) + 4
+        assert kept.shape[-1] == max(sel[layer] for sel in comp.selected) + w
         for b, sel in enumerate(comp.selected):
             held = (kept[b] >= 0).sum(-1)  # compact rows: the picks and the window first, then -1
-            assert bool((held == sel[layer] + min(4, comp.prompt_lengths[b])).all())  # each prompt its own budget
-            assert bool((kept[b, :, : int(held[0])] >= 0).all())
+            want = sel[layer] + min(w, comp.prompt_lengths[b])  # each prompt its own budget
+            assert int(held.max()) == want and (per_head or bool((held == want).all()))
+            for head, n in enumerate(held.tolist()):
+                assert bool((kept[b, head, :n] >= 0).all()) and bool((kept[b, head, n:] == -1).all())
+
+
+def test_kvzip_keeps_its_budget_over_all_layers_and_heads(tiny):
+    """C per head on average, the sinks in every head, each head's picks ascending; a prompt shorter than C
+    keeps everything; with C above every prompt KVzip is FullKV exactly."""
+    L, hkv = tiny.spec.num_layers, tiny.spec.num_kv_heads
+    result = engine(tiny, "kvzip", sinks=2, score_chunk=16).generate(PROMPTS, 3, return_indices=True)
+    for b, n in enumerate(result.prompt_lengths):
+        kept = [k[b] for k in result.kept_indices]  # [Hkv, n_l] per layer
+        assert sum(int((k >= 0).sum()) for k in kept) == min(32, n) * L * hkv
+        for k in kept:
+            for head in k:
+                valid = head[head >= 0]
+                assert valid[:2].tolist() == [0, 1] and bool((valid[1:] > valid[:-1]).all()) and int(valid.max()) < n
+    full = engine(tiny, "full").generate(PROMPTS, 6, return_logits=True)
+    wide = engine(tiny, "kvzip", kv_budget=4096).generate(PROMPTS, 6, return_logits=True)
+    assert wide.tokens == full.tokens and torch.equal(wide.logits, full.logits)
 
 
 def test_compression_changes_later_tokens(tiny):
