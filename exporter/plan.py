@@ -58,6 +58,8 @@ def _regime(policy: KVPolicy, selected: list[int] | None) -> str:
         return "full"
     if selected is None:
         return "no-compression (context < kv_budget)"
+    if policy.global_selection:
+        return "global (per-head lengths; the mean per layer shown)"
     return "uniform" if len(set(selected)) == 1 else "pyramid"
 
 

@@ -75,6 +75,8 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
             }
             if got.kept_indices is not None:  # (layer, cache head, token) slots held: the cache's real size
                 record["kv_slots"] = int(sum((k[0] >= 0).sum() for k in got.kept_indices))
+                # what the layout spans: each layer as wide as its longest head (KVzip's heads differ)
+                record["kv_slots_spanned"] = int(sum(k.shape[1] * k.shape[2] for k in got.kept_indices))
             if reference is not None:
                 t1 = time.perf_counter()
                 want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)

@@ -76,13 +76,14 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
 
     summary = summarize(records, suite, {})
     per_token = 2 * spec.head_dim * DTYPE_BYTES[dtype]  # K and V of one head and token
-    held, planned, full, mismatched = [], [], [], 0
+    held, planned, full, spanned, mismatched = [], [], [], [], 0
     for r in records:
         plan = make_plan(spec, cell.policy, r["prompt_tokens"], dtype=dtype)
         planned.append(plan["kv_bytes_compressed"])
         full.append(plan["kv_bytes_full"])
         slots = r.get("kv_slots")
         held.append(plan["kv_bytes_compressed"] if slots is None else slots * per_token)
+        spanned.append(r.get("kv_slots_spanned", slots or 0) * per_token or held[-1])
         mismatched += slots is not None and slots * per_token != plan["kv_bytes_compressed"]
     row: dict[str, Any] = {
         "cell": cell.name, "policy": cell.policy.name, "kv_budget": cell.budget, "n": len(records),
@@ -92,6 +93,8 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
         "kv_bytes_plan": round(mean(planned)) if planned else None,
         "kv_ratio": round(sum(held) / sum(full), 4) if full else None,
         "kv_matches_plan": mismatched == 0,
+        # bytes the cache layout spans over the kept pairs' bytes (> 1: per-head lengths padded per layer)
+        "kv_span_over_held": round(sum(spanned) / sum(held), 4) if held and sum(held) else None,
         "seconds": summary["timing"]["engine_seconds"],
     }
     if suite == "longbench":

@@ -33,15 +33,19 @@ def markdown(summary: dict[str, Any]) -> str:
         extra = sorted({c for r in rows for c in r.get("categories", {})})
     elif rows:
         extra = [f"L{n}" for n in sorted({n for r in rows for n in _by_length(r)})]
-    cols = ["cell", "score", "delta_to_full", "kv_ratio", "kv_bytes_held", "kv_matches_plan", *extra]
+    cols = ["cell", "score", "delta_to_full", "kv_ratio", "kv_bytes_held", "kv_matches_plan", "kv_span_over_held",
+            *extra]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
         per = r.get("categories", {}) if suite == "longbench" else {f"L{n}": v for n, v in _by_length(r).items()}
-        values = [r["cell"], r["score"], r["delta_to_full"], r["kv_ratio"], r["kv_bytes_held"], r["kv_matches_plan"]]
+        values = [r["cell"], r["score"], r["delta_to_full"], r["kv_ratio"], r["kv_bytes_held"], r["kv_matches_plan"],
+                  r.get("kv_span_over_held")]
         lines.append("| " + " | ".join(str(v) for v in values + [per.get(c) for c in extra]) + " |")
     lines += ["", "kv_ratio: K/V bytes the engine held after the prefill over FullKV's, over all samples; "
-              "kv_matches_plan: equal to `pkv-export plan` for every sample."]
+              "kv_matches_plan: equal to `pkv-export plan` for every sample; kv_span_over_held: "
+              "bytes the cache layout spans (each layer as wide as its longest head) over the kept pairs' bytes "
+              "(above 1 for KVzip's per-head lengths)."]
     if summary.get("plots"):
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]]
     return "\n".join(lines) + "\n"

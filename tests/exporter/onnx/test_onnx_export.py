@@ -172,7 +172,7 @@ def test_disk_space_is_checked_first(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv"])
+@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip"])
 def test_cli_build_generate_compare(tmp_path, name):
     out = tmp_path / name
     r = CliRunner().invoke(main, ["build", "--model", "tiny-mistral", "--policy", name, "--kv-budget", "24",
@@ -184,6 +184,13 @@ def test_cli_build_generate_compare(tmp_path, name):
     d = json.loads(r.stdout)
     assert d["tokens_equal"] and d["passed"] and d["max_abs_logit_diff"] <= 1e-4
     assert d["index_agreement"] == 1.0 and d["prompt_lengths"] == [120, 113]
+
+
+@pytest.mark.parametrize("args", [["--target", "tensorrt"], ["--backend", "trtllm"], ["--backend", "tensorrt"]])
+def test_cli_kvzip_on_a_tensorrt_backend_is_one_line_exit_2(tmp_path, args):
+    r = CliRunner().invoke(main, ["build", "--policy", "kvzip", *args, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "only --backend onnx --target onnxruntime" in r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "e").exists()
 
 
 def test_cli_compare_fails_with_exit_1_on_disagreement(tmp_path):
