@@ -7,6 +7,9 @@ side with FullKV:
   from onnxruntime's profiler on one extra prefill, so it is not the difference of two noisy medians;
   selection_share: that over the profiled prefill's total node time;
 * reuse_speedup (ChunkKV with index reuse): selection_ms of ChunkKV without reuse / this one's;
+* KVzip: selection_ms covers its reconstruction pass and its one top-k over every layer (the `kvzip_*` nodes);
+  scoring_ms is the reconstruction pass (the `Loop`) alone, scoring_vs_prefill that over FullKV's whole prefill
+  (profiled node time), and kv_span_over_held the bytes its layout spans over the kept pairs' bytes;
 * decode_ms per token (`--new-tokens` steps, EOS ignored) and decode_speedup = FullKV's / this one's;
 * kv_bytes_held after the prefill, and its ratio to FullKV's.
 Prints JSON, then a Markdown table, and writes the table to docs/benchmarks.md (section bench_methods).
@@ -33,6 +36,7 @@ from engines.ort_engine import OrtEngine  # noqa: E402
 from engines.prompts import synthetic_prompt_ids  # noqa: E402
 from exporter.checkpoint import LoadedModel  # noqa: E402
 from exporter.onnx.export import build_onnx_engine  # noqa: E402
+from exporter.onnx.kvzip import KVZIP_PREFIX  # noqa: E402
 from exporter.policies import make_policy  # noqa: E402
 from exporter.weights import RandomWeights  # noqa: E402
 
@@ -46,11 +50,13 @@ METHODS = {
     "chunkkv-reuse2": ("chunkkv", {"reuse": 2}),
     "chunkkv-reuse4": ("chunkkv", {"reuse": 4}),
     "chunkkv-pyramid": ("chunkkv", {"budget_schedule": "pyramid"}),
+    "kvzip": ("kvzip", {}),
 }
 
 
-def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[float, float]:
-    """(ms inside the selection If nodes, ms of every node) of one profiled prefill."""
+def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[float, float, float]:
+    """(ms inside the selection (If nodes, KVzip's nodes), ms of every node, ms of KVzip's reconstruction Loop)
+    of one profiled prefill."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -70,8 +76,9 @@ def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[fl
     graph = onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph
     names = {f"{n.name}_kernel_time" for n in graph.node}
     top = [e for e in events if e.get("cat") == "Node" and e["name"] in names]
-    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If")
-    return select / 1000, sum(e["dur"] for e in top) / 1000
+    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If" or e["name"].startswith(KVZIP_PREFIX))
+    scoring = sum(e["dur"] for e in top if e["name"].startswith(KVZIP_PREFIX) and e["args"].get("op_name") == "Loop")
+    return select / 1000, sum(e["dur"] for e in top) / 1000, scoring / 1000
 
 
 def main() -> None:
@@ -81,6 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-budget", type=int, default=128)
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                        help="Measure only these (FullKV is always measured: every ratio is against it).")
     parser.add_argument("--no-doc", action="store_true", help="Do not write docs/benchmarks.md.")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -91,6 +100,8 @@ def main() -> None:
     for key, (name, kw) in METHODS.items():
         policies[key] = make_policy(name, **({} if name == "full" else {"kv_budget": args.kv_budget,
                                                                          "window": args.window, **kw}))
+        if args.methods and key not in args.methods and key != "full":
+            continue
         build_onnx_engine(loaded, policies[key], work / key, max_input_len=max(args.contexts))
         engines[key] = OrtEngine(work / key)
     rows = []
@@ -99,8 +110,8 @@ def main() -> None:
         prefill = prefill_seconds(engines, prompts, args.repeats)
         measured = {}
         for key, engine in engines.items():
-            selection, total = profiled_selection(work / key, engine, prompts)
-            measured[key] = {"prefill": prefill[key], "selection_ms": selection,
+            selection, total, scoring = profiled_selection(work / key, engine, prompts)
+            measured[key] = {"prefill": prefill[key], "selection_ms": selection, "scoring_ms": scoring,
                              "node_ms": total, **decode(engine, prompts, args.new_tokens)}
             print(f"context={context} {key}: {measured[key]['prefill']:.2f}s", file=sys.stderr)
         full = measured["full"]
@@ -113,27 +124,37 @@ def main() -> None:
                    "decode_speedup": round(full["decode_ms_per_token"] / m["decode_ms_per_token"], 2),
                    "kv_bytes_held": m["kv_bytes_after_prefill"],
                    "kv_ratio": round(m["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"], 4)}
-            if key.startswith("chunkkv-reuse") and measured["chunkkv"]["selection_ms"]:
+            if policies[key].global_selection:
+                row["scoring_ms"] = round(m["scoring_ms"], 1)
+                row["scoring_vs_prefill"] = round(m["scoring_ms"] / full["node_ms"], 3)
+                row["kv_span_over_held"] = round(m["kv_bytes_after_prefill"] / m["kv_bytes_ideal"], 3)
+            if key.startswith("chunkkv-reuse") and "chunkkv" in measured and measured["chunkkv"]["selection_ms"]:
                 row["reuse_speedup"] = round(measured["chunkkv"]["selection_ms"] / max(m["selection_ms"], 1e-9), 2)
             rows.append(row)
     print(json.dumps({"model": BENCH_SPEC.to_dict(), "rows": rows}, indent=2))
     columns = ["method", "context", "prefill_s", "prefill_vs_full", "selection_ms", "selection_share",
-               "reuse_speedup", "decode_ms", "decode_speedup", "kv_bytes_held", "kv_ratio"]
+               "reuse_speedup", "scoring_ms", "scoring_vs_prefill", "decode_ms", "decode_speedup", "kv_bytes_held",
+               "kv_ratio", "kv_span_over_held"]
     table = markdown_table(columns, rows)
     print()
     print(table)
     if not args.no_doc:
         command = "python scripts/bench_methods.py " + shlex.join(sys.argv[1:])
         s = BENCH_SPEC
-        body = (f"## Every method in the ONNX engine: selection cost, decode speed, bytes held\n\n"
+        body = (f"## {'Every method' if not args.methods else ', '.join(args.methods) + ' against FullKV'} in the ONNX "
+                f"engine: selection cost, decode speed, bytes held\n\n"
                 f"Command: `{command.strip()}`\n\nModel: LLaMA-shaped random weights, {s.num_layers} layers, hidden "
                 f"{s.hidden_size}, {s.num_heads} query / {s.num_kv_heads} KV heads x {s.head_dim}; C = "
                 f"{args.kv_budget}, w = {args.window}, batch 1, {args.new_tokens} new tokens. prefill_s: median of "
                 f"{args.repeats} interleaved runs; selection_ms: onnxruntime profiler, time inside the selection "
                 f"(`If`) nodes of one prefill; reuse_speedup: ChunkKV's selection_ms without reuse / with it; "
-                f"decode_speedup: FullKV ms/token / the method's. KVzip and PyramidInfer are not implemented yet.\n\n"
+                f"decode_speedup: FullKV ms/token / the method's; KVzip: scoring_ms = its reconstruction pass "
+                f"(`--score-chunk` {make_policy('kvzip').score_chunk} tokens per chunk), scoring_vs_prefill = that / "
+                f"FullKV's whole prefill, kv_span_over_held = bytes its per-layer layout spans / the kept pairs' "
+                f"bytes. PyramidInfer is not implemented yet.\n\n"
                 f"{table}\n")
-        write_section("bench_methods", body)
+        # A subset is its own section: it does not replace the table of every method.
+        write_section("bench_methods" + ("_" + "-".join(args.methods) if args.methods else ""), body)
     tmp.cleanup()
 
 

@@ -16,6 +16,8 @@ from trt_plugins.kvzip_select import SINK_SCORE
 from trt_plugins.onnx_graph import GraphBuilder
 from trt_plugins.onnx_select import F32_MIN
 
+KVZIP_PREFIX = "kvzip_"  # names of the nodes this module adds to the prefill graph
+
 
 def _prompt(g: GraphBuilder, cfg: GraphConfig, prompts: tuple[list[int], list[int]], start: str, i: str,
             batch: str) -> str:

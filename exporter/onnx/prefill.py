@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx.budget import selected_counts
-from exporter.onnx.kvzip import global_select, reconstruction_scores
+from exporter.onnx.kvzip import KVZIP_PREFIX, global_select, reconstruction_scores
 from exporter.onnx.layers import GraphConfig, Layers
 from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, GraphBuilder
@@ -150,8 +150,11 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     h = lay.decoder(x, attend)
     lay.logits(h, g.op("Sub", lengths, g.const(1)))
     if whole:  # KVzip: reconstruct the context to score every pair, then one selection over all layers
-        scores = reconstruction_scores(g, cfg, target, whole, lengths, cfg.repeat_prompts, cfg.pad_id)
-        for layer, (kept, kk, vv) in enumerate(global_select(g, cfg, scores, whole, lengths)):
+        kz = GraphBuilder(g.prefix + KVZIP_PREFIX)  # its own node names: profilers can tell its cost apart
+        scores = reconstruction_scores(kz, cfg, target, whole, lengths, cfg.repeat_prompts, cfg.pad_id)
+        picked = global_select(kz, cfg, scores, whole, lengths)
+        g.nodes.extend(kz.nodes)
+        for layer, (kept, kk, vv) in enumerate(picked):
             emit(layer, kept, kk, vv)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "prompt_len"])
               for n in ("input_ids", "attention_mask", "position_ids")]

@@ -36,6 +36,9 @@ def test_bench_methods_smoke():
     assert rows["full"]["selection_ms"] == 0 and rows["pyramidkv"]["selection_ms"] > 0  # the profiler saw it
     assert all(r["kv_ratio"] < 1 for k, r in rows.items() if k != "full")
     assert "reuse_speedup" in rows["chunkkv-reuse2"] and table.startswith("| method | context |")
+    kvzip = rows["kvzip"]
+    assert 0 < kvzip["scoring_ms"] <= kvzip["selection_ms"] and kvzip["scoring_vs_prefill"] > 0
+    assert kvzip["kv_span_over_held"] >= 1
 
 
 def test_build_memory_smoke(tmp_path):
