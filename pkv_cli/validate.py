@@ -75,8 +75,9 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--answer", default=None, help="NIAH expected answer, scored by word recall (with --needle).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
 @click.option("--multi-query", is_flag=True,
-              help="NIAH: one context per length with a needle at every depth, each asked twice: re-compressed with "
-                   "the question, and from the context compressed once.")
+              help="Ask each question twice: re-compressed with the question, and from its context compressed once. "
+                   "NIAH: one context per length with a needle at every depth; LongBench: samples sharing a context "
+                   "are grouped.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
 @click.option("--hub", is_flag=True, help="LongBench: load through the `datasets` library from the hub.")
 @click.option("--datasets", default=None, help="LongBench datasets, comma-separated [every file in --data].")
@@ -117,14 +118,13 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     # Every input is checked (and the engine opened and verified) before anything under --out is touched.
     inputs = [engine_dir, data, haystack, config_dir]
     _check_run_output(out, force, resume, inputs)
-    if multi_query and suite != "niah":
-        raise UserInputError("--multi-query is a NIAH mode (--suite niah)")
     if suite == "niah":
         spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
                          parse_grid_list(depths, float) if depths else None, haystack, needle, question, answer,
                          max_new_tokens, chat, multi_query=multi_query)
     else:
-        spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat)
+        spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat,
+                              multi_query=multi_query)
     engine, ref, description = _engines(engine_dir, model, policy, reference, reference_policy)
     samples, bad = spec.samples(engine.tokenizer, engine.max_input_len, limit, skip_bad)
     if not samples:

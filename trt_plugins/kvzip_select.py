@@ -13,7 +13,8 @@ worth what the reconstruction attends to it. The contract every backend follows:
   `postfix` tokens (the paper's code). Token j of row b's input sits at position lengths[b] + j; a row takes
   part in chunk i while i * chunk < lengths[b], and its input tokens past its context's end do not;
 * each input token attends (softmax in float32) to the row's real context keys and to its own chunk input's
-  keys up to itself; with a sliding window (Mistral) only to keys within the window, by absolute position;
+  keys up to itself; with a sliding window (Mistral) only to keys within the window, by absolute position; a
+  token that takes no part attends to its own chunk input's keys only (it never reaches a token that does);
 * the score of cached pair (layer l, KV head h, token t) is the maximum, over the chunks, the taking-part input
   tokens and the query heads of group h, of the attention probability on t;
 * the first `sinks` tokens score 2.0 (above any probability): always kept; padding scores -1;
@@ -71,15 +72,15 @@ def reconstruction_attention(
     keys = torch.cat([cache_keys, own_keys], dim=2).float().repeat_interleave(group, dim=1)  # [B, H, q + s, d]
     values = torch.cat([cache_values, own_values], dim=2).float().repeat_interleave(group, dim=1)
     key_pos = torch.cat([torch.arange(q).expand(b, q), positions], dim=1)  # [B, q + s]
-    real = torch.cat([torch.arange(q)[None, :] < lengths[:, None], torch.ones(b, s, dtype=torch.bool)], dim=1)
-    visible = real[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # [B, s, q + s]
+    real = (torch.arange(q)[None, :] < lengths[:, None])[:, None, :] & taking_part[:, :, None]  # [B, s, q]
+    real = torch.cat([real, torch.ones(b, s, s, dtype=torch.bool)], dim=2)
+    visible = real & (key_pos[:, None, :] <= positions[:, :, None])  # [B, s, q + s]
     if sliding_window is not None:
         visible &= (positions[:, :, None] - key_pos[:, None, :]) < sliding_window
-    logits = query.float() @ keys.transpose(-1, -2) / d**0.5  # [B, H, s, q + s]
+    logits = (query.float() * d**-0.5) @ keys.transpose(-1, -2)  # [B, H, s, q + s]
     probs = torch.softmax(logits.masked_fill(~visible[:, None], torch.finfo(torch.float32).min), dim=-1)
     out = (probs @ values).to(query.dtype).transpose(1, 2)  # [B, s, H, d]
-    on_cache = probs[..., :q] * taking_part[:, None, :, None]  # rows not taking part count 0 (scores are >= 0)
-    scores = on_cache.amax(dim=2).view(b, hkv, group, q).amax(dim=2)  # [B, Hkv, q]
+    scores = probs[..., :q].amax(dim=2).view(b, hkv, group, q).amax(dim=2)  # [B, Hkv, q]
     return out.contiguous(), scores
 
 

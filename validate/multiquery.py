@@ -7,6 +7,10 @@
 
 One record per question; the engine's `engine_score` is the recompress score, `engine_reuse_score` the reuse one
 (the reference's likewise), so the ordinary reports and heatmaps show both.
+
+A multi-query sample's `ids` are the shared context; `meta["questions"][i]` are question i's token ids (the
+context plus them is exactly question i's whole prompt) and `meta["queries"][i]` its record: `id`, `group` and
+the fields the suite scores by (`suite.score_query`) and reports.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from validate.suites import ValidationSample
 
 def question_record_ids(sample: ValidationSample) -> list[str]:
     """The record id of each question about the sample's context."""
-    return [f"{sample.id}-D{d:g}" for d in sample.meta["depths"]]
+    return [q["id"] for q in sample.meta["queries"]]
 
 
 def _answers(engine, sample: ValidationSample) -> tuple[list, list, float]:
@@ -43,21 +47,20 @@ def run_context(sample: ValidationSample, suite, engine, reference) -> list[dict
     if reference is not None:
         want, want_reuse, ref_seconds = _answers(reference, sample)
     records = []
-    for i, rid in enumerate(question_record_ids(sample)):
-        answer = sample.meta["answers"][i]
+    for i, query in enumerate(sample.meta["queries"]):
         record: dict[str, Any] = {
-            "id": rid, "group": f"L{sample.meta['context_len']}-D{sample.meta['depths'][i]:g}",
-            "prompt_tokens": len(sample.ids) + len(sample.meta["questions"][i]),
-            "context_len": sample.meta["context_len"], "depth_percent": sample.meta["depths"][i], "answer": answer,
-            "engine_answer": got[i].text[0], "engine_score": suite.score_text(got[i].text[0], answer),
+            "id": query["id"], "group": query["group"],
+            "prompt_tokens": len(sample.ids) + len(sample.meta["questions"][i]), "context_tokens": len(sample.ids),
+            **query["fields"],
+            "engine_answer": got[i].text[0], "engine_score": suite.score_query(sample, i, got[i].text[0]),
             "engine_reuse_answer": got_reuse[i].text[0],
-            "engine_reuse_score": suite.score_text(got_reuse[i].text[0], answer),
+            "engine_reuse_score": suite.score_query(sample, i, got_reuse[i].text[0]),
             "engine_seconds": round(seconds / len(got), 4),
         }
         if want is not None:
             record.update({
-                "reference_answer": want[i].text[0], "reference_score": suite.score_text(want[i].text[0], answer),
-                "reference_reuse_score": suite.score_text(want_reuse[i].text[0], answer),
+                "reference_answer": want[i].text[0], "reference_score": suite.score_query(sample, i, want[i].text[0]),
+                "reference_reuse_score": suite.score_query(sample, i, want_reuse[i].text[0]),
                 "reference_seconds": round(ref_seconds / len(want), 4),
                 "tokens_agree": got[i].tokens == want[i].tokens, "first_divergence": None,
                 "reuse_tokens_agree": got_reuse[i].tokens == want_reuse[i].tokens,

@@ -68,10 +68,17 @@ class NiahSuite:
             raise UserInputError(f"--multi-query puts one needle per depth: at most {len(MULTI_NEEDLES)} depths")
         out = []
         for n, ctx in multi_needle_contexts(tokenizer, lengths, depths, self.haystack, self.chat, self.seed):
-            out.append(ValidationSample(f"niah-mq-L{n}", f"L{n}", ctx.context_ids, self.max_new_tokens,
-                                        {"context_len": n, "depths": ctx.depths, "questions": ctx.question_ids,
-                                         "answers": [needle.answer for needle in ctx.needles]}))
+            sid = f"niah-mq-L{n}"
+            queries = [{"id": f"{sid}-D{d:g}", "group": f"L{n}-D{d:g}",
+                        "fields": {"context_len": n, "depth_percent": d, "answer": needle.answer}}
+                       for d, needle in zip(ctx.depths, ctx.needles, strict=True)]
+            out.append(ValidationSample(sid, f"L{n}", ctx.context_ids, self.max_new_tokens,
+                                        {"context_len": n, "questions": ctx.question_ids, "queries": queries}))
         return out[:limit] if limit else out
+
+    def score_query(self, sample: ValidationSample, i: int, prediction: str) -> float:
+        """Question i of a multi-query sample (validate.multiquery)."""
+        return self.score_text(prediction, sample.meta["queries"][i]["fields"]["answer"])
 
     def score(self, sample: ValidationSample, prediction: str) -> float:
         return self.score_text(prediction, sample.meta["answer"])
@@ -91,6 +98,7 @@ class LongBenchSuite:
     datasets: list[str] | None = None
     config_dir: Path | None = None
     chat: bool = True
+    multi_query: bool = False  # samples sharing a context asked after one compression (validate.multiquery)
     name: str = "longbench"
 
     def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
@@ -106,31 +114,85 @@ class LongBenchSuite:
             raise UserInputError("LongBench needs --data DIR (official JSONL files) or --hub")
         prompts, maxlens = load_prompt_config(self.config_dir)
         per_dataset: dict[str, int] = {}
-        out = []
+        kept = []
         for row in rows:
             if limit and per_dataset.get(row.dataset, 0) >= limit:
                 continue
             if row.dataset not in prompts:
                 raise UserInputError(f"the prompt config has no template for dataset {row.dataset!r}")
-            new_tokens = max_new_tokens(row.dataset, maxlens)
+            per_dataset[row.dataset] = per_dataset.get(row.dataset, 0) + 1
+            kept.append(row)
+
+        def prompt_ids(row) -> list[int]:
             budget = max_input_len
             ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
             while len(ids) > max_input_len:  # the chat template and BOS come on top of the content budget
                 budget -= len(ids) - max_input_len
                 ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
-            per_dataset[row.dataset] = per_dataset.get(row.dataset, 0) + 1
-            out.append(ValidationSample(f"{row.dataset}/{row.id}", row.dataset, ids, new_tokens,
+            return ids
+
+        if self.multi_query:
+            return self._multi_query_samples(kept, prompt_ids, maxlens), errors
+        out = []
+        for row in kept:
+            out.append(ValidationSample(f"{row.dataset}/{row.id}", row.dataset, prompt_ids(row),
+                                        max_new_tokens(row.dataset, maxlens),
                                         {"answers": row.answers, "all_classes": row.all_classes,
                                          "length": row.length}))
         return out, errors
+
+    def _multi_query_samples(self, rows, prompt_ids, maxlens) -> list[ValidationSample]:
+        """Rows that share a context (same dataset, same context text) become one multi-query sample.
+
+        The context part is the longest token prefix that every question's official prompt shares with two probe
+        prompts (the same context, inputs "A" and "B"), so the context plus each question's tokens is exactly that
+        question's official prompt: the recompress score is the ordinary validate score. Where the middle
+        truncation cuts the prompts at different places, the shared part ends at the first cut."""
+        import dataclasses
+
+        from validate.longbench import max_new_tokens
+
+        groups: dict[tuple[str, str], list] = {}
+        for row in rows:
+            groups.setdefault((row.dataset, row.context), []).append(row)
+        out = []
+        for (dataset, _), members in groups.items():
+            full = [prompt_ids(row) for row in members]
+            probes = [prompt_ids(dataclasses.replace(members[0], input=x)) for x in ("A", "B")]
+            shared = _common_prefix(full + probes)
+            if shared == 0:
+                raise UserInputError(f"{dataset}: the prompt template puts the question before the context; "
+                                     "--multi-query needs the context first")
+            queries = [{"id": f"{dataset}/{row.id}", "group": dataset, "answers": row.answers,
+                        "all_classes": row.all_classes, "fields": {"length": row.length}} for row in members]
+            out.append(ValidationSample(f"{dataset}/ctx-{members[0].id}", dataset, full[0][:shared],
+                                        max_new_tokens(dataset, maxlens),
+                                        {"questions": [ids[shared:] for ids in full], "queries": queries}))
+        return out
 
     def score(self, sample: ValidationSample, prediction: str) -> float:
         from validate.metrics import score_sample
 
         return score_sample(sample.group, prediction, sample.meta["answers"], sample.meta["all_classes"])
 
+    def score_query(self, sample: ValidationSample, i: int, prediction: str) -> float:
+        """Question i of a multi-query sample (validate.multiquery)."""
+        from validate.metrics import score_sample
+
+        query = sample.meta["queries"][i]
+        return score_sample(sample.group, prediction, query["answers"], query["all_classes"])
+
 
 SUITES = {"niah": NiahSuite, "longbench": LongBenchSuite}
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix every sequence shares."""
+    n = min(len(x) for x in sequences)
+    for i in range(n):
+        if any(x[i] != sequences[0][i] for x in sequences[1:]):
+            return i
+    return n
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

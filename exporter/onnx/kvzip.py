@@ -39,38 +39,46 @@ def _prompt(g: GraphBuilder, cfg: GraphConfig, prompts: tuple[list[int], list[in
     return g.op("If", first, then_branch=branches[0], else_branch=branches[1])
 
 
-def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], lengths: str,
-            positions: str, part: str, best: str) -> tuple[str, str]:
-    """One layer of the reconstruction: h [B, s, hidden] -> (attention output [B, s, H*d], new best scores
-    [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; positions, part: [B, s]."""
-    g, s = lay.g, lay.s
-    hkv, heads, d = s.num_kv_heads, s.num_heads, s.head_dim
-    q, k, v = lay.qkv(h, layer, *rope)
-    q4 = g.op("Cast", lay.to_heads(q, heads), to=TensorProto.FLOAT)  # [B, H, s, d]
-    keys = g.op("Cast", g.op("Concat", cache[0], lay.to_heads(k, hkv), axis=2), to=TensorProto.FLOAT)
-    values = g.op("Cast", g.op("Concat", cache[1], lay.to_heads(v, hkv), axis=2), to=TensorProto.FLOAT)
-    n = g.dim(cache[0], 2)  # q context tokens
-    # Each KV head's query group in one MatMul: [B, Hkv, g * s, d] @ [B, Hkv, d, q + s].
-    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
-    logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
+def _chunk_bias(g: GraphBuilder, cfg: GraphConfig, n: str, lengths: str, positions: str, part: str) -> str:
+    """[B, 1, s, q + s] f32, 0 where input token i may attend to key j, F32_MIN elsewhere: the row's real context
+    keys and its own keys up to itself (within the sliding window, if any). A token that takes no part sees no
+    context key, so it puts no probability there (what `on_cache * taking_part` does in the spec). Computed once per
+    chunk for every layer."""
+    s = cfg.spec
     cols = g.op("Range", g.const(0), g.scalar(n), g.const(1))  # [q]
     key_pos = g.op("Concat", g.op("Expand", g.unsqueeze(cols, [0]), g.concat(g.dim(positions, 0), n)), positions,
                    axis=1)  # [B, q + s]
-    real = g.op("Concat", g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(lengths, [1])),
-                g.op("Expand", g.const([[True]], np.bool_), g.op("Shape", positions)), axis=1)  # [B, q + s]
-    visible = g.op("And", g.unsqueeze(real, [1]),
+    real = g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(lengths, [1]))  # [B, q]
+    context_ok = g.op("And", g.unsqueeze(real, [1]), g.unsqueeze(part, [2]))  # [B, s, q]
+    own_ok = g.op("Expand", g.const([[[True]]], np.bool_), g.concat(g.op("Shape", positions), g.dim(positions, 1)))
+    visible = g.op("And", g.op("Concat", context_ok, own_ok, axis=2),
                    g.op("LessOrEqual", g.unsqueeze(key_pos, [1]), g.unsqueeze(positions, [2])))  # [B, s, q + s]
     if s.sliding_window:
         near = g.op("Less", g.op("Sub", g.unsqueeze(positions, [2]), g.unsqueeze(key_pos, [1])),
                     g.const(s.sliding_window))
         visible = g.op("And", visible, near)
-    probs = g.op("Softmax", g.op("Where", g.unsqueeze(visible, [1]), logits, g.const(F32_MIN, np.float32)), axis=-1)
+    return g.unsqueeze(g.op("Where", visible, g.const(0.0, np.float32), g.const(F32_MIN, np.float32)), [1])
+
+
+def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], n: str, bias: str,
+            best: str) -> tuple[str, str]:
+    """One layer of the reconstruction: h [B, s, hidden] -> (attention output [B, s, H*d], new best scores
+    [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; n: q as [1]; bias: `_chunk_bias`.
+    Five passes over the [B, H, s, q + s] scores (MatMul, Add, Softmax, MatMul, ReduceMax): they dominate."""
+    g, s = lay.g, lay.s
+    hkv, heads, d = s.num_kv_heads, s.num_heads, s.head_dim
+    q, k, v = lay.qkv(h, layer, *rope)
+    q4 = g.op("Mul", g.op("Cast", lay.to_heads(q, heads), to=TensorProto.FLOAT), g.const(d**-0.5, np.float32))
+    keys = g.op("Cast", g.op("Concat", cache[0], lay.to_heads(k, hkv), axis=2), to=TensorProto.FLOAT)
+    values = g.op("Cast", g.op("Concat", cache[1], lay.to_heads(v, hkv), axis=2), to=TensorProto.FLOAT)
+    # Each KV head's query group in one MatMul: [B, Hkv, g * s, d] @ [B, Hkv, d, q + s].
+    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+    logits = g.op("Add", g.reshape(logits, g.const([0, heads, -1, 0])), bias)  # [B, H, s, q + s]
+    probs = g.op("Softmax", logits, axis=-1)
     out = g.op("MatMul", g.reshape(probs, g.const([0, hkv, -1, 0])), values)  # [B, Hkv, g * s, d]
     out = g.op("Cast", g.reshape(out, g.const([0, heads, -1, d])), to=lay.cfg.onnx_dtype)
     out = g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * d]))
-    on_cache = g.op("Mul", g.slice(probs, g.const([0]), n, axis=3),
-                    g.unsqueeze(g.op("Cast", part, to=TensorProto.FLOAT), [1, 3]))  # [B, H, s, q]
-    per_head = g.op("ReduceMax", on_cache, g.const([2]), keepdims=0)  # [B, H, q]
+    per_head = g.slice(g.op("ReduceMax", probs, g.const([2]), keepdims=0), g.const([0]), n, axis=2)  # [B, H, q]
     grouped = g.op("ReduceMax", g.reshape(per_head, g.concat(g.const([0, hkv, -1]), n)), g.const([2]), keepdims=0)
     return out, g.op("Max", best, grouped)
 
@@ -100,6 +108,7 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
     ids = b.op("Where", part, ids, b.const(pad_id))
     positions = b.op("Add", row_len, j)  # [B, s]
     rope = body.rope_tables(positions)
+    bias = _chunk_bias(b, cfg, q, lengths, positions, part)
     x = b.op("Gather", "model.embed_tokens.weight", ids, axis=0)
     best = [f"rec_best_{layer}" for layer in range(num_layers)]
     new_best = []
@@ -110,7 +119,7 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
             residual, h = x, target.norm(body, x, p + "input_layernorm.weight")
         else:
             residual, h = target.add_norm(body, residual, h, p + "input_layernorm.weight")
-        attn, scores = _attend(body, h, layer, rope, caches[layer], lengths, positions, part, best[layer])
+        attn, scores = _attend(body, h, layer, rope, caches[layer], q, bias, best[layer])
         new_best.append(scores)
         if layer == num_layers - 1:
             break

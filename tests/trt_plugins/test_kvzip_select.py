@@ -42,9 +42,10 @@ def test_reconstruction_attention_equals_a_written_out_softmax():
                 kv = head // (h // hkv)
                 for i in range(s):
                     p = int(positions[row, i])
-                    keys = torch.cat([cache_k[row, kv, :n], own_k[row, kv, : i + 1]])
-                    vals = torch.cat([cache_v[row, kv, :n], own_v[row, kv, : i + 1]])
-                    key_pos = torch.cat([torch.arange(n), positions[row, : i + 1]])
+                    seen = n if part[row, i] else 0  # a token that takes no part sees its own input only
+                    keys = torch.cat([cache_k[row, kv, :seen], own_k[row, kv, : i + 1]])
+                    vals = torch.cat([cache_v[row, kv, :seen], own_v[row, kv, : i + 1]])
+                    key_pos = torch.cat([torch.arange(seen), positions[row, : i + 1]])
                     logits = keys @ query[row, head, i] / d**0.5
                     if window is not None:
                         logits = logits.masked_fill(p - key_pos >= window, float("-inf"))

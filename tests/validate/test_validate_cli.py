@@ -164,8 +164,32 @@ def test_multi_query_niah_scores_both_ways(tmp_path):
     assert len(ids) == 6 == len(set(ids))  # the context re-run, only its 2 missing questions appended
 
 
+@pytest.mark.parametrize("policy", ["pyramidkv", "kvzip"])
+def test_multi_query_longbench_groups_samples_sharing_a_context(tmp_path, policy):
+    """Rows with the same context become one compressed context asked each question; the recompress answers are
+    exactly the ordinary run's (context + question = the official prompt), both ways agree with the reference."""
+    tiny = ["--model", "tiny-llama3", "--policy", policy, "--kv-budget", "24", "--window", "4"]
+    data = ["--suite", "longbench", "--data", str(FIXTURES / "shared")]
+    out = tmp_path / "mq"
+    r = run(*tiny, *data, "--multi-query", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["overall"]["n"] == 3 and s["overall"]["agreement_rate"] == 1.0
+    assert s["overall"]["reuse_agreement_rate"] == 1.0
+    records = {r["id"]: r for r in map(json.loads, (out / "samples.jsonl").open())}
+    assert set(records) == {"hotpotqa/hp-101", "hotpotqa/hp-102", "hotpotqa/hp-103"}
+    a, b, c = (records[f"hotpotqa/hp-10{i}"] for i in (1, 2, 3))
+    assert a["context_tokens"] == b["context_tokens"] > 24 and c["context_tokens"] != a["context_tokens"]
+    assert all(r["prompt_tokens"] > r["context_tokens"] for r in records.values())  # the question is not shared
+    plain = run(*tiny, *data, "--out", str(tmp_path / "plain"), "--json")
+    assert plain.exit_code == 0, plain.output
+    for line in (tmp_path / "plain" / "samples.jsonl").open():
+        single = json.loads(line)
+        assert records[single["id"]]["engine_answer"] == single["engine_answer"]
+        assert records[single["id"]]["prompt_tokens"] == single["prompt_tokens"]
+
+
 @pytest.mark.parametrize("args,fragment", [
-    (["--suite", "longbench", "--data", "X"], "NIAH mode"),
     (["--suite", "niah", "--depths", "0,20,40,60,80,100"], "at most 5 depths"),
     (["--suite", "niah", "--needle", "n", "--question", "q", "--answer", "a"], "its own needles"),
 ])
