@@ -36,8 +36,15 @@ class BuiltEngine:
     def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
         """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
         nothing was compressed."""
-        pol = self.manifest["policy"]
-        if pol["name"] == "full" or int(lengths.max()) < pol["kv_budget"]:
+        from exporter.policies import check_policy_record
+
+        pol = check_policy_record(self.manifest["policy"])
+        if not pol.compresses:
             return None
-        window = np.minimum(lengths, pol.get("window", 0))  # KVzip has none
+        if pol.drops_tokens:  # PyramidInfer: its budgets follow from the longest prompt
+            if pol.layer_selected(self.spec.num_layers, int(lengths.max())) is None:
+                return None
+        elif int(lengths.max()) < pol.kv_budget:
+            return None
+        window = np.minimum(lengths, pol.window)  # KVzip and PyramidInfer have none
         return [[int(kv[b] - window[b]) for kv in kv_lengths] for b in range(len(lengths))]

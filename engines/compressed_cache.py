@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from exporter.policies import KVPolicy
 from trt_plugins.kvzip_select import reconstruction_attention
+from trt_plugins.pyramidinfer_select import ensemble_scores, gather_alive, next_alive
 
 ATTN_IMPLEMENTATION = "pkv"
 # Attention scores held at once in the prefill, per batch row: blocks of query rows are sized to this, so a short
@@ -50,6 +51,9 @@ class CompressedKVState:
     # KVzip's reconstruction pass (set while it runs): lengths [B], positions / taking_part [B, s] of the chunk
     # being reconstructed, and scores {layer: [B, Hkv, q]} (the running maxima).
     reconstruction: dict | None = None
+    # PyramidInfer: the tokens the current layer of the prefill sees ([B, q] bool, left-padded like key_mask)
+    alive: torch.Tensor | None = None
+    num_layers: int = 0
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -73,7 +77,8 @@ def _prefill_attention(state: CompressedKVState, query, key, value, scaling, sli
     group = query.shape[1] // key.shape[1]
     k, v = repeat_kv(key, group), repeat_kv(value, group)
     cols = torch.arange(q_len)
-    real = state.key_mask[:, None, None, :]  # [B, 1, 1, q]
+    keys_seen = state.key_mask if state.alive is None else state.alive  # PyramidInfer: this layer's tokens only
+    real = keys_seen[:, None, None, :]  # [B, 1, 1, q]
     out = []
     step = max(1, PREFILL_BLOCK_ELEMENTS // (query.shape[1] * q_len))
     for start in range(0, q_len, step):
@@ -108,12 +113,28 @@ def right_aligned(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, src)
 
 
+def left_aligned(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of `right_aligned` for a [B, q] tensor: real tokens back to the end of every row."""
+    b, q = key_mask.shape
+    pad = (~key_mask).sum(-1)  # [B]
+    return torch.gather(x, 1, (torch.arange(q)[None, :] - pad[:, None]) % q)
+
+
 def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerCache:
     b, hkv, q, _ = key.shape
     policy = state.policy
     lengths = state.key_mask.sum(-1)  # [B]
     # The op works on right-padded rows (as fused attention and the ONNX engine do): shift each row first.
     key, value = right_aligned(key, state.key_mask), right_aligned(value, state.key_mask)
+    if policy.drops_tokens:  # PyramidInfer: cache this layer's tokens, pass the pivotal ones on
+        alive = right_aligned(state.alive[:, None], state.key_mask)[:, 0]  # [B, q]
+        idx, k, v = gather_alive(key, value, alive)
+        queries = right_aligned(query, state.key_mask).transpose(1, 2)  # [B, q, H, d]
+        scores = ensemble_scores(queries, key, alive, lengths, policy.recent_ratio, policy.distance_weight)
+        alive = next_alive(scores, alive, lengths, layer, state.num_layers, policy.recent_ratio, policy.decay,
+                           policy.decay_schedule, policy.min_context, policy.sinks)
+        state.alive = left_aligned(alive, state.key_mask)
+        return LayerCache(k.contiguous(), v.contiguous(), idx.clone(), idx)
     if state.selected is None:
         real = torch.arange(q)[None, :] < lengths[:, None]  # [B, q]
         idx = torch.where(real, torch.arange(q), -1)[:, None, :].expand(b, hkv, q)

@@ -21,6 +21,7 @@ from engines.base import (
     eos_ids,
     finish_result,
     pad_id,
+    prompt_positions,
     question_ids,
 )
 from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState, LayerCache, right_aligned
@@ -62,7 +63,7 @@ class ReferenceEngine:
                                                   max_new_tokens, max_positions=self.spec.max_position_embeddings)
         lengths = [int(n) for n in mask.sum(-1)]
         selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
-        state = CompressedKVState(self.policy, selected, mask.bool(), positions)
+        state = self._state(selected, mask)
 
         t0 = time.perf_counter()
         out = self.model(
@@ -70,7 +71,9 @@ class ReferenceEngine:
             logits_to_keep=1, pkv_state=state,
         )
         state.prefill = False
-        compressed = selected is not None or self._select_globally(state, input_ids, mask)
+        compressed = (selected is not None or self._select_globally(state, input_ids, mask)
+                      or (self.policy.drops_tokens
+                          and self.policy.layer_selected(self.spec.num_layers, max(lengths)) is not None))
         timings = {"prefill": time.perf_counter() - t0}
         kept = None
         if return_indices:
@@ -87,6 +90,15 @@ class ReferenceEngine:
             per_prompt = [[int((state.layers[i].kept[b] >= 0).sum(-1).max() - window[b]) for i in layers]
                           for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
+
+    def _state(self, selected: torch.Tensor | None, mask: torch.Tensor) -> CompressedKVState:
+        """A generation's state for left-padded prompts, mask [B, q]."""
+        key_mask = mask.bool()
+        state = CompressedKVState(self.policy, selected, key_mask, prompt_positions(mask),
+                                  num_layers=self.spec.num_layers)
+        if self.policy.drops_tokens:
+            state.alive = key_mask.clone()
+        return state
 
     def _select_globally(self, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor) -> bool:
         """KVzip after the prefill (which kept everything): reconstruct the context chunk by chunk to score every
@@ -129,8 +141,7 @@ class ReferenceEngine:
         input_ids, mask, positions = encode_batch(self.tokenizer, [context], self.pad_id, self.max_input_len,
                                                   room + 1, max_positions=self.spec.max_position_embeddings)
         length = int(mask.sum())
-        state = CompressedKVState(self.policy, self.policy.batch_selected(self.spec.num_layers, [length]),
-                                  mask.bool(), positions)
+        state = self._state(self.policy.batch_selected(self.spec.num_layers, [length]), mask)
         t0 = time.perf_counter()
         self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=1, pkv_state=state)

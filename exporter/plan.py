@@ -57,7 +57,7 @@ def _regime(policy: KVPolicy, selected: list[int] | None) -> str:
     if not policy.compresses:
         return "full"
     if selected is None:
-        return "no-compression (context < kv_budget)"
+        return "no-compression (context too short)"
     if policy.global_selection:
         return "global (per-head lengths; the mean per layer shown)"
     return "uniform" if len(set(selected)) == 1 else "pyramid"

@@ -20,6 +20,8 @@ import torch
 from exporter.budgets import SCHEDULES, pyramid_selected, uniform_selected
 from exporter.errors import UserInputError
 from trt_plugins.chunkkv_select import chunkkv_from_scores, chunkkv_select
+from trt_plugins.pyramidinfer_select import SCHEDULES as INFER_SCHEDULES
+from trt_plugins.pyramidinfer_select import context_counts, recent_length
 from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select
 from trt_plugins.streaming_select import streaming_select
 
@@ -58,6 +60,8 @@ class KVPolicy:
 
     # True when the selection is one decision over every layer after the prefill (KVzip), not per layer inside it.
     global_selection: ClassVar[bool] = False
+    # True when later layers of the prefill see only the tokens earlier layers kept (PyramidInfer).
+    drops_tokens: ClassVar[bool] = False
 
     def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
         """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
@@ -282,6 +286,56 @@ class KVzipPolicy(KVPolicy):
 
     def batch_selected(self, num_layers: int, lengths: list[int]) -> torch.Tensor | None:
         return None  # the prefill keeps everything; the selection comes after it, over every layer at once
+
+
+@register
+@dataclass(frozen=True)
+class PyramidInferPolicy(KVPolicy):
+    """PyramidInfer: compression inside the prefill. After each layer the recent window's attention (mean over
+    heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a `decay` fraction
+    of it per layer (at least `min_context`); the recent window (last `recent_ratio` of the prompt) and the first
+    `sinks` tokens always stay (trt_plugins.pyramidinfer_select). Budgets follow from the prompt length alone."""
+
+    name: ClassVar[str] = "pyramidinfer"
+    drops_tokens: ClassVar[bool] = True
+    window: ClassVar[int] = 0  # the recent window is part of what each layer reports as selected
+    recent_ratio: float = 0.2
+    decay: float = 0.9
+    decay_schedule: str = "geometric"
+    min_context: int = 64
+    sinks: int = 4
+    distance_weight: float = 1.2
+
+    def validate(self) -> None:
+        _positive(self, "min_context")
+        if not 0.0 <= self.recent_ratio < 1.0:
+            raise UserInputError(f"--recent-ratio must be in [0, 1) (got {self.recent_ratio})")
+        if not 0.0 < self.decay <= 1.0:
+            raise UserInputError(f"--decay must be in (0, 1] (got {self.decay})")
+        if self.decay_schedule not in INFER_SCHEDULES:
+            raise UserInputError(f"unknown decay schedule '{self.decay_schedule}' (choose from "
+                                 f"{', '.join(INFER_SCHEDULES)})")
+        if self.sinks < 0:
+            raise UserInputError(f"--sinks must be a non-negative integer (got {self.sinks})")
+        if self.distance_weight <= 0:
+            raise UserInputError(f"--distance-weight must be positive (got {self.distance_weight})")
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def cached_counts(self, num_layers: int, prompt_len: int) -> list[int]:
+        """Tokens each layer caches for a prompt of `prompt_len`: its alive context and the recent window."""
+        recent = recent_length(prompt_len, self.recent_ratio) + 1
+        return [c + min(recent, prompt_len) for c in context_counts(
+            prompt_len, num_layers, self.recent_ratio, self.decay, self.decay_schedule, self.min_context)]
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        counts = self.cached_counts(num_layers, prompt_len)
+        return None if counts[-1] == prompt_len else counts
+
+    def batch_selected(self, num_layers: int, lengths: list[int]) -> torch.Tensor | None:
+        return None  # the prefill itself drops tokens layer by layer (engines.compressed_cache)
 
 
 def _positive(policy: KVPolicy, *fields: str) -> None:

@@ -135,9 +135,13 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
         click.echo(printable(text))
     name = policy.name if policy else engine.manifest["policy"]["name"]
     if name != "full" and result.selected is None:
-        budget = policy.kv_budget if policy else engine.manifest["policy"]["kv_budget"]
-        click.echo(f"note: every prompt is shorter than the KV budget ({max(result.prompt_lengths)} < {budget} "
-                   "tokens), so nothing was compressed; use a longer prompt or a smaller --kv-budget", err=True)
+        budget = policy.hyperparameters().get("kv_budget") if policy else engine.manifest["policy"].get("kv_budget")
+        if budget is None:  # PyramidInfer: its own minimum context decides
+            click.echo(f"note: the prompt ({max(result.prompt_lengths)} tokens) is too short for {name} to compress "
+                       "anything", err=True)
+        else:
+            click.echo(f"note: every prompt is shorter than the KV budget ({max(result.prompt_lengths)} < {budget} "
+                       "tokens), so nothing was compressed; use a longer prompt or a smaller --kv-budget", err=True)
     spec = engine.spec
     if spec.tiny or (engine_dir is None and loaded.random_weights):
         click.echo(f"note: {spec.name} has random weights, so its text is meaningless; it exists to check the "

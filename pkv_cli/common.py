@@ -89,7 +89,7 @@ def policy_options(fn: Callable) -> Callable:
         click.option("--schedule", type=click.Choice(["paper", "mean"]), default=None,
                      help="PyramidKV budgets: the paper's integer rule, or mean-preserving [paper]."),
         click.option("--sinks", type=int, default=None,
-                     help="StreamingLLM, KVzip: first tokens (attention sinks) always kept [4]."),
+                     help="StreamingLLM, KVzip, PyramidInfer: first tokens (attention sinks) always kept [4]."),
         click.option("--chunk-size", type=int, default=None, help="ChunkKV: tokens per chunk [10]."),
         click.option("--reuse", type=int, default=None,
                      help="ChunkKV: layers per group sharing the first layer's chunk ranking (1 = no reuse) [1]."),
@@ -99,6 +99,16 @@ def policy_options(fn: Callable) -> Callable:
                      help="KVzip: context tokens reconstructed per chunk of the scoring pass [2048]."),
         click.option("--postfix", type=int, default=None,
                      help="KVzip: tokens of the previous chunk repeated in a later chunk's prompt [8]."),
+        click.option("--recent-ratio", type=float, default=None,
+                     help="PyramidInfer: the recent window is the last 1 + int(ratio * prompt) tokens [0.2]."),
+        click.option("--decay", type=float, default=None,
+                     help="PyramidInfer: fraction of the pivotal context each layer passes on [0.9]."),
+        click.option("--decay-schedule", type=click.Choice(["geometric", "cosine"]), default=None,
+                     help="PyramidInfer: --decay at every layer, or the paper code's cosine ramp [geometric]."),
+        click.option("--min-context", type=int, default=None,
+                     help="PyramidInfer: a layer never cuts its context below this many tokens [64]."),
+        click.option("--distance-weight", type=float, default=None,
+                     help="PyramidInfer: weight of the newest recent row (the oldest has 1) [1.2]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -108,7 +118,8 @@ def policy_options(fn: Callable) -> Callable:
 def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
     """Pop the policy options out of a command's kwargs and build the policy."""
     names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks", "chunk_size",
-             "reuse", "budget_schedule", "score_chunk", "postfix")
+             "reuse", "budget_schedule", "score_chunk", "postfix", "recent_ratio", "decay", "decay_schedule",
+             "min_context", "distance_weight")
     hyper = {n: kwargs.pop(n) for n in names}
     return make_policy(kwargs.pop("policy"), **hyper)
 

@@ -73,9 +73,8 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
-    if policy.global_selection and (backend, target) != ("onnx", "onnxruntime"):
-        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass: only "
-                             "--backend onnx --target onnxruntime builds it")
+    if (policy.global_selection or policy.drops_tokens) and (backend, target) != ("onnx", "onnxruntime"):
+        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 

@@ -40,7 +40,7 @@ CATEGORY_OF = {dataset: category for category, names in CATEGORIES.items() for d
 @dataclass(frozen=True)
 class Cell:
     policy: KVPolicy
-    budget: int | None  # None: FullKV
+    budget: int | None  # None: a policy without a budget (FullKV, PyramidInfer)
 
     @property
     def name(self) -> str:
@@ -62,8 +62,9 @@ def parse_cells(policies: str, budgets: str, window: int) -> list[Cell]:
         raise UserInputError(f"--budgets must list distinct sizes (got {budgets!r})")
     cells: list[Cell] = []
     for name in dict.fromkeys(names):
-        if name == "full":
-            cells.append(Cell(make_policy("full"), None))
+        policy = make_policy(name, window=window)
+        if "kv_budget" not in policy.hyperparameters():  # FullKV, PyramidInfer: no budget axis, one cell
+            cells.append(Cell(policy, None))
             continue
         for size in sorted(sizes):
             cells.append(Cell(make_policy(name, kv_budget=size, window=window), size))

@@ -62,9 +62,8 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
-    if policy.global_selection and target != "onnxruntime":
-        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass: only "
-                             "--backend onnx --target onnxruntime builds it")
+    if (policy.global_selection or policy.drops_tokens) and target != "onnxruntime":
+        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
     check_output(Path(out), "engine", force, [loaded.directory])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []

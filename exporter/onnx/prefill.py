@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from exporter.onnx.budget import selected_counts
 from exporter.onnx.kvzip import KVZIP_PREFIX, global_select, reconstruction_scores
 from exporter.onnx.layers import GraphConfig, Layers
+from exporter.onnx.pyramidinfer import pyramidinfer_decoder
 from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, GraphBuilder
 
@@ -95,9 +96,10 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     lay = Layers(g, cfg, target)
     hc = cfg.cache_heads
     x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, q, hidden]
-    cos, sin = lay.rope_tables("position_ids")
+    cos, sin = (None, None) if pol.drops_tokens else lay.rope_tables("position_ids")
     lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)  # [B] real prompt lengths
-    budgets = selected_counts(g, pol, s.num_layers, lengths) if pol.compresses and not pol.global_selection else None
+    per_layer = pol.compresses and not pol.global_selection and not pol.drops_tokens
+    budgets = selected_counts(g, pol, s.num_layers, lengths) if per_layer else None
     reserve = g.op("Max", "reserve_tokens", g.const([0]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
     shared: dict[int, str] = {}  # ChunkKV: group leader layer -> its chunk scores
@@ -147,8 +149,12 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
         emit(layer, kept, kk, vv)
         return out
 
-    h = lay.decoder(x, attend)
-    lay.logits(h, g.op("Sub", lengths, g.const(1)))
+    if pol.drops_tokens:  # PyramidInfer: each layer passes only its pivotal tokens on to the next
+        h, last = pyramidinfer_decoder(g, lay, cfg, target, x, lengths, emit)
+        lay.logits(h, last)
+    else:
+        h = lay.decoder(x, attend)
+        lay.logits(h, g.op("Sub", lengths, g.const(1)))
     if whole:  # KVzip: reconstruct the context to score every pair, then one selection over all layers
         kz = GraphBuilder(g.prefix + KVZIP_PREFIX)  # its own node names: profilers can tell its cost apart
         scores = reconstruction_scores(kz, cfg, target, whole, lengths, cfg.repeat_prompts, cfg.pad_id)
@@ -174,7 +180,7 @@ def make_model(g: GraphBuilder, cfg: GraphConfig, name: str, inputs, outputs, in
     s, pol = cfg.spec, cfg.policy
     target = TARGETS[cfg.target]
     functions = []
-    if with_select and not pol.global_selection:  # KVzip's selection is inline ops (exporter.onnx.kvzip)
+    if with_select and not pol.global_selection and not pol.drops_tokens:  # KVzip's, PyramidInfer's: inline ops
         scores = bool(target.select_attributes())  # the plugin's 4th output: the function has it too
         if pol.name == "chunkkv":
             functions.append(chunkkv_select_function(pol.window, pol.chunk_size, s.num_heads, s.num_kv_heads,

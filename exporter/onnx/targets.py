@@ -62,12 +62,22 @@ class OnnxRuntimeTarget:
                     kv_num_heads=kv_heads, scale=float(s.head_dim**-0.5), local_window_size=window or -1,
                     do_rotary=int(rotary_positions is not None))
 
-    def prefill_attention(self, lay, q: str, k: str, v: str, lengths: str) -> tuple[str, str, str]:
-        """Right-padded q [B, S, H*d], k / v [B, S, Hkv*d], lengths [B] -> (out [B, S, H*d], K, V [B, Hkv, S, d])."""
+    def prefill_attention(self, lay, q: str, k: str, v: str, lengths: str, positions: str | None = None
+                          ) -> tuple[str, str, str]:
+        """Right-padded q [B, S, H*d], k / v [B, S, Hkv*d], lengths [B] -> (out [B, S, H*d], K, V [B, Hkv, S, d]).
+        `positions` [B, S]: the slots' absolute positions when they are not consecutive (PyramidInfer's gathered
+        tokens): a sliding window is then measured by them, through a [B, 1, S, S] bias instead of the op's
+        slot-based window."""
         g = lay.g
         seqlens = g.op("Sub", lengths, g.const(1))  # GQA: total valid length - 1 per row
-        return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads,
-                         window=lay.s.sliding_window)
+        window, bias = lay.s.sliding_window, None
+        if window and positions is not None:
+            near = g.op("Less", g.op("Sub", g.unsqueeze(positions, [2]), g.unsqueeze(positions, [1])),
+                        g.const(window))  # [B, S, S]
+            bias = g.unsqueeze(g.op("Where", near, g.const(0.0, lay.cfg.np_dtype),
+                                    g.const(float(np.finfo(lay.cfg.np_dtype).min), lay.cfg.np_dtype)), [1])
+            window = None
+        return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads, bias=bias, window=window)
 
     def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
         """h [B, S, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]

@@ -142,9 +142,8 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype '{dtype}' for --backend trtllm (choose from {', '.join(DTYPES)})")
     check_parallelism(spec, tp, pp)
-    if policy.global_selection:
-        raise UserInputError(f"policy '{policy.name}' selects over every layer after a reconstruction pass: only "
-                             "--backend onnx --target onnxruntime builds it")
+    if policy.global_selection or policy.drops_tokens:
+        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
     max_input_len = max_input_len or spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")

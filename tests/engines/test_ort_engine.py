@@ -112,7 +112,7 @@ def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(tmp_path_fact
 
 def test_global_selection_needs_onnxruntime(tmp_path):
     loaded = load_model("tiny-llama3")
-    with pytest.raises(UserInputError, match="only --backend onnx --target onnxruntime"):
+    with pytest.raises(UserInputError, match="--backend onnx --target onnxruntime only"):
         build_onnx_engine(loaded, make_policy("kvzip", kv_budget=32), tmp_path / "e", target="tensorrt")
     assert not (tmp_path / "e").exists()
 
