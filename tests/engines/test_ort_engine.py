@@ -26,6 +26,8 @@ POLICY_CASES = [
     ("chunkkv", {"chunk_size": 3, "reuse": 2, "budget_schedule": "pyramid"}),
     ("kvzip", {}),
     ("kvzip", {"score_chunk": 16, "sinks": 2, "postfix": 3}),
+    ("pyramidinfer", {"min_context": 8, "decay": 0.7}),
+    ("pyramidinfer", {"min_context": 8, "decay": 0.5, "decay_schedule": "cosine", "sinks": 2}),
 ]
 _BUILT: dict = {}
 
@@ -37,8 +39,8 @@ def kept_sets(kept: torch.Tensor) -> list[list[int]]:
 
 def built(tmp_path_factory, model: str, name: str, kw: dict, target: str = "onnxruntime"
           ) -> tuple[OrtEngine, ReferenceEngine]:
-    if target != "onnxruntime" and make_policy(name).global_selection:
-        pytest.skip("a global selection (KVzip) is built for onnxruntime only: test_global_selection_needs_onnxruntime")
+    if target != "onnxruntime" and (make_policy(name).global_selection or make_policy(name).drops_tokens):
+        pytest.skip("KVzip and PyramidInfer are built for onnxruntime only: test_global_selection_needs_onnxruntime")
     key = (model, name, tuple(sorted(kw.items())), target)
     if key not in _BUILT:
         loaded = load_model(model)
@@ -68,9 +70,9 @@ def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name", ["pyramidkv", "kvzip"])
-def test_batched_equals_alone(tmp_path_factory, model, target, name):
-    ort_engine, _ = built(tmp_path_factory, model, name, {}, target)
+@pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("kvzip", {}), ("pyramidinfer", {"min_context": 8})])
+def test_batched_equals_alone(tmp_path_factory, model, target, name, kw):
+    ort_engine, _ = built(tmp_path_factory, model, name, kw, target)
     prompts = [LONG, LONG[:90] + "!", LONG[:45], "Short prompt, left padded.", "Hi"]  # every regime in one batch
     batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
     for b, prompt in enumerate(prompts):
@@ -117,10 +119,11 @@ def test_global_selection_needs_onnxruntime(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_kv_bytes_held_equal_the_plan(tmp_path_factory):
+@pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("pyramidinfer", {"min_context": 8, "decay": 0.7})])
+def test_kv_bytes_held_equal_the_plan(tmp_path_factory, name, kw):
     from exporter.plan import make_plan
 
-    engine, reference = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+    engine, reference = built(tmp_path_factory, "tiny-llama3", name, kw)
     prompt = LONG
     result = engine.generate([prompt], 1)
     plan = make_plan(engine.spec, reference.policy, result.prompt_lengths[0], 1, "fp32")
@@ -203,11 +206,12 @@ QUESTIONS = [" Where is the cat?", " What does the fox do? Answer briefly."]
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv", "kvzip"])
+@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv", "kvzip", "pyramidinfer"])
 def test_answers_from_one_compressed_context(tmp_path_factory, model, name, target):
     """Several questions on one compressed context: the engine answers exactly as the reference does, and the
     context is left as it was (the second question sees the same cache as the first)."""
-    kw = {"chunkkv": {"chunk_size": 4}, "kvzip": {"score_chunk": 16, "sinks": 2, "postfix": 3}}.get(name, {})
+    kw = {"chunkkv": {"chunk_size": 4}, "kvzip": {"score_chunk": 16, "sinks": 2, "postfix": 3},
+          "pyramidinfer": {"min_context": 8, "decay": 0.7}}.get(name, {})
     ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
     got_ctx, want_ctx = ort_engine.compress_context(CONTEXT, 48), reference.compress_context(CONTEXT, 48)
     assert got_ctx.length == want_ctx.length and got_ctx.kv_bytes == want_ctx.kv_bytes

@@ -32,7 +32,7 @@ def test_full_equals_hf_generate(tiny):
         assert len(tokens) == 24 or tokens[-1] in ref.eos_ids
 
 
-@pytest.mark.parametrize("name", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("name", [p for p in POLICIES if p != "full" and not POLICIES[p].drops_tokens])
 def test_first_token_equals_full(tiny, name):
     full = engine(tiny, "full").generate(PROMPTS, 3, return_logits=True)
     comp = engine(tiny, name).generate(PROMPTS, 3, return_logits=True, return_indices=True)
@@ -66,6 +66,25 @@ def test_kvzip_keeps_its_budget_over_all_layers_and_heads(tiny):
     full = engine(tiny, "full").generate(PROMPTS, 6, return_logits=True)
     wide = engine(tiny, "kvzip", kv_budget=4096).generate(PROMPTS, 6, return_logits=True)
     assert wide.tokens == full.tokens and torch.equal(wide.logits, full.logits)
+
+
+def test_pyramidinfer_drops_tokens_inside_the_prefill(tiny):
+    """Each layer caches the tokens the previous one passed on: the budgets `plan` predicts, the recent window and
+    the sinks in every layer, nested sets; the prefill itself changes (the first token's logits move)."""
+    policy = make_policy("pyramidinfer", min_context=8, decay=0.7)
+    result = ReferenceEngine(tiny, policy).generate(PROMPTS, 3, return_logits=True, return_indices=True)
+    full = engine(tiny, "full").generate(PROMPTS, 3, return_logits=True)
+    assert not torch.equal(result.logits[:, 0], full.logits[:, 0])
+    for b, n in enumerate(result.prompt_lengths):
+        assert result.selected[b] == policy.layer_selected(tiny.spec.num_layers, n)
+        sets = [set(k[b, 0].tolist()) - {-1} for k in result.kept_indices]
+        recent = set(range(n - 1 - int(n * 0.2), n))
+        for layer, kept in enumerate(sets):
+            assert recent | set(range(min(4, n))) <= kept and len(kept) == result.selected[b][layer]
+            assert all(torch.equal(k[b, 0], k[b, h]) for k in result.kept_indices[layer:layer + 1]
+                       for h in range(k.shape[1]))  # one set for every head
+            if layer:
+                assert kept <= sets[layer - 1]
 
 
 def test_compression_changes_later_tokens(tiny):

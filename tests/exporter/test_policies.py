@@ -5,7 +5,8 @@ from exporter.errors import UserInputError
 from exporter.policies import POLICIES, make_policy
 
 COMPRESSING = [name for name, cls in POLICIES.items() if name != "full"]
-PER_LAYER = [name for name in COMPRESSING if not POLICIES[name].global_selection]  # select() layer by layer
+PER_LAYER = [name for name in COMPRESSING  # select() layer by layer, after the layer's full attention
+             if not POLICIES[name].global_selection and not POLICIES[name].drops_tokens]
 
 
 def test_registry_has_every_method():
@@ -42,6 +43,11 @@ def test_options_a_policy_lacks_are_ignored():
         ("kvzip", dict(score_chunk=0), "--score-chunk must be a positive integer"),
         ("kvzip", dict(postfix=-1), "--postfix"),
         ("kvzip", dict(kv_budget=0), "--kv-budget must be a positive integer"),
+        ("pyramidinfer", dict(recent_ratio=1.0), "--recent-ratio"),
+        ("pyramidinfer", dict(decay=0.0), "--decay"),
+        ("pyramidinfer", dict(decay_schedule="linear"), "unknown decay schedule"),
+        ("pyramidinfer", dict(min_context=0), "--min-context must be a positive integer"),
+        ("pyramidinfer", dict(decay=1), "--decay must be float"),
         ("nope", {}, "unknown policy 'nope'"),
     ],
 )
@@ -76,7 +82,7 @@ def test_select_contract(name, granularity):
     assert torch.equal(k, torch.where(idx.unsqueeze(-1) >= 0, gathered, torch.zeros(())))
 
 
-@pytest.mark.parametrize("name", COMPRESSING)
+@pytest.mark.parametrize("name", [n for n in COMPRESSING if "kv_budget" in make_policy(n).hyperparameters()])
 def test_budgets_per_policy(name):
     policy = make_policy(name, kv_budget=32, window=4)
     assert policy.layer_selected(4, 31) is None
@@ -86,6 +92,20 @@ def test_budgets_per_policy(name):
         assert sel[0] > sel[-1]
     else:  # KVzip's is the mean per layer (no window): its heads and layers share C * L * Hkv pairs unevenly
         assert sel == [32 - policy.window] * 4
+
+
+def test_pyramidinfer_budgets_follow_the_prompt_length():
+    """The recent window (1 + int(0.2 q)) always, the context shrinking by `decay` per layer down to
+    `min_context` (a cut below it keeps the layer's context whole), layer 0 caching the whole prompt."""
+    policy = make_policy("pyramidinfer")
+    assert policy.layer_selected(4, 60) is None  # context 48 <= min_context 64: nothing to cut
+    counts = policy.layer_selected(4, 1000)  # R = 200, context 799
+    assert counts == [1000, 201 + 719, 201 + 647, 201 + 582]
+    deep = policy.layer_selected(48, 1000)
+    last = deep[-1] - 201  # once a cut would cross min_context, the context stays as it is
+    assert last > 64 and int(last * 0.9) <= 64 and deep[-3:] == [deep[-1]] * 3
+    cosine = make_policy("pyramidinfer", decay_schedule="cosine", decay=0.5).layer_selected(4, 1000)
+    assert cosine[1] == 1000 and cosine[2] < cosine[1]  # the paper code's ramp keeps everything at layer 0
 
 
 def test_full_keeps_everything():

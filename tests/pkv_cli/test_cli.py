@@ -27,7 +27,8 @@ def test_plan_llama3_70b_json():
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("policy", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip"])
+@pytest.mark.parametrize("policy", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip",
+                                    "pyramidinfer"])
 def test_plan_every_preset_and_policy(preset, policy):
     r = invoke("plan", "--model", preset, "--policy", policy, "--context", "4096", "--batch", "2", "--json")
     assert r.exit_code == 0, r.output

@@ -172,7 +172,8 @@ def test_disk_space_is_checked_first(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip"])
+@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip",
+                                  "pyramidinfer"])
 def test_cli_build_generate_compare(tmp_path, name):
     out = tmp_path / name
     r = CliRunner().invoke(main, ["build", "--model", "tiny-mistral", "--policy", name, "--kv-budget", "24",
@@ -187,8 +188,9 @@ def test_cli_build_generate_compare(tmp_path, name):
 
 
 @pytest.mark.parametrize("args", [["--target", "tensorrt"], ["--backend", "trtllm"], ["--backend", "tensorrt"]])
-def test_cli_kvzip_on_a_tensorrt_backend_is_one_line_exit_2(tmp_path, args):
-    r = CliRunner().invoke(main, ["build", "--policy", "kvzip", *args, "--out", str(tmp_path / "e")])
+@pytest.mark.parametrize("policy", ["kvzip", "pyramidinfer"])
+def test_cli_onnxruntime_only_policy_on_a_tensorrt_backend_is_one_line_exit_2(tmp_path, args, policy):
+    r = CliRunner().invoke(main, ["build", "--policy", policy, *args, "--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "--backend onnx --target onnxruntime only" in r.stderr
     assert "Traceback" not in r.output and not (tmp_path / "e").exists()
 
