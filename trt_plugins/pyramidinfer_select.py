@@ -17,6 +17,13 @@ states). The contract, as the paper's code computes it:
   "cosine" ramp (1 - decay) * (cos(pi * l / L) + 1) / 2 + decay;
 * positions are the tokens' own ("gather"): a kept key keeps the rotation of its original position.
 The counts depend on L_b only (`context_counts`), so `plan` knows every layer's cache length in advance.
+
+Generation (the paper's code, `generation_stage`): every layer keeps the attention rows (mean over heads) of the
+last 1 + R_b tokens it processed, over its cache. After a forward, a row whose cache holds `update_interval` (E)
+tokens more than 1 + R_b beyond what it held after its last compression (its prefill cache at first) compresses
+the E tokens just before its recent window: the same weighted ensemble of its recent rows scores them and
+`generation_keep` of them stay (top scores, ties to the lower slot), in order. So the first compression comes
+after R_b + E new tokens, then one every E tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from trt_plugins.pyramidkv_select import compact_ascending, topk_lowest_index_fi
 
 SCHEDULES = ("geometric", "cosine")
 SINK_SCORE = 1e30
+GEN_COMPRESS_RATIO = 0.9  # the paper code's gen_compress_ratio default
 
 
 def keep_ratio(layer: int, num_layers: int, decay: float, schedule: str) -> float:
@@ -59,30 +67,62 @@ def context_counts(length: int, num_layers: int, recent_ratio: float, decay: flo
     return counts
 
 
-def ensemble_scores(queries: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, lengths: torch.Tensor,
-                    recent_ratio: float, distance_weight: float) -> torch.Tensor:
-    """queries [B, q, H, d], keys [B, Hkv, q, d] (post-RoPE), alive [B, q] bool, lengths [B]
-    -> [B, q] float32: each alive key's ensemble score (0 elsewhere)."""
+def generation_keep(layer: int, num_layers: int, gen_decay: float, exceed: int) -> int:
+    """Tokens of a compressed segment of `exceed` that layer `layer` keeps while generating (the paper code's
+    cosine schedule of `gen_decay`)."""
+    return max(int(exceed * GEN_COMPRESS_RATIO * keep_ratio(layer, num_layers, gen_decay, "cosine")), 1)
+
+
+def recent_rows(queries: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, lengths: torch.Tensor,
+                recent_ratio: float) -> torch.Tensor:
+    """The recent window's attention rows, mean over the query heads. queries [B, q, H, d], keys [B, Hkv, q, d]
+    (post-RoPE), alive [B, q] bool, lengths [B] -> [B, r, q] float32, r = 1 + max R_b, right-aligned: row i of
+    row b is the token at position L_b - r + i (rows before its window are zeros)."""
     b, q, h, d = queries.shape
     hkv = keys.shape[1]
-    recent = [recent_length(int(n), recent_ratio) for n in lengths]
-    rows = max(recent) + 1
-    first = lengths - 1 - torch.tensor(recent)  # [B] the window's first position
-    pos = first[:, None] + torch.arange(rows)[None, :]  # [B, r]; past the row's window: >= L_b
-    in_window = pos < lengths[:, None]
-    safe = pos.clamp(max=q - 1)
+    recent = torch.tensor([recent_length(int(n), recent_ratio) for n in lengths])
+    rows = int(recent.max()) + 1
+    pos = lengths[:, None] - rows + torch.arange(rows)[None, :]  # [B, r]
+    in_window = torch.arange(rows)[None, :] >= (rows - 1 - recent)[:, None]
+    safe = pos.clamp(min=0)
     qr = torch.gather(queries.float(), 1, safe[:, :, None, None].expand(-1, -1, h, d))  # [B, r, H, d]
     k = keys.float().repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
     logits = qr.transpose(1, 2) @ k.transpose(-1, -2) / d**0.5  # [B, H, r, q]
     cols = torch.arange(q)
     visible = alive[:, None, :] & (cols[None, None, :] <= safe[:, :, None])  # [B, r, q]
     probs = torch.softmax(logits.masked_fill(~visible[:, None], torch.finfo(torch.float32).min), dim=-1)
-    heads = probs.mean(dim=1)  # [B, r, q]
-    span = torch.tensor([max(n, 1) for n in recent], dtype=torch.float32)  # linspace(1, w, R + 1) steps
-    weight = 1.0 + (distance_weight - 1.0) * torch.arange(rows)[None, :] / span[:, None]  # [B, r]
-    weight = torch.where(in_window, weight, 0.0)
-    count = torch.tensor([n + 1 for n in recent], dtype=torch.float32)
-    return (heads * weight[:, :, None]).sum(dim=1) / count[:, None]
+    return probs.mean(dim=1) * in_window[:, :, None]
+
+
+def weighted_rows(rows: torch.Tensor, recent: torch.Tensor, distance_weight: float) -> torch.Tensor:
+    """The ensemble: rows [B, r, T] right-aligned, recent [B] R_b -> [B, T], each row's last 1 + R_b rows weighted
+    linearly from 1 (the oldest) to `distance_weight` (the newest) and averaged."""
+    r = rows.shape[1]
+    j = (torch.arange(r)[None, :] - (r - 1 - recent)[:, None]).float()  # [B, r] index in the row's window
+    weight = 1.0 + (distance_weight - 1.0) * j / recent.clamp(min=1).float()[:, None]
+    weight = torch.where(j >= 0, weight, 0.0)
+    return (rows * weight[:, :, None]).sum(dim=1) / (recent + 1).float()[:, None]
+
+
+def ensemble_scores(queries: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, lengths: torch.Tensor,
+                    recent_ratio: float, distance_weight: float) -> torch.Tensor:
+    """queries [B, q, H, d], keys [B, Hkv, q, d] (post-RoPE), alive [B, q] bool, lengths [B]
+    -> [B, q] float32: each alive key's ensemble score (0 elsewhere)."""
+    recent = torch.tensor([recent_length(int(n), recent_ratio) for n in lengths])
+    return weighted_rows(recent_rows(queries, keys, alive, lengths, recent_ratio), recent, distance_weight)
+
+
+def segment_evictions(rows: torch.Tensor, valid_slots: torch.Tensor, recent: int, exceed: int, keep: int,
+                      distance_weight: float) -> torch.Tensor:
+    """One row's generation-stage compression. rows [r, T] (its attention rows over its cache slots, newest
+    last), valid_slots [m] its used slots in token order -> the slots to evict: the segment of `exceed` tokens
+    before the recent window, less its `keep` best by the weighted ensemble."""
+    segment = valid_slots[len(valid_slots) - 1 - recent - exceed : len(valid_slots) - 1 - recent]  # [E]
+    scores = weighted_rows(rows[None, :, segment], torch.tensor([recent]), distance_weight)  # [1, E]
+    picks = topk_lowest_index_first(scores[None], torch.tensor([keep]))[0, 0]
+    keep_mask = torch.zeros(len(segment), dtype=torch.bool)
+    keep_mask[picks[picks >= 0]] = True
+    return segment[~keep_mask]
 
 
 def next_alive(scores: torch.Tensor, alive: torch.Tensor, lengths: torch.Tensor, layer: int, num_layers: int,

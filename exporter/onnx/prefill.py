@@ -152,6 +152,10 @@ def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onn
     if pol.drops_tokens:  # PyramidInfer: each layer passes only its pivotal tokens on to the next
         h, last = pyramidinfer_decoder(g, lay, cfg, target, x, lengths, emit)
         lay.logits(h, last)
+        outputs.extend([helper.make_tensor_value_info(f"recent_rows.{i}", TensorProto.FLOAT,
+                                                      ["batch", "recent_rows", f"kept_len_{i}"])
+                        for i in range(s.num_layers)])
+        outputs.append(helper.make_tensor_value_info("recent_lengths", TensorProto.INT64, ["batch"]))
     else:
         h = lay.decoder(x, attend)
         lay.logits(h, g.op("Sub", lengths, g.const(1)))

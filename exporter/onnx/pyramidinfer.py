@@ -41,18 +41,18 @@ def context_counts(g: GraphBuilder, cfg: GraphConfig, lengths: str) -> tuple[str
     return recent, counts
 
 
-def _ensemble(lay: Layers, q: str, k4: str, alive: str, recent: str) -> str:
-    """Each slot's ensemble score [B, n] f32 from the recent window's attention. q [B, n, H*d] (rotated),
-    k4 [B, Hkv, n, d], alive [B] tokens per row (slots beyond are padding), recent [B] R per row."""
+def _recent_rows(lay: Layers, q: str, k4: str, alive: str, recent: str) -> str:
+    """The recent window's attention rows, mean over heads, [B, r, n] f32, right-aligned (row i of row b is slot
+    alive_b - r + i; rows before the row's window are zeros). q [B, n, H*d] (rotated), k4 [B, Hkv, n, d],
+    alive [B] tokens per row (slots beyond are padding), recent [B] R per row."""
     g, s = lay.g, lay.s
     heads, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
     n = g.dim(k4, 2)
     rows = g.op("Add", g.op("ReduceMax", recent, keepdims=1), g.const([1]))  # [1] 1 + max R
     j = g.unsqueeze(g.op("Range", g.const(0), g.scalar(rows), g.const(1)), [0])  # [1, r]
-    first = g.op("Sub", g.op("Sub", alive, g.const(1)), recent)  # [B] the window's first slot
-    slot = g.op("Add", g.unsqueeze(first, [1]), j)  # [B, r]
-    in_window = g.op("Less", slot, g.unsqueeze(alive, [1]))
-    safe = g.op("Min", slot, g.op("Sub", n, g.const(1)))
+    slot = g.op("Add", g.op("Sub", g.unsqueeze(alive, [1]), rows), j)  # [B, r]
+    in_window = g.op("GreaterOrEqual", j, g.unsqueeze(g.op("Sub", g.op("Sub", rows, g.const(1)), recent), [1]))
+    safe = g.op("Max", slot, g.const(0))
     index = g.op("Expand", g.unsqueeze(safe, [2]), g.concat(g.op("Shape", safe), g.const([heads * d])))
     qr = g.op("GatherElements", q, index, axis=1)  # [B, r, H*d]
     qr = g.op("Cast", g.op("Transpose", g.reshape(qr, g.const([0, 0, heads, d])), perm=[0, 2, 1, 3]),
@@ -66,15 +66,22 @@ def _ensemble(lay: Layers, q: str, k4: str, alive: str, recent: str) -> str:
     probs = g.op("Softmax", g.op("Where", g.unsqueeze(visible, [1]), logits, g.const(F32_MIN, np.float32)),
                  axis=-1)
     per_row = g.op("ReduceMean", probs, g.const([1]), keepdims=0)  # [B, r, n]: mean over heads
-    span = g.op("Cast", g.op("Max", recent, g.const(1)), to=TensorProto.FLOAT)  # [B]
+    return g.op("Mul", per_row, g.unsqueeze(g.op("Cast", in_window, to=TensorProto.FLOAT), [2]))
+
+
+def weighted_rows(g: GraphBuilder, rows: str, recent: str, distance_weight: float) -> str:
+    """The ensemble of right-aligned rows [B, r, T] -> [B, T] (pyramidinfer_select.weighted_rows)."""
+    r = g.dim(rows, 1)
+    j = g.op("Sub", g.unsqueeze(g.op("Range", g.const(0), g.scalar(r), g.const(1)), [0]),
+             g.unsqueeze(g.op("Sub", g.op("Sub", r, g.const(1)), recent), [1]))  # [B, r]
     jf = g.op("Cast", j, to=TensorProto.FLOAT)
-    pol = lay.cfg.policy
+    span = g.op("Cast", g.op("Max", recent, g.const(1)), to=TensorProto.FLOAT)
     weight = g.op("Add", g.const(1.0, np.float32),
-                  g.op("Div", g.op("Mul", jf, g.const(pol.distance_weight - 1.0, np.float32)), g.unsqueeze(span, [1])))
-    weight = g.op("Where", in_window, weight, g.const(0.0, np.float32))  # [B, r]
-    summed = g.op("ReduceSum", g.op("Mul", per_row, g.unsqueeze(weight, [2])), g.const([1]), keepdims=0)
+                  g.op("Div", g.op("Mul", jf, g.const(distance_weight - 1.0, np.float32)), g.unsqueeze(span, [1])))
+    weight = g.op("Where", g.op("GreaterOrEqual", j, g.const(0)), weight, g.const(0.0, np.float32))
+    summed = g.op("ReduceSum", g.op("Mul", rows, g.unsqueeze(weight, [2])), g.const([1]), keepdims=0)
     count = g.op("Cast", g.op("Add", recent, g.const(1)), to=TensorProto.FLOAT)
-    return g.op("Div", summed, g.unsqueeze(count, [1]))  # [B, n]
+    return g.op("Div", summed, g.unsqueeze(count, [1]))
 
 
 def _survivors(g: GraphBuilder, scores: str, positions: str, alive: str, recent: str, keep: str,
@@ -140,10 +147,13 @@ def pyramidinfer_decoder(g: GraphBuilder, lay: Layers, cfg: GraphConfig, target,
         attn = g.op("MatMul", out, p + "self_attn.o_proj.weight.T")
         residual, hn = target.add_norm(lay, residual, attn, p + "post_attention_layernorm.weight")
         h = lay.mlp(hn, layer)
+        rows = _recent_rows(lay, q, k4, alive, recent)
+        g.op("Identity", rows, outputs=[f"recent_rows.{layer}"])  # what the generation stage starts from
         if layer + 1 < s.num_layers:
-            scores = _ensemble(lay, q, k4, alive, recent)
+            scores = weighted_rows(g, rows, recent, pol.distance_weight)
             slots, alive = _survivors(g, scores, positions, alive, recent, counts[layer + 1], pol.sinks)
             residual, h = _gather_rows(g, residual, slots), _gather_rows(g, h, slots)
             positions = g.op("GatherElements", positions, slots, axis=1)
     residual, h = target.add_norm(lay, residual, h, "model.norm.weight")
+    g.op("Identity", recent, outputs=["recent_lengths"])
     return h, g.op("Sub", alive, g.const(1))
