@@ -20,7 +20,15 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from exporter.policies import KVPolicy
 from trt_plugins.kvzip_select import reconstruction_attention
-from trt_plugins.pyramidinfer_select import ensemble_scores, gather_alive, next_alive
+from trt_plugins.pyramidinfer_select import (
+    gather_alive,
+    generation_keep,
+    next_alive,
+    recent_length,
+    recent_rows,
+    segment_evictions,
+    weighted_rows,
+)
 
 ATTN_IMPLEMENTATION = "pkv"
 # Attention scores held at once in the prefill, per batch row: blocks of query rows are sized to this, so a short
@@ -54,6 +62,9 @@ class CompressedKVState:
     # PyramidInfer: the tokens the current layer of the prefill sees ([B, q] bool, left-padded like key_mask)
     alive: torch.Tensor | None = None
     num_layers: int = 0
+    # PyramidInfer's generation stage, per layer: rows [B, r, n] (the recent tokens' attention over the layer's
+    # slots, mean over heads, newest last), past [B] (valid slots after the last compression), recent [B] (R_b)
+    generation: dict[int, dict] = field(default_factory=dict)
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -130,7 +141,13 @@ def _compress(state: CompressedKVState, layer: int, query, key, value) -> LayerC
         alive = right_aligned(state.alive[:, None], state.key_mask)[:, 0]  # [B, q]
         idx, k, v = gather_alive(key, value, alive)
         queries = right_aligned(query, state.key_mask).transpose(1, 2)  # [B, q, H, d]
-        scores = ensemble_scores(queries, key, alive, lengths, policy.recent_ratio, policy.distance_weight)
+        rows = recent_rows(queries, key, alive, lengths, policy.recent_ratio)  # [B, r, q] by position
+        recent = torch.tensor([recent_length(int(n), policy.recent_ratio) for n in lengths])
+        scores = weighted_rows(rows, recent, policy.distance_weight)
+        slots = idx[:, 0, :]  # [B, n] position held by each slot
+        by_slot = torch.gather(rows, 2, slots.clamp(min=0)[:, None, :].expand(-1, rows.shape[1], -1))
+        state.generation[layer] = {"rows": by_slot * (slots >= 0)[:, None, :], "past": alive.sum(-1),
+                                   "recent": recent}
         alive = next_alive(scores, alive, lengths, layer, state.num_layers, policy.recent_ratio, policy.decay,
                            policy.decay_schedule, policy.min_context, policy.sinks)
         state.alive = left_aligned(alive, state.key_mask)
@@ -172,7 +189,33 @@ def _decode_attention(state: CompressedKVState, module, query, key, value, scali
     mask = repeat_kv(mask, h // hc)  # [B, H, S, n + S]
     weights = torch.matmul(query, k.transpose(2, 3)) * scaling + mask
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
+    out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+    if module.layer_idx in state.generation:
+        _generation_stage(state, module.layer_idx, cache, weights)
+    return out, None
+
+
+def _generation_stage(state: CompressedKVState, layer: int, cache: LayerCache, weights: torch.Tensor) -> None:
+    """PyramidInfer while generating: record the new tokens' attention rows; a row holding `update_interval`
+    tokens more than its recent window beyond its last compression compresses the segment before the window
+    (its evicted slots are released: position -1, zero K/V). weights: [B, H, S, n] this forward's attention."""
+    pol, gen = state.policy, state.generation[layer]
+    b, _, steps, _ = weights.shape
+    r = gen["rows"].shape[1]
+    rows = torch.cat([gen["rows"], torch.zeros(b, r, steps)], dim=2)
+    gen["rows"] = rows = torch.cat([rows, weights.float().mean(dim=1)], dim=1)[:, -r:]  # [B, r, n]
+    keep = generation_keep(layer, state.num_layers, pol.gen_decay, pol.update_interval)
+    for row in range(b):
+        valid = (cache.positions[row, 0] >= 0).nonzero()[:, 0]  # slots in token order
+        recent = int(gen["recent"][row])
+        if len(valid) - recent - int(gen["past"][row]) < pol.update_interval:
+            continue
+        evicted = segment_evictions(rows[row, r - 1 - recent :], valid, recent, pol.update_interval, keep,
+                                    pol.distance_weight)
+        cache.positions[row, :, evicted] = -1
+        cache.keys[row, :, evicted] = 0
+        cache.values[row, :, evicted] = 0
+        gen["past"][row] = len(valid) - len(evicted) - recent
 
 
 def _no_mask(*args, **kwargs) -> None:

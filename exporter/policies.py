@@ -294,7 +294,9 @@ class PyramidInferPolicy(KVPolicy):
     """PyramidInfer: compression inside the prefill. After each layer the recent window's attention (mean over
     heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a `decay` fraction
     of it per layer (at least `min_context`); the recent window (last `recent_ratio` of the prompt) and the first
-    `sinks` tokens always stay (trt_plugins.pyramidinfer_select). Budgets follow from the prompt length alone."""
+    `sinks` tokens always stay. While generating, every `update_interval` tokens that leave the recent window are
+    compressed the same way, `gen_decay` on the paper code's cosine ramp (trt_plugins.pyramidinfer_select).
+    Prefill budgets follow from the prompt length alone."""
 
     name: ClassVar[str] = "pyramidinfer"
     drops_tokens: ClassVar[bool] = True
@@ -305,9 +307,13 @@ class PyramidInferPolicy(KVPolicy):
     min_context: int = 64
     sinks: int = 4
     distance_weight: float = 1.2
+    update_interval: int = 16
+    gen_decay: float = 0.1
 
     def validate(self) -> None:
-        _positive(self, "min_context")
+        _positive(self, "min_context", "update_interval")
+        if not 0.0 < self.gen_decay <= 1.0:
+            raise UserInputError(f"--gen-decay must be in (0, 1] (got {self.gen_decay})")
         if not 0.0 <= self.recent_ratio < 1.0:
             raise UserInputError(f"--recent-ratio must be in [0, 1) (got {self.recent_ratio})")
         if not 0.0 < self.decay <= 1.0:

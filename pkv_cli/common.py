@@ -109,6 +109,12 @@ def policy_options(fn: Callable) -> Callable:
                      help="PyramidInfer: a layer never cuts its context below this many tokens [64]."),
         click.option("--distance-weight", type=float, default=None,
                      help="PyramidInfer: weight of the newest recent row (the oldest has 1) [1.2]."),
+        click.option("--update-interval", type=int, default=None,
+                     help="PyramidInfer: while generating, compress every this many tokens leaving the recent "
+                          "window [16]."),
+        click.option("--gen-decay", type=float, default=None,
+                     help="PyramidInfer: deepest layer's kept fraction of a compressed segment while generating "
+                          "(cosine ramp from 0.9 at layer 0) [0.1]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -119,7 +125,7 @@ def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
     """Pop the policy options out of a command's kwargs and build the policy."""
     names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks", "chunk_size",
              "reuse", "budget_schedule", "score_chunk", "postfix", "recent_ratio", "decay", "decay_schedule",
-             "min_context", "distance_weight")
+             "min_context", "distance_weight", "update_interval", "gen_decay")
     hyper = {n: kwargs.pop(n) for n in names}
     return make_policy(kwargs.pop("policy"), **hyper)
 
