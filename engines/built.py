@@ -31,14 +31,15 @@ class BuiltEngine:
         self.pad_id = pad_id(self.tokenizer)
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
         # The decode takes each layer's kept positions: a sliding window masks by them, and so do per-head lengths.
-        self.windowed = bool(self.spec.sliding_window) or self.manifest["policy"]["name"] == "kvzip"
+        from exporter.policies import check_policy_record
+
+        self.policy = check_policy_record(self.manifest["policy"])
+        self.windowed = bool(self.spec.sliding_window) or self.policy.global_selection
 
     def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
         """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
         nothing was compressed."""
-        from exporter.policies import check_policy_record
-
-        pol = check_policy_record(self.manifest["policy"])
+        pol = self.policy
         if not pol.compresses:
             return None
         if pol.drops_tokens:  # PyramidInfer: its budgets follow from the longest prompt

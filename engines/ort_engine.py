@@ -28,6 +28,7 @@ from engines.base import (
 )
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
+from engines.pyramidinfer_stage import GenerationStage
 from exporter.errors import UserInputError
 
 
@@ -70,6 +71,10 @@ class OrtEngine(BuiltEngine):
                                                 providers=self.providers)
             self.decode = ort.InferenceSession(str(self.dir / "decode.onnx"), options(arena=True),
                                                providers=self.providers)
+            # PyramidInfer: the generation stage's compression (engines.pyramidinfer_stage)
+            self.evict = (ort.InferenceSession(str(self.dir / "evict.onnx"), options(arena=False),
+                                               providers=self.providers)
+                          if "evict.onnx" in self.manifest["onnx"]["graphs"] else None)
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -98,21 +103,30 @@ class OrtEngine(BuiltEngine):
             if self.windowed:
                 binding.bind_ortvalue_input(f"cache_positions.{layer}", kept[f"kept_indices.{layer}"])
         names = self.decode_outputs
+        growing = [n for n in names if n.startswith("attn_rows.")]  # PyramidInfer: one more slot every step
 
         def bind_cache() -> None:
             for layer in range(self.spec.num_layers):
                 for part in ("key", "value"):
                     binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
 
-        def step(token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray]) -> np.ndarray:
-            """token / position: [B] (one token per row) or [B, S] (S tokens: a question at batch 1)."""
+        def step(token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray],
+                 cache_positions: list[np.ndarray] | None = None) -> np.ndarray:
+            """token / position: [B] (one token per row) or [B, S] (S tokens: a question at batch 1).
+            `cache_positions` (PyramidInfer on a sliding-window model): every slot's position, per layer.
+            The step's outputs stay in `step.outputs` (PyramidInfer reads its attention rows there)."""
             tokens, positions = (x if x.ndim == 2 else x.reshape(-1, 1) for x in (token, position))
             binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
             for layer, n in enumerate(past_lengths):
                 binding.bind_cpu_input(f"past_lengths.{layer}", n)
+            for layer, held in enumerate(cache_positions or []):
+                binding.bind_cpu_input(f"cache_positions.{layer}", held)
+            for name in growing:  # outputs whose shape changes every step: allocated anew by each run
+                binding.bind_output(name, self.device_type)
             self.decode.run_with_iobinding(binding)
             out = dict(zip(names, binding.get_outputs(), strict=True))
+            step.outputs = out
             if not self.in_place:  # the step returned new buffers: they are the next step's past
                 cache.update({k: v for k, v in out.items() if k.startswith("present.")})
                 bind_cache()
@@ -165,14 +179,8 @@ class OrtEngine(BuiltEngine):
         timings["kv_bytes_ideal"] = self.ideal_bytes(kept_raw)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
-        _, run_step = self.decode_binding(cache, kept_raw)
-        steps = 0
-
-        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            nonlocal steps
-            past = [np.ascontiguousarray(n + steps, dtype=np.int64) for n in kv_lengths]
-            steps += 1
-            return torch.from_numpy(run_step(token.numpy(), pos.numpy(), past))
+        stage = GenerationStage(self, outputs, cache) if self.evict is not None else None
+        step = self._stepper(cache, kept_raw, stage, [n.astype(np.int64) for n in kv_lengths])
 
         first = torch.from_numpy(outputs["logits"].numpy())
         generated, step_logits, timings["decode"] = greedy_loop(
@@ -180,6 +188,29 @@ class OrtEngine(BuiltEngine):
         )
         selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+
+    def _stepper(self, cache: dict, kept: dict, stage: GenerationStage | None, base: list[np.ndarray]):
+        """The greedy loop's step over bound caches: token [B] or [B, S], position alike -> logits [B, V]. The
+        caches hold `base` valid slots per row and layer before the first call; PyramidInfer's stage tracks them
+        itself and compresses (then the caches are bound again)."""
+        _, run_step = self.decode_binding(cache, kept)
+        fed = 0
+
+        def step(token: torch.Tensor | np.ndarray, pos: torch.Tensor | np.ndarray) -> torch.Tensor:
+            nonlocal fed, run_step
+            token, pos = (x.numpy() if isinstance(x, torch.Tensor) else x for x in (token, pos))
+            positions = pos if pos.ndim == 2 else pos.reshape(-1, 1)
+            past = stage.lengths if stage else [n + fed for n in base]
+            held = stage.cache_positions() if stage and self.windowed else None
+            logits = run_step(token, pos, past, held)
+            fed += positions.shape[1]
+            if stage:
+                stage.record(run_step.outputs, positions)
+                if stage.evict_if_due():
+                    _, run_step = self.decode_binding(stage.cache, kept)
+            return torch.from_numpy(logits)
+
+        return step
 
     def compress_context(self, context: str | list[int], room: int = 256) -> ContextCache:
         """Prefill and compress a context once (batch 1), with `room` free cache slots behind every layer."""
@@ -192,6 +223,8 @@ class OrtEngine(BuiltEngine):
         kept = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
         state = {"cache": {k: v for k, v in outputs.items() if k.startswith("present.")}, "kept": kept,
                  "lengths": [outputs[f"kv_lengths.{i}"].numpy() for i in layers]}
+        if self.evict is not None:
+            state["stage"] = GenerationStage(self, outputs, state["cache"])
         return ContextCache(int(mask.sum()), room, self.cache_bytes(kept),
                             [torch.from_numpy(v.numpy()) for v in kept.values()], state,
                             time.perf_counter() - t0)
@@ -206,18 +239,11 @@ class OrtEngine(BuiltEngine):
         state = context.state
         cache = {name: ort.OrtValue.ortvalue_from_numpy(value.numpy().copy(), self.device_type)
                  for name, value in state["cache"].items()}  # the context's buffers stay as they are
-        _, run_step = self.decode_binding(cache, state["kept"])
-        base = [n.astype(np.int64) for n in state["lengths"]]
+        stage = state["stage"].copy(cache) if "stage" in state else None
+        step = self._stepper(cache, state["kept"], stage, [n.astype(np.int64) for n in state["lengths"]])
         t0 = time.perf_counter()
-        first = run_step(np.array([ids]), np.arange(context.length, context.length + len(ids))[None], base)
+        first = step(np.array([ids]), np.arange(context.length, context.length + len(ids))[None]).numpy()
         timings = {"prefill": time.perf_counter() - t0}
-        fed = len(ids)
-
-        def step(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            nonlocal fed
-            past = [n + fed for n in base]
-            fed += 1
-            return torch.from_numpy(run_step(token.numpy(), pos.numpy(), past))
 
         mask = torch.ones(1, context.length + len(ids), dtype=torch.long)
         generated, step_logits, timings["decode"] = greedy_loop(

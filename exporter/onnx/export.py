@@ -15,6 +15,7 @@ from exporter.errors import UserInputError
 from exporter.onnx.decode import build_decode
 from exporter.onnx.layers import GraphConfig
 from exporter.onnx.prefill import build_prefill
+from exporter.onnx.pyramidinfer import build_evict
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
@@ -88,7 +89,10 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         finally:
             weights.close()
         initializers = list(weights.tensors.values())
-        for name, builder in (("prefill.onnx", build_prefill), ("decode.onnx", build_decode)):
+        graphs = [("prefill.onnx", build_prefill), ("decode.onnx", build_decode)]
+        if policy.drops_tokens:  # PyramidInfer: the generation stage's compression, run every update_interval
+            graphs.append(("evict.onnx", build_evict))
+        for name, builder in graphs:
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))
             onnx.checker.check_model(str(tmp / name))
@@ -106,7 +110,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "dtype": dtype,
             "max_input_len": max_input_len,
             "onnx": {"target": target, "opset": versions[""], "ir_version": model.ir_version,
-                     "graphs": ["prefill.onnx", "decode.onnx"], "weights": weights.path.name},
+                     "graphs": [name for name, _ in graphs], "weights": weights.path.name},
             "cache_heads": cfg.cache_heads,
             "notes": notes,
             "tools": tool_versions(),

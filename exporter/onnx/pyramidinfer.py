@@ -11,7 +11,8 @@ computed over, all heads alike. Deeper layers compute over fewer tokens: the pre
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+import onnx
+from onnx import TensorProto, helper
 
 from exporter.onnx.layers import GraphConfig, Layers
 from trt_plugins.onnx_graph import GraphBuilder
@@ -157,3 +158,96 @@ def pyramidinfer_decoder(g: GraphBuilder, lay: Layers, cfg: GraphConfig, target,
     residual, h = target.add_norm(lay, residual, h, "model.norm.weight")
     g.op("Identity", recent, outputs=["recent_lengths"])
     return h, g.op("Sub", alive, g.const(1))
+
+
+def decode_rows(lay: Layers, h: str, layer: int, present_key: str, past_lengths: str, visible) -> str:
+    """PyramidInfer while decoding: the new tokens' attention rows over the layer's slots, mean over heads,
+    [B, S, T] f32 (T = longest row's slots after this step), as the decode attention computed them (its visibility
+    `visible(T)` when the model has one, the row's valid slots and causality otherwise)."""
+    g, s = lay.g, lay.s
+    heads, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+    q, _, _ = lay.split_qkv(lay.qkv_packed(h, layer))  # the same MatMul as the attention's (CSE merges them)
+    cos, sin = lay.rope_tables("position_ids")
+    q4 = g.op("Cast", lay.to_heads(lay.rotate(q, heads, cos, sin), heads), to=TensorProto.FLOAT)  # [B, H, S, d]
+    new = g.dim(h, 1)
+    total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), new)  # [1]
+    keys = g.op("Cast", g.slice(present_key, g.const([0]), total, axis=2), to=TensorProto.FLOAT)  # [B, Hc, T, d]
+    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+    logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
+    slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(total), g.const(1)), [0, 1])  # [1, 1, T]
+    steps = g.unsqueeze(g.op("Range", g.const(0), g.scalar(new), g.const(1)), [0, 2])  # [1, S, 1]
+    own = g.op("Add", g.unsqueeze(past_lengths, [1, 2]), steps)  # [B, S, 1] each new token's slot
+    ok = g.unsqueeze(g.op("LessOrEqual", slots, own), [1])  # [B, 1, S, T]
+    mask = visible(total)
+    if mask is not None:
+        ok = g.op("And", ok, mask)
+    probs = g.op("Softmax", g.op("Where", ok, logits, g.const(F32_MIN, np.float32)), axis=-1)
+    return g.op("ReduceMean", probs, g.const([1]), keepdims=0, outputs=[f"attn_rows.{layer}"])  # [B, S, T]
+
+
+def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.ModelProto:
+    """evict.onnx: one generation-stage compression of every layer (trt_plugins.pyramidinfer_select).
+
+    in:  past_key_values.{i}.key / .value [B, Hc, cap_i, d]; rows.{i} [B, r, cap_i] f32 (the recent rows, oldest
+         first); lengths.{i} [B] valid slots; recent_lengths [B] (R_b); evict [B] bool (rows that compress now)
+    out: present.{i}.key / .value (compacted, zeros after the new lengths), rows_out.{i}, lengths_out.{i},
+         slot_map.{i} [B, cap_i] (source slot of each slot; the engine moves its own per-slot data with it)."""
+    from exporter.onnx.prefill import make_model
+    from trt_plugins.pyramidinfer_select import generation_keep
+
+    s, pol = cfg.spec, cfg.policy
+    g = GraphBuilder()
+    hc, d = cfg.cache_heads, s.head_dim
+    inputs = [helper.make_tensor_value_info("recent_lengths", TensorProto.INT64, ["batch"]),
+              helper.make_tensor_value_info("evict", TensorProto.BOOL, ["batch"])]
+    outputs = []
+    recent = "recent_lengths"
+    for layer in range(s.num_layers):
+        key, value, rows, lengths = (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+                                     f"rows.{layer}", f"lengths.{layer}")
+        cache = ["batch", hc, f"capacity_{layer}", d]
+        inputs += [helper.make_tensor_value_info(key, cfg.onnx_dtype, cache),
+                   helper.make_tensor_value_info(value, cfg.onnx_dtype, cache),
+                   helper.make_tensor_value_info(rows, TensorProto.FLOAT,
+                                                 ["batch", "recent_rows", f"capacity_{layer}"]),
+                   helper.make_tensor_value_info(lengths, TensorProto.INT64, ["batch"])]
+        keep = generation_keep(layer, s.num_layers, pol.gen_decay, pol.update_interval)
+        cap = g.dim(key, 2)
+        cols = g.unsqueeze(g.op("Range", g.const(0), g.scalar(cap), g.const(1)), [0])  # [1, cap]
+        seg_end = g.unsqueeze(g.op("Sub", g.op("Sub", lengths, g.const(1)), recent), [1])  # [B, 1]
+        seg_start = g.op("Sub", seg_end, g.const(pol.update_interval))
+        segment = g.op("And", g.op("GreaterOrEqual", cols, seg_start), g.op("Less", cols, seg_end))  # [B, cap]
+        scores = g.op("Where", segment, weighted_rows(g, rows, recent, pol.distance_weight),
+                      g.const(float("-inf"), np.float32))
+        _, picks = g.op("TopK", scores, g.const([keep]), outputs=2, axis=-1, largest=1, sorted=1)  # [B, keep]
+        hits = g.op("Cast", g.op("Equal", g.unsqueeze(cols, [2]), g.unsqueeze(picks, [1])), to=TensorProto.INT64)
+        picked = g.op("ReduceMax", hits, g.const([2]), keepdims=0)  # [B, cap] 1 where picked
+        valid = g.op("Less", cols, g.unsqueeze(lengths, [1]))
+        flagged = g.unsqueeze("evict", [1])
+        stays = g.op("And", valid, g.op("Or", g.op("Not", g.op("And", flagged, segment)),
+                                        g.op("Cast", picked, to=TensorProto.BOOL)))  # [B, cap]
+        sentinel = g.op("Cast", cap, to=TensorProto.FLOAT)
+        order = g.op("Where", stays, g.op("Cast", cols, to=TensorProto.FLOAT), sentinel)
+        asc = g.op("TopK", order, cap, outputs=2, axis=-1, largest=0, sorted=1)[0]  # stayers first, in order
+        slot_map = g.op("Cast", g.op("Min", asc, g.op("Sub", sentinel, g.const(1.0, np.float32))),
+                        to=TensorProto.INT64)
+        g.op("Identity", slot_map, outputs=[f"slot_map.{layer}"])
+        new_len = g.op("ReduceSum", g.op("Cast", stays, to=TensorProto.INT64), g.const([1]), keepdims=0,
+                       outputs=[f"lengths_out.{layer}"])
+        used = g.op("Less", cols, g.unsqueeze(new_len, [1]))  # [B, cap]
+        index = g.op("Expand", g.unsqueeze(g.unsqueeze(slot_map, [1]), [3]), g.op("Shape", key))
+        zero = g.const(0.0, cfg.np_dtype)
+        for src, name in ((key, f"present.{layer}.key"), (value, f"present.{layer}.value")):
+            g.op("Where", g.unsqueeze(g.unsqueeze(used, [1]), [3]), g.op("GatherElements", src, index, axis=2), zero,
+                 outputs=[name])
+        row_index = g.op("Expand", g.unsqueeze(slot_map, [1]), g.op("Shape", rows))
+        g.op("Where", g.unsqueeze(used, [1]), g.op("GatherElements", rows, row_index, axis=2),
+             g.const(0.0, np.float32), outputs=[f"rows_out.{layer}"])
+        outputs += [helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
+                    helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache),
+                    helper.make_tensor_value_info(f"rows_out.{layer}", TensorProto.FLOAT,
+                                                  ["batch", "recent_rows", f"capacity_{layer}"]),
+                    helper.make_tensor_value_info(f"lengths_out.{layer}", TensorProto.INT64, ["batch"]),
+                    helper.make_tensor_value_info(f"slot_map.{layer}", TensorProto.INT64,
+                                                  ["batch", f"capacity_{layer}"])]
+    return make_model(g, cfg, "pkv_evict", inputs, outputs, [], with_select=False)
