@@ -28,6 +28,7 @@ POLICY_CASES = [
     ("kvzip", {"score_chunk": 16, "sinks": 2, "postfix": 3}),
     ("pyramidinfer", {"min_context": 8, "decay": 0.7}),
     ("pyramidinfer", {"min_context": 8, "decay": 0.5, "decay_schedule": "cosine", "sinks": 2}),
+    ("pyramidinfer", {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3, "gen_decay": 0.5}),
 ]
 _BUILT: dict = {}
 
@@ -110,6 +111,35 @@ def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(tmp_path_fact
     assert result.timings["kv_bytes_after_prefill"] >= result.timings["kv_bytes_ideal"]
     assert result.timings["kv_bytes_after_prefill"] == sum(
         2 * max(c) * engine.spec.num_kv_heads * engine.spec.head_dim * 4 for c in counts)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
+def test_pyramidinfer_compresses_while_generating(tmp_path_factory, model, monkeypatch):
+    """The generation stage really runs: evict.onnx compacts the caches every `update_interval` tokens once R + E
+    tokens were generated (lengths shrink below prefill + generated), and the tokens then differ from a run that
+    never compresses while generating, on the engine as on the reference (which agree)."""
+    from engines import pyramidinfer_stage
+
+    kw = {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3, "gen_decay": 0.5}
+    engine, reference = built(tmp_path_factory, model, "pyramidinfer", kw)
+    calls = []
+    original = pyramidinfer_stage.GenerationStage.evict_if_due
+
+    def spy(self):
+        before = [n.copy() for n in self.lengths]
+        replaced = original(self)
+        if replaced:
+            calls.append((before, [n.copy() for n in self.lengths]))
+        return replaced
+
+    monkeypatch.setattr(pyramidinfer_stage.GenerationStage, "evict_if_due", spy)
+    got = engine.generate([LONG], 24, return_logits=True)
+    assert len(calls) >= 3 and all((after[0] < before[0]).all() for before, after in calls)
+    never, never_ref = built(tmp_path_factory, model, "pyramidinfer", kw | {"update_interval": 10_000})
+    other = never.generate([LONG], 24, return_logits=True)
+    assert not torch.allclose(got.logits, other.logits)
+    want = reference.generate([LONG], 24, return_logits=True)
+    assert got.tokens == want.tokens and (got.logits - want.logits).abs().max().item() <= 1e-4
 
 
 def test_global_selection_needs_onnxruntime(tmp_path):
@@ -211,7 +241,7 @@ def test_answers_from_one_compressed_context(tmp_path_factory, model, name, targ
     """Several questions on one compressed context: the engine answers exactly as the reference does, and the
     context is left as it was (the second question sees the same cache as the first)."""
     kw = {"chunkkv": {"chunk_size": 4}, "kvzip": {"score_chunk": 16, "sinks": 2, "postfix": 3},
-          "pyramidinfer": {"min_context": 8, "decay": 0.7}}.get(name, {})
+          "pyramidinfer": {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3}}.get(name, {})
     ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
     got_ctx, want_ctx = ort_engine.compress_context(CONTEXT, 48), reference.compress_context(CONTEXT, 48)
     assert got_ctx.length == want_ctx.length and got_ctx.kv_bytes == want_ctx.kv_bytes
