@@ -7,6 +7,8 @@ side with FullKV:
   from onnxruntime's profiler on one extra prefill, so it is not the difference of two noisy medians;
   selection_share: that over the profiled prefill's total node time;
 * reuse_speedup (ChunkKV with index reuse): selection_ms of ChunkKV without reuse / this one's;
+* PyramidInfer: selection_ms is the recent window's scoring and the gathering between layers (`pinfer_*`
+  nodes); its prefill also runs deeper layers over fewer tokens, which prefill_vs_full shows;
 * KVzip: selection_ms covers its reconstruction pass and its one top-k over every layer (the `kvzip_*` nodes);
   scoring_ms is the reconstruction pass (the `Loop`) alone, scoring_vs_prefill that over FullKV's whole prefill
   (profiled node time), and kv_span_over_held the bytes its layout spans over the kept pairs' bytes;
@@ -37,6 +39,7 @@ from engines.prompts import synthetic_prompt_ids  # noqa: E402
 from exporter.checkpoint import LoadedModel  # noqa: E402
 from exporter.onnx.export import build_onnx_engine  # noqa: E402
 from exporter.onnx.kvzip import KVZIP_PREFIX  # noqa: E402
+from exporter.onnx.pyramidinfer import SELECT_PREFIX  # noqa: E402
 from exporter.policies import make_policy  # noqa: E402
 from exporter.weights import RandomWeights  # noqa: E402
 
@@ -51,6 +54,7 @@ METHODS = {
     "chunkkv-reuse4": ("chunkkv", {"reuse": 4}),
     "chunkkv-pyramid": ("chunkkv", {"budget_schedule": "pyramid"}),
     "kvzip": ("kvzip", {}),
+    "pyramidinfer": ("pyramidinfer", {}),
 }
 
 
@@ -76,7 +80,8 @@ def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[fl
     graph = onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph
     names = {f"{n.name}_kernel_time" for n in graph.node}
     top = [e for e in events if e.get("cat") == "Node" and e["name"] in names]
-    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If" or e["name"].startswith(KVZIP_PREFIX))
+    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If"
+                 or e["name"].startswith((KVZIP_PREFIX, SELECT_PREFIX)))
     scoring = sum(e["dur"] for e in top if e["name"].startswith(KVZIP_PREFIX) and e["args"].get("op_name") == "Loop")
     return select / 1000, sum(e["dur"] for e in top) / 1000, scoring / 1000
 
@@ -151,7 +156,9 @@ def main() -> None:
                 f"decode_speedup: FullKV ms/token / the method's; KVzip: scoring_ms = its reconstruction pass "
                 f"(`--score-chunk` {make_policy('kvzip').score_chunk} tokens per chunk), scoring_vs_prefill = that / "
                 f"FullKV's whole prefill, kv_span_over_held = bytes its per-layer layout spans / the kept pairs' "
-                f"bytes. PyramidInfer is not implemented yet.\n\n"
+                f"bytes; PyramidInfer (paper defaults: recent window 20 % of the prompt, decay 0.9 per layer): "
+                f"selection_ms = its scoring and gathering between layers; with {args.new_tokens} new tokens its "
+                f"generation stage (after R + 16 tokens) does not start.\n\n"
                 f"{table}\n")
         # A subset is its own section: it does not replace the table of every method.
         write_section("bench_methods" + ("_" + "-".join(args.methods) if args.methods else ""), body)

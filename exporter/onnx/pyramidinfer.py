@@ -19,6 +19,8 @@ from trt_plugins.onnx_graph import GraphBuilder
 from trt_plugins.onnx_select import F32_MIN
 from trt_plugins.pyramidinfer_select import SINK_SCORE, keep_ratio
 
+SELECT_PREFIX = "pinfer_"  # names of the selection nodes between layers
+
 
 def context_counts(g: GraphBuilder, cfg: GraphConfig, lengths: str) -> tuple[str, list[str]]:
     """(R [B], alive context tokens of every layer [B] each), as `pyramidinfer_select.context_counts` computes
@@ -148,13 +150,15 @@ def pyramidinfer_decoder(g: GraphBuilder, lay: Layers, cfg: GraphConfig, target,
         attn = g.op("MatMul", out, p + "self_attn.o_proj.weight.T")
         residual, hn = target.add_norm(lay, residual, attn, p + "post_attention_layernorm.weight")
         h = lay.mlp(hn, layer)
-        rows = _recent_rows(lay, q, k4, alive, recent)
-        g.op("Identity", rows, outputs=[f"recent_rows.{layer}"])  # what the generation stage starts from
+        sel = GraphBuilder(g.prefix + f"{SELECT_PREFIX}{layer}_")  # own names: profilers can tell its cost apart
+        rows = _recent_rows(Layers(sel, cfg, target), q, k4, alive, recent)
+        sel.op("Identity", rows, outputs=[f"recent_rows.{layer}"])  # what the generation stage starts from
         if layer + 1 < s.num_layers:
-            scores = weighted_rows(g, rows, recent, pol.distance_weight)
-            slots, alive = _survivors(g, scores, positions, alive, recent, counts[layer + 1], pol.sinks)
-            residual, h = _gather_rows(g, residual, slots), _gather_rows(g, h, slots)
-            positions = g.op("GatherElements", positions, slots, axis=1)
+            scores = weighted_rows(sel, rows, recent, pol.distance_weight)
+            slots, alive = _survivors(sel, scores, positions, alive, recent, counts[layer + 1], pol.sinks)
+            residual, h = _gather_rows(sel, residual, slots), _gather_rows(sel, h, slots)
+            positions = sel.op("GatherElements", positions, slots, axis=1)
+        g.nodes.extend(sel.nodes)
     residual, h = target.add_norm(lay, residual, h, "model.norm.weight")
     g.op("Identity", recent, outputs=["recent_lengths"])
     return h, g.op("Sub", alive, g.const(1))

@@ -39,6 +39,7 @@ def test_bench_methods_smoke():
     kvzip = rows["kvzip"]
     assert 0 < kvzip["scoring_ms"] <= kvzip["selection_ms"] and kvzip["scoring_vs_prefill"] > 0
     assert kvzip["kv_span_over_held"] >= 1
+    assert rows["pyramidinfer"]["selection_ms"] > 0 and rows["pyramidinfer"]["kv_ratio"] < 1
 
 
 def test_build_memory_smoke(tmp_path):
