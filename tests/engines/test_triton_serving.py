@@ -205,3 +205,37 @@ def test_bad_urls_and_ports_are_usage_errors(args, fragment):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
     assert fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kvzip_and_pyramidinfer_serve_as_their_engines(tmp_path):
+    """The two methods that run a pass after the prefill (KVzip) or compress while generating (PyramidInfer): one
+    repository with both, requests and stored-context questions answered exactly as the engines do."""
+    engines = {}
+    for name, options in (("kvzip", ["--kv-budget", "32", "--score-chunk", "64"]),
+                          ("pyramidinfer", ["--min-context", "8", "--recent-ratio", "0.05", "--update-interval", "3"])):
+        out = tmp_path / name
+        r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--policy", name, *options,
+                                      "--max-input-len", "256", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        engines[name] = out
+    repo = write_repository(engines, tmp_path / "repo", instances=1, max_batch_size=4, default_new_tokens=8)
+    with TritonServer(repo) as server:
+        for name, engine_dir in engines.items():
+            direct = OrtEngine(engine_dir)
+            c = httpclient.InferenceServerClient(server.http_url)
+            try:
+                data = np.array([[PROMPTS[5].encode() * 3]], dtype=np.object_)
+                inp = httpclient.InferInput("text_input", list(data.shape), "BYTES")
+                inp.set_data_from_numpy(data)
+                got = c.infer(name, [inp], parameters={"max_new_tokens": 12}).as_numpy("output_ids").reshape(-1)
+            finally:
+                c.close()
+            assert got.tolist() == direct.generate([PROMPTS[5] * 3], 12).tokens[0], name
+            base = ["client", "--url", server.http_url, "--model-name", name, "--context-id", "doc", "--json"]
+            r = CliRunner().invoke(main, [*base, "--store-context", "--room", "64", "--prompt", CONTEXT])
+            assert r.exit_code == 0, r.output
+            cache = direct.compress_context(CONTEXT, room=64)
+            for question in (" Where are the ledgers?", " Who keeps them?"):
+                r = CliRunner().invoke(main, [*base, "--prompt", question, "--max-new-tokens", "10"])
+                assert r.exit_code == 0, r.output
+                assert json.loads(r.stdout)["output_ids"] == direct.answer(cache, question, 10).tokens[0], name
