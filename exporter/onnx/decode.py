@@ -100,7 +100,7 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
         if cfg.policy.drops_tokens:  # PyramidInfer's generation stage records the new tokens' attention rows
             decode_rows(lay, h, layer, present[0], lengths, visible)
             outputs.append(helper.make_tensor_value_info(f"attn_rows.{layer}", TensorProto.FLOAT,
-                                                         ["batch", "new_tokens", f"slots_{layer}"]))
+                                                         ["batch", "new_tokens", f"capacity_{layer}"]))
         return out
 
     h = lay.decoder(x, attend)

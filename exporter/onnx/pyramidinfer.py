@@ -166,27 +166,31 @@ def pyramidinfer_decoder(g: GraphBuilder, lay: Layers, cfg: GraphConfig, target,
 
 def decode_rows(lay: Layers, h: str, layer: int, present_key: str, past_lengths: str, visible) -> str:
     """PyramidInfer while decoding: the new tokens' attention rows over the layer's slots, mean over heads,
-    [B, S, T] f32 (T = longest row's slots after this step), as the decode attention computed them (its visibility
-    `visible(T)` when the model has one, the row's valid slots and causality otherwise)."""
+    [B, S, cap] f32, as the decode attention computed them (its visibility `visible(T)` when the model has one,
+    the row's valid slots and causality otherwise). Reads the cache once (K @ q, no copy of K: a second attention
+    of one token, the cost of the generation stage)."""
     g, s = lay.g, lay.s
     heads, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
     q, _, _ = lay.split_qkv(lay.qkv_packed(h, layer))  # the same MatMul as the attention's (CSE merges them)
     cos, sin = lay.rope_tables("position_ids")
-    q4 = g.op("Cast", lay.to_heads(lay.rotate(q, heads, cos, sin), heads), to=TensorProto.FLOAT)  # [B, H, S, d]
-    new = g.dim(h, 1)
-    total = g.op("Add", g.op("ReduceMax", past_lengths, keepdims=1), new)  # [1]
-    keys = g.op("Cast", g.slice(present_key, g.const([0]), total, axis=2), to=TensorProto.FLOAT)  # [B, Hc, T, d]
-    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+    q4 = lay.to_heads(lay.rotate(q, heads, cos, sin), heads)  # [B, H, S, d]
+    keys = present_key
+    if lay.cfg.onnx_dtype != TensorProto.FLOAT:
+        q4, keys = g.op("Cast", q4, to=TensorProto.FLOAT), g.op("Cast", keys, to=TensorProto.FLOAT)
+    qt = g.op("Transpose", g.reshape(q4, g.const([0, hkv, -1, d])), perm=[0, 1, 3, 2])  # [B, Hkv, d, g * S]
+    logits = g.op("Transpose", g.op("MatMul", keys, qt), perm=[0, 1, 3, 2])  # [B, Hkv, g * S, cap]
     logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
-    slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(total), g.const(1)), [0, 1])  # [1, 1, T]
+    cap = g.dim(present_key, 2)
+    new = g.dim(h, 1)
+    slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(cap), g.const(1)), [0, 1])  # [1, 1, cap]
     steps = g.unsqueeze(g.op("Range", g.const(0), g.scalar(new), g.const(1)), [0, 2])  # [1, S, 1]
     own = g.op("Add", g.unsqueeze(past_lengths, [1, 2]), steps)  # [B, S, 1] each new token's slot
-    ok = g.unsqueeze(g.op("LessOrEqual", slots, own), [1])  # [B, 1, S, T]
-    mask = visible(total)
+    ok = g.unsqueeze(g.op("LessOrEqual", slots, own), [1])  # [B, 1, S, cap]
+    mask = visible(cap)
     if mask is not None:
         ok = g.op("And", ok, mask)
     probs = g.op("Softmax", g.op("Where", ok, logits, g.const(F32_MIN, np.float32)), axis=-1)
-    return g.op("ReduceMean", probs, g.const([1]), keepdims=0, outputs=[f"attn_rows.{layer}"])  # [B, S, T]
+    return g.op("ReduceMean", probs, g.const([1]), keepdims=0, outputs=[f"attn_rows.{layer}"])  # [B, S, cap]
 
 
 def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.ModelProto:
