@@ -12,7 +12,10 @@ Sections, each reported as passed / failed / skipped (with the reason):
    `compare` against the PyTorch reference (tokens, kept index sets, logits), then TensorRT against the
    onnxruntime engine (CUDA execution provider where onnxruntime-gpu is installed) for FullKV and PyramidKV;
 5. TensorRT-LLM (GPU + TensorRT-LLM 1.2): `build --backend trtllm` of a small checkpoint, `compare` against the
-   PyTorch reference (FullKV must pass; PyramidKV is reported: the runtime keeps one budget for every layer).
+   PyTorch reference (FullKV must pass; PyramidKV is reported: the runtime keeps one budget for every layer);
+6. onnxruntime on CUDA (onnxruntime-gpu): the onnxruntime-only methods (KVzip's reconstruction Loop and
+   per-head masks, PyramidInfer's gathering between layers and its generation-stage evictions) and PyramidKV on
+   the CUDA execution provider against the PyTorch reference (tokens, kept index sets, logits within 1e-3).
 
 Prints a JSON report, then Markdown; `--report DIR` also writes both there. Exit code 1 when a section that ran
 failed, 0 otherwise (skipped sections are not failures; the report says what was skipped and why).
@@ -200,6 +203,36 @@ def trtllm_checks(env: dict, workdir: Path) -> dict:
     return {"rows": rows, "status": "passed" if all(r.get("passed") for r in rows) else "failed"}
 
 
+def onnx_cuda_checks(env: dict, workdir: Path) -> dict:
+    if "CUDAExecutionProvider" not in env["onnxruntime_providers"]:
+        raise Skip("needs onnxruntime-gpu and a CUDA GPU (pip install 'pkv-export[gpu]')")
+    sys.path.insert(0, str(ROOT))
+    from engines.compare import compare_results
+    from engines.ort_engine import OrtEngine
+    from engines.reference import ReferenceEngine
+    from exporter.checkpoint import load_model
+    from exporter.onnx.export import build_onnx_engine
+    from exporter.policies import make_policy
+
+    cases = [("pyramidkv", {"kv_budget": 32, "window": 4}), ("kvzip", {"kv_budget": 32, "score_chunk": 64}),
+             ("pyramidinfer", {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3})]
+    prompts = ["The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 3, "A short one."]
+    rows = []
+    for model in ("tiny-llama3", "tiny-mistral"):
+        loaded = load_model(model)
+        for name, kw in cases:
+            policy = make_policy(name, **kw)
+            out = workdir / f"cuda-{model}-{name}"
+            build_onnx_engine(loaded, policy, out, max_input_len=1024)
+            got = OrtEngine(out, device="cuda").generate(prompts, 24, return_logits=True, return_indices=True)
+            want = ReferenceEngine(loaded, policy).generate(prompts, 24, return_logits=True, return_indices=True)
+            result = compare_results(got, want, "onnxruntime-cuda", atol=1e-3)
+            rows.append({"model": model, "policy": name, "passed": result.passed,
+                         "tokens_equal": result.tokens_equal, "max_abs_logit_diff": result.max_abs_logit_diff,
+                         "index_agreement": result.index_agreement})
+    return {"rows": rows, "status": "passed" if all(r["passed"] for r in rows) else "failed"}
+
+
 def markdown(report: dict) -> str:
     lines = ["# GPU acceptance", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in report["environment"].items()),
              "", "| section | status | detail |", "|---|---|---|"]
@@ -228,7 +261,9 @@ def main() -> int:
                     section("kernel benchmark", kernel_benchmark, env, args.contexts),
                     section("tensorrt build + compare", tensorrt_checks, env, work),
                     section("tensorrt vs onnxruntime", tensorrt_benchmark, env, work, args.contexts),
-                    section("tensorrt-llm build + compare", trtllm_checks, env, work)]
+                    section("tensorrt-llm build + compare", trtllm_checks, env, work),
+                    section("onnxruntime CUDA: KVzip, PyramidInfer, PyramidKV vs reference", onnx_cuda_checks, env,
+                            work)]
     report = {"environment": env, "sections": sections,
               "mode": "gpu" if env["cuda"] else "no-gpu: kernels under the interpreter only"}
     print(json.dumps(report, indent=2, default=str))

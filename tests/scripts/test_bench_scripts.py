@@ -90,6 +90,6 @@ def test_gpu_acceptance_runs_here_and_says_what_it_skipped(tmp_path):
     if not torch.cuda.is_available():
         assert proc.returncode == 0 and report["mode"].startswith("no-gpu")
         for name in ("kernel benchmark", "tensorrt build + compare", "tensorrt vs onnxruntime",
-                     "tensorrt-llm build + compare"):
+                     "tensorrt-llm build + compare", "onnxruntime CUDA: KVzip, PyramidInfer, PyramidKV vs reference"):
             assert status[name]["status"] == "skipped" and status[name]["reason"]
     assert "| kernels vs spec | passed |" in (tmp_path / "report.md").read_text()
