@@ -103,9 +103,23 @@ def load_model(
     return loaded
 
 
+# Presets whose weights ship with pkv-export (small models trained by scripts/): a Hugging Face directory each.
+SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    directory = SHIPPED_MODELS / name
+    return directory if (directory / "config.json").is_file() else None
+
+
 def _load_preset(spec: ModelSpec, need_weights: bool, random_weights: bool, seed: int) -> LoadedModel:
     if spec.tiny or random_weights or not need_weights:
         return LoadedModel(spec, f"preset:{spec.name}", random_weights=spec.tiny or random_weights)
+    shipped = shipped_checkpoint(spec.name)
+    if shipped is not None:
+        loaded = load_directory(shipped, name=spec.name)
+        loaded.source = f"preset:{spec.name}"
+        return loaded
     snapshot = find_in_hf_cache(spec.hub_id) if spec.hub_id else None
     if snapshot is None:
         raise UserInputError(

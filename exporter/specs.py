@@ -271,6 +271,8 @@ PRESETS: dict[str, ModelSpec] = {
         # Sliding window small enough that tests cross it.
         ModelSpec("tiny-mistral", "mistral", 259, 64, 128, 4, 4, 1, 16, 10000.0, 16384,
                   sliding_window=48, tiny=True, **_TINY_IDS),
+        # Trained here to retrieve (scripts/train_retriever.py); weights shipped in exporter/models/tiny-retriever.
+        ModelSpec("tiny-retriever", "llama", 259, 192, 512, 4, 6, 2, 32, 500000.0, 4096, **_TINY_IDS),
     ]
 }
 

@@ -42,7 +42,7 @@ def presets(as_json: bool) -> None:
         return
     click.echo(f"{'preset':<17}{'arch':<9}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'vocab':>8}  weights")
     for s in PRESETS.values():
-        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id
+        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id or "trained here (exporter/models)"
         click.echo(f"{s.name:<17}{s.arch:<9}{s.num_layers:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
                    f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
 

@@ -165,11 +165,11 @@ def printable(text: str) -> str:
                    for c in text)
 
 
-def check_run_counts(limit: int | None, max_new_tokens: int) -> None:
+def check_run_counts(limit: int | None, max_new_tokens: int | None) -> None:
     """--limit and --max-new-tokens of the commands that run samples (validate, sweep)."""
     if limit is not None and limit < 1:
         raise UserInputError("--limit must be at least 1")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
 
 

@@ -30,7 +30,8 @@ from pkv_cli.common import check_run_counts, emit_json, progress_bar
 @click.option("--limit", type=int, default=None, help="At most N samples (per dataset for LongBench).")
 @click.option("--lengths", default=None, help="NIAH context lengths, e.g. 512,1024 [sized for --max-input-len].")
 @click.option("--depths", default=None, help="NIAH needle depths in percent [0,25,50,75,100].")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="NIAH answer length [the answer's tokens + 16, at least 32].")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
 @click.option("--datasets", default=None, help="LongBench datasets, comma-separated [every file in --data].")
 @click.option("--config-dir", type=click.Path(path_type=Path), default=None,

@@ -73,7 +73,8 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--needle", default=None, help="NIAH needle sentence (with --question and --answer).")
 @click.option("--question", default=None, help="NIAH question about the needle (with --needle).")
 @click.option("--answer", default=None, help="NIAH expected answer, scored by word recall (with --needle).")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="NIAH answer length.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="NIAH answer length [the answer's tokens + 16, at least 32].")
 @click.option("--multi-query", is_flag=True,
               help="Ask each question twice: re-compressed with the question, and from its context compressed once. "
                    "NIAH: one context per length with a needle at every depth; LongBench: samples sharing a context "

@@ -513,6 +513,13 @@ def niah_samples(
 # --- scoring -------------------------------------------------------------------------------------------------------
 
 
+def answer_room(tokenizer: Any, answers: Sequence[str], minimum: int = 32, slack: int = 16) -> int:
+    """The default answer length: the longest answer's tokens plus `slack`, at least `minimum` (32 fits the
+    default answer in a subword tokenizer; a byte-level one needs about 60)."""
+    longest = max(len(_encode(tokenizer, " " + a, add_special_tokens=False)) for a in answers)
+    return max(minimum, longest + slack)
+
+
 def score_answer(prediction: str, answer: str) -> dict[str, float]:
     """`recall`: share of the normalised answer's distinct words present among the prediction's normalised words;
     `exact`: 1.0 when the normalised answer occurs in the normalised prediction on word boundaries, else 0.0."""

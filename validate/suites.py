@@ -32,14 +32,14 @@ class NiahSuite:
     needle: str | None = None
     question: str | None = None
     answer: str | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: sized for the answers (`answer_room`)
     chat: bool = True
     seed: int = 0
     multi_query: bool = False  # one context per length with a needle at every depth, each asked (validate.multiquery)
     name: str = "niah"
 
     def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
-        from validate.niah import DEFAULT_NEEDLE, Needle, default_grid, niah_samples
+        from validate.niah import DEFAULT_NEEDLE, Needle, answer_room, default_grid, niah_samples
 
         lengths, depths = default_grid(max_input_len)
         lengths, depths = self.lengths or lengths, self.depths or depths
@@ -52,27 +52,29 @@ class NiahSuite:
         if self.multi_query:
             return self._multi_query_samples(tokenizer, lengths, depths, limit, any(given)), []
         needle = Needle(*given) if all(given) else DEFAULT_NEEDLE
+        room = self.max_new_tokens or answer_room(tokenizer, [needle.answer])
         out = []
         for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
-            out.append(ValidationSample(s.id, f"L{s.context_len}-D{s.depth_percent:g}", s.ids, self.max_new_tokens,
+            out.append(ValidationSample(s.id, f"L{s.context_len}-D{s.depth_percent:g}", s.ids, room,
                                         {"context_len": s.context_len, "depth_percent": s.depth_percent,
                                          "answer": s.answer}))
         return out[:limit] if limit else out, []
 
     def _multi_query_samples(self, tokenizer, lengths, depths, limit, custom_needle: bool) -> list[ValidationSample]:
-        from validate.niah import MULTI_NEEDLES, multi_needle_contexts
+        from validate.niah import MULTI_NEEDLES, answer_room, multi_needle_contexts
 
         if custom_needle:
             raise UserInputError("--multi-query uses its own needles; it does not take --needle/--question/--answer")
         if len(depths) > len(MULTI_NEEDLES):
             raise UserInputError(f"--multi-query puts one needle per depth: at most {len(MULTI_NEEDLES)} depths")
         out = []
+        room = self.max_new_tokens or answer_room(tokenizer, [needle.answer for needle in MULTI_NEEDLES])
         for n, ctx in multi_needle_contexts(tokenizer, lengths, depths, self.haystack, self.chat, self.seed):
             sid = f"niah-mq-L{n}"
             queries = [{"id": f"{sid}-D{d:g}", "group": f"L{n}-D{d:g}",
                         "fields": {"context_len": n, "depth_percent": d, "answer": needle.answer}}
                        for d, needle in zip(ctx.depths, ctx.needles, strict=True)]
-            out.append(ValidationSample(sid, f"L{n}", ctx.context_ids, self.max_new_tokens,
+            out.append(ValidationSample(sid, f"L{n}", ctx.context_ids, room,
                                         {"context_len": n, "questions": ctx.question_ids, "queries": queries}))
         return out[:limit] if limit else out
 

@@ -1,0 +1,59 @@
+"""The trained preset retrieves, so accuracy against cache size means something (issue 12).
+
+The numbers asserted are the ones observed on the shipped deterministic weights (README, "Accuracy on the
+trained preset"); they change only when the weights do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pkv_cli import main
+
+ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_fullkv_over_the_default_grid(tmp_path):
+    """The NIAH default grid (4 lengths up to 4032 tokens x 5 depths, the default needle and answer length): every
+    needle up to 1008 tokens is found whole; beyond, attention among thousands of haystack bytes is not sharp
+    enough yet (0.66 overall, not the issue's 0.95; README "Limits")."""
+    out = tmp_path / "niah"
+    r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert sorted({row["context_len"] for row in rows}) == [512, 1008, 2016, 4032] and len(rows) == 20
+    short = [row for row in rows if row["context_len"] <= 1008]
+    assert [row["engine_answer"] for row in short] == [ANSWER] * 10
+    overall = json.loads((out / "summary.json").read_text())["overall"]["engine_score"]
+    assert overall == pytest.approx(0.66, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def small_budget_sweep(tmp_path_factory) -> dict[str, dict]:
+    out: Path = tmp_path_factory.mktemp("sweep") / "retriever"
+    r = run("sweep", "--model", "tiny-retriever", "--policies", "full,streamingllm,snapkv,pyramidkv",
+            "--budgets", "256", "--window", "32", "--suite", "niah", "--lengths", "1008", "--depths", "25,50,75",
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    return {c["cell"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+
+
+def test_small_budgets_cost_what_the_methods_predict(small_budget_sweep):
+    """256 of 1008 tokens (27 % of the bytes), needles in the middle: StreamingLLM keeps the sinks and the end
+    and loses every needle; SnapKV keeps the answer's first words; PyramidKV, with more room in the early
+    layers, keeps half of it; FullKV answers whole."""
+    cells = small_budget_sweep
+    scores = {name: cells[name]["score"] for name in cells}
+    assert scores == pytest.approx({"full": 1.0, "streamingllm-C256": 0.0, "snapkv-C256": 0.1,
+                                    "pyramidkv-C256": 0.5}, abs=0.01)
+    assert all(c["kv_matches_plan"] for c in cells.values())
+    assert all(cells[name]["kv_ratio"] == pytest.approx(0.27, abs=0.01) for name in cells if name != "full")
