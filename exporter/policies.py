@@ -62,6 +62,8 @@ class KVPolicy:
     global_selection: ClassVar[bool] = False
     # True when later layers of the prefill see only the tokens earlier layers kept (PyramidInfer).
     drops_tokens: ClassVar[bool] = False
+    # True when `plan`'s bytes are an upper bound the data may undercut (ChunkKV: a partial last chunk).
+    plan_is_upper_bound: ClassVar[bool] = False
 
     def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
         """Prefix tokens kept per layer for a prompt of `prompt_len` tokens; None = keep everything."""
@@ -213,6 +215,7 @@ class ChunkKVPolicy(_BudgetedPolicy):
     or PyramidKV's pyramid (`budget_schedule`)."""
 
     name: ClassVar[str] = "chunkkv"
+    plan_is_upper_bound: ClassVar[bool] = True
     chunk_size: int = 10
     reuse: int = 1
     budget_schedule: str = "uniform"

@@ -43,7 +43,7 @@ def markdown(summary: dict[str, Any]) -> str:
                   r.get("kv_span_over_held")]
         lines.append("| " + " | ".join(str(v) for v in values + [per.get(c) for c in extra]) + " |")
     lines += ["", "kv_ratio: K/V bytes the engine held after the prefill over FullKV's, over all samples; "
-              "kv_matches_plan: equal to `pkv-export plan` for every sample; kv_span_over_held: "
+              "kv_matches_plan: equal to `pkv-export plan` for every sample (ChunkKV: at most); kv_span_over_held: "
               "bytes the cache layout spans (each layer as wide as its longest head) over the kept pairs' bytes "
               "(above 1 for KVzip's per-head lengths)."]
     if summary.get("plots"):

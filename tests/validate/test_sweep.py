@@ -128,3 +128,15 @@ def test_cells_and_categories():
     groups = [{"group": "hotpotqa", "engine_score": 40.0}, {"group": "musique", "engine_score": 20.0},
               {"group": "trec_e", "engine_score": 10.0}, {"group": "mine", "engine_score": 1.0}]
     assert category_scores(groups) == {"multi-doc QA": 30.0, "few-shot": 10.0, "other": 1.0}
+
+
+def test_chunkkv_cells_hold_at_most_plan(tmp_path):
+    """ChunkKV keeps whole chunks: a prompt whose last partial chunk is picked holds fewer bytes than `plan`
+    (ChunkKVPolicy.kept_prefix), which the sweep accepts as matching; more would not be. The trained preset's
+    observation window attends to the tokens just before it, so its last partial chunk is picked."""
+    out = tmp_path / "chunk"
+    r = run("sweep", "--model", "tiny-retriever", "--policies", "chunkkv", "--budgets", "128", "--window", "32",
+            "--suite", "niah", "--lengths", "512", "--depths", "50", "--max-new-tokens", "2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    cell = cells_of(out)["chunkkv-C128"]
+    assert cell["kv_matches_plan"] and cell["kv_bytes_held"] < cell["kv_bytes_plan"]
