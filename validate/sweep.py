@@ -85,9 +85,10 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
         slots = r.get("kv_slots")
         held.append(plan["kv_bytes_compressed"] if slots is None else slots * per_token)
         spanned.append(r.get("kv_slots_spanned", slots or 0) * per_token or held[-1])
-        if slots is not None:
-            over = slots * per_token > plan["kv_bytes_compressed"]
-            mismatched += over if cell.policy.plan_is_upper_bound else slots * per_token != plan["kv_bytes_compressed"]
+        if cell.policy.plan_is_upper_bound:
+            mismatched += held[-1] > planned[-1]
+        else:
+            mismatched += held[-1] != planned[-1]
     row: dict[str, Any] = {
         "cell": cell.name, "policy": cell.policy.name, "kv_budget": cell.budget, "n": len(records),
         "score": summary["overall"].get("engine_score"),
