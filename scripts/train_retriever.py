@@ -165,13 +165,25 @@ def exact(model, tokenizer, haystack: list[str], rng: random.Random, length: int
     return hits / n
 
 
-def parse_phases(text: str) -> list[dict]:
+def parse_phases(text: str, max_len: int = 4096) -> list[dict]:
+    """`steps:batch:min_len:max_len[:copy_share[:skip_share]]`, comma-separated; ValueError names a bad one."""
     keys = ("steps", "batch", "lo", "hi", "copy", "skip")
     phases = []
     for part in text.split(","):
-        values = [float(v) for v in part.split(":")]
+        try:
+            values = [float(v) for v in part.split(":")]
+        except ValueError:
+            values = []
+        if not 4 <= len(values) <= len(keys):
+            raise ValueError(f"phase {part!r}: expected steps:batch:min_len:max_len[:copy_share[:skip_share]]")
         phase = dict(zip(keys, values + [0.0] * (len(keys) - len(values)), strict=True))
-        phases.append({k: int(v) if k in ("steps", "batch", "lo", "hi") else v for k, v in phase.items()})
+        phase = {k: int(v) if k in ("steps", "batch", "lo", "hi") else v for k, v in phase.items()}
+        if min(phase["steps"], phase["batch"], phase["lo"]) < 1 or not phase["lo"] <= phase["hi"] <= max_len:
+            raise ValueError(f"phase {part!r}: steps, batch and lengths must be positive, min_len <= max_len <= "
+                             f"{max_len}")
+        if not (0 <= phase["copy"] <= 1 and 0 <= phase["skip"] <= 1):
+            raise ValueError(f"phase {part!r}: the shares must be between 0 and 1")
+        phases.append(phase)
     return phases
 
 
@@ -186,6 +198,12 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=500, help="Held-out exact answers every N steps (0: never).")
     p.add_argument("--init", type=Path, default=None, help="Continue from this checkpoint directory.")
     args = p.parse_args()
+    try:
+        phases = parse_phases(args.phases)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.init is not None and not (args.init / "config.json").is_file():
+        p.error(f"--init {args.init}: not a checkpoint directory (no config.json)")
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -203,7 +221,6 @@ def main() -> None:
     model = LlamaForCausalLM(config) if args.init is None else LlamaForCausalLM.from_pretrained(
         args.init, use_safetensors=True, local_files_only=True)
     model.config._attn_implementation = "sdpa"
-    phases = parse_phases(args.phases)
     total = sum(ph["steps"] for ph in phases)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 100 if args.init is None else 20
@@ -228,7 +245,7 @@ def main() -> None:
                 model.eval()
                 for length, n in ((512, 8), (2048, 4), (4000, 4)):
                     row[f"exact@{length}"] = exact(model, tokenizer, held_out, eval_rng, length, n)
-            if step % 20 == 0 or "exact@512" in row:
+            if step % 20 == 0 or step == total or "exact@512" in row:
                 print(json.dumps(row), flush=True)
     save(model, tokenizer, args, step, time.time() - t0)
 
