@@ -92,14 +92,18 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
 @click.option("--question", "questions", multiple=True,
               help="With --context: a question (repeatable), each answered from a copy of the compressed context.",
               callback=lambda c, p, v: tuple(check_text(x, "--question") for x in v))
+@click.option("--chat/--no-chat", default=False, show_default=True,
+              help="Wrap each prompt (with --context: the context, a blank line and each question) in the model's "
+                   "chat template as a user turn, as instruct models and tiny-retriever expect.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, per-layer budgets).")
 def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str, ...], prompt_file: str | None,
              max_new_tokens: int, dtype: str, random_weights: bool, context_file: str | None,
-             questions: tuple[str, ...], as_json: bool, **kwargs) -> None:
+             questions: tuple[str, ...], chat: bool, as_json: bool, **kwargs) -> None:
     """Generate greedily with a compressed KV cache: the PyTorch reference, or a built engine (--engine).
 
     With --context and --question: the context is prefilled and compressed once, every question is answered from
     a copy of that compressed cache (the context is not prefilled again)."""
+    from engines.chat import chat_prompt_ids
     from engines.hf_model import torch_dtype
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
@@ -121,11 +125,12 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
         engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
         source = loaded.source
     if context_file is not None:
-        _answer_questions(engine, texts[0], questions, max_new_tokens, as_json, source, policy)
+        _answer_questions(engine, texts[0], questions, max_new_tokens, as_json, source, policy, chat)
         return
+    inputs = [chat_prompt_ids(engine.tokenizer, t, source) for t in texts] if chat else texts
     bar, update = progress_bar("decoding", max_new_tokens)
     with bar:
-        result = engine.generate(texts, max_new_tokens, progress=update)
+        result = engine.generate(inputs, max_new_tokens, progress=update)
     if as_json:
         pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
         emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,
@@ -149,15 +154,19 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
 
 
 def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_json: bool, source: str,
-                      policy) -> None:
+                      policy, chat: bool) -> None:
     from engines.base import question_ids
+    from engines.chat import chat_context_ids
 
     if not hasattr(engine, "compress_context"):
         raise UserInputError(f"--context/--question need an engine that can keep a compressed context (onnx or the "
                              f"reference); {engine.name} cannot")
-    room = max(len(question_ids(engine.tokenizer, q)) for q in questions) + max_new_tokens
+    asked = list(questions)
+    if chat:
+        context, asked = chat_context_ids(engine.tokenizer, context, asked, source)
+    room = max(len(question_ids(engine.tokenizer, q)) for q in asked) + max_new_tokens
     cache = engine.compress_context(context, room=room)
-    answers = [engine.answer(cache, q, max_new_tokens) for q in questions]
+    answers = [engine.answer(cache, q, max_new_tokens) for q in asked]
     if as_json:
         pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
         emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,

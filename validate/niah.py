@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.chat import has_chat_template, render_user_turn
 from exporter.errors import UserInputError
 from validate.metrics import normalize_answer
 
@@ -245,7 +246,7 @@ class _TokenizedSentences:
 
 
 def _use_chat(tokenizer: Any, chat: bool) -> bool:
-    return bool(chat and getattr(tokenizer, "chat_template", None))
+    return chat and has_chat_template(tokenizer)
 
 
 def _tail(needle: Needle, templated: bool) -> str:
@@ -254,10 +255,7 @@ def _tail(needle: Needle, templated: bool) -> str:
 
 
 def _render(tokenizer: Any, content: str, templated: bool) -> str:
-    if not templated:
-        return content
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_user_turn(tokenizer, content) if templated else content
 
 
 def _prefix_len(tokenizer: Any, templated: bool) -> int:

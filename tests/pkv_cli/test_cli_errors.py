@@ -154,3 +154,14 @@ def test_force_replaces_an_output_of_the_same_kind(tmp_path, engine):
     assert (repo / "m2" / "config.pbtxt").is_file() and not (repo / "pkv").exists()
     assert str(engine.resolve()) in (repo / "m2" / "config.pbtxt").read_text()
     assert not (repo / "m2" / "1" / "engine").exists(), "--link references the engine instead of copying it"
+
+
+def test_chat_without_a_template_is_one_line(tmp_path):
+    """--chat on a checkpoint whose tokenizer has no chat template says so instead of sending a bare prompt."""
+    from exporter.checkpoint import shipped_checkpoint
+
+    model = tmp_path / "no-template"
+    shutil.copytree(shipped_checkpoint("tiny-retriever"), model)
+    (model / "chat_template.jinja").unlink()
+    assert_one_line(invoke("generate", "--model", str(model), "--chat", "--prompt", "hi"), 2,
+                    "tokenizer has no chat template; run without --chat")

@@ -57,3 +57,35 @@ def test_small_budgets_cost_what_the_methods_predict(small_budget_sweep):
                                     "pyramidkv-C256": 0.5}, abs=0.01)
     assert all(c["kv_matches_plan"] for c in cells.values())
     assert all(cells[name]["kv_ratio"] == pytest.approx(0.27, abs=0.01) for name in cells if name != "full")
+
+
+QUESTION = ("Question: What is the best thing to do in San Francisco? Answer in one sentence based only on the text "
+            "above.")
+
+
+@pytest.fixture(scope="module")
+def needle_context(tmp_path_factory) -> Path:
+    """About 1000 bytes of the generated haystack with the default needle in the middle."""
+    from validate.niah import DEFAULT_NEEDLE, generated_sentences
+
+    sentences = [s for s, _ in zip(generated_sentences(3), range(12), strict=False)]
+    sentences.insert(6, DEFAULT_NEEDLE.needle)
+    path = tmp_path_factory.mktemp("context") / "context.txt"
+    path.write_text(" ".join(sentences))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["context", "prompt"])
+def test_generate_with_the_chat_template_answers(needle_context, mode):
+    """`generate --chat` wraps the text as the user turn the preset was trained on: it answers whole, from a
+    context compressed once (--context/--question) or from one prompt; without --chat it does not."""
+    text = needle_context.read_text()
+    ask = (["--context", str(needle_context), "--question", QUESTION] if mode == "context"
+           else ["--prompt", f"{text}\n\n{QUESTION}"])
+    base = ["generate", "--model", "tiny-retriever", "--policy", "full", "--max-new-tokens", "64", *ask]
+    r = run(*base, "--chat")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1].removeprefix("A: ") == ANSWER
+    r = run(*base)
+    assert r.exit_code == 0, r.output
+    assert ANSWER not in r.stdout
