@@ -157,7 +157,9 @@ def save_tokenizer(loaded: LoadedModel, directory: Path) -> None:
     directory.mkdir()
     if loaded.directory is not None and any((loaded.directory / f).is_file() for f in TOKENIZER_FILES):
         for f in loaded.directory.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens_map")) or f.name in ("generation_config.json",):
+            # chat_template.jinja/.json: transformers keeps the chat template beside tokenizer_config.json
+            if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) or \
+                    f.name == "generation_config.json":
                 shutil.copy2(f, directory / f.name)
         return
     loaded.tokenizer().save_pretrained(directory)

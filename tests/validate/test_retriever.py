@@ -89,3 +89,18 @@ def test_generate_with_the_chat_template_answers(needle_context, mode):
     r = run(*base)
     assert r.exit_code == 0, r.output
     assert ANSWER not in r.stdout
+
+
+def test_an_engine_built_from_the_preset_keeps_its_chat_template(tmp_path):
+    """Engines carry the checkpoint's chat template (chat_template.jinja), so `validate --engine` asks in the
+    format the model was trained on, as the reference does, and finds the needle."""
+    engine = tmp_path / "engine"
+    r = run("build", "--model", "tiny-retriever", "--policy", "full", "--out", str(engine))
+    assert r.exit_code == 0, r.output
+    assert (engine / "tokenizer" / "chat_template.jinja").is_file()
+    out = tmp_path / "niah"
+    r = run("validate", "--engine", str(engine), "--suite", "niah", "--lengths", "512", "--depths", "50",
+            "--reference", "none", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    [row] = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert row["engine_answer"] == ANSWER
