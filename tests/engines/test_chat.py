@@ -29,9 +29,9 @@ def test_context_and_each_question_make_the_whole_turn(tokenizer, questions):
     assert tokenizer.decode(head).endswith(context)
 
 
-def test_a_tokenizer_without_a_template_is_a_user_error():
-    bare = load_model("tiny-retriever", need_weights=False).tokenizer()  # a fresh object, not the fixture's
-    bare.chat_template = None
+def test_a_tokenizer_without_a_template_is_a_user_error(tokenizer, monkeypatch):
+    bare = tokenizer  # the embedded tokenizer is shared (cached): monkeypatch puts its template back
+    monkeypatch.setattr(bare, "chat_template", None)
     assert not has_chat_template(bare)
     with pytest.raises(UserInputError, match="my-model's tokenizer has no chat template; run without --chat"):
         chat_prompt_ids(bare, "x", "my-model")
