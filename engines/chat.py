@@ -23,14 +23,14 @@ def render_user_turn(tokenizer: Any, content: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _require_template(tokenizer: Any, name: str) -> None:
+def require_chat_template(tokenizer: Any, name: str) -> None:
     if not has_chat_template(tokenizer):
         raise UserInputError(f"{name}'s tokenizer has no chat template; run without --chat")
 
 
 def chat_prompt_ids(tokenizer: Any, text: str, name: str = "the model") -> list[int]:
     """Token ids of `text` as a user turn."""
-    _require_template(tokenizer, name)
+    require_chat_template(tokenizer, name)
     return tokenizer(render_user_turn(tokenizer, text), add_special_tokens=False)["input_ids"]
 
 
@@ -39,7 +39,7 @@ def chat_context_ids(tokenizer: Any, context: str, questions: list[str], name: s
     """(context ids, ids of each question) such that context + question i is the user turn
     `context + separator + question i` up to tokenisation at the seam: the context can be prefilled and compressed
     once, then continued by each question and the template's closing tokens."""
-    _require_template(tokenizer, name)
+    require_chat_template(tokenizer, name)
     head, tail = render_user_turn(tokenizer, context + _SPLIT).split(_SPLIT, 1)
     context_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     return context_ids, [tokenizer(separator + q + tail, add_special_tokens=False)["input_ids"] for q in questions]

@@ -103,7 +103,7 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
 
     With --context and --question: the context is prefilled and compressed once, every question is answered from
     a copy of that compressed cache (the context is not prefilled again)."""
-    from engines.chat import chat_prompt_ids
+    from engines.chat import chat_prompt_ids, require_chat_template
     from engines.hf_model import torch_dtype
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
@@ -122,6 +122,8 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
         policy = None
     else:
         loaded = load_model(model, random_weights=random_weights)
+        if chat:  # before the weights are read: a large checkpoint must not load only to be refused
+            require_chat_template(loaded.tokenizer(), loaded.source)
         engine = ReferenceEngine(loaded, policy, torch_dtype(dtype))
         source = loaded.source
     if context_file is not None:
