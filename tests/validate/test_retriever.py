@@ -23,8 +23,9 @@ def run(*args):
 
 def test_fullkv_over_the_default_grid(tmp_path):
     """The NIAH default grid (4 lengths up to 4032 tokens x 5 depths, the default needle and answer length): every
-    needle up to 1008 tokens is found whole; beyond, attention among thousands of haystack bytes is not sharp
-    enough yet (0.66 overall, not the issue's 0.95; README "Limits")."""
+    needle up to 1008 tokens is found whole (the model often goes on with the first word of the sentence after
+    the needle, which the score ignores); beyond, it loses its place among thousands of haystack bytes (0.765
+    overall, not the issue's 0.95; README "Limits")."""
     out = tmp_path / "niah"
     r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
             "--out", str(out), "--json")
@@ -32,15 +33,16 @@ def test_fullkv_over_the_default_grid(tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert sorted({row["context_len"] for row in rows}) == [512, 1008, 2016, 4032] and len(rows) == 20
     short = [row for row in rows if row["context_len"] <= 1008]
-    assert [row["engine_answer"] for row in short] == [ANSWER] * 10
+    assert all(row["engine_answer"].startswith(ANSWER) for row in short), [row["engine_answer"] for row in short]
+    assert [row["engine_score"] for row in short] == [1.0] * 10
     overall = json.loads((out / "summary.json").read_text())["overall"]["engine_score"]
-    assert overall == pytest.approx(0.66, abs=0.02)
+    assert overall == pytest.approx(0.765, abs=0.02)
 
 
 @pytest.fixture(scope="module")
 def small_budget_sweep(tmp_path_factory) -> dict[str, dict]:
     out: Path = tmp_path_factory.mktemp("sweep") / "retriever"
-    r = run("sweep", "--model", "tiny-retriever", "--policies", "full,streamingllm,snapkv,pyramidkv",
+    r = run("sweep", "--model", "tiny-retriever", "--policies", "full,streamingllm,snapkv,pyramidkv,kvzip",
             "--budgets", "256", "--window", "32", "--suite", "niah", "--lengths", "1008", "--depths", "25,50,75",
             "--out", str(out), "--json")
     assert r.exit_code == 0, r.output
@@ -49,12 +51,13 @@ def small_budget_sweep(tmp_path_factory) -> dict[str, dict]:
 
 def test_small_budgets_cost_what_the_methods_predict(small_budget_sweep):
     """256 of 1008 tokens (27 % of the bytes), needles in the middle: StreamingLLM keeps the sinks and the end
-    and loses every needle; SnapKV keeps the answer's first words; PyramidKV, with more room in the early
-    layers, keeps half of it; FullKV answers whole."""
+    and loses every needle (0.1: one answer word that is also a haystack word); SnapKV and PyramidKV keep the
+    answer's first words (0.2); KVzip, which scores pairs by how well they reconstruct the context, keeps the
+    needles at depths 25 and 50 whole; FullKV answers whole."""
     cells = small_budget_sweep
     scores = {name: cells[name]["score"] for name in cells}
-    assert scores == pytest.approx({"full": 1.0, "streamingllm-C256": 0.0, "snapkv-C256": 0.1,
-                                    "pyramidkv-C256": 0.5}, abs=0.01)
+    assert scores == pytest.approx({"full": 1.0, "streamingllm-C256": 0.1, "snapkv-C256": 0.2,
+                                    "pyramidkv-C256": 0.2, "kvzip-C256": 0.7}, abs=0.01)
     assert all(c["kv_matches_plan"] for c in cells.values())
     assert all(cells[name]["kv_ratio"] == pytest.approx(0.27, abs=0.01) for name in cells if name != "full")
 
@@ -85,7 +88,7 @@ def test_generate_with_the_chat_template_answers(needle_context, mode):
     base = ["generate", "--model", "tiny-retriever", "--policy", "full", "--max-new-tokens", "64", *ask]
     r = run(*base, "--chat")
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip().splitlines()[-1].removeprefix("A: ") == ANSWER
+    assert r.stdout.strip().splitlines()[-1].removeprefix("A: ").startswith(ANSWER)
     r = run(*base)
     assert r.exit_code == 0, r.output
     assert ANSWER not in r.stdout
@@ -103,4 +106,4 @@ def test_an_engine_built_from_the_preset_keeps_its_chat_template(tmp_path):
             "--reference", "none", "--out", str(out))
     assert r.exit_code == 0, r.output
     [row] = [json.loads(line) for line in (out / "samples.jsonl").open()]
-    assert row["engine_answer"] == ANSWER
+    assert row["engine_answer"].startswith(ANSWER) and row["engine_score"] == 1.0
