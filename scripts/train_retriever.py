@@ -134,10 +134,15 @@ def copy_row(rng: random.Random, tokenizer, length: int, digits: float = 0.0) ->
 ALONE = 256  # phases longer than this run each row alone, unpadded: SDPA's causal kernel is ~1.7x faster at 4k
 
 
+def runs_alone(phase: dict) -> bool:
+    """Whether the phase draws each row's length and task alone and runs each row unpadded."""
+    return phase["hi"] > ALONE
+
+
 def draw_rows(rng: random.Random, tokenizer, haystack: list[str], phase: dict) -> list[tuple[bool, list[int], int]]:
     """(copy task?, ids = prompt + answer + EOS, answer start) per row. Short phases draw one length and task per
     batch (rows are padded together); long phases draw them per row, so a batch mixes lengths."""
-    alone = phase["hi"] > ALONE
+    alone = runs_alone(phase)
     rows = []
     for b in range(phase["batch"]):
         if b == 0 or alone:
@@ -257,7 +262,7 @@ def main() -> None:
         for _ in range(phase["steps"]):
             model.train()
             rows = draw_rows(rng, tokenizer, haystack, phase)
-            groups = [[row] for row in rows] if phase["hi"] > ALONE else [rows]
+            groups = [[row] for row in rows] if runs_alone(phase) else [rows]
             answer_loss = lm_loss = 0.0
             for group in groups:
                 ids, mask, answer, positions = tensors(rng, group, tokenizer.pad_token_id, phase["skip"],
