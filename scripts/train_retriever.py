@@ -9,13 +9,14 @@ Data, all generated here. Prompts are built by the product's own NIAH builder (`
 generated haystack sentences) around a random fact, so the model must read the context; the evaluation's default
 San Francisco needle never occurs:
 * needle task: "The best thing to do in {place} is {activity}." asked as "What is the best thing to do in
-  {place}?"; places and activities random (real and made-up names, known and random words, some capitalised);
+  {place}?"; places and activities random (real and made-up names, known and random words, some capitalised,
+  and short function words such as "a", "in the" before 40% of the words, as in real answers);
 * key-value lookup among distractors: "The magic number of {key} is {digits}." in 30% of the facts, and in
   every prompt 0 to length/80 facts of the same forms about other keys plus sentences made of activity words
   (hard negatives: copying by the last few bytes alone lands in the wrong place);
-* a copy task: random words (15-30% of them numbers, so that digits are copied too), then the same words again
-  (every byte of the repeat is a target). Alone for the first phase, it makes the copying ("induction") heads
-  form; later it is 20-30% of the rows.
+* a copy task: random words (15-30% of them numbers, so that digits are copied too; a function word before a
+  quarter of them), then the same words again (every byte of the repeat is a target). Alone for the first phase,
+  it makes the copying ("induction") heads form; later it is 20-30% of the rows.
 The loss is the answer's (its bytes and EOS) plus 0.2 x the language-model loss of the whole row.
 
 Two choices make retrieval hold at lengths the short phases never see:
@@ -23,9 +24,15 @@ Two choices make retrieval hold at lengths the short phases never see:
   head can match content at any distance without having trained at that distance;
 * positional skips (PoSE, arXiv 2309.10400): a share of the rows jumps its positions once, at a random point of
   the context, so needle-to-question distances up to 4096 are seen at the cost of a short row.
-The last phase trains on real prompts of 256 to 4032 tokens (each row its own length, unpadded, so SDPA runs its
+The long phase trains on real prompts of 256 to 4032 tokens (each row its own length, unpadded, so SDPA runs its
 causal kernel) so that attention stays sharp among thousands of keys while short answers stay in the mix; the
-learning rate decays to a tenth, not to zero, so that this phase still learns.
+learning rate decays to a tenth, not to zero, so that this phase still learns. A short phase of 320-768 tokens
+ends the run: it sharpens the answers the long phase taught (in an experiment it took the key-value lookup from 0.7
+to 1.0 over the NIAH grid).
+
+Function words matter because the haystack is full of them: a copy that matches only the last byte or two ("a ",
+"in ") jumps back to the wrong place and repeats ("eat a a a a"). Without them in the data the model could not
+copy "eat a sandwich and sit in Dolores Park" beyond 1k tokens (0.765 over the NIAH grid); with them it does (0.97).
 """
 
 from __future__ import annotations
@@ -65,8 +72,12 @@ WORDS = (
     "meet", "friends", "for", "lunch", "bake", "pie", "apple", "orchard", "catch", "train", "coast", "rest",
 )
 # fmt: on
+# short function words, alone and in pairs: the haystack is full of them, so a copy that matches only the last byte
+# or two ("a ", "in ") jumps to the wrong place; real answers ("eat a sandwich and sit in ...") are made of them
+FUNCTION = ("a", "an", "the", "in", "on", "and", "of", "to", "at", "by", "with", "for", "in a", "on the", "in the",
+            "by a", "of the", "at a", "to the", "and a")
 SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "tor", "bel", "dun", "sar", "qui", "zen", "po", "mar", "lin", "gra")
-PHASES = "650:32:96:256:1.0:0:0.15,600:12:320:768:0.3:0.3:0.3,400:4:256:4032:0.2:0:0.3"
+PHASES = "650:32:96:256:1.0:0:0.15,400:12:320:768:0.3:0.3:0.3,550:4:256:4032:0.2:0:0.3,100:12:320:768:0.3:0.3:0.3"
 
 
 def random_word(rng: random.Random) -> str:
@@ -85,7 +96,12 @@ def activity(rng: random.Random) -> str:
         w = rng.choice(WORDS) if r < 0.5 else random_word(rng) if r < 0.8 else place(rng)
         return w.capitalize() if rng.random() < 0.15 else w
 
-    return " ".join(word() for _ in range(rng.randint(3, 12)))
+    words = []
+    for _ in range(rng.randint(3, 10)):
+        if words and rng.random() < 0.4:
+            words.append(rng.choice(FUNCTION))
+        words.append(word())
+    return " ".join(words)
 
 
 def fact(rng: random.Random, key: str) -> tuple[str, str, str]:
@@ -121,6 +137,8 @@ def copy_row(rng: random.Random, tokenizer, length: int, digits: float = 0.0) ->
     looking back."""
     words: list[str] = []
     while len(" ".join(words)) < length // 2 - 8:
+        if words and rng.random() < 0.25:
+            words.append(rng.choice(FUNCTION))
         r = rng.random()
         if rng.random() < digits:
             words.append(str(rng.randint(0, 10 ** rng.randint(1, 7))))
@@ -225,7 +243,8 @@ def main() -> None:
                         f"Phases with max_len > {ALONE} draw each row's length and task alone.")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rope-theta", type=float, default=500000.0)
-    p.add_argument("--eval-every", type=int, default=500, help="Held-out exact answers every N steps (0: never).")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="Held-out exact answers every N steps (0: never). Checks add time, not weight changes.")
     p.add_argument("--init", type=Path, default=None, help="Continue from this checkpoint directory.")
     args = p.parse_args()
     try:
