@@ -23,20 +23,32 @@ def run(*args):
 
 def test_fullkv_over_the_default_grid(tmp_path):
     """The NIAH default grid (4 lengths up to 4032 tokens x 5 depths, the default needle and answer length): every
-    needle up to 1008 tokens is found whole (the model often goes on with the first word of the sentence after
-    the needle, which the score ignores); beyond, it loses its place among thousands of haystack bytes (0.765
-    overall, not the issue's 0.95; README "Limits")."""
+    needle up to 2016 tokens is found whole (the model often goes on with a few letters or words after the
+    answer, which the score ignores); at 4032 tokens it loses a word or four at depths 0-50: 0.97 overall, above
+    the issue's 0.95."""
     out = tmp_path / "niah"
     r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
             "--out", str(out), "--json")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert sorted({row["context_len"] for row in rows}) == [512, 1008, 2016, 4032] and len(rows) == 20
-    short = [row for row in rows if row["context_len"] <= 1008]
+    short = [row for row in rows if row["context_len"] <= 2016]
     assert all(row["engine_answer"].startswith(ANSWER) for row in short), [row["engine_answer"] for row in short]
-    assert [row["engine_score"] for row in short] == [1.0] * 10
+    assert [row["engine_score"] for row in short] == [1.0] * 15
     overall = json.loads((out / "summary.json").read_text())["overall"]["engine_score"]
-    assert overall == pytest.approx(0.765, abs=0.02)
+    assert overall >= 0.95 and overall == pytest.approx(0.97, abs=0.01)
+
+
+def test_key_value_lookup_among_distractors(tmp_path):
+    """A magic number hidden in the haystack is read back digit for digit, near and 4k tokens away."""
+    out = tmp_path / "kv"
+    r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
+            "--needle", "The magic number of Winnipeg is 90316.", "--question", "What is the magic number of Winnipeg?",
+            "--answer", "90316", "--lengths", "1008,4032", "--depths", "0,50,100", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert len(rows) == 6 and all(row["engine_answer"].startswith("90316") for row in rows), rows
+    assert [row["engine_score"] for row in rows] == [1.0] * 6
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +63,13 @@ def small_budget_sweep(tmp_path_factory) -> dict[str, dict]:
 
 def test_small_budgets_cost_what_the_methods_predict(small_budget_sweep):
     """256 of 1008 tokens (27 % of the bytes), needles in the middle: StreamingLLM keeps the sinks and the end
-    and loses every needle (0.1: one answer word that is also a haystack word); SnapKV and PyramidKV keep the
-    answer's first words (0.2); KVzip, which scores pairs by how well they reconstruct the context, keeps the
-    needles at depths 25 and 50 whole; FullKV answers whole."""
+    and loses every needle (0.0); SnapKV keeps the answer's first word (0.1: "eat") and PyramidKV nothing (0.0):
+    the window's attention does not point at the needle's bytes (README, "Differs").
+    KVzip, which scores pairs by how well they reconstruct the context, keeps every needle whole, as FullKV does."""
     cells = small_budget_sweep
     scores = {name: cells[name]["score"] for name in cells}
-    assert scores == pytest.approx({"full": 1.0, "streamingllm-C256": 0.1, "snapkv-C256": 0.2,
-                                    "pyramidkv-C256": 0.2, "kvzip-C256": 0.7}, abs=0.01)
+    assert scores == pytest.approx({"full": 1.0, "streamingllm-C256": 0.0, "snapkv-C256": 0.1,
+                                    "pyramidkv-C256": 0.0, "kvzip-C256": 1.0}, abs=0.01)
     assert all(c["kv_matches_plan"] for c in cells.values())
     assert all(cells[name]["kv_ratio"] == pytest.approx(0.27, abs=0.01) for name in cells if name != "full")
 
