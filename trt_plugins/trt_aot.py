@@ -1,6 +1,15 @@
 """Ahead-of-time payloads of the selection kernel for TensorRT's AOT plugins: PTX for a GPU architecture,
 compiled with Triton on any machine (no GPU needed), plus the launch facts TensorRT needs.
 
+Which PTX: TensorRT hands the plugin's PTX to the CUDA driver, whose JIT compiles it for the GPU at hand. A
+driver accepts PTX up to the ISA of its own CUDA version, and PTX for `sm_XY` runs on every GPU of compute
+capability X.Y or newer. Triton left alone writes what its bundled ptxas knows (Triton 3.9: `.version 9.4`,
+CUDA 13.4's ISA) for `sm_90a` (Hopper only, no forward compatibility): a CUDA 12 driver, which TensorRT 10.x's
+cu12 builds run on, refuses that ISA, and no other GPU loads `sm_90a`. The payload is therefore compiled for
+`AOT_TARGET` = `sm_80` at ISA `AOT_PTX_ISA` = 8.0 (CUDA 12.0's): any CUDA 12.0+ driver loads it, on any
+Ampere, Ada, Hopper or Blackwell GPU. `check_ptx_header` refuses anything else, and the tests assemble the PTX
+with CUDA 12.9's ptxas (bundled with Triton) for sm_80 and sm_90.
+
 TensorRT calls an AOT plugin kernel with (inputs, int32 extra arguments, outputs) and nothing else. Triton >= 3.3
 appends hidden parameters (global and profile scratch pointers) to every kernel; when the kernel uses neither (its
 metadata says 0 bytes of each, and the PTX never reads them), they are removed from the `.entry` signature so the
@@ -18,6 +27,8 @@ TENSOR_INPUTS = ["q_ptr", "k_ptr", "v_ptr", "len_ptr", "sel_ptr"]
 TENSOR_OUTPUTS = ["idx_ptr", "ko_ptr", "vo_ptr", "sc_ptr"]
 TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 MAX_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
+AOT_ARCH = 80  # compute capability the PTX targets (sm_80: runs on every later GPU through the driver's JIT)
+AOT_PTX_ISA = 80  # PTX ISA 8.0, as Triton writes versions (major * 10 + minor): CUDA 12.0's, any CUDA 12 driver
 
 
 @dataclass
@@ -52,7 +63,24 @@ def strip_hidden_params(ptx: str, keep: int) -> str:
     return ptx[: start + cut] + "\n" + ptx[end:]
 
 
-def compile_select_kernel(dtype: str, constants: dict, arch: int = 90) -> AotKernel:
+def ptx_header(ptx: str) -> tuple[str, str]:
+    """(`.version`, `.target`) of a PTX module, exactly as written (e.g. ("8.0", "sm_80"))."""
+    version = re.search(r"^\.version\s+(\S+)\s*$", ptx, re.M)
+    target = re.search(r"^\.target\s+([^\s,]+)", ptx, re.M)
+    if not version or not target:
+        raise ValueError("not a PTX module: no .version / .target line")
+    return version.group(1), target.group(1)
+
+
+def check_ptx_header(ptx: str, arch: int = AOT_ARCH, isa: int = AOT_PTX_ISA) -> None:
+    """Refuse PTX whose ISA or target differs from what was asked for (a Triton that ignores `ptx_version`, or
+    writes an `a` target, would otherwise produce a payload that a CUDA 12 driver or a non-Hopper GPU rejects)."""
+    want = (f"{isa // 10}.{isa % 10}", f"sm_{arch}")
+    if ptx_header(ptx) != want:
+        raise ValueError(f"the AOT payload is PTX {ptx_header(ptx)}, not {want} (.version, .target)")
+
+
+def compile_select_kernel(dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
     """PTX of the selection kernel; see `_compile`. In a process running Triton's interpreter (the CPU tests),
     the kernels are interpreted functions that cannot be compiled: a clean subprocess compiles them."""
     import os
@@ -73,10 +101,10 @@ def compile_select_kernel(dtype: str, constants: dict, arch: int = 90) -> AotKer
     return AotKernel(**json.loads(r.stdout.strip().splitlines()[-1]))
 
 
-def _compile(dtype: str, constants: dict, arch: int = 90) -> AotKernel:
-    """PTX of the selection kernel specialised to `constants` (trt_plugins.triton_select.kernel_constants; the
-    StreamingLLM kernel when POSITIONAL, which has no query input) for `sm_{arch}`; halves the key block until the
-    launch fits in 48 KiB of shared memory."""
+def _compile(dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
+    """PTX (ISA `AOT_PTX_ISA`) of the selection kernel specialised to `constants`
+    (trt_plugins.triton_select.kernel_constants; the StreamingLLM kernel when POSITIONAL, which has no query
+    input) for `sm_{arch}`; halves the key block until the launch fits in 48 KiB of shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,7 +123,8 @@ def _compile(dtype: str, constants: dict, arch: int = 90) -> AotKernel:
         source = ASTSource(fn=_streaming_kernel if positional else _select_kernel,
                            signature=signature | {k: "constexpr" for k in constants},
                            constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"enable_fp_fusion": False, "ptx_version": AOT_PTX_ISA})
         if compiled.metadata.shared <= MAX_SHARED or constants["BLOCK_K"] <= 16:
             break
         constants["BLOCK_K"] //= 2
@@ -104,13 +133,15 @@ def _compile(dtype: str, constants: dict, arch: int = 90) -> AotKernel:
         raise ValueError("the kernel needs Triton scratch memory, which a TensorRT AOT plugin cannot provide")
     keep = len(inputs) + len(SCALAR_ARGS) + len(TENSOR_OUTPUTS)
     ptx = strip_hidden_params(compiled.asm["ptx"], keep)
+    check_ptx_header(ptx, arch)
     return AotKernel(meta.name, ptx, meta.num_warps, meta.shared, len(entry_params(ptx)))
 
 
-def scalar_args(batch, q_len, width, num_heads, num_kv_heads, cache_heads, head_dim) -> list:
-    """The int32 extra arguments, in SCALAR_ARGS order, for contiguous inputs and outputs (ints or TensorRT shape
-    expressions: only + and * are used)."""
+def scalar_args(batch, q_len, width, num_heads: int, num_kv_heads: int, cache_heads: int, head_dim: int) -> list:
+    """The int32 extra arguments, in SCALAR_ARGS order, for contiguous inputs and outputs. `q_len` and `width`
+    are ints or TensorRT shape expressions, which have `*` but no reflected `int * expr`: every product starts
+    with the expression and multiplies it by a plain int."""
     return [q_len, width,
-            q_len * num_heads * head_dim, num_heads * head_dim, head_dim,  # queries [B, q, H, d]
-            num_kv_heads * q_len * head_dim, q_len * head_dim, head_dim,  # keys / values [B, Hkv, q, d]
-            cache_heads * width * head_dim, width * head_dim, head_dim]  # keys_out / values_out [B, Hc, W, d]
+            q_len * (num_heads * head_dim), num_heads * head_dim, head_dim,  # queries [B, q, H, d]
+            q_len * (num_kv_heads * head_dim), q_len * head_dim, head_dim,  # keys / values [B, Hkv, q, d]
+            width * (cache_heads * head_dim), width * head_dim, head_dim]  # keys_out / values_out [B, Hc, W, d]

@@ -13,9 +13,11 @@ engine's max input length, the largest any prompt gets), so a plugin output can 
 function's (more -1 slots, which every consumer ignores: rows are compact).
 
 Nothing here imports TensorRT at module level; `register_plugins()` does, and says what is missing.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: TensorRT validates the decorated functions by their annotations
+(`issubclass(param.annotation, TensorDesc)`, the `aot_impl` return type) without evaluating strings, so every
+annotation must be the real class when the decorator runs.
+"""
 
 TRT_HINT = ("TensorRT 10.x from NVIDIA's index on a GPU host: pip install --extra-index-url https://pypi.nvidia.com "
             "'tensorrt-cu12==10.15.*' (the PyPI 'tensorrt' package is a stub that downloads from there)")
@@ -67,6 +69,8 @@ def register_plugins() -> None:  # pragma: no cover - needs TensorRT (scripts/gp
 
     dtypes = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
     outs = tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]
+    # What TensorRT requires an aot_impl to declare it returns: kernel name, PTX, launch parameters, int32 args.
+    payload = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     def descs(keys, values, shapes):
         kinds = (trt.int64, keys.dtype, values.dtype, trt.float32)
@@ -106,7 +110,7 @@ def register_plugins() -> None:  # pragma: no cover - needs TensorRT (scripts/gp
     def _pyramidkv_aot(queries: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc,
                        lengths: trtp.TensorDesc, selected: trtp.TensorDesc, window: int, kernel: int, pooling: str,
                        granularity: str, observe: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int):
+                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> payload:
         constants = kernel_constants(num_heads, num_kv_heads, head_dim, window, kernel, _text(pooling),
                                      _text(granularity), _text(observe), False, 0)
         return aot(keys, outputs, constants, num_heads, num_kv_heads, head_dim, constants["HC"])
@@ -128,7 +132,7 @@ def register_plugins() -> None:  # pragma: no cover - needs TensorRT (scripts/gp
     @trtp.aot_impl("pkv::StreamingLLMSelect")
     def _streaming_aot(keys: trtp.TensorDesc, values: trtp.TensorDesc, lengths: trtp.TensorDesc,
                        selected: trtp.TensorDesc, window: int, sinks: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int):
+                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> payload:
         constants = kernel_constants(num_kv_heads, num_kv_heads, head_dim, window, 1, "none", "kv-head", "window",
                                      True, sinks)
         return aot(keys, outputs, constants, num_kv_heads, num_kv_heads, head_dim, num_kv_heads)

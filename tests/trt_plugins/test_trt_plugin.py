@@ -1,10 +1,12 @@
-"""The TensorRT half that can be proven without TensorRT or a GPU: the AOT payload (PTX for sm_90 compiled here,
-its parameter list exactly what TensorRT passes), the plugin's shape rule, the scores output that the plugin and
-the ONNX function share, and the one-line message when TensorRT is missing."""
+"""The TensorRT half that can be proven without TensorRT or a GPU: the AOT payload (PTX ISA 8.0 for sm_80
+compiled here and assembled by CUDA 12.9's ptxas, its parameter list exactly what TensorRT passes), the
+plugin's shape rule, the scores output that the plugin and the ONNX function share, and the one-line message
+when TensorRT is missing."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,28 +18,65 @@ pytest.importorskip("triton", reason="the triton package (dev / gpu extras) is n
 
 from trt_plugins.triton_select import kernel_constants, pyramidkv_select_triton  # noqa: E402
 from trt_plugins.trt_aot import (  # noqa: E402
+    AOT_ARCH,
+    AOT_PTX_ISA,
     SCALAR_ARGS,
     TENSOR_INPUTS,
     TENSOR_OUTPUTS,
+    check_ptx_header,
     compile_select_kernel,
     entry_params,
+    ptx_header,
     scalar_args,
     strip_hidden_params,
 )
 from trt_plugins.trt_plugin import MissingTensorRT, output_shapes, require_tensorrt  # noqa: E402
 
 
-@pytest.mark.parametrize("positional", [False, True], ids=["pyramidkv", "streamingllm"])
-def test_aot_ptx_for_sm90_has_exactly_the_parameters_tensorrt_passes(positional):
+@pytest.fixture(scope="module", params=[False, True], ids=["pyramidkv", "streamingllm"])
+def aot_kernel(request):
+    positional = request.param
     constants = kernel_constants(8, 2, 64, 8, 7, "max", "kv-head", "window", positional, 4)
-    kernel = compile_select_kernel("fp16", constants, arch=90)
+    return positional, compile_select_kernel("fp16", constants)
+
+
+def test_aot_ptx_has_exactly_the_parameters_tensorrt_passes(aot_kernel):
+    positional, kernel = aot_kernel
     inputs = len(TENSOR_INPUTS) - (1 if positional else 0)
     assert kernel.params == inputs + len(SCALAR_ARGS) + len(TENSOR_OUTPUTS)
-    assert ".target sm_90" in kernel.ptx and f".entry {kernel.name}(" in kernel.ptx
+    assert f".entry {kernel.name}(" in kernel.ptx
     assert kernel.shared <= 48 * 1024 and kernel.num_warps >= 1
     params = entry_params(kernel.ptx)
     assert all(kernel.ptx.count(p) >= 2 for p in params[:inputs] + params[-len(TENSOR_OUTPUTS):]), \
         "every tensor argument is read or written"
+
+
+def test_aot_ptx_is_isa_8_0_for_sm_80_exactly(aot_kernel):
+    """What a CUDA 12.0+ driver JIT-loads on any GPU of compute capability >= 8.0 (TensorRT 10.x cu12 hosts);
+    Triton's default here would be `.version 9.4` for `sm_90a` (Hopper only, CUDA 13.4 drivers)."""
+    _, kernel = aot_kernel
+    assert (AOT_ARCH, AOT_PTX_ISA) == (80, 80)
+    assert ptx_header(kernel.ptx) == ("8.0", "sm_80")
+    with pytest.raises(ValueError, match="9.4"):
+        check_ptx_header(kernel.ptx.replace(".version 8.0", ".version 9.4"))
+    with pytest.raises(ValueError, match="sm_90a"):
+        check_ptx_header(kernel.ptx.replace(".target sm_80", ".target sm_90a"))
+
+
+@pytest.mark.parametrize("gpu", ["sm_80", "sm_90"])
+def test_aot_ptx_assembles_with_cuda_12_ptxas(aot_kernel, gpu, tmp_path):
+    """CUDA 12.9's ptxas (bundled with Triton) accepts the payload for Ampere and Hopper; it refuses ISA 9.x."""
+    from triton import knobs
+
+    ptxas = knobs.nvidia.ptxas.path
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    if "release 12." not in version:
+        pytest.skip(f"Triton's legacy ptxas is not CUDA 12's: {version.strip().splitlines()[-1:]}")
+    _, kernel = aot_kernel
+    (tmp_path / "k.ptx").write_text(kernel.ptx)
+    r = subprocess.run([ptxas, "--gpu-name", gpu, str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_strip_hidden_params_refuses_a_used_one():
