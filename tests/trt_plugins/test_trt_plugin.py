@@ -68,7 +68,10 @@ def test_aot_ptx_assembles_with_cuda_12_ptxas(aot_kernel, gpu, tmp_path):
     """CUDA 12.9's ptxas (bundled with Triton) accepts the payload for Ampere and Hopper; it refuses ISA 9.x."""
     from triton import knobs
 
-    ptxas = knobs.nvidia.ptxas.path
+    tool = getattr(knobs.nvidia, "ptxas", None)
+    if tool is None or not tool.path:
+        pytest.skip("this Triton bundles no legacy (CUDA 12) ptxas")
+    ptxas = tool.path
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
     if "release 12." not in version:
         pytest.skip(f"Triton's legacy ptxas is not CUDA 12's: {version.strip().splitlines()[-1:]}")
@@ -135,9 +138,10 @@ def test_scores_output_of_the_function_equals_the_kernel_scratch():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {
         "queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(), "lengths": lengths.numpy(),
         "selected": selected.numpy()})
-    *_, scratch = pyramidkv_select_triton(queries, keys, values, lengths, selected, 4, 7, "avg", "kv-head",
-                                          return_scores=True)
-    np.testing.assert_allclose(got[3], scratch.numpy(), rtol=1e-5, atol=1e-6)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs where Triton can run it
+    *_, scratch = pyramidkv_select_triton(*(x.to(device) for x in (queries, keys, values, lengths, selected)), 4, 7,
+                                          "avg", "kv-head", return_scores=True)
+    np.testing.assert_allclose(got[3], scratch.cpu().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_tensorrt_is_one_clear_message():
