@@ -43,10 +43,10 @@ def observation_positions(lengths: torch.Tensor, q: int, window: int, observe: s
     """[B, n_obs] int64 position of each observation query, -1 where a row has none (shorter than the window,
     or padding). n_obs = min(window, q) for "window", q for "all"."""
     if observe == "all":
-        pos = torch.arange(q).expand(lengths.shape[0], q)
+        pos = torch.arange(q, device=lengths.device).expand(lengths.shape[0], q)
         return torch.where(pos < lengths[:, None], pos, -1)
     w = min(window, q)
-    pos = lengths[:, None] - w + torch.arange(w)[None, :]
+    pos = lengths[:, None] - w + torch.arange(w, device=lengths.device)[None, :]
     return pos.clamp(min=-1)
 
 
@@ -60,8 +60,8 @@ def observation_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch
     b, q, h, d = queries.shape
     hkv = keys.shape[1]
     k = keys.float().repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
-    cols = torch.arange(q)
-    scores = torch.zeros(b, h, q, dtype=torch.float32)
+    cols = torch.arange(q, device=queries.device)
+    scores = torch.zeros(b, h, q, dtype=torch.float32, device=queries.device)
     step = observation_rows_per_block(q)
     for s in range(0, rows.shape[1], step):
         pos = rows[:, s : s + step]  # [B, r]
@@ -97,7 +97,7 @@ def topk_lowest_index_first(scores: torch.Tensor, selected: torch.Tensor) -> tor
     """
     k = int(selected.max()) if selected.numel() else 0
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # by rank
-    used = torch.arange(k).view(1, 1, k) < selected.view(-1, 1, 1)  # [B, 1, k]
+    used = torch.arange(k, device=scores.device).view(1, 1, k) < selected.view(-1, 1, 1).to(scores.device)  # [B, 1, k]
     return compact_ascending(torch.where(used, order, -1))
 
 
@@ -139,7 +139,7 @@ def gather_kept(keys: torch.Tensor, values: torch.Tensor, prefix_idx: torch.Tens
     idx = compact_ascending(torch.cat([prefix_idx, win[:, None, :].expand(b, hc, -1)], dim=-1))
     gidx = idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d)
     used = (idx >= 0).unsqueeze(-1)
-    zero = torch.zeros((), dtype=keys.dtype)
+    zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
     kept_keys = torch.where(used, torch.gather(keys, 2, gidx), zero)
     return idx, kept_keys, torch.where(used, torch.gather(values, 2, gidx), zero)
 
@@ -184,7 +184,7 @@ def pyramidkv_select(
     if h % hkv or keys.shape[2] != q or window < 1:
         raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
     lengths = lengths.to(torch.long).reshape(b)
-    budgets = as_row_budgets(selected, b)
+    budgets = as_row_budgets(selected, b).to(lengths.device)
     check_budgets(budgets, lengths, window, q)
     scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
     if granularity == "kv-head":
@@ -192,7 +192,8 @@ def pyramidkv_select(
     else:
         keys = keys.repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
         values = values.repeat_interleave(h // hkv, dim=1)
-    in_prefix = (torch.arange(q)[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
+    positions = torch.arange(q, device=keys.device)
+    in_prefix = (positions[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
     scores = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
     scores = scores.masked_fill(~in_prefix, float("-inf"))
     prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
