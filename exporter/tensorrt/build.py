@@ -20,6 +20,7 @@ from exporter.engine_dir import tool_versions, write_manifest
 from exporter.errors import JobError, UserInputError
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
+from exporter.tensorrt.graphs import parser_input
 
 
 def require_tensorrt():
@@ -73,7 +74,7 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, shapes, shape_inputs: dict
         (1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(parser_input(onnx_path))):  # Attention decomposable where no kernel fits
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise JobError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
