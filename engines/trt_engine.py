@@ -29,6 +29,14 @@ def _torch_dtype(trt_dtype) -> torch.dtype:
     return TORCH_DTYPES[trt_dtype.name]
 
 
+def enqueue_after(stream, producer, execute) -> bool:
+    """Run `execute(stream handle)` (TensorRT's `execute_async_v3`) on `stream` only after everything already
+    queued on `producer`, the stream the inputs were copied and the outputs allocated on: without the wait,
+    TensorRT on its own non-blocking stream can read an input before its copy lands."""
+    stream.wait_stream(producer)
+    return execute(stream.cuda_stream)
+
+
 class _Allocator:  # pragma: no cover - GPU only
     """TensorRT output allocator backed by torch: for outputs whose shape is known only after the run."""
 
@@ -103,7 +111,7 @@ class TensorRTEngine(BuiltEngine):  # pragma: no cover - needs TensorRT and a GP
                 continue
             outputs[name] = torch.empty(shape, dtype=_torch_dtype(engine.get_tensor_dtype(name)), device="cuda")
             context.set_tensor_address(name, outputs[name].data_ptr())
-        if not context.execute_async_v3(self.stream.cuda_stream):
+        if not enqueue_after(self.stream, torch.cuda.current_stream(), context.execute_async_v3):
             raise JobError(f"TensorRT failed to run {graph}.plan")
         self.stream.synchronize()
         for name, shape in allocator.shapes.items():
