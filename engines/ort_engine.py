@@ -28,6 +28,7 @@ from engines.base import (
 )
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
+from engines.ort_cuda import cuda_problems
 from engines.pyramidinfer_stage import GenerationStage
 from exporter.errors import UserInputError
 
@@ -56,6 +57,13 @@ class OrtEngine(BuiltEngine):
 
         super().__init__(engine_dir, manifest)
         self.providers = choose_providers(device)
+        if self.providers[0] == "CUDAExecutionProvider":
+            problems = cuda_problems(self.dir, self.manifest)
+            if problems and device == "cuda":
+                raise UserInputError(f"{self.dir}: onnxruntime's CUDA provider cannot run this engine: "
+                                     + "; ".join(problems))
+            if problems:  # device "auto": the CPU provider runs it as built
+                self.providers = ["CPUExecutionProvider"]
 
         def options(arena: bool):
             opts = ort.SessionOptions()
