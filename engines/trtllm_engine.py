@@ -5,6 +5,11 @@ The PyTorch backend loads Hugging Face checkpoints: the runner uses the checkpoi
 (`model.checkpoint_dir`) with the policy of the manifest; the rank files of the same directory are the
 TensorRT-engine path's input (`trtllm-build`), which cannot run any KV selection. KV cache block reuse is off
 (eviction requires it). Without TensorRT-LLM it says what is missing.
+
+With a compressing policy the hook must run where the model runs: TensorRT-LLM's LLM API puts its executor in a
+separate worker process by default, where a class installed here never arrives, so the runner accepts only
+tp = pp = 1 and sets TLLM_WORKER_USE_SINGLE_PROCESS=1 before building the LLM, then checks that TensorRT-LLM
+took it (engines/trtllm_hook.py says where in TensorRT-LLM's source these facts come from).
 """
 
 from __future__ import annotations
@@ -39,12 +44,24 @@ class TrtllmEngine(BuiltEngine):
 
     def __init__(self, engine_dir: Path, device: str = "cuda", manifest: dict | None = None):
         super().__init__(engine_dir, manifest)
+        from engines.trtllm_hook import check_world_size
+        from engines.trtllm_sparse import hook_spec
+
+        trt = self.manifest["trtllm"]
+        compresses = self.manifest["policy"]["name"] != "full"
+        if compresses:  # what the hook cannot run is refused before anything is loaded, GPU or not
+            hook_spec(self.manifest["policy"], self.spec.num_layers, self.max_input_len)
+            check_world_size(trt["tp"], trt["pp"])
         require_trtllm()
         if not torch.cuda.is_available():  # pragma: no cover - TensorRT-LLM without a GPU
             raise UserInputError("TensorRT-LLM needs a CUDA GPU")
-        from tensorrt_llm import LLM  # pragma: no cover - GPU host
+        self._load(trt, compresses)  # pragma: no cover - GPU host
+
+    def _load(self, trt: dict, compresses: bool) -> None:  # pragma: no cover - TensorRT-LLM 1.2, GPU
+        from tensorrt_llm import LLM
         from tensorrt_llm.llmapi import KvCacheConfig
 
+        from engines.trtllm_hook import check_executor_in_process, prepare_process
         from engines.trtllm_sparse import install
 
         checkpoint = self.manifest["model"].get("checkpoint_dir")
@@ -52,13 +69,16 @@ class TrtllmEngine(BuiltEngine):
             raise UserInputError(f"{self.dir}: built from random weights; TensorRT-LLM's PyTorch backend needs the "
                                  "Hugging Face checkpoint it came from")
         sparse = None
-        if self.manifest["policy"]["name"] != "full":
+        if compresses:
+            prepare_process(trt["tp"], trt["pp"])  # the executor in this process, where the hook is installed
             sparse = install(self.manifest["policy"], self.spec.num_layers, self.max_input_len)
-        trt = self.manifest["trtllm"]
         self.llm = LLM(model=checkpoint, backend="pytorch", tensor_parallel_size=trt["tp"],
                        pipeline_parallel_size=trt["pp"], sparse_attention_config=sparse,
+                       attn_backend="TRTLLM",  # the backend whose sparse class the hook replaces
                        kv_cache_config=KvCacheConfig(enable_block_reuse=False),  # eviction needs reuse off
-                       enable_chunked_prefill=False)
+                       enable_chunked_prefill=False)  # the hook needs whole prompts in one context call
+        if sparse is not None:
+            check_executor_in_process(self.llm)
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 32, *,  # pragma: no cover
                  return_logits: bool = False, return_indices: bool = False,
