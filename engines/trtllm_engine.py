@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engines.base import GenerationResult, ProgressFn, finish_result
+from engines.base import GenerationResult, ProgressFn, encode_batch, finish_result
 from engines.built import BuiltEngine
 from exporter.errors import UserInputError
 
@@ -85,15 +85,45 @@ class TrtllmEngine(BuiltEngine):
                  progress: ProgressFn | None = None) -> GenerationResult:
         from tensorrt_llm import SamplingParams
 
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-        params = SamplingParams(max_tokens=max_new_tokens, top_k=1, return_generation_logits=return_logits)
+        input_ids, mask, _ = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len, max_new_tokens,
+                                          max_positions=self.spec.max_position_embeddings)
+        ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask, strict=True)]
+        # Greedy, stopping at every EOS id the other engines stop at (TensorRT-LLM's default is the tokenizer's one).
+        params = SamplingParams(max_tokens=max_new_tokens, top_k=1, return_generation_logits=return_logits,
+                                stop_token_ids=sorted(self.eos_ids))
         t0 = time.perf_counter()
         outputs = self.llm.generate(ids, params)
         seconds = time.perf_counter() - t0
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        steps = []
-        if return_logits:  # [T, V] per row -> one [B, V] per step
-            steps = list(torch.stack([o.outputs[0].generation_logits.float().cpu() for o in outputs]).unbind(1))
-        mask = torch.ones(len(ids), max(len(x) for x in ids), dtype=torch.long)
+        steps = generation_steps([o.outputs[0].generation_logits for o in outputs],
+                                 [len(t) for t in tokens]) if return_logits else []
+        if progress:
+            progress(max_new_tokens, max_new_tokens)
         return finish_result(self.tokenizer, tokens, mask, steps, return_logits, None, None,
                              {"prefill": 0.0, "decode": seconds})
+
+
+def generation_steps(rows: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+    """Per-row generation logits -> one [B, V] float32 tensor per step, as `finish_result` stacks them.
+
+    rows[b]: TensorRT-LLM's `generation_logits` of row b, one row per generated token ([T_b, V], or [1, T_b, V]
+    with the beam axis); lengths[b]: its generated tokens (T_b). Rows stop at different steps (EOS): there are
+    max(T_b) steps, and a row has no logits after its last token. The other engines feed finished rows pad_id
+    (engines/greedy.py) and so compute logits nobody reads; TensorRT-LLM computes none, so those entries are NaN
+    ("not computed"), which engines/compare.py does not count against a finished row.
+    """
+    if len(rows) != len(lengths) or not rows:
+        raise ValueError(f"{len(rows)} logits rows for {len(lengths)} generated rows")
+    flat = []
+    for b, (x, n) in enumerate(zip(rows, lengths, strict=True)):
+        if x is None:
+            raise ValueError(f"row {b}: TensorRT-LLM returned no generation logits")
+        x = x[0] if x.dim() == 3 and x.shape[0] == 1 else x
+        if x.dim() != 2 or x.shape[0] != n:
+            raise ValueError(f"row {b}: generation logits {tuple(x.shape)} for {n} generated tokens")
+        flat.append(x.float().cpu())
+    steps = max(lengths)
+    padded = torch.full((len(flat), steps, flat[0].shape[-1]), float("nan"))
+    for b, x in enumerate(flat):
+        padded[b, : x.shape[0]] = x
+    return list(padded.unbind(1))
