@@ -63,6 +63,7 @@ class TrtllmEngine(BuiltEngine):
 
         from engines.trtllm_hook import check_executor_in_process, prepare_process
         from engines.trtllm_sparse import install
+        from exporter.trtllm.checkpoint import DTYPES
 
         checkpoint = self.manifest["model"].get("checkpoint_dir")
         if not checkpoint:
@@ -74,6 +75,7 @@ class TrtllmEngine(BuiltEngine):
             sparse = install(self.manifest["policy"], self.spec.num_layers, self.max_input_len)
         self.llm = LLM(model=checkpoint, backend="pytorch", tensor_parallel_size=trt["tp"],
                        pipeline_parallel_size=trt["pp"], sparse_attention_config=sparse,
+                       dtype=DTYPES[self.manifest["dtype"]][1],  # the build's --dtype, not the checkpoint's
                        attn_backend="TRTLLM",  # the backend whose sparse class the hook replaces
                        kv_cache_config=KvCacheConfig(enable_block_reuse=False),  # eviction needs reuse off
                        enable_chunked_prefill=False)  # the hook needs whole prompts in one context call
