@@ -212,8 +212,11 @@ def trtllm_policy_row(policy: str, checkpoint: Path, workdir: Path) -> dict:
         row["error"] = build.stderr.strip()[-400:]
         return row
     row["built"] = True
+    # A bf16 engine against the fp32 reference: on this checkpoint and prompt, Hugging Face's own bf16 model
+    # differs from its fp32 one by up to 0.079 in the prefill and 16 greedy steps (same tokens; smallest top-1 /
+    # top-2 gap 0.09), measured on CPU with eager attention; 0.2 leaves room for other bf16 kernels.
     cmp = subprocess.run([*PKV, "compare", "--engine", str(out), "--model", str(checkpoint), "--prompt-len", "2000",
-                          "--max-new-tokens", "16", "--atol", "5e-2", "--min-index-agreement", "0", "--json"],
+                          "--max-new-tokens", "16", "--atol", "0.2", "--min-index-agreement", "0", "--json"],
                          capture_output=True, text=True, env={**os.environ, RECORD_ENV: str(records)})
     compared = cmp.returncode in (0, 1) and cmp.stdout.strip().startswith("{")  # 1: ran and disagreed
     row["compare"] = json.loads(cmp.stdout) if compared else cmp.stderr.strip()[-400:]
