@@ -115,10 +115,10 @@ def attention_class(base: type, spec: HookSpec, recorder: Recorder | None = None
                 raise RuntimeError(f"context lengths {lens} do not add up to the {metadata.num_ctx_tokens} context "
                                    "tokens: the PyramidKV hook needs whole prompts (chunked prefill off)")
             q_ctx, k_ctx = split_context(q, k, sum(lens), self.num_heads, self.num_kv_heads, self.head_dim)
-            q_ctx, k_ctx = q_ctx.float().cpu(), k_ctx.float().cpu()  # the op spec is CPU PyTorch
             if all(n < spec.budget for n in lens):  # nothing to compress: RocketKV's answer too
                 indices = offsets = None
             else:
+                q_ctx, k_ctx = q_ctx.float().cpu(), k_ctx.float().cpu()  # the op spec is CPU PyTorch
                 indices, offsets = context_indices(q_ctx, k_ctx, lens, self.num_heads, self.num_kv_heads,
                                                    self.head_dim, spec)
             if recorder is not None:
