@@ -50,6 +50,17 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.mean(scores))
 
 
+def not_computed_as_reference(engine: GenerationResult, reference_logits: torch.Tensor, steps: int) -> torch.Tensor:
+    """The engine's logits [B, steps, V], with the entries it did not compute (NaN at steps after a row's last
+    token: TensorRT-LLM stops a row at its end token, engines/trtllm_engine.py) taken from the reference, so they
+    are not counted; the engines that feed finished rows pad_id compute those logits and are compared on them.
+    A NaN at a step a row was still generating stays, and fails the comparison."""
+    logits = engine.logits[:, :steps]
+    ended = torch.arange(steps)[None, :] >= torch.tensor([len(t) for t in engine.tokens])[:, None]  # [B, steps]
+    absent = ended[..., None] & torch.isnan(logits)
+    return torch.where(absent, reference_logits, logits) if bool(absent.any()) else logits
+
+
 def compare_results(engine: GenerationResult, reference: GenerationResult, engine_name: str = "engine",
                     atol: float = 1e-4, min_index_agreement: float = 1.0) -> Comparison:
     from polygraphy.logger import G_LOGGER
@@ -64,8 +75,9 @@ def compare_results(engine: GenerationResult, reference: GenerationResult, engin
     if div is not None:
         steps = min(steps, div + 1)  # the diverging step's logits still came from identical contexts
     results = RunResults()
-    for name, result in ((engine_name, engine), ("torch-reference", reference)):
-        outputs = {"logits": np.ascontiguousarray(result.logits[:, :steps].numpy())}  # Polygraphy needs contiguous
+    got, want = not_computed_as_reference(engine, reference.logits[:, :steps], steps), reference.logits[:, :steps]
+    for name, logits in ((engine_name, got), ("torch-reference", want)):
+        outputs = {"logits": np.ascontiguousarray(logits.numpy())}  # Polygraphy needs contiguous
         results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
     accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     logits_ok = bool(accuracy)

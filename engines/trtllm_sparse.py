@@ -11,79 +11,145 @@ the largest of the PyramidKV layer budgets (layer 0's), but each layer, and each
 by PyramidKV's scoring (SnapKV: observation window, pooling). Because top-k sets are nested, each layer's kept set
 contains exactly what PyramidKV would keep there, plus the extra tokens up to layer 0's budget: accuracy at least
 PyramidKV's, memory L x max_l(budget_l) instead of sum_l budget_l (for 32 layers at C = 128, w = 8: 242 instead of
-the pyramid's mean of 133.5 tokens per layer, 1.8x). `context_indices` (pure PyTorch, tested on CPU against the
-op specification) builds the hook's output; `install()` (GPU hosts, TensorRT-LLM 1.2 only) registers the
-algorithm by subclassing RocketKV's attention, whose metadata and cache manager already shrink each request to
-`prompt_budget`.
+the pyramid's mean of 133.5 tokens per layer, 1.8x).
+
+What RocketKV's `sparse_kv_predict` hands over and expects (read in `sparse/rocket.py`, 1.2-era): `q` is the fused
+post-RoPE qkv of the batch, context tokens first (`k` is None; when it is not, q and k are separate), the metadata
+gives `num_contexts`, `context_lens` and `num_ctx_tokens`; the result is int32 indices [Hkv, total] relative to
+each sequence (prefix picks then the window, ascending; a sequence shorter than the budget keeps all its tokens)
+and int32 offsets [num_contexts + 1], or (None, None) when no sequence reaches the budget. `attention_class`
+builds that answer with the op specification (`trt_plugins.pyramidkv_select`, CPU PyTorch: the context's q/k are
+copied to the host, which costs a transfer per layer but runs exactly the tested spec) and turns RocketKV's
+generation-phase sparsity off. `engines.trtllm_hook` installs it; `engines.trtllm_hook_record` can record what it
+returned so a GPU host can check it ran (scripts/gpu_acceptance.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from engines.trtllm_hook_record import Recorder
+from exporter.errors import UserInputError
 from trt_plugins.pyramidkv_select import pyramidkv_select
 
+HOOK_POLICIES = ("snapkv", "pyramidkv")  # the policies whose selection is pyramidkv_select with a window
 
-def context_indices(qkv: torch.Tensor, seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-                    budget: int, window: int, kernel: int = 7, pooling: str = "max"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context-phase output of the hook, in RocketKV's layout.
 
-    qkv: [num_tokens, (H + 2 Hkv) * d] post-RoPE fused projections of the context sequences, back to back;
-    seq_lens: their lengths; budget: tokens kept per sequence and head, the window included.
+@dataclass(frozen=True)
+class HookSpec:
+    """What the hook keeps: `budget` tokens per sequence and KV head, the last `window` included."""
+
+    budget: int
+    window: int
+    kernel: int
+    pooling: str
+
+
+def hook_spec(policy_record: dict, num_layers: int, max_input_len: int) -> HookSpec:
+    """The hook's parameters for a manifest's policy; refuses what the hook would silently run as SnapKV."""
+    from exporter.policies import check_policy_record
+
+    policy = check_policy_record(policy_record)
+    if policy.name not in HOOK_POLICIES:
+        raise UserInputError(f"policy '{policy.name}' has no TensorRT-LLM runner (the sparse-attention hook "
+                             f"selects like {', '.join(HOOK_POLICIES)}); use --backend onnx for it")
+    if policy.granularity != "kv-head":
+        raise UserInputError("TensorRT-LLM's KV cache holds KV heads: --granularity query-head cannot run there")
+    selected = policy.layer_selected(num_layers, max_input_len)
+    # One length per request for every layer: the largest layer budget; none at all when no prompt of at most
+    # max_input_len tokens is compressed (a budget above every prompt keeps everything).
+    budget = max(selected) + policy.window if selected else max_input_len + 1
+    return HookSpec(budget, policy.window, policy.kernel, policy.pooling)
+
+
+def split_context(q: torch.Tensor, k: torch.Tensor | None, num_ctx_tokens: int, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context tokens' queries [T, H*d] and keys [T, Hkv*d] from what the hook receives: fused qkv
+    [N, (H + 2 Hkv) * d] with k None, or separate q [N, H*d] and k [N, Hkv*d]; the context tokens come first."""
+    if k is None:
+        q, k, _ = q[:num_ctx_tokens].split([num_heads * head_dim, num_kv_heads * head_dim,
+                                            num_kv_heads * head_dim], dim=-1)
+        return q, k
+    return q[:num_ctx_tokens], k[:num_ctx_tokens]
+
+
+def context_indices(q: torch.Tensor, k: torch.Tensor, seq_lens: list[int], num_heads: int, num_kv_heads: int,
+                    head_dim: int, spec: HookSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept positions of every context sequence, in RocketKV's layout.
+
+    q: [T, H*d], k: [T, Hkv*d] post-RoPE projections of the context sequences, back to back (T = sum(seq_lens)).
     Returns indices int32 [Hkv, total] (per sequence: sorted positions relative to its start; a sequence shorter
-    than the budget keeps all its tokens) and offsets int32 [num_sequences + 1] into them.
+    than the budget keeps all its tokens) and offsets int32 [num_sequences + 1] into them, on q's device.
     """
-    q_all, k_all, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     pieces, offsets, start = [], [0], 0
     for n in seq_lens:
-        q = q_all[start : start + n].view(1, n, num_heads, head_dim)
-        k = k_all[start : start + n].view(n, num_kv_heads, head_dim).transpose(0, 1)[None]  # [1, Hkv, n, d]
-        if n < budget:
-            idx = torch.arange(n).expand(num_kv_heads, n)
+        if n < spec.budget:
+            idx = torch.arange(n, device=q.device).expand(num_kv_heads, n)
         else:
-            kept, _, _ = pyramidkv_select(q, k, k, torch.tensor([n]), budget - min(window, n), window, kernel,
-                                          pooling)
+            qs = q[start : start + n].view(1, n, num_heads, head_dim)
+            ks = k[start : start + n].view(n, num_kv_heads, head_dim).transpose(0, 1)[None]  # [1, Hkv, n, d]
+            kept, _, _ = pyramidkv_select(qs, ks, ks, torch.tensor([n]), spec.budget - min(spec.window, n),
+                                          spec.window, spec.kernel, spec.pooling)
             idx = kept[0]  # [Hkv, budget]: compact, every slot used
         pieces.append(idx.to(torch.int32))
         offsets.append(offsets[-1] + idx.shape[-1])
         start += n
-    return torch.cat(pieces, dim=-1), torch.tensor(offsets, dtype=torch.int32)
+    return torch.cat(pieces, dim=-1), torch.tensor(offsets, dtype=torch.int32, device=q.device)
+
+
+def attention_class(base: type, spec: HookSpec, recorder: Recorder | None = None) -> type:
+    """`base` (RocketKV's TrtllmAttention subclass on a GPU host) with PyramidKV's context selection and no
+    generation-phase sparsity."""
+
+    class PyramidKVTrtllmAttention(base):
+        pkv_spec = spec
+
+        def sparse_kv_predict(self, q, k, metadata, *args, **kwargs):
+            num_contexts = int(metadata.num_contexts)
+            if num_contexts == 0:
+                return None, None
+            lens = [int(n) for n in metadata.context_lens[:num_contexts]]
+            if sum(lens) != int(metadata.num_ctx_tokens):  # chunked prefill would split a prompt: refuse
+                raise RuntimeError(f"context lengths {lens} do not add up to the {metadata.num_ctx_tokens} context "
+                                   "tokens: the PyramidKV hook needs whole prompts (chunked prefill off)")
+            q_ctx, k_ctx = split_context(q, k, sum(lens), self.num_heads, self.num_kv_heads, self.head_dim)
+            if all(n < spec.budget for n in lens):  # nothing to compress: RocketKV's answer too
+                indices = offsets = None
+            else:
+                q_ctx, k_ctx = q_ctx.float().cpu(), k_ctx.float().cpu()  # the op spec is CPU PyTorch
+                indices, offsets = context_indices(q_ctx, k_ctx, lens, self.num_heads, self.num_kv_heads,
+                                                   self.head_dim, spec)
+            if recorder is not None:
+                recorder.record(int(self.layer_idx), lens, spec, q_ctx, k_ctx, indices, offsets, self.num_heads,
+                                self.num_kv_heads, self.head_dim)
+            if indices is None:
+                return None, None
+            return indices.to(q.device), offsets.to(q.device)
+
+        def sparse_attn_predict(self, q, k, metadata, *args, **kwargs):
+            return None, None  # dense decode over the compressed cache (RocketKV would pick pages here)
+
+    return PyramidKVTrtllmAttention
 
 
 def install(policy_record: dict, num_layers: int, max_input_len: int):  # pragma: no cover - TensorRT-LLM 1.2, GPU
-    """Register the `pyramidkv` algorithm with TensorRT-LLM 1.2's PyTorch backend; returns its config object."""
-    from tensorrt_llm._torch.attention_backend.sparse import rocket, utils
+    """Install the PyramidKV class where TensorRT-LLM 1.2 chooses its sparse attention class (in this process:
+    the runner forces the executor into it, engines.trtllm_hook) and return the LLM API config that selects it."""
     from tensorrt_llm.llmapi import RocketSparseAttentionConfig
 
-    from exporter.policies import check_policy_record
+    from engines import trtllm_hook as hook
+    from engines.trtllm_hook_record import recorder_from_env
 
-    policy = check_policy_record(policy_record)
-    selected = policy.layer_selected(num_layers, max_input_len) or [max_input_len]
-    budget = max(selected) + policy.window  # the runtime's one length per request: the largest layer budget
+    spec = hook_spec(policy_record, num_layers, max_input_len)
+    cls = attention_class(hook.resolve(hook.ROCKET_CLASS), spec, recorder_from_env())
 
-    class PyramidKVTrtllmAttention(rocket.RocketTrtllmAttention):
-        """RocketKV's attention with the context selection replaced; no generation-phase sparsity."""
+    def choose(config):  # RocketKV configs carrying this spec's values (they survive the LLM API's copies)
+        ours = (getattr(config, "algorithm", None) == hook.ROCKET_ALGORITHM and config.prompt_budget == spec.budget
+                and config.window_size == spec.window)
+        return cls if ours else None
 
-        def sparse_kv_predict(self, q, k, metadata, **kwargs):
-            lens = metadata.prompt_lens[: metadata.num_contexts] if hasattr(metadata, "prompt_lens") else None
-            if lens is None or q is None or metadata.num_contexts == 0:
-                return None, None
-            indices, offsets = context_indices(q.float(), [int(n) for n in lens], self.num_heads,
-                                               self.num_kv_heads, self.head_dim, budget, policy.window,
-                                               getattr(policy, "kernel", 1), getattr(policy, "pooling", "max"))
-            return indices.to(q.device), offsets.to(q.device)
-
-        def sparse_attn_predict(self, q, k, metadata, **kwargs):
-            return None, None
-
-    original = utils.get_trtllm_sparse_attn_attention_backend
-
-    def backend_for(config):
-        return PyramidKVTrtllmAttention if getattr(config, "pkv", False) else original(config)
-
-    utils.get_trtllm_sparse_attn_attention_backend = backend_for
-    config = RocketSparseAttentionConfig(prompt_budget=budget, window_size=policy.window,
-                                         kernel_size=getattr(policy, "kernel", 1), kt_cache_dtype="bfloat16")
-    object.__setattr__(config, "pkv", True)  # marks it for backend_for (RocketKV's cache manager is reused)
-    return config
+    hook.install_dispatch(hook.resolve(hook.DISPATCH_CALLER), hook.DISPATCH_NAME, choose)
+    return RocketSparseAttentionConfig(prompt_budget=spec.budget, window_size=spec.window,
+                                       kernel_size=spec.kernel, kt_cache_dtype="bfloat16")

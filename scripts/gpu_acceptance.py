@@ -17,7 +17,9 @@ proved its claim (a pytest section with nothing run, or with a CUDA test skipped
 5. TensorRT (GPU + TensorRT): `build --backend tensorrt` of the tiny presets (PyramidKV, StreamingLLM, FullKV) in
    fp32 (tokens, kept sets and logits within 1e-3 of the reference) and fp16 (within 2x the drift of
    onnxruntime's fp16 engine of the same model measured in the same run), then TensorRT against onnxruntime;
-6. TensorRT-LLM (GPU + TensorRT-LLM 1.2): `build --backend trtllm` of a small checkpoint against the reference;
+6. TensorRT-LLM (GPU + TensorRT-LLM 1.2): `build --backend trtllm` of a small checkpoint; FullKV `compare` against
+   the reference with the hook absent; PyramidKV: the hook ran in every layer and each kept set it returned equals
+   the op spec's on the inputs it recorded; `trtllm-build` on the FullKV rank files;
 7. onnxruntime on CUDA (onnxruntime-gpu): fp16 engines (PyramidKV, PyramidInfer, FullKV) on the CUDA provider
    within 2x their CPU-provider drift from the fp32 reference, GroupQueryAttention placed on CUDA by the
    profiler; the engines the CUDA kernel cannot run (an attention_bias: KVzip, a sliding window over a
@@ -293,36 +295,91 @@ def tensorrt_benchmark(env: dict, workdir: Path, contexts: list[int]) -> dict:
 
 
 def trtllm_checks(env: dict, workdir: Path) -> dict:
-    """TensorRT-LLM 1.2: a tiny checkpoint (written as a Hugging Face directory, since its PyTorch backend loads
-    those) built with `--backend trtllm`, then `compare` against the PyTorch reference for FullKV (exact up to
-    tolerance) and PyramidKV (the runtime keeps the largest layer budget everywhere, so the kept sets differ from
-    the reference's per-layer ones: tokens are reported, not required equal), then throughput."""
+    """TensorRT-LLM 1.2 on a tiny checkpoint (written as a Hugging Face directory, since its PyTorch backend loads
+    those), three rows, each able to fail:
+
+    * full: `build --backend trtllm`, then `compare` against the PyTorch reference must pass, and the PyramidKV
+      hook must not have run;
+    * pyramidkv: `compare` must run to its end (its tokens and logits are reported, not required equal: the
+      runtime keeps the largest layer budget in every layer, so the kept sets differ from the reference's), and
+      the hook must have run in every layer, with the expected budget, its kept indices equal to the op
+      specification's on the inputs it recorded (engines/trtllm_hook_record.py; the runner writes the records,
+      this script reads them back, as the runner is another process);
+    * trtllm-build: TensorRT-LLM builds a TensorRT engine from the FullKV checkpoint's rank files."""
     if not env["cuda"]:
         raise Skip("needs a CUDA GPU")
     if not (env["tensorrt_llm"] or "").startswith("1.2"):
         raise Skip("TensorRT-LLM 1.2 is not installed (pip install --extra-index-url https://pypi.nvidia.com "
                    "'tensorrt-llm==1.2.*')")
+    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_peers import make_checkpoint
 
     checkpoint = make_checkpoint(workdir / "hf-checkpoint")
-    rows = []
-    for policy in ("full", "pyramidkv"):
-        out = workdir / f"trtllm-{policy}"
-        build = subprocess.run([*PKV, "build", "--backend", "trtllm", "--model", str(checkpoint), "--policy", policy,
-                                "--kv-budget", "128", "--window", "8", "--dtype", "bf16", "--out", str(out)],
-                               capture_output=True, text=True)
-        row = {"policy": policy, "built": build.returncode == 0}
-        if build.returncode == 0:
-            cmp = subprocess.run([*PKV, "compare", "--engine", str(out), "--model", str(checkpoint), "--prompt-len",
-                                  "2000", "--max-new-tokens", "16", "--atol", "5e-2", "--min-index-agreement", "0",
-                                  "--json"], capture_output=True, text=True)
-            row["compare"] = json.loads(cmp.stdout) if cmp.stdout.strip().startswith("{") else cmp.stderr[-400:]
-            row["passed"] = cmp.returncode == 0 or policy != "full"
-        else:
-            row["error"] = build.stderr.strip()[-400:]
-        rows.append(row)
-    return {"rows": rows, "status": "passed" if all(r.get("passed") for r in rows) else "failed"}
+    rows = [trtllm_policy_row(policy, checkpoint, workdir) for policy in ("full", "pyramidkv")]
+    rows.append(trtllm_build_row(workdir / "trtllm-full", workdir / "trtllm-engine"))
+    return {"rows": rows, "status": "passed" if all(r["passed"] for r in rows) else "failed"}
+
+
+def trtllm_policy_row(policy: str, checkpoint: Path, workdir: Path) -> dict:
+    """Build and compare one policy with the hook's records directory set; the row's verdict (see trtllm_checks)."""
+    from engines.trtllm_hook_record import RECORD_ENV, check_records, read_records
+    from engines.trtllm_sparse import hook_spec
+    from exporter.engine_dir import read_manifest
+
+    out, records = workdir / f"trtllm-{policy}", workdir / f"trtllm-{policy}-hook"
+    row = {"step": "build + compare", "policy": policy, "built": False, "passed": False, "hook": "did not run"}
+    build = subprocess.run([*PKV, "build", "--backend", "trtllm", "--model", str(checkpoint), "--policy", policy,
+                            "--kv-budget", "128", "--window", "8", "--dtype", "bf16", "--out", str(out)],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        row["error"] = build.stderr.strip()[-400:]
+        return row
+    row["built"] = True
+    # A bf16 engine against the fp32 reference: on this checkpoint and prompt, Hugging Face's own bf16 model
+    # differs from its fp32 one by up to 0.079 in the prefill and 16 greedy steps (same tokens; smallest top-1 /
+    # top-2 gap 0.09), measured on CPU with eager attention; 0.2 leaves room for other bf16 kernels.
+    cmp = subprocess.run([*PKV, "compare", "--engine", str(out), "--model", str(checkpoint), "--prompt-len", "2000",
+                          "--max-new-tokens", "16", "--atol", "0.2", "--min-index-agreement", "0", "--json"],
+                         capture_output=True, text=True, env={**os.environ, RECORD_ENV: str(records)})
+    compared = cmp.returncode in (0, 1) and cmp.stdout.strip().startswith("{")  # 1: ran and disagreed
+    row["compare"] = json.loads(cmp.stdout) if compared else cmp.stderr.strip()[-400:]
+    calls = read_records(records) if records.is_dir() else []
+    if policy == "full":
+        row["hook"] = f"{len(calls)} calls (none expected)"
+        row["passed"] = cmp.returncode == 0 and compared and not calls
+        return row
+    manifest = read_manifest(out)
+    layers = manifest["model"]["num_layers"]
+    budget = hook_spec(manifest["policy"], layers, manifest["max_input_len"]).budget
+    problems, summary = check_records(calls, layers, budget)
+    checked = summary["compressed_sequences_checked"]
+    row["hook"] = (f"{summary['calls']} calls over layers {summary['layers']}, {checked} compressed sequences = spec"
+                   if not problems else f"{len(problems)} problems: {problems[0]}")
+    if problems:
+        row["error"] = "; ".join(problems[:5])
+    row["passed"] = compared and not problems
+    return row
+
+
+def trtllm_build_row(checkpoint: Path, engine: Path) -> dict:
+    """`trtllm-build` on the rank files: passes when it exits 0 and wrote an engine and its config."""
+    import shutil
+
+    row = {"step": "trtllm-build", "policy": "full", "built": False, "passed": False, "hook": "n/a"}
+    if not (checkpoint / "config.json").is_file():
+        row["error"] = f"no checkpoint at {checkpoint} (its build failed)"
+        return row
+    exe = shutil.which("trtllm-build")
+    command = [exe] if exe else [sys.executable, "-m", "tensorrt_llm.commands.build"]
+    r = subprocess.run([*command, "--checkpoint_dir", str(checkpoint), "--output_dir", str(engine),
+                        "--max_batch_size", "1", "--max_input_len", "2048", "--max_seq_len", "2080"],
+                       capture_output=True, text=True)
+    row["built"] = r.returncode == 0 and (engine / "config.json").is_file() and any(engine.glob("rank0*.engine"))
+    row["passed"] = row["built"]
+    if not row["built"]:
+        row["error"] = (r.stderr.strip() or r.stdout.strip())[-400:] or "exit 0 but no rank0 engine written"
+    return row
 
 
 def node_providers(graph: Path, op_type: str, providers: list[str]) -> set[str]:

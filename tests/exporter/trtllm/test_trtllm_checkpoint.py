@@ -20,9 +20,12 @@ from exporter.policies import make_policy
 from exporter.trtllm.checkpoint import write_trtllm_checkpoint
 from pkv_cli import main
 
-# Keys TensorRT-LLM 1.2 reads from config.json: PretrainedConfig.__init__ (tensorrt_llm/models/modeling_utils.py)
-# and LLaMAConfig.__init__ plus the attributes its to_dict() writes (tensorrt_llm/models/llama/config.py); unknown
-# keys are set on the config ("Implicitly setting"), which is how `tie_word_embeddings` and our `pkv` get in.
+# Keys TensorRT-LLM reads from config.json, copied by hand from its source (TensorRT-LLM cannot be installed here,
+# so this is a check against that copy, not against its classes): PretrainedConfig.__init__
+# (tensorrt_llm/models/modeling_utils.py) and LLaMAConfig.__init__ plus the attributes its to_dict() writes
+# (tensorrt_llm/models/llama/config.py); unknown keys are set on the config ("Implicitly setting"), which is how
+# `tie_word_embeddings` and our `pkv` get in. TensorRT-LLM itself parsing the file is gpu_acceptance.py's
+# trtllm-build row.
 PRETRAINED_CONFIG = {"architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                      "hidden_act", "logits_dtype", "norm_epsilon", "position_embedding_type",
                      "max_position_embeddings", "rotary_embedding_dim", "num_key_value_heads", "intermediate_size",
