@@ -25,11 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.slots import SlotPlan, SlotPool, check_supported, plan_slots
+from engines.slots import SlotPool
 from exporter.errors import UserInputError
+from exporter.slot_plan import SlotPlan, check_supported, plan_slots
 
-TokenFn = Callable[[int], None]  # a generated token id
-DoneFn = Callable[[str, str | None], None]  # (finish reason: "eos" | "length" | "cancelled" | "error", error)
+TokenFn = Callable[[int], None]  # a generated token id; may raise StopGeneration
+DoneFn = Callable[[str, str | None], None]  # (finish reason: eos | length | stop | cancelled | error, error)
+
+
+class StopGeneration(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by an `on_token` callback to end its request after this token (a stop string was produced)."""
 
 
 class RequestRefused(UserInputError):
@@ -237,6 +242,9 @@ class InflightScheduler:
         if request.on_token:
             try:
                 request.on_token(token)
+            except StopGeneration:
+                self._finish(request, "stop")
+                return True
             except Exception:  # noqa: BLE001 - a client's callback failing (its connection gone) cancels it
                 request.cancel()
         if token in self.engine.eos_ids:

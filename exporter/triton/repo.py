@@ -1,8 +1,9 @@
 """`pkv-export triton`: a Triton model repository (python backend) serving an engine directory.
 
 Layout written (NAME defaults to "pkv"):
-    REPO/NAME/config.pbtxt      backend "python", dynamic batching, instance group, the engine location
-    REPO/NAME/1/model.py        a shim importing engines.triton_model.TritonPythonModel (pkv-export installed)
+    REPO/NAME/config.pbtxt      backend "python", the batching mode, instance group, the engine location
+    REPO/NAME/1/model.py        a shim importing the model class (pkv-export installed): engines.triton_inflight
+                                (in-flight batching, decoupled) or engines.triton_model (Triton's dynamic batcher)
     REPO/NAME/1/engine/         a copy of the engine directory (the repository is self-contained), or, with
                                 copy=False, nothing: config.pbtxt names the engine directory in place
     REPO/pkv-triton-repo.json   marks the directory as a pkv-export repository (what `--force` may replace)
@@ -30,8 +31,62 @@ import site
 if os.environ.get("PKV_SITE_PACKAGES"):
     site.addsitedir(os.environ["PKV_SITE_PACKAGES"])
 
-from engines.triton_model import TritonPythonModel  # noqa: E402,F401
+from engines.{module} import TritonPythonModel  # noqa: E402,F401
 '''
+MODEL_MODULES = {"inflight": "triton_inflight", "static": "triton_model"}
+BATCHING = ("auto", "inflight", "static")
+
+
+def inflight_config(name: str, kv_memory: int, max_new_tokens: int, default_new_tokens: int,
+                    engine_dir: str = "engine") -> str:
+    """Decoupled (responses sent as tokens come), no Triton batching (the model's scheduler batches), one
+    instance (it owns every slot)."""
+    return f'''name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+output [
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "prompt_tokens" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "completion_tokens" data_type: TYPE_INT64 dims: [ 1 ] }}
+]
+instance_group [
+  {{ count: 1 kind: KIND_CPU }}
+]
+parameters {{ key: "batching" value: {{ string_value: "inflight" }} }}
+parameters {{ key: "engine_dir" value: {{ string_value: {json.dumps(engine_dir)} }} }}
+parameters {{ key: "kv_memory" value: {{ string_value: "{kv_memory}" }} }}
+parameters {{ key: "max_new_tokens" value: {{ string_value: "{max_new_tokens}" }} }}
+parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_new_tokens}" }} }}
+'''
+
+
+def choose_batching(manifest: dict, batching: str) -> str:
+    """`auto`: in-flight where the engine allows it (onnxruntime target, a policy with known slot sizes), else
+    Triton's dynamic batcher; an explicit `inflight` that cannot run is refused with the reason."""
+    from exporter.policies import check_policy_record
+    from exporter.slot_plan import SlotsUnsupported, check_supported
+
+    if batching == "static":
+        return "static"
+    problem = None
+    if manifest["backend"] != "onnx" or manifest["onnx"]["target"] != "onnxruntime":
+        problem = f"in-flight batching runs onnxruntime-target engines (this one is a {manifest['backend']} engine)"
+    else:
+        try:
+            check_supported(check_policy_record(manifest["policy"]))
+        except SlotsUnsupported as e:
+            problem = str(e)
+    if problem is None:
+        return "inflight"
+    if batching == "inflight":
+        raise UserInputError(problem)
+    return "static"
 
 
 def config_pbtxt(name: str, max_batch_size: int, instances: int, queue_delay_us: int, default_new_tokens: int,
@@ -59,13 +114,19 @@ parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_ne
 
 def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1, max_batch_size: int = 8,
                      queue_delay_us: int = 2000, default_new_tokens: int = 32, force: bool = False,
-                     copy: bool = True) -> Path:
+                     copy: bool = True, batching: str = "static", kv_memory: int = 1 << 30,
+                     max_new_tokens: int = 512) -> Path:
     """One model per (name -> engine directory). Built in a temporary sibling and renamed at the end.
 
     copy=False references each engine where it is (absolute path) instead of copying it into the repository:
-    what `serve --engine` uses, so a multi-GB engine is not copied at every start."""
-    if instances < 1 or max_batch_size < 1 or default_new_tokens < 1:
-        raise UserInputError("--instances, --max-batch-size and --default-max-new-tokens must be at least 1")
+    what `serve --engine` uses, so a multi-GB engine is not copied at every start. `batching`: "static"
+    (Triton's dynamic batcher hands the model groups of requests), "inflight" (the model's own scheduler over
+    `kv_memory` bytes of slots sized for `max_new_tokens`), or "auto" (in-flight where the engine allows it)."""
+    if instances < 1 or max_batch_size < 1 or default_new_tokens < 1 or max_new_tokens < 1 or kv_memory < 1:
+        raise UserInputError("--instances, --max-batch-size, --default-max-new-tokens, --max-new-tokens and "
+                             "--kv-memory must be at least 1")
+    if batching not in BATCHING:
+        raise UserInputError(f"--batching must be one of {', '.join(BATCHING)}")
     check_output(out, "triton-repo", force, engines.values())
     for name in engines:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -74,20 +135,40 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
     # ONNX engines on CPU instances (onnxruntime picks CUDA by itself where onnxruntime-gpu sees one).
     # TensorRT-LLM checkpoints run through its LLM API (PyTorch backend) inside the same python model, with KV cache
     # block reuse off: an evicting policy changes what a cached block holds, so blocks cannot be shared.
-    kinds = {name: "KIND_GPU" if read_manifest(engine)["backend"] in ("tensorrt", "trtllm") else "KIND_CPU"
-             for name, engine in engines.items()}  # read_manifest refuses unfinished, broken or edited engines
+    manifests = {name: read_manifest(engine) for name, engine in engines.items()}  # refuses broken/edited engines
+    kinds = {name: "KIND_GPU" if m["backend"] in ("tensorrt", "trtllm") else "KIND_CPU"
+             for name, m in manifests.items()}
+    modes = {name: choose_batching(m, batching) for name, m in manifests.items()}
+    if instances > 1 and "inflight" in modes.values():
+        raise UserInputError("in-flight batching runs one model instance (its scheduler owns every slot): "
+                             "drop --instances or use --batching static")
+    if "inflight" in modes.values():
+        from exporter.policies import check_policy_record
+        from exporter.slot_plan import plan_slots
+        from exporter.specs import ModelSpec
+
+        for name, m in manifests.items():  # a memory that holds no slot is refused before anything is written
+            if modes[name] == "inflight":
+                spec = ModelSpec.from_dict(m["model"])
+                plan_slots(check_policy_record(m["policy"]), spec.num_layers, int(m["cache_heads"]), spec.head_dim,
+                           m["dtype"], int(m["max_input_len"]), max_new_tokens, kv_memory)
     with staging_dir(out, "triton-repo", force, engines.values()) as tmp:
         for name, engine in engines.items():
             version = tmp / name / "1"
             version.mkdir(parents=True)
             where = "engine" if copy else str(Path(engine).resolve())
-            (tmp / name / "config.pbtxt").write_text(
-                config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where, kinds[name]))
-            (version / "model.py").write_text(MODEL_PY)
+            if modes[name] == "inflight":
+                config = inflight_config(name, kv_memory, max_new_tokens, default_new_tokens, where)
+            else:
+                config = config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where,
+                                      kinds[name])
+            (tmp / name / "config.pbtxt").write_text(config)
+            (version / "model.py").write_text(MODEL_PY.replace("{module}", MODEL_MODULES[modes[name]]))
             if copy:
                 shutil.copytree(engine, version / "engine")
         (tmp / MARKER).write_text(json.dumps({
             "format_version": 1,
-            "models": {n: {"engine": str(Path(e).resolve()), "copied": copy} for n, e in engines.items()},
+            "models": {n: {"engine": str(Path(e).resolve()), "copied": copy, "batching": modes[n]}
+                       for n, e in engines.items()},
         }, indent=2))
     return out

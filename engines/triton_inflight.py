@@ -1,0 +1,187 @@
+"""The Triton python-backend model for in-flight batching (decoupled: tokens are sent as they are produced).
+
+`execute` only hands each request to the engine's `InflightScheduler` (engines/scheduler.py) and returns; the
+scheduler thread prefills, decodes every active sequence one token per step, and the callbacks here send the
+responses through each request's response sender. Inputs and parameters as the static model
+(engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop`, and `stream` (true: one response
+per text piece as it is produced, then a final one; false: one response with the whole answer). Every final
+response carries `finish_reason` (eos, length, stop, cancelled) and the token counts `prompt_tokens` /
+`completion_tokens`. A request whose client went away (Triton marks it cancelled) leaves its slot at the next
+step. A request with the parameter `status: true` is answered at once with the scheduler's numbers as JSON; the
+same numbers are Prometheus gauges on the metrics port (`pkv_slots_in_use`, `pkv_slots_total`,
+`pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, labelled by model).
+
+Config parameters (config.pbtxt, written by `pkv-export triton --batching inflight`): `engine_dir`,
+`kv_memory` (bytes the slots may hold), `max_new_tokens` (the most a request may ask for: the slots' size),
+`default_max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from engines.scheduler import InflightScheduler, RequestRefused, StopGeneration
+from engines.text_stream import TextStream
+
+try:  # only importable inside Triton's python backend
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - outside Triton the module is still importable for documentation
+    pb_utils = None
+
+GAUGES = {"slots_in_use": "sequences holding a KV slot", "slots_total": "KV slots the memory holds",
+          "kv_bytes_held": "bytes of the slots in use", "kv_bytes_limit": "bytes all slots may hold (--kv-memory)",
+          "queue_length": "requests waiting for a slot"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Live:
+    """One request in flight: its Triton request and response sender, its text stream, its scheduler handle."""
+
+    def __init__(self, triton_request, tokenizer, prompt_tokens: int, stream: bool, stop: str | None):
+        self.triton_request = triton_request
+        self.sender = triton_request.get_response_sender()
+        self.text = TextStream(tokenizer, stop)
+        self.prompt_tokens, self.stream = prompt_tokens, stream
+        self.handle = None
+
+
+def _response(text: str, ids: list[int], finish_reason: str = "", prompt_tokens: int = 0,
+              completion_tokens: int = 0):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
+        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+        pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int64)),
+        pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int64)),
+    ])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from engines.registry import open_engine
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        engine_dir = Path(params.get("engine_dir", "engine"))
+        if not engine_dir.is_absolute():
+            engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
+        self.engine = open_engine(engine_dir, device="cpu")
+        self.scheduler = InflightScheduler(self.engine, int(params["kv_memory"]), int(params["max_new_tokens"]))
+        self.default_new_tokens = min(int(params.get("default_max_new_tokens", "32")),
+                                      self.scheduler.plan.max_new_tokens)
+        self.live: dict[int, Live] = {}
+        self.lock = threading.Lock()
+        name = args["model_name"]
+        self.gauges = {key: pb_utils.MetricFamily(name=f"pkv_{key}", description=text,
+                                                  kind=pb_utils.MetricFamily.GAUGE).Metric(labels={"model": name})
+                       for key, text in GAUGES.items()}
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, name="pkv-watch", daemon=True)
+        self.watcher.start()
+
+    # ------------------------------------------------------------------ requests
+
+    def _parse(self, request) -> tuple[list[int], int, str | None, bool, dict]:
+        params = json.loads(request.parameters() or "{}")
+        if params.get("status") is True:
+            return [], 0, None, False, params
+        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+        if tensor is None:
+            raise BadRequest("missing input 'text_input'")
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            raise BadRequest(f"'text_input' must hold exactly one prompt (got {values.size})")
+        raw = values[0]
+        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else str(raw)
+        if not text.strip():
+            raise BadRequest("empty prompt")
+        limit = self.scheduler.plan.max_new_tokens
+        new_tokens = params.get("max_new_tokens", self.default_new_tokens)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= limit:
+            raise BadRequest(f"max_new_tokens must be an integer in [1, {limit}] (got {new_tokens!r})")
+        stop = params.get("stop")
+        if stop is not None and (not isinstance(stop, str) or not stop):
+            raise BadRequest("stop must be a non-empty string")
+        stream = params.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be true or false")
+        if "context_id" in params:
+            raise BadRequest("compressed contexts (context_id) are served by --batching static models")
+        return self.engine.tokenizer(text)["input_ids"], new_tokens, stop, stream, params
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            try:
+                ids, new_tokens, stop, stream, params = self._parse(request)
+            except (BadRequest, UnicodeDecodeError, json.JSONDecodeError) as e:
+                self._fail(request.get_response_sender(), str(e))
+                continue
+            if params.get("status") is True:
+                sender = request.get_response_sender()
+                stats = json.dumps(self.scheduler.stats())
+                sender.send(_response(stats, []), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            live = Live(request, self.engine.tokenizer, len(ids), stream, stop)
+            try:
+                with self.lock:
+                    live.handle = self.scheduler.submit(ids, new_tokens, on_token=self._on_token(live),
+                                                        on_done=self._on_done(live))
+                    self.live[live.handle.id] = live
+            except RequestRefused as e:
+                self._fail(live.sender, str(e))
+        return None
+
+    def _on_token(self, live: Live):
+        def on_token(token: int) -> None:
+            piece = live.text.add(token)
+            if live.stream and piece:
+                live.sender.send(_response(piece, [token]))
+            if live.text.stopped:
+                raise StopGeneration
+
+        return on_token
+
+    def _on_done(self, live: Live):
+        def on_done(reason: str, error: str | None) -> None:
+            with self.lock:
+                if live.handle is not None:
+                    self.live.pop(live.handle.id, None)
+            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            if reason == "error":
+                self._fail(live.sender, error or "generation failed")
+                return
+            rest = live.text.flush()  # streamed: what was held back; whole: the answer, cut at a stop string
+            text, ids = (rest, []) if live.stream else (live.text.text, list(live.text.ids))
+            live.sender.send(_response(text, ids, reason, live.prompt_tokens, len(live.text.ids)), flags=final)
+
+        return on_done
+
+    @staticmethod
+    def _fail(sender, message: str) -> None:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _watch(self) -> None:
+        """Every 50 ms: cancel the sequences whose client went away; publish the gauges."""
+        while not self.stopping.wait(0.05):
+            with self.lock:
+                gone = [live for live in self.live.values() if live.triton_request.is_cancelled()]
+            for live in gone:
+                live.handle.cancel()
+            for key, value in self.scheduler.stats().items():
+                if key in self.gauges:
+                    self.gauges[key].set(value)
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        self.scheduler.close()
+        self.engine = None
