@@ -79,9 +79,10 @@ class TritonPythonModel:
         self.live: dict[int, Live] = {}
         self.lock = threading.Lock()
         name = args["model_name"]
-        self.gauges = {key: pb_utils.MetricFamily(name=f"pkv_{key}", description=text,
-                                                  kind=pb_utils.MetricFamily.GAUGE).Metric(labels={"model": name})
-                       for key, text in GAUGES.items()}
+        # The families must outlive their metrics (the backend refuses a metric whose family was collected).
+        self.families = {key: pb_utils.MetricFamily(name=f"pkv_{key}", description=text,
+                                                    kind=pb_utils.MetricFamily.GAUGE) for key, text in GAUGES.items()}
+        self.gauges = {key: family.Metric(labels={"model": name}) for key, family in self.families.items()}
         self.stopping = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name="pkv-watch", daemon=True)
         self.watcher.start()
@@ -173,15 +174,20 @@ class TritonPythonModel:
     def _watch(self) -> None:
         """Every 50 ms: cancel the sequences whose client went away; publish the gauges."""
         while not self.stopping.wait(0.05):
-            with self.lock:
-                gone = [live for live in self.live.values() if live.triton_request.is_cancelled()]
-            for live in gone:
-                live.handle.cancel()
-            for key, value in self.scheduler.stats().items():
-                if key in self.gauges:
-                    self.gauges[key].set(value)
+            try:
+                with self.lock:
+                    gone = [live for live in self.live.values() if live.triton_request.is_cancelled()]
+                for live in gone:
+                    live.handle.cancel()
+                for key, value in self.scheduler.stats().items():
+                    if key in self.gauges:
+                        self.gauges[key].set(value)
+            except Exception as e:  # noqa: BLE001 - keep watching; the server log says what went wrong
+                print(f"pkv in-flight model: watcher: {e}", flush=True)
 
     def finalize(self) -> None:
         self.stopping.set()
+        self.watcher.join(5)
         self.scheduler.close()
+        self.gauges = {}
         self.engine = None
