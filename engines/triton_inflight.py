@@ -3,7 +3,8 @@
 `execute` only hands each request to the engine's `InflightScheduler` (engines/scheduler.py) and returns; the
 scheduler thread prefills, decodes every active sequence one token per step, and the callbacks here send the
 responses through each request's response sender. Inputs and parameters as the static model
-(engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop`, and `stream` (true: one response
+(engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop` (a string, or a JSON list of up to 4),
+`add_special_tokens` (false for a prompt already rendered by a chat template), and `stream` (true: one response
 per text piece as it is produced, then a final one; false: one response with the whole answer). Every final
 response carries `finish_reason` (eos, length, stop, cancelled) and the token counts `prompt_tokens` /
 `completion_tokens`. A request whose client went away (Triton marks it cancelled) leaves its slot at the next
@@ -44,7 +45,7 @@ class BadRequest(Exception):
 class Live:
     """One request in flight: its Triton request and response sender, its text stream, its scheduler handle."""
 
-    def __init__(self, triton_request, tokenizer, prompt_tokens: int, stream: bool, stop: str | None):
+    def __init__(self, triton_request, tokenizer, prompt_tokens: int, stream: bool, stop: list[str] | None):
         self.triton_request = triton_request
         self.sender = triton_request.get_response_sender()
         self.text = TextStream(tokenizer, stop)
@@ -89,7 +90,7 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests
 
-    def _parse(self, request) -> tuple[list[int], int, str | None, bool, dict]:
+    def _parse(self, request) -> tuple[list[int], int, list[str] | None, bool, dict]:
         params = json.loads(request.parameters() or "{}")
         if params.get("status") is True:
             return [], 0, None, False, params
@@ -108,14 +109,24 @@ class TritonPythonModel:
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= limit:
             raise BadRequest(f"max_new_tokens must be an integer in [1, {limit}] (got {new_tokens!r})")
         stop = params.get("stop")
-        if stop is not None and (not isinstance(stop, str) or not stop):
-            raise BadRequest("stop must be a non-empty string")
+        if isinstance(stop, str) and stop.startswith("[") and stop.endswith("]"):
+            try:  # several stop strings travel as a JSON list (request parameters are scalars)
+                stop = json.loads(stop)
+            except json.JSONDecodeError:
+                pass
+        stops = [stop] if isinstance(stop, str) else stop
+        if stop is not None and (not isinstance(stops, list) or not stops or len(stops) > 4
+                                 or not all(isinstance(s, str) and s for s in stops)):
+            raise BadRequest("stop must be a non-empty string or a JSON list of at most 4 of them")
+        special = params.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise BadRequest("add_special_tokens must be true or false")
         stream = params.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
         if "context_id" in params:
             raise BadRequest("compressed contexts (context_id) are served by --batching static models")
-        return self.engine.tokenizer(text)["input_ids"], new_tokens, stop, stream, params
+        return self.engine.tokenizer(text, add_special_tokens=special)["input_ids"], new_tokens, stops, stream, params
 
     def execute(self, requests: list) -> None:
         for request in requests:

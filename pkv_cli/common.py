@@ -198,3 +198,21 @@ def read_prompts(prompts: tuple[str, ...], prompt_file: str | None) -> list[str]
     if any(not p for p in out):
         raise UserInputError("empty prompt")
     return out
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+              "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str, where: str = "--kv-memory") -> int:
+    """Bytes from '2GiB', '512MiB', '1.5GB', '1000000' (K/M/G/T alone are binary, KB/MB/GB/TB decimal)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text or "")
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise UserInputError(f"{where} {text!r}: expected a size such as 2GiB, 512MiB, 1.5GB or a byte count")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise UserInputError(f"{where} must be at least 1 byte")
+    return size

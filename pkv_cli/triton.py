@@ -10,7 +10,23 @@ from pathlib import Path
 import click
 
 from exporter.errors import JobError, UserInputError
-from pkv_cli.common import check_text, emit_json, printable
+from pkv_cli.common import check_text, emit_json, parse_size, printable
+
+BATCHING_HELP = ("inflight: the model's own scheduler keeps every sequence in a fixed-size KV slot and advances "
+                 "all of them one token per step, streaming tokens (onnxruntime-target engines; not KVzip or "
+                 "PyramidInfer); static: Triton's dynamic batcher runs groups of requests to completion; auto: "
+                 "inflight where the engine allows it")
+
+
+def batching_options(fn):
+    """--batching, --kv-memory, --max-new-tokens: how a repository's models batch (shared by triton and serve)."""
+    fn = click.option("--max-new-tokens", "slot_new_tokens", type=int, default=512, show_default=True,
+                      help="In-flight: the most new tokens a request may ask for (every KV slot is sized for it).")(fn)
+    fn = click.option("--kv-memory", default="1GiB", show_default=True,
+                      help="In-flight: bytes the KV slots may hold (e.g. 2GiB, 512MiB); admission waits while "
+                           "they are taken and never over-commits.")(fn)
+    return click.option("--batching", type=click.Choice(["auto", "inflight", "static"]), default="auto",
+                        show_default=True, help=BATCHING_HELP)(fn)
 
 
 @click.command()
@@ -27,14 +43,18 @@ from pkv_cli.common import check_text, emit_json, printable
               help="Replace --out if it is a pkv-export repository (once the new one is ready).")
 @click.option("--link", is_flag=True,
               help="Reference the engines where they are instead of copying them (the repository then needs them).")
+@batching_options
 def triton(engines: tuple[Path, ...], out: Path, names: tuple[str, ...], instances: int, max_batch_size: int,
-           default_max_new_tokens: int, force: bool, link: bool) -> None:
+           default_max_new_tokens: int, force: bool, link: bool, batching: str, kv_memory: str,
+           slot_new_tokens: int) -> None:
     """Write a Triton model repository (python backend) that serves engine directories."""
-    repo = _write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force, copy=not link)
+    repo = _write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force, copy=not link,
+                       batching=batching, kv_memory=parse_size(kv_memory), max_new_tokens=slot_new_tokens)
     click.echo(f"wrote {repo}")
 
 
-def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force, copy=True) -> Path:
+def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force, copy=True,
+                batching="static", kv_memory=1 << 30, max_new_tokens=512) -> Path:
     from exporter.triton.repo import write_repository
 
     if names and len(names) != len(engines):
@@ -44,7 +64,7 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
         raise UserInputError("model names must be distinct")
     return write_repository(dict(zip(names, engines, strict=True)), out, instances=instances,
                             max_batch_size=max_batch_size, default_new_tokens=default_new_tokens, force=force,
-                            copy=copy)
+                            copy=copy, batching=batching, kv_memory=kv_memory, max_new_tokens=max_new_tokens)
 
 
 @click.command()
@@ -59,42 +79,114 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
 @click.option("--instances", type=int, default=1, show_default=True, help="With --engine: model instances.")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="With --engine: batching limit.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="tritonserver's log [temporary].")
-def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file) -> None:
+@batching_options
+@click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
+              help="Also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this port.")
+@click.option("--openai-host", default="127.0.0.1", show_default=True, help="Address of the OpenAI API.")
+def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file, batching,
+          kv_memory, slot_new_tokens, openai_port, openai_host) -> None:
     """Run a real tritonserver on a model repository until Ctrl-C / SIGTERM (needs the 'triton' extra)."""
-    from engines.triton_server import TritonServer, pytriton_dir
+    from engines.triton_server import TritonServer, port_free, pytriton_dir
 
     if bool(engines) == (repo is not None):
         raise UserInputError("give either --engine DIR (repeatable) or --repo REPO")
     from exporter.outputs import owned_tempdir
 
     pytriton_dir()  # fail fast, before writing anything, when the extra is missing
+    memory = parse_size(kv_memory)
+    if openai_port is not None:
+        _require_openai_packages()
+        if openai_port in (http_port, grpc_port, metrics_port) or not port_free(openai_host, openai_port):
+            raise UserInputError(f"--openai-port {openai_port} on {openai_host} is already in use")
     tmp = None
     if engines:
         tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
         try:
-            repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False)
+            repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False,
+                               batching=batching, kv_memory=memory, max_new_tokens=slot_new_tokens)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     elif not (repo / ".").is_dir():
         raise UserInputError(f"{repo}: no such model repository")
+    served = _served_engines(repo) if openai_port is not None else {}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(repo, host, http_port, grpc_port, metrics_port, log_file)
     click.echo(f"starting tritonserver on {host} (repository {repo}) ...", err=True)
+    api = None
     try:
         server.start()
         click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics "
                    f"http://{host}:{server.metrics_port}/metrics  (Ctrl-C to stop)", err=True)
+        if openai_port is not None:
+            api = _start_openai(server.grpc_url, served, openai_host, openai_port)
+            click.echo(f"OpenAI API: http://{openai_host}:{openai_port}/v1", err=True)
         while not stop.wait(0.5):
             if server.process.poll() is not None:
                 raise JobError(f"tritonserver exited unexpectedly: {server.log_tail()}")
+            if api is not None and not api.thread.is_alive():
+                raise JobError("the OpenAI API server stopped unexpectedly")
     finally:
+        if api is not None:
+            api.stop()
         server.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     click.echo("stopped", err=True)
+
+
+def _require_openai_packages() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserInputError("--openai-port needs fastapi and uvicorn: pip install 'pkv-export[triton]'") from None
+
+
+def _served_engines(repo: Path) -> dict[str, Path]:
+    """name -> engine directory of a pkv-export repository (what the OpenAI API loads tokenizers from)."""
+    import json
+
+    from exporter.triton.repo import MARKER
+
+    try:
+        marker = json.loads((repo / MARKER).read_text())
+    except (OSError, ValueError):
+        raise UserInputError(f"{repo}: --openai-port needs a repository written by pkv-export") from None
+    return {name: Path(m["engine"]) if not m.get("copied") else repo / name / "1" / "engine"
+            for name, m in marker["models"].items()}
+
+
+class _ApiServer:
+    def __init__(self, server, thread):
+        self.server, self.thread = server, thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _start_openai(grpc_url: str, engines: dict[str, Path], host: str, port: int) -> _ApiServer:
+    """uvicorn serving engines.openai_api in a thread of this process (loopback unless --openai-host says)."""
+    import time
+
+    import uvicorn
+
+    from engines.openai_api import make_app
+
+    config = uvicorn.Config(make_app(grpc_url, engines), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # serve's own handlers stop both servers
+    thread = threading.Thread(target=server.run, name="pkv-openai", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise JobError(f"the OpenAI API could not start on {host}:{port}")
+        time.sleep(0.05)
+    return _ApiServer(server, thread)
 
 
 @click.command()
@@ -111,18 +203,25 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 @click.option("--store-context", is_flag=True, help="With --context-id: compress --prompt once and keep it.")
 @click.option("--room", type=int, default=None,
               help="With --store-context: question + answer tokens each later question may add [512].")
+@click.option("--stream", is_flag=True, help="Print the answer piece by piece as it is generated (in-flight models).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (text, token ids, timing).")
 def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, context_id, store_context, room,
-           as_json) -> None:
+           stream, as_json) -> None:
     """Send one prompt to a served engine with tritonclient and print the answer."""
     from engines.triton_client import TritonTextClient
 
     if (store_context or room is not None) and context_id is None:
         raise UserInputError("--store-context and --room need --context-id")
+    show = None
+    if stream and not as_json:
+        def show(piece: str) -> None:
+            click.echo(printable(piece), nl=False)
     with TritonTextClient(url, protocol, timeout) as c:
         result = c.generate(model_name, prompt, max_new_tokens=max_new_tokens, stop=stop, context_id=context_id,
-                            store_context=store_context, room=room)
+                            store_context=store_context, room=room, stream=stream, on_piece=show)
     if as_json:
         emit_json({"model": model_name, "protocol": protocol, **result})
+    elif stream:
+        click.echo()
     else:
         click.echo(printable(result["text"]))

@@ -37,3 +37,16 @@ def test_stop_string_is_never_sent():
     held = TextStream(tok, stop="END")
     sent = "".join(held.add(t) for t in ids_of(tok, "send EN"))
     assert sent == "send " and held.flush() == "EN"  # the answer ended without the stop string: all of it
+
+
+def test_the_first_of_several_stop_strings_ends_the_answer():
+    from engines.text_stream import TextStream
+
+    tok = tokenizer()
+    stream = TextStream(tok, stop=["STOP", "\n\n"])
+    pieces = []
+    for t in ids_of(tok, "line one\n\nSTOP later"):
+        pieces.append(stream.add(t))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == "line one" and stream.text == "line one"
