@@ -51,6 +51,7 @@ class Live:
         self.text = TextStream(tokenizer, stop)
         self.prompt_tokens, self.stream = prompt_tokens, stream
         self.handle = None
+        self.unsent: list[int] = []  # streamed: token ids whose text is still held back
 
 
 def _response(text: str, ids: list[int], finish_reason: str = "", prompt_tokens: int = 0,
@@ -153,8 +154,10 @@ class TritonPythonModel:
     def _on_token(self, live: Live):
         def on_token(token: int) -> None:
             piece = live.text.add(token)
-            if live.stream and piece:
-                live.sender.send(_response(piece, [token]))
+            live.unsent.append(token)
+            if live.stream and piece:  # a piece goes with every id since the last one sent
+                live.sender.send(_response(piece, live.unsent))
+                live.unsent = []
             if live.text.stopped:
                 raise StopGeneration
 
@@ -170,7 +173,7 @@ class TritonPythonModel:
                 self._fail(live.sender, error or "generation failed")
                 return
             rest = live.text.flush()  # streamed: what was held back; whole: the answer, cut at a stop string
-            text, ids = (rest, []) if live.stream else (live.text.text, list(live.text.ids))
+            text, ids = (rest, live.unsent) if live.stream else (live.text.text, list(live.text.ids))
             live.sender.send(_response(text, ids, reason, live.prompt_tokens, len(live.text.ids)), flags=final)
 
         return on_done

@@ -114,19 +114,21 @@ parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_ne
 
 def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1, max_batch_size: int = 8,
                      queue_delay_us: int = 2000, default_new_tokens: int = 32, force: bool = False,
-                     copy: bool = True, batching: str = "static", kv_memory: int = 1 << 30,
+                     copy: bool = True, batching: str | dict[str, str] = "static", kv_memory: int = 1 << 30,
                      max_new_tokens: int = 512) -> Path:
     """One model per (name -> engine directory). Built in a temporary sibling and renamed at the end.
 
     copy=False references each engine where it is (absolute path) instead of copying it into the repository:
     what `serve --engine` uses, so a multi-GB engine is not copied at every start. `batching`: "static"
     (Triton's dynamic batcher hands the model groups of requests), "inflight" (the model's own scheduler over
-    `kv_memory` bytes of slots sized for `max_new_tokens`), or "auto" (in-flight where the engine allows it)."""
+    `kv_memory` bytes of slots sized for `max_new_tokens`), or "auto" (in-flight where the engine allows it); one
+    mode for every model, or a mode per model name."""
     if instances < 1 or max_batch_size < 1 or default_new_tokens < 1 or max_new_tokens < 1 or kv_memory < 1:
         raise UserInputError("--instances, --max-batch-size, --default-max-new-tokens, --max-new-tokens and "
                              "--kv-memory must be at least 1")
-    if batching not in BATCHING:
-        raise UserInputError(f"--batching must be one of {', '.join(BATCHING)}")
+    per_model = batching if isinstance(batching, dict) else dict.fromkeys(engines, batching)
+    if set(per_model) != set(engines) or any(b not in BATCHING for b in per_model.values()):
+        raise UserInputError(f"--batching must be one of {', '.join(BATCHING)} for every model")
     check_output(out, "triton-repo", force, engines.values())
     for name in engines:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -138,7 +140,7 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
     manifests = {name: read_manifest(engine) for name, engine in engines.items()}  # refuses broken/edited engines
     kinds = {name: "KIND_GPU" if m["backend"] in ("tensorrt", "trtllm") else "KIND_CPU"
              for name, m in manifests.items()}
-    modes = {name: choose_batching(m, batching) for name, m in manifests.items()}
+    modes = {name: choose_batching(m, per_model[name]) for name, m in manifests.items()}
     if instances > 1 and "inflight" in modes.values():
         raise UserInputError("in-flight batching runs one model instance (its scheduler owns every slot): "
                              "drop --instances or use --batching static")
