@@ -5,7 +5,8 @@ scheduler thread prefills, decodes every active sequence one token per step, and
 responses through each request's response sender. Inputs and parameters as the static model
 (engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop` (a string, or a JSON list of up to 4),
 `add_special_tokens` (false for a prompt already rendered by a chat template), and `stream` (true: one response
-per text piece as it is produced, then a final one; false: one response with the whole answer). Every final
+per token as it is produced, with the text it completes (empty while a character or a possible stop string is
+incomplete), then a final one; false: one response with the whole answer). Every final
 response carries `finish_reason` (eos, length, stop, cancelled) and the token counts `prompt_tokens` /
 `completion_tokens`. A request whose client went away (Triton marks it cancelled) leaves its slot at the next
 step. A request with the parameter `status: true` is answered at once with the scheduler's numbers as JSON; the
@@ -51,7 +52,6 @@ class Live:
         self.text = TextStream(tokenizer, stop)
         self.prompt_tokens, self.stream = prompt_tokens, stream
         self.handle = None
-        self.unsent: list[int] = []  # streamed: token ids whose text is still held back
 
 
 def _response(text: str, ids: list[int], finish_reason: str = "", prompt_tokens: int = 0,
@@ -154,12 +154,12 @@ class TritonPythonModel:
     def _on_token(self, live: Live):
         def on_token(token: int) -> None:
             piece = live.text.add(token)
-            live.unsent.append(token)
-            if live.stream and piece:  # a piece goes with every id since the last one sent
-                live.sender.send(_response(piece, live.unsent))
-                live.unsent = []
             if live.text.stopped:
+                if live.stream and piece:
+                    live.sender.send(_response(piece, []))  # the stop string's token is not part of the answer
                 raise StopGeneration
+            if live.stream:  # every token as it is produced; its text may still be held back (empty piece)
+                live.sender.send(_response(piece, [token]))
 
         return on_token
 
@@ -173,7 +173,7 @@ class TritonPythonModel:
                 self._fail(live.sender, error or "generation failed")
                 return
             rest = live.text.flush()  # streamed: what was held back; whole: the answer, cut at a stop string
-            text, ids = (rest, live.unsent) if live.stream else (live.text.text, list(live.text.ids))
+            text, ids = (rest, []) if live.stream else (live.text.text, list(live.text.ids))
             live.sender.send(_response(text, ids, reason, live.prompt_tokens, len(live.text.ids)), flags=final)
 
         return on_done
