@@ -105,45 +105,73 @@ class OrtEngine(BuiltEngine):
 
     def decode_binding(self, cache: dict, kept: dict):
         """An I/O binding for the decode loop with every layer's cache bound once. Returns (binding, step) where
-        step(token [B], position [B], past_lengths per layer) runs one decode and returns the logits [B, V]."""
+        step(token [B], position [B], past_lengths [L, B]) runs one decode and returns the logits [B, V].
+
+        The step's small inputs (tokens, positions, every layer's lengths) and the logits live in host arrays bound
+        once through OrtValues that share their memory: a step writes into them and runs, with no per-layer
+        binding and no allocation (only a change of shape, e.g. a question's S tokens, binds anew)."""
+        import onnxruntime as ort
+
         binding = self.decode.io_binding()
-        for layer in range(self.spec.num_layers):
+        layers = self.spec.num_layers
+        batch = cache["present.0.key"].shape()[0]
+        for layer in range(layers):
             if self.windowed:
                 binding.bind_ortvalue_input(f"cache_positions.{layer}", kept[f"kept_indices.{layer}"])
         names = self.decode_outputs
         growing = [n for n in names if n.startswith("attn_rows.")]  # PyramidInfer: one more slot every step
+        lengths = np.zeros((layers, batch), np.int64)  # [L, B]: rows are contiguous, one OrtValue per layer
+        host = {"lengths": [ort.OrtValue.ortvalue_from_numpy(lengths[layer]) for layer in range(layers)]}
+        for layer, value in enumerate(host["lengths"]):
+            binding.bind_ortvalue_input(f"past_lengths.{layer}", value)
 
         def bind_cache() -> None:
-            for layer in range(self.spec.num_layers):
+            for layer in range(layers):
                 for part in ("key", "value"):
                     binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", cache[f"present.{layer}.{part}"])
 
-        def step(token: np.ndarray, position: np.ndarray, past_lengths: list[np.ndarray],
+        def bind_step_inputs(shape: tuple[int, int]) -> None:
+            """(Re)bind tokens and positions of this shape: once, and again only when S changes."""
+            host["tokens"], host["positions"] = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+            host["bound"] = [ort.OrtValue.ortvalue_from_numpy(host["tokens"]),
+                             ort.OrtValue.ortvalue_from_numpy(host["positions"])]
+            binding.bind_ortvalue_input("input_ids", host["bound"][0])
+            binding.bind_ortvalue_input("position_ids", host["bound"][1])
+
+        def step(token: np.ndarray, position: np.ndarray, past_lengths: np.ndarray,
                  cache_positions: list[np.ndarray] | None = None) -> np.ndarray:
-            """token / position: [B] (one token per row) or [B, S] (S tokens: a question at batch 1).
+            """token / position: [B] (one token per row) or [B, S] (S tokens: a question at batch 1);
+            past_lengths [L, B] valid slots per layer and row before these tokens.
             `cache_positions` (PyramidInfer on a sliding-window model): every slot's position, per layer.
             The step's outputs stay in `step.outputs` (PyramidInfer reads its attention rows there)."""
             tokens, positions = (x if x.ndim == 2 else x.reshape(-1, 1) for x in (token, position))
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-            for layer, n in enumerate(past_lengths):
-                binding.bind_cpu_input(f"past_lengths.{layer}", n)
+            if host.get("tokens") is None or host["tokens"].shape != tokens.shape:
+                bind_step_inputs(tokens.shape)
+            host["tokens"][...] = tokens
+            host["positions"][...] = positions
+            lengths[...] = past_lengths
             for layer, held in enumerate(cache_positions or []):
                 binding.bind_cpu_input(f"cache_positions.{layer}", held)
             for name in growing:  # outputs whose shape changes every step: allocated anew by each run
                 binding.bind_output(name, self.device_type)
             self.decode.run_with_iobinding(binding)
-            out = dict(zip(names, binding.get_outputs(), strict=True))
-            step.outputs = out
-            if not self.in_place:  # the step returned new buffers: they are the next step's past
-                cache.update({k: v for k, v in out.items() if k.startswith("present.")})
-                bind_cache()
-            return out["logits"].numpy().copy()  # the bound output is reused by the next step
+            if growing or not self.in_place or self.device_type != "cpu":
+                out = dict(zip(names, binding.get_outputs(), strict=True))
+                step.outputs = out
+                if not self.in_place:  # the step returned new buffers: they are the next step's past
+                    cache.update({k: v for k, v in out.items() if k.startswith("present.")})
+                    bind_cache()
+                return out["logits"].numpy().copy()  # the bound output is reused by the next step
+            return host["logits"][: tokens.shape[0]].copy()
 
         bind_cache()
         for name in names:  # in output order: get_outputs() follows the binding order
             if self.in_place and name in cache:
                 binding.bind_ortvalue_output(name, cache[name])  # written in place, every step
+            elif name == "logits" and self.device_type == "cpu":
+                host["logits"] = np.zeros((batch, self.spec.vocab_size), np.float32)
+                host["logits_value"] = ort.OrtValue.ortvalue_from_numpy(host["logits"])
+                binding.bind_ortvalue_output(name, host["logits_value"])
             else:
                 binding.bind_output(name, self.device_type)
         return binding, step
@@ -203,12 +231,13 @@ class OrtEngine(BuiltEngine):
         itself and compresses (then the caches are bound again)."""
         _, run_step = self.decode_binding(cache, kept)
         fed = 0
+        base = np.stack(base)  # [L, B]
 
         def step(token: torch.Tensor | np.ndarray, pos: torch.Tensor | np.ndarray) -> torch.Tensor:
             nonlocal fed, run_step
             token, pos = (x.numpy() if isinstance(x, torch.Tensor) else x for x in (token, pos))
             positions = pos if pos.ndim == 2 else pos.reshape(-1, 1)
-            past = stage.lengths if stage else [n + fed for n in base]
+            past = np.stack(stage.lengths) if stage else base + fed
             held = stage.cache_positions() if stage and self.windowed else None
             logits = run_step(token, pos, past, held)
             fed += positions.shape[1]
