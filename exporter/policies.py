@@ -295,8 +295,9 @@ class KVzipPolicy(KVPolicy):
 @dataclass(frozen=True)
 class PyramidInferPolicy(KVPolicy):
     """PyramidInfer: compression inside the prefill. After each layer the recent window's attention (mean over
-    heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a `decay` fraction
-    of it per layer (at least `min_context`); the recent window (last `recent_ratio` of the prompt) and the first
+    heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a fraction of it per
+    layer on the official configs' cosine ramp from 1 to `decay` (or `decay` at every layer: `geometric`), at least
+    `min_context`; the recent window (last `recent_ratio` of the prompt) and the first
     `sinks` tokens always stay. While generating, every `update_interval` tokens that leave the recent window are
     compressed the same way, `gen_decay` on the paper code's cosine ramp (trt_plugins.pyramidinfer_select).
     Prefill budgets follow from the prompt length alone."""
@@ -306,7 +307,7 @@ class PyramidInferPolicy(KVPolicy):
     window: ClassVar[int] = 0  # the recent window is part of what each layer reports as selected
     recent_ratio: float = 0.2
     decay: float = 0.9
-    decay_schedule: str = "geometric"
+    decay_schedule: str = "cosine"  # the official configs' prefill_decay_strategy
     min_context: int = 64
     sinks: int = 4
     distance_weight: float = 1.2

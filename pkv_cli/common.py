@@ -104,7 +104,8 @@ def policy_options(fn: Callable) -> Callable:
         click.option("--decay", type=float, default=None,
                      help="PyramidInfer: fraction of the pivotal context each layer passes on [0.9]."),
         click.option("--decay-schedule", type=click.Choice(["geometric", "cosine"]), default=None,
-                     help="PyramidInfer: --decay at every layer, or the paper code's cosine ramp [geometric]."),
+                     help="PyramidInfer: the official configs' cosine ramp from 1 to --decay, or --decay at every "
+                          "layer [cosine]."),
         click.option("--min-context", type=int, default=None,
                      help="PyramidInfer: a layer never cuts its context below this many tokens [64]."),
         click.option("--distance-weight", type=float, default=None,
