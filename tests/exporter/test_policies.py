@@ -66,7 +66,7 @@ def test_select_contract(name, granularity):
     keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
     idx, k, v = policy.select(torch.randn(b, q, h, d), keys, values, lengths, 12)
     hc = h if policy.cache_heads_are_query_heads else hkv
-    exact = name != "chunkkv"  # ChunkKV keeps whole chunks: floor(12 / chunk_size) of them
+    exact = name != "chunkkv"  # ChunkKV keeps whole chunks (the window's included): at most 12 + 4 tokens
     assert idx.shape[:2] == (b, hc) and (idx.shape[2] == 16 if exact else idx.shape[2] <= 16)
     assert k.shape == (*idx.shape, d) and v.shape == k.shape
     for row, n in enumerate(lengths.tolist()):
