@@ -277,7 +277,7 @@ class KVzipPolicy(KVPolicy):
     window: ClassVar[int] = 0  # nothing is kept for being recent: the budget C is all scored pairs
     kv_budget: int = 128
     sinks: int = 4
-    score_chunk: int = 2048
+    score_chunk: int = 2000  # the official self_task chunk_size
     postfix: int = 8
 
     def validate(self) -> None:
