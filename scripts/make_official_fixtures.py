@@ -8,8 +8,9 @@ here, and nothing of theirs is copied into this project; the tests read the data
 
 What runs where, on the tiny presets' prompts (`PROMPT`, a few hundred byte tokens):
 
-* SnapKV / PyramidKV: KVCache-Factory's `SnapKVCluster` / `PyramidKVCluster.update_kv` on the post-RoPE
-  q/k/v of this project's FullKV prefill (Hugging Face's eager attention, `engines.hf_model.capture_prefill`);
+* SnapKV / PyramidKV / H2O: KVCache-Factory's `SnapKVCluster` / `PyramidKVCluster` / `H2OKVCluster.update_kv`
+  on the post-RoPE q/k/v of this project's FullKV prefill (Hugging Face's eager attention,
+  `engines.hf_model.capture_prefill`);
 * ChunkKV: kvpress's `ChunkKVPress(SnapKVPress(...))`.compress on the same layers (the attention module, its
   input hidden states and rotary tables);
 * KVzip: the official `KVScore` (attention/score.py) scoring inside Hugging Face's model with a DynamicCache,
@@ -109,20 +110,26 @@ def commit_of(repo: Path) -> str:
 
 def kvcache_factory(repo: Path, model: str, loaded, ids: list[int], records) -> None:
     sys.path.insert(0, str(repo))
-    from pyramidkv.pyramidkv_utils import PyramidKVCluster, SnapKVCluster
+    from pyramidkv.pyramidkv_utils import H2OKVCluster, PyramidKVCluster, SnapKVCluster
 
     s = loaded.spec
     group = s.num_heads // s.num_kv_heads
-    for name in ("snapkv", "pyramidkv"):
+    for name in ("snapkv", "pyramidkv", "h2o"):
         outputs = []
         for layer, r in enumerate(records):
             common = dict(window_size=SNAP["window"], max_capacity_prompt=SNAP["kv_budget"], kernel_size=SNAP["kernel"],
                           pooling="maxpool")
-            cluster = (SnapKVCluster(**common) if name == "snapkv" else
-                       PyramidKVCluster(num_hidden_layers=s.num_layers, beta=20, layer_idx=layer, **common))
+            if name == "snapkv":
+                cluster = SnapKVCluster(**common)
+            elif name == "pyramidkv":
+                cluster = PyramidKVCluster(num_hidden_layers=s.num_layers, beta=20, layer_idx=layer, **common)
+            else:  # H2O: every query observes, no pooling
+                cluster = H2OKVCluster(**common)
             k, _ = cluster.update_kv(r["key"], r["query"], r["value"], None, group)
             outputs.append(k)
-        meta = {"method": name, "model": model, "policy": {"name": name, **SNAP},
+        policy = {"name": name, **SNAP} if name != "h2o" else {"name": name, "kv_budget": SNAP["kv_budget"],
+                                                                "window": SNAP["window"]}
+        meta = {"method": name, "model": model, "policy": policy,
                 "official": {"repo": "Zefan-Cai/KVCache-Factory", "commit": commit_of(repo),
                              "code": f"pyramidkv/pyramidkv_utils.py {type(cluster).__name__}.update_kv "
                                      "(kv-head path, gqa_score_agg mean)",

@@ -1,6 +1,6 @@
 """Every method against its authors' code: the kept sets of the op specs, the PyTorch reference and the ONNX
 engine equal the golden fixtures `scripts/make_official_fixtures.py` wrote from the official implementations
-(KVCache-Factory's SnapKV / PyramidKV, kvpress's ChunkKV, KVzip's own scoring, PyramidInfer's own model) on the
+(KVCache-Factory's SnapKV / PyramidKV / H2O, kvpress's ChunkKV, KVzip's own scoring, PyramidInfer's own model) on the
 tiny presets. The fixtures are data: no official code runs here.
 
 Conventions that differ, and how the fixtures were made to line up (the script's docstring has the details):
@@ -34,7 +34,8 @@ from exporter.policies import make_policy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
-PER_LAYER = ("snapkv", "pyramidkv", "chunkkv")  # methods whose selection is one op per layer on the prefill's q/k/v
+# methods whose selection is one op per layer on the prefill's q/k/v
+PER_LAYER = ("snapkv", "pyramidkv", "h2o", "chunkkv")
 
 
 def load(case: str) -> dict:
@@ -146,7 +147,7 @@ def engines(tmp_path_factory):
 
 def test_every_method_has_fixtures_on_both_tiny_models():
     have = {(load(c)["meta"]["method"], load(c)["meta"]["model"]) for c in CASES}
-    for method in ("snapkv", "pyramidkv", "chunkkv", "kvzip", "pyramidinfer"):
+    for method in ("snapkv", "pyramidkv", "h2o", "chunkkv", "kvzip", "pyramidinfer"):
         assert {(method, "tiny-llama3"), (method, "tiny-mistral")} <= have, method
     chunks = {load(c)["meta"]["chunks"] for c in cases("kvzip")}
     assert chunks == {1, 3}, "KVzip with one scoring chunk and with several"
@@ -163,7 +164,7 @@ def test_op_spec_equals_official(case, captured):
         idx, _, _ = policy.select(r["query"].transpose(1, 2), r["key"], r["value"], torch.tensor([q]), budgets[layer],
                                   layer, shared)
         kept.append(idx)
-    ties = snapkv_scores(policy, records, q) if fx["meta"]["method"] != "chunkkv" else None
+    ties = snapkv_scores(policy, records, q) if fx["meta"]["method"] in ("snapkv", "pyramidkv") else None
     assert_same(as_mask(kept, q), fx["kept"], "op spec", ties)
 
 
