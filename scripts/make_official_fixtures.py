@@ -19,7 +19,11 @@ What runs where, on the tiny presets' prompts (`PROMPT`, a few hundred byte toke
   tokens are its system prompt, no chat template (empty postfix);
 * PyramidInfer: the official `LlamaForCausalLM` (models/modeling_llama_pyramidinfer.py) with the llama3_8b
   config, greedy generation; it needs transformers 4.46.3 (its requirements), so it runs in the interpreter
-  given by --pyramidinfer-python (torch + transformers==4.46.3), which reads only the weights written here.
+  given by --pyramidinfer-python (torch + transformers==4.46.3, e.g. `python -m venv pi && pi/bin/pip install
+  torch transformers==4.46.3`), which reads only the weights and ids written here. Its generation fixture cuts
+  nothing in the prefill and holds R fixed, and stops before any layer's second compression: the official code
+  recomputes R from the tokens seen at every step and compares the tokens seen in total with each layer's own
+  cache (see README, "Limits"), which the project does not.
 
 Each fixture holds the prompt ids, the official kept sets as packed bit masks [L, Hkv, n] (n = positions),
 the settings on both sides, and per-layer checksums of the captured keys (so a changed model is reported as

@@ -9,9 +9,11 @@ Conventions that differ, and how the fixtures were made to line up (the script's
   project counts them in C, the official code keeps them on top of its ratio;
 * ChunkKV: the window's chunks are always kept here; kvpress ranks them first by a score (+1 over the max);
 * PyramidInfer: the official model is LLaMA's, so tiny-mistral runs here without its sliding window; the
-  generation fixture cuts nothing in the prefill (decay 1.0): the official trigger compares the tokens seen in
-  total (DynamicCache.seen_tokens) with each layer's own length, so a layer whose prefill cut tokens compresses
-  earlier and then every step there, where the project compresses every layer every `update_interval` tokens.
+  generation fixture cuts nothing in the prefill (decay 1.0), holds R fixed (a recent ratio whose
+  int(ratio * tokens) stays 4) and ends before any layer's second compression: the official code recomputes R
+  from the tokens seen at every step, and its trigger compares the tokens seen in total (DynamicCache.seen_tokens)
+  with each layer's own length, so a layer whose prefill or last compression cut tokens compresses earlier and
+  then every few steps there, where the project compresses every layer every `update_interval` tokens.
 Ties are not an issue on these inputs (random weights, float32): the comparisons are exact.
 """
 
