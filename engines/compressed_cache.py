@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from exporter.policies import KVPolicy
-from trt_plugins.kvzip_select import reconstruction_attention
+from trt_plugins.kvzip_select import chunk_scores, reconstruction_attention
 from trt_plugins.pyramidinfer_select import (
     gather_alive,
     generation_keep,
@@ -57,7 +57,8 @@ class CompressedKVState:
     layers: dict[int, LayerCache] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # what a layer's selection leaves for later layers (index reuse)
     # KVzip's reconstruction pass (set while it runs): lengths [B], positions / taking_part [B, s] of the chunk
-    # being reconstructed, and scores {layer: [B, Hkv, q]} (the running maxima).
+    # being reconstructed, span (start, end) of the context slice it repeats, and scores {layer: [B, Hkv, q]}
+    # (each chunk fills its own slice).
     reconstruction: dict | None = None
     # PyramidInfer: the tokens the current layer of the prefill sees ([B, q] bool, left-padded like key_mask)
     alive: torch.Tensor | None = None
@@ -105,13 +106,16 @@ def _prefill_attention(state: CompressedKVState, query, key, value, scaling, sli
 
 
 def _reconstruction_attention(state: CompressedKVState, layer: int, query, key, value, sliding_window):
-    """KVzip's scoring: the chunk attends to the layer's whole context cache and to itself; the cache's scores
-    keep their maximum over the chunks. The chunk's own K/V are not kept."""
+    """KVzip's scoring: the chunk attends to the layer's whole context cache and to itself (the forward), and the
+    official score's softmax (sinks, the slice this chunk repeats, itself) scores that slice. The chunk's own K/V
+    are not kept."""
     cache, rec = state.layers[layer], state.reconstruction
-    out, scores = reconstruction_attention(query, key, value, cache.keys, cache.values, rec["lengths"],
-                                           rec["positions"], rec["taking_part"], sliding_window)
+    out = reconstruction_attention(query, key, value, cache.keys, cache.values, rec["lengths"], rec["positions"],
+                                   rec["taking_part"], sliding_window)
+    scores = chunk_scores(query, key, cache.keys, rec["lengths"], rec["taking_part"], *rec["span"],
+                          state.policy.sinks)
     best = rec["scores"].get(layer)
-    rec["scores"][layer] = scores if best is None else torch.maximum(best, scores)
+    rec["scores"][layer] = scores if best is None else torch.maximum(best, scores)  # disjoint slices
     return out, None
 
 

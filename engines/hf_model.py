@@ -39,3 +39,38 @@ def build_hf_model(loaded: LoadedModel, dtype: torch.dtype = torch.float32, attn
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config)
     return model.eval()
+
+
+CAPTURE_IMPLEMENTATION = "pkv_capture"
+
+
+@torch.inference_mode()
+def capture_prefill(loaded: LoadedModel, input_ids: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One prompt's FullKV prefill with Hugging Face's eager attention, recording what every layer's selection
+    reads: per layer `query` [1, H, q, d] and `key` / `value` [1, Hkv, q, d] post-RoPE, `hidden` [1, q, hidden]
+    (the attention's input, after its norm) and `cos` / `sin` [1, q, d] (the rotary tables)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    records: dict[int, dict[str, torch.Tensor]] = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        records.setdefault(module.layer_idx, {}).update(query=query.clone(), key=key.clone(), value=value.clone())
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE_IMPLEMENTATION, attention)
+    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, eager_mask)
+    model = build_hf_model(loaded, torch.float32, attn_implementation=CAPTURE_IMPLEMENTATION)
+
+    def before(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        records.setdefault(module.layer_idx, {}).update(hidden=kwargs["hidden_states"].clone(), cos=cos, sin=sin)
+
+    hooks = [layer.self_attn.register_forward_pre_hook(before, with_kwargs=True) for layer in model.model.layers]
+    try:
+        model(input_ids=torch.tensor([input_ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [records[i] for i in range(loaded.spec.num_layers)]

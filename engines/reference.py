@@ -30,7 +30,14 @@ from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
 from exporter.errors import UserInputError
 from exporter.policies import KVPolicy
-from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT, chunk_count, chunk_inputs, kvzip_select
+from trt_plugins.kvzip_select import (
+    FIRST_PROMPT,
+    LATER_PROMPT,
+    chunk_count,
+    chunk_inputs,
+    chunk_span,
+    kvzip_select,
+)
 
 
 class ReferenceEngine:
@@ -111,10 +118,12 @@ class ReferenceEngine:
         context = right_aligned(input_ids[:, None], mask.bool())[:, 0]  # [B, q] right-padded
         first, later = (self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
         state.reconstruction = {"lengths": lengths, "scores": {}}
-        for i in range(chunk_count(context.shape[1], pol.score_chunk)):
+        q = context.shape[1]
+        for i in range(chunk_count(q, pol.score_chunk, pol.sinks)):
             ids, positions, part = chunk_inputs(context, lengths, i, pol.score_chunk, pol.postfix, first, later,
-                                                self.pad_id)
-            state.reconstruction.update(positions=positions, taking_part=part)
+                                                self.pad_id, pol.sinks)
+            state.reconstruction.update(positions=positions, taking_part=part,
+                                        span=chunk_span(i, q, pol.score_chunk, pol.sinks))
             self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, pkv_state=state)
         scores = state.reconstruction["scores"]
         state.reconstruction = None

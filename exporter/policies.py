@@ -210,13 +210,16 @@ BUDGET_SCHEDULES = ("uniform", "pyramid")
 @register
 @dataclass(frozen=True)
 class ChunkKVPolicy(_BudgetedPolicy):
-    """ChunkKV: chunks of `chunk_size` prompt tokens, scored by the observation window and kept whole; layers in
-    groups of `reuse` rank chunks once, at the group's first layer (index reuse); budgets uniform (the paper)
+    """ChunkKV: the prompt cut into chunks of `chunk_size` tokens from position 0 (kvpress's grid), scored by the
+    observation window (optionally pooled: `kernel`, `pooling`) and kept whole, the window's chunks always; layers
+    in groups of `reuse` rank chunks once, at the group's first layer (index reuse); budgets uniform (the paper)
     or PyramidKV's pyramid (`budget_schedule`)."""
 
     name: ClassVar[str] = "chunkkv"
     plan_is_upper_bound: ClassVar[bool] = True
     chunk_size: int = 10
+    kernel: int = 1  # no pooling: the paper's Algorithm 1 (kvpress's SnapKVPress scorer: avg pooling, width 5)
+    pooling: str = "avg"
     reuse: int = 1
     budget_schedule: str = "uniform"
     beta: int = 20
@@ -225,6 +228,10 @@ class ChunkKVPolicy(_BudgetedPolicy):
     def validate(self) -> None:
         super().validate()
         _positive(self, "chunk_size", "reuse", "beta")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise UserInputError(f"--kernel must be a positive odd number (got {self.kernel})")
+        if self.pooling not in ("max", "avg"):
+            raise UserInputError(f"unknown pooling '{self.pooling}' (choose from max, avg)")
         if self.budget_schedule not in BUDGET_SCHEDULES:
             raise UserInputError(f"unknown budget schedule '{self.budget_schedule}' (choose from "
                                  f"{', '.join(BUDGET_SCHEDULES)})")
@@ -237,9 +244,9 @@ class ChunkKVPolicy(_BudgetedPolicy):
         return super().layer_selected(num_layers, prompt_len)
 
     def kept_prefix(self, selected: int) -> int:
-        """Prefix tokens a layer holds for a budget: whole chunks only (at most; fewer when the prompt's last,
-        partial chunk is one of them)."""
-        return selected // self.chunk_size * self.chunk_size
+        """At most `selected` besides the window: whole chunks, the window's chunks included (fewer when the
+        chunks do not fill the budget exactly)."""
+        return selected
 
     def scores_from(self, layer: int) -> int:
         """The layer whose chunk ranking `layer` uses: the first of its reuse group."""
@@ -250,7 +257,8 @@ class ChunkKVPolicy(_BudgetedPolicy):
         if shared is not None and source != layer:
             return chunkkv_from_scores(shared[("chunkkv", source)], keys, values, lengths, selected, self.window,
                                        self.chunk_size)
-        idx, k, v, scores = chunkkv_select(queries, keys, values, lengths, selected, self.window, self.chunk_size)
+        idx, k, v, scores = chunkkv_select(queries, keys, values, lengths, selected, self.window, self.chunk_size,
+                                           self.kernel, self.pooling)
         if shared is not None:
             shared[("chunkkv", layer)] = scores
         return idx, k, v
@@ -269,7 +277,7 @@ class KVzipPolicy(KVPolicy):
     window: ClassVar[int] = 0  # nothing is kept for being recent: the budget C is all scored pairs
     kv_budget: int = 128
     sinks: int = 4
-    score_chunk: int = 2048
+    score_chunk: int = 2000  # the official self_task chunk_size
     postfix: int = 8
 
     def validate(self) -> None:
@@ -295,8 +303,9 @@ class KVzipPolicy(KVPolicy):
 @dataclass(frozen=True)
 class PyramidInferPolicy(KVPolicy):
     """PyramidInfer: compression inside the prefill. After each layer the recent window's attention (mean over
-    heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a `decay` fraction
-    of it per layer (at least `min_context`); the recent window (last `recent_ratio` of the prompt) and the first
+    heads, rows weighted by recency) picks the pivotal context that goes on to the next layer, a fraction of it per
+    layer on the official configs' cosine ramp from 1 to `decay` (or `decay` at every layer: `geometric`), at least
+    `min_context`; the recent window (last `recent_ratio` of the prompt) and the first
     `sinks` tokens always stay. While generating, every `update_interval` tokens that leave the recent window are
     compressed the same way, `gen_decay` on the paper code's cosine ramp (trt_plugins.pyramidinfer_select).
     Prefill budgets follow from the prompt length alone."""
@@ -306,7 +315,7 @@ class PyramidInferPolicy(KVPolicy):
     window: ClassVar[int] = 0  # the recent window is part of what each layer reports as selected
     recent_ratio: float = 0.2
     decay: float = 0.9
-    decay_schedule: str = "geometric"
+    decay_schedule: str = "cosine"  # the official configs' prefill_decay_strategy
     min_context: int = 64
     sinks: int = 4
     distance_weight: float = 1.2

@@ -156,7 +156,8 @@ def main() -> None:
                 f"decode_speedup: FullKV ms/token / the method's; KVzip: scoring_ms = its reconstruction pass "
                 f"(`--score-chunk` {make_policy('kvzip').score_chunk} tokens per chunk), scoring_vs_prefill = that / "
                 f"FullKV's whole prefill, kv_span_over_held = bytes its per-layer layout spans / the kept pairs' "
-                f"bytes; PyramidInfer (paper defaults: recent window 20 % of the prompt, decay 0.9 per layer): "
+                f"bytes; PyramidInfer (the official llama3_8b config: recent window 20 % of the prompt, a cosine "
+                f"ramp from keeping 1 to 0.9 of the context per layer): "
                 f"selection_ms = its scoring and gathering between layers; with {args.new_tokens} new tokens its "
                 f"generation stage (after R + 16 tokens) does not start.\n\n"
                 f"{table}\n")

@@ -1,13 +1,23 @@
 """ChunkKV's selection (arXiv 2502.00299) in the same contract as `pyramidkv_select` (right padding, compact
-output, per-row budgets): chunks of `chunk_size` consecutive prompt tokens, scored together, kept together.
+output, per-row budgets): chunks of `chunk_size` consecutive prompt tokens, scored together, kept together. The
+chunk grid and the window's chunks are kvpress's (`ChunkKVPress` over `SnapKVPress`, the implementation the
+ChunkKV authors contributed):
 
-* token scores are SnapKV's observation scores (the last `window` real tokens attending, float32), no pooling;
-* a chunk's score is the sum of its tokens' scores over every query head (ChunkKV's Algorithm 1 sums the
-  observation scores over the chunk; kvpress sums over heads too): one selection for all KV heads of a layer;
-* the prefix [0, lengths[b] - w_b) is cut into chunks from position 0; the last one may be partial; chunks
-  beyond the prefix never count;
-* row b keeps its top floor(selected[b] / chunk_size) chunks (ties to the lower chunk), every token of them,
-  in original order, then its window;
+* token scores are SnapKV's observation scores of the prefix [0, lengths[b] - w_b) (the last w_b = min(window,
+  lengths[b]) real tokens attending, float32), averaged over each KV head's query group, pooled along keys as
+  the op spec pools (`kernel`, `pooling`; kernel 1 = none, the paper's Algorithm 1; kvpress's SnapKVPress
+  default is avg pooling of width 5, count_include_pad), and summed over the KV heads: one selection for all
+  KV heads of a layer;
+* the whole row [0, lengths[b]) is cut into chunks from position 0 (the last one may be partial); a chunk's
+  score is the sum of its tokens' scores (kvpress takes the mean: the same ranking, as every chunk but the last
+  is whole and the last one holds the window);
+* the chunks that hold any window token (from floor((lengths[b] - w_b) / chunk_size) on) are always kept, whole
+  (kvpress gives the window's tokens the highest score, so these chunks rank first there: here that is certain);
+  the boundary chunk keeps the prefix tokens it shares with the window;
+* row b keeps its window chunks (t_b tokens) and its top n_b = (selected[b] + w_b - t_b) // chunk_size other
+  chunks (ties to the lower chunk), every token of them, in original order: at most selected[b] + w_b tokens;
+  when chunk_size divides lengths[b] and the window, that is floor(selected[b] / chunk_size) chunks and the
+  window;
 * layer-wise index reuse: `chunkkv_from_scores` selects from chunk scores computed at another layer (the first
   of a group of `reuse` layers), skipping the attention scoring entirely; with a per-layer budget the layer
   takes its own number of chunks from the shared ranking.
@@ -23,6 +33,7 @@ from trt_plugins.pyramidkv_select import (
     gather_kept,
     observation_positions,
     observation_scores,
+    pool_scores,
     prefix_lengths,
     topk_lowest_index_first,
 )
@@ -32,46 +43,58 @@ def num_chunks(q: int, chunk_size: int) -> int:
     return -(-q // chunk_size)
 
 
+def window_chunks(lengths: torch.Tensor, window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] the first chunk holding a window token, and [B] how many chunks from it to the row's end."""
+    first = prefix_lengths(lengths, window) // chunk_size
+    return first, (lengths + chunk_size - 1) // chunk_size - first
+
+
 def chunk_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, window: int,
-                 chunk_size: int) -> torch.Tensor:
-    """queries [B, q, H, d], keys [B, Hkv, q, d], lengths [B] -> [B, C] float32, C = ceil(q / chunk_size);
-    -inf for chunks entirely outside a row's prefix."""
-    b, q = keys.shape[0], keys.shape[2]
+                 chunk_size: int, kernel: int = 1, pooling: str = "avg") -> torch.Tensor:
+    """queries [B, q, H, d], keys [B, Hkv, q, d], lengths [B] -> [B, C] float32, C = ceil(q / chunk_size):
+    +inf for the chunks holding the window, -inf for chunks at or after a row's end."""
+    b, hkv, q = keys.shape[0], keys.shape[1], keys.shape[2]
     lengths = lengths.to(torch.long).reshape(b)
     scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, "window"))
-    prefix = prefix_lengths(lengths, window)
-    tokens = scores.sum(dim=1).masked_fill(torch.arange(q)[None, :] >= prefix[:, None], 0.0)  # [B, q]
+    scores = scores.view(b, hkv, -1, q).mean(dim=2)  # [B, Hkv, q]: the query group's mean
+    in_prefix = (torch.arange(q)[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
+    tokens = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
+    tokens = tokens.masked_fill(~in_prefix, 0.0).sum(dim=1)  # [B, q]
     c = num_chunks(q, chunk_size)
     padded = torch.zeros(b, c * chunk_size, dtype=torch.float32)
     padded[:, :q] = tokens
     sums = padded.view(b, c, chunk_size).sum(dim=-1)  # [B, C]
-    starts = torch.arange(c) * chunk_size
-    return sums.masked_fill(starts[None, :] >= prefix[:, None], float("-inf"))
+    ids = torch.arange(c)[None, :]
+    first, _ = window_chunks(lengths, window, chunk_size)
+    sums = sums.masked_fill(ids >= first[:, None], float("inf"))
+    return sums.masked_fill(ids * chunk_size >= lengths[:, None], float("-inf"))
 
 
 def chunkkv_from_scores(scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                         selected: int | torch.Tensor, window: int, chunk_size: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the top floor(selected / chunk_size) chunks of `scores` [B, C] and the window.
+    """Keep each row's window chunks and its top n_b other chunks of `scores` [B, C] (module docstring).
 
-    keys/values [B, Hkv, q, d] -> indices [B, Hkv, max_chunks * chunk_size + min(window, q)], K/V alike."""
+    keys/values [B, Hkv, q, d] -> indices [B, Hkv, n] (n: the most tokens any row keeps), K/V alike."""
     b, hkv, q, _ = keys.shape
     lengths = lengths.to(torch.long).reshape(b)
     budgets = as_row_budgets(selected, b)
     check_budgets(budgets, lengths, window, q)
-    chunks = budgets // chunk_size  # [B]
-    top = topk_lowest_index_first(scores[:, None, :], chunks)[:, 0]  # [B, k] ascending chunk ids, -1 unused
-    offsets = torch.arange(chunk_size)
-    idx = top[:, :, None] * chunk_size + offsets[None, None, :]  # [B, k, c] token positions
-    prefix = prefix_lengths(lengths, window)
-    ok = (top[:, :, None] >= 0) & (idx < prefix[:, None, None])
+    first, n_window = window_chunks(lengths, window, chunk_size)
+    window_tokens = lengths - first * chunk_size  # t_b
+    others = torch.clamp(budgets + lengths.clamp(max=window) - window_tokens, min=0) // chunk_size
+    top = topk_lowest_index_first(scores[:, None, :], n_window + others)[:, 0]  # [B, k] ascending, -1 unused
+    idx = top[:, :, None] * chunk_size + torch.arange(chunk_size)[None, None, :]  # [B, k, c] token positions
+    ok = (top[:, :, None] >= 0) & (idx < lengths[:, None, None])
     idx = torch.where(ok, idx, -1).reshape(b, 1, -1).expand(b, hkv, -1)
-    return gather_kept(keys, values, idx, lengths, window)
+    idx, k, v = gather_kept(keys, values, idx, lengths, 0)  # the window is in its chunks
+    n = int((idx >= 0).sum(-1).max()) if idx.numel() else 0  # a partial chunk leaves slots unused: drop them
+    return idx[..., :n], k[..., :n, :], v[..., :n, :]
 
 
 def chunkkv_select(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                   selected: int | torch.Tensor, window: int, chunk_size: int = 10
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   selected: int | torch.Tensor, window: int, chunk_size: int = 10, kernel: int = 1,
+                   pooling: str = "avg") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score chunks, keep the best: (indices, K, V as `chunkkv_from_scores`, the chunk scores [B, C])."""
-    scores = chunk_scores(queries, keys, lengths, window, chunk_size)
+    scores = chunk_scores(queries, keys, lengths, window, chunk_size, kernel, pooling)
     return (*chunkkv_from_scores(scores, keys, values, lengths, selected, window, chunk_size), scores)

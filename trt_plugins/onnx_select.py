@@ -106,16 +106,24 @@ def _topk_window_gather(g: GraphBuilder, scores: str, selected: str, keys: str, 
 
 def _window_sort_gather(g: GraphBuilder, picks: str, keys: str, values: str, lengths: str, q: str, heads: int,
                         head_dim: int, window: int) -> None:
-    """picks [B, Hc, k] float positions (float(q) = unused) + each row's window -> kept_indices (ascending,
-    compact, -1 after), keys_out / values_out gathered from keys / values [B, Hc, q, d]."""
-    w_eff, _, win = _window(g, q, lengths, window)
+    """picks [B, Hc, k] float positions (float(q) = unused) + each row's window (none for window 0) ->
+    kept_indices (ascending, compact, -1 after), keys_out / values_out gathered from keys / values [B, Hc, q, d]."""
     sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
-    b = g.dim(keys, 0)
-    win_f = g.op("Where", g.op("GreaterOrEqual", win, g.const(0)), g.op("Cast", win, to=TensorProto.FLOAT), sentinel)
-    win_f = g.op("Expand", g.unsqueeze(win_f, [1]), g.concat(b, g.const([heads]), w_eff))  # [B, Hc, w']
-    both = g.op("Concat", picks, win_f, axis=-1)  # [B, Hc, k + w']
+    both = picks
+    if window > 0:
+        w_eff, _, win = _window(g, q, lengths, window)
+        b = g.dim(keys, 0)
+        win_f = g.op("Where", g.op("GreaterOrEqual", win, g.const(0)), g.op("Cast", win, to=TensorProto.FLOAT),
+                     sentinel)
+        win_f = g.op("Expand", g.unsqueeze(win_f, [1]), g.concat(b, g.const([heads]), w_eff))  # [B, Hc, w']
+        both = g.op("Concat", picks, win_f, axis=-1)  # [B, Hc, k + w']
     # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
     asc = g.op("TopK", both, g.dim(both, 2), outputs=2, axis=-1, largest=0, sorted=1)[0]
+    if window == 0:  # ChunkKV: a partial chunk leaves slots unused; the output spans the longest row only
+        used = g.op("Cast", g.op("Less", asc, sentinel), to=TensorProto.INT64)
+        longest = g.reshape(g.op("ReduceMax", g.op("ReduceSum", used, g.const([2]), keepdims=0), keepdims=1),
+                            g.const([1]))
+        asc = g.slice(asc, g.const([0]), longest, axis=2)
     kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1),
                 outputs=["kept_indices"])
     gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
@@ -140,6 +148,20 @@ def _scores_output(g: GraphBuilder, raw: str, pooled: str) -> None:
     """The optional 4th output, `scores` [B, Hc, 2, q] float32: raw (prefix only, group mean) and pooled, as the
     Triton kernel's scratch holds them (the TensorRT plugin returns that scratch as its 4th output)."""
     g.op("Concat", g.unsqueeze(raw, [2]), g.unsqueeze(pooled, [2]), axis=2, outputs=["scores"])
+
+
+def _pool(g: GraphBuilder, scores: str, q: str, kernel: int, pooling: str) -> str:
+    """1-D pooling of scores [B, C, q] along keys, stride 1, padding kernel // 2 (`pool_scores`)."""
+    if pooling == "none" or kernel <= 1:
+        return scores
+    rows_ = g.op("Mul", g.dim(scores, 0), g.dim(scores, 1))  # explicit B * C: -1 fails on empty tensors
+    flat = g.reshape(scores, g.concat(rows_, g.const([1]), q))  # [B * C, 1, q]
+    pads = [kernel // 2, kernel // 2]
+    if pooling == "max":
+        pooled = g.op("MaxPool", flat, kernel_shape=[kernel], pads=pads, strides=[1])
+    else:
+        pooled = g.op("AveragePool", flat, kernel_shape=[kernel], pads=pads, strides=[1], count_include_pad=1)
+    return g.reshape(pooled, g.op("Shape", scores))
 
 
 def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
@@ -171,15 +193,7 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
     _, prefix, _ = _window(g, q, lengths, window)
     in_prefix = g.unsqueeze(g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1])), [1])  # [B, 1, q]
     scores = raw = g.op("Where", in_prefix, scores, g.const(0.0, np.float32))
-    if pooling != "none" and kernel > 1:
-        rows_ = g.op("Mul", g.dim(scores, 0), g.dim(scores, 1))  # explicit B * Hc: -1 fails on empty tensors
-        flat = g.reshape(scores, g.concat(rows_, g.const([1]), q))  # [B * Hc, 1, q]
-        pads = [kernel // 2, kernel // 2]
-        if pooling == "max":
-            pooled = g.op("MaxPool", flat, kernel_shape=[kernel], pads=pads, strides=[1])
-        else:
-            pooled = g.op("AveragePool", flat, kernel_shape=[kernel], pads=pads, strides=[1], count_include_pad=1)
-        scores = g.reshape(pooled, g.op("Shape", scores))
+    scores = _pool(g, scores, q, kernel, pooling)
     if with_scores:
         _scores_output(g, raw, scores)
     scores = g.op("Where", in_prefix, scores, g.const(float("-inf"), np.float32))
@@ -217,23 +231,32 @@ CHUNKKV_GATHER_INPUTS = ["chunk_scores", "keys", "values", "lengths", "selected"
 
 def _chunk_picks(g: GraphBuilder, chunk_scores: str, selected: str, lengths: str, q: str, heads: int,
                  chunk_size: int, window: int) -> str:
-    """Top floor(selected / c) chunks of chunk_scores [B, C] -> float token picks [B, Hc, k * c] (float(q): none)."""
+    """Each row's window chunks and its top n_b other chunks of chunk_scores [B, C] (+inf on the window's chunks)
+    -> float token picks [B, Hc, k * c] (float(q): none), as `chunkkv_from_scores`."""
     _, prefix, _ = _window(g, q, lengths, window)
-    chunks = g.op("Div", selected, g.const(chunk_size))  # [B]
+    c = g.const(chunk_size)
+    first = g.op("Div", prefix, c)  # [B] the first chunk holding a window token
+    n_window = g.op("Sub", g.op("Div", g.op("Add", lengths, g.const(chunk_size - 1)), c), first)
+    window_tokens = g.op("Sub", lengths, g.op("Mul", first, c))  # t_b
+    free = g.op("Sub", g.op("Add", selected, g.op("Sub", lengths, prefix)), window_tokens)  # selected + w_b - t_b
+    chunks = g.op("Add", n_window, g.op("Div", g.op("Max", free, g.const(0)), c))  # [B]
     k = g.op("ReduceMax", chunks, keepdims=1)
     _, top = g.op("TopK", g.unsqueeze(chunk_scores, [1]), k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, 1, k]
     used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
                 g.unsqueeze(chunks, [1, 2]))
-    tokens = g.op("Add", g.unsqueeze(g.op("Mul", top, g.const(chunk_size)), [3]),
+    tokens = g.op("Add", g.unsqueeze(g.op("Mul", top, c), [3]),
                   g.const(np.arange(chunk_size).reshape(1, 1, 1, chunk_size)))  # [B, 1, k, c]
-    ok = g.op("And", g.unsqueeze(used, [3]), g.op("Less", tokens, g.unsqueeze(prefix, [1, 2, 3])))
+    ok = g.op("And", g.unsqueeze(used, [3]), g.op("Less", tokens, g.unsqueeze(lengths, [1, 2, 3])))
     picks = g.op("Where", ok, g.op("Cast", tokens, to=TensorProto.FLOAT), g.op("Cast", q, to=TensorProto.FLOAT))
     picks = g.reshape(picks, g.concat(g.dim(chunk_scores, 0), g.const([1, -1])))  # [B, 1, k * c]
     return g.op("Expand", picks, g.concat(g.dim(chunk_scores, 0), g.const([heads]), g.dim(picks, 2)))
 
 
-def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int,
-                            head_dim: int) -> onnx.FunctionProto:
+CHUNKKV_ATTRIBUTES = ["window", "chunk_size", "kernel", "pooling"]
+
+
+def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                            kernel: int = 1, pooling: str = "avg") -> onnx.FunctionProto:
     """ChunkKVSelect(queries, keys, values, lengths, selected) -> kept_indices, keys_out, values_out, chunk_scores
     [B, C], as `trt_plugins.chunkkv_select.chunkkv_select`."""
     g = GraphBuilder("chunksel_")
@@ -246,21 +269,27 @@ def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv
                 g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
     block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
     scores = _block_scores(g, block_q, rows, kf, lengths, cols, num_heads, num_kv_heads, head_dim)  # [B, H, q]
-    tokens = g.op("ReduceSum", scores, g.const([1]), keepdims=0)  # [B, q]: over every query head
-    in_prefix = g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1]))
-    tokens = g.op("Where", in_prefix, tokens, g.const(0.0, np.float32))
+    group = num_heads // num_kv_heads
+    scores = g.op("ReduceMean", g.reshape(scores, g.const([0, num_kv_heads, group, -1])), g.const([2]),
+                  keepdims=0)  # [B, Hkv, q]
+    in_prefix = g.unsqueeze(g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1])), [1])  # [B, 1, q]
+    scores = _pool(g, g.op("Where", in_prefix, scores, g.const(0.0, np.float32)), q, kernel, pooling)
+    tokens = g.op("ReduceSum", g.op("Where", in_prefix, scores, g.const(0.0, np.float32)), g.const([1]),
+                  keepdims=0)  # [B, q]: over the KV heads
     n_chunks = g.op("Div", g.op("Add", q, g.const([chunk_size - 1])), g.const([chunk_size]))  # [1]
     pad = g.op("Sub", g.op("Mul", n_chunks, g.const([chunk_size])), q)
     padded = g.op("Pad", tokens, g.concat(g.const([0, 0, 0]), pad))  # [B, C * c]
     sums = g.op("ReduceSum", g.reshape(padded, g.concat(g.dim(tokens, 0), n_chunks, g.const([chunk_size]))),
                 g.const([2]), keepdims=0)  # [B, C]
-    starts = g.op("Mul", g.op("Range", g.const(0), g.scalar(n_chunks), g.const(1)), g.const(chunk_size))
-    g.op("Where", g.op("Less", g.unsqueeze(starts, [0]), g.unsqueeze(prefix, [1])), sums,
+    ids = g.unsqueeze(g.op("Range", g.const(0), g.scalar(n_chunks), g.const(1)), [0])  # [1, C]
+    first = g.unsqueeze(g.op("Div", prefix, g.const(chunk_size)), [1])  # [B, 1]
+    sums = g.op("Where", g.op("GreaterOrEqual", ids, first), g.const(float("inf"), np.float32), sums)
+    g.op("Where", g.op("Less", g.op("Mul", ids, g.const(chunk_size)), g.unsqueeze(lengths, [1])), sums,
          g.const(float("-inf"), np.float32), outputs=["chunk_scores"])
     picks = _chunk_picks(g, "chunk_scores", selected, lengths, q, num_kv_heads, chunk_size, window)
-    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)  # the window is in its chunks
     return g.make_function("ChunkKVSelect", CHUNKKV_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
-                           attributes=["window", "chunk_size"])
+                           attributes=CHUNKKV_ATTRIBUTES)
 
 
 def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
@@ -270,6 +299,6 @@ def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, hea
     scores, keys, values, lengths, selected = CHUNKKV_GATHER_INPUTS
     q = g.dim(keys, 2)
     picks = _chunk_picks(g, scores, selected, lengths, q, num_kv_heads, chunk_size, window)
-    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)
     return g.make_function("ChunkKVGather", CHUNKKV_GATHER_INPUTS, SELECT_OUTPUTS,
                            attributes=["window", "chunk_size"])

@@ -60,27 +60,56 @@ def _chunk_bias(g: GraphBuilder, cfg: GraphConfig, n: str, lengths: str, positio
     return g.unsqueeze(g.op("Where", visible, g.const(0.0, np.float32), g.const(F32_MIN, np.float32)), [1])
 
 
+def _score_bias(g: GraphBuilder, n_sinks: str, lengths: str, start: str, end: str, part: str) -> str:
+    """[B, 1, s, ns + n + s] f32 for the official score's softmax: 0 where input token i may see key j (the row's
+    real sink keys, the real keys of the slice [start, end) this chunk repeats, its own input up to itself),
+    F32_MIN elsewhere (trt_plugins.kvzip_select.chunk_scores). Computed once per chunk for every layer."""
+    cols = g.op("Concat", g.op("Range", g.const(0), g.scalar(n_sinks), g.const(1)),
+                g.op("Range", g.scalar(start), g.scalar(end), g.const(1)), axis=0)  # [ns + n] context positions
+    b, s = g.dim(part, 0), g.dim(part, 1)
+    real = g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(lengths, [1]))  # [B, ns + n]
+    real = g.op("Expand", g.unsqueeze(real, [1]), g.concat(b, s, g.dim(cols, 0)))  # [B, s, ns + n]
+    j = g.op("Range", g.const(0), g.scalar(s), g.const(1))
+    causal = g.op("LessOrEqual", g.unsqueeze(j, [0]), g.unsqueeze(j, [1]))  # [s, s]: key j' <= row j
+    causal = g.op("Expand", g.unsqueeze(causal, [0]), g.concat(b, s, s))
+    visible = g.op("Concat", real, causal, axis=2)  # [B, s, ns + n + s]
+    return g.unsqueeze(g.op("Where", visible, g.const(0.0, np.float32), g.const(F32_MIN, np.float32)), [1])
+
+
 def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], n: str, bias: str,
-            best: str) -> tuple[str, str]:
+            span: dict[str, str], best: str) -> tuple[str, str]:
     """One layer of the reconstruction: h [B, s, hidden] -> (attention output [B, s, H*d], new best scores
-    [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; n: q as [1]; bias: `_chunk_bias`.
-    Five passes over the [B, H, s, q + s] scores (MatMul, Add, Softmax, MatMul, ReduceMax): they dominate."""
+    [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; n: q as [1]; bias: `_chunk_bias`; span: the
+    chunk's `start`, `end` (the slice it repeats, [1]), `sinks` (ns, [1]), `bias` (`_score_bias`), `part`
+    ([B, 1, s, 1] f32). The forward's five passes over [B, H, s, q + s] scores dominate; the official score's
+    softmax runs over [B, H, s, ns + n + s] only."""
     g, s = lay.g, lay.s
     hkv, heads, d = s.num_kv_heads, s.num_heads, s.head_dim
     q, k, v = lay.qkv(h, layer, *rope)
     q4 = g.op("Mul", g.op("Cast", lay.to_heads(q, heads), to=TensorProto.FLOAT), g.const(d**-0.5, np.float32))
-    keys = g.op("Cast", g.op("Concat", cache[0], lay.to_heads(k, hkv), axis=2), to=TensorProto.FLOAT)
+    qg = g.reshape(q4, g.const([0, hkv, -1, d]))  # each KV head's query group: [B, Hkv, g * s, d]
+    own_k = lay.to_heads(k, hkv)
+    keys = g.op("Cast", g.op("Concat", cache[0], own_k, axis=2), to=TensorProto.FLOAT)
     values = g.op("Cast", g.op("Concat", cache[1], lay.to_heads(v, hkv), axis=2), to=TensorProto.FLOAT)
-    # Each KV head's query group in one MatMul: [B, Hkv, g * s, d] @ [B, Hkv, d, q + s].
-    logits = g.op("MatMul", g.reshape(q4, g.const([0, hkv, -1, d])), g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+    logits = g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2]))  # [B, Hkv, g * s, q + s]
     logits = g.op("Add", g.reshape(logits, g.const([0, heads, -1, 0])), bias)  # [B, H, s, q + s]
     probs = g.op("Softmax", logits, axis=-1)
     out = g.op("MatMul", g.reshape(probs, g.const([0, hkv, -1, 0])), values)  # [B, Hkv, g * s, d]
     out = g.op("Cast", g.reshape(out, g.const([0, heads, -1, d])), to=lay.cfg.onnx_dtype)
     out = g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * d]))
-    per_head = g.slice(g.op("ReduceMax", probs, g.const([2]), keepdims=0), g.const([0]), n, axis=2)  # [B, H, q]
-    grouped = g.op("ReduceMax", g.reshape(per_head, g.concat(g.const([0, hkv, -1]), n)), g.const([2]), keepdims=0)
-    return out, g.op("Max", best, grouped)
+    # The official score: sinks + the repeated slice + the chunk's own keys.
+    start, end, ns = span["start"], span["end"], span["sinks"]
+    score_keys = g.op("Cast", g.op("Concat", g.slice(cache[0], g.const([0]), ns, axis=2),
+                                   g.slice(cache[0], start, end, axis=2), own_k, axis=2), to=TensorProto.FLOAT)
+    slog = g.op("MatMul", qg, g.op("Transpose", score_keys, perm=[0, 1, 3, 2]))
+    sprobs = g.op("Softmax", g.op("Add", g.reshape(slog, g.const([0, heads, -1, 0])), span["bias"]), axis=-1)
+    per_head = g.op("ReduceMax", g.op("Mul", sprobs, span["part"]), g.const([2]), keepdims=0)  # [B, H, ns + n + s]
+    width = g.op("Sub", end, start)
+    per_head = g.slice(per_head, ns, g.op("Add", ns, width), axis=2)  # [B, H, n]: the slice's tokens
+    grouped = g.op("ReduceMax", g.reshape(per_head, g.concat(g.const([0, hkv, heads // hkv]), width)), g.const([2]),
+                   keepdims=0)  # [B, Hkv, n]
+    full = g.op("Pad", grouped, g.concat(g.const([0, 0]), start, g.const([0, 0]), g.op("Sub", n, end)))
+    return out, g.op("Max", best, full)  # [B, Hkv, q]: the chunks' slices are disjoint
 
 
 def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: list[tuple[str, str]], lengths: str,
@@ -89,14 +118,15 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
     s, pol = cfg.spec, cfg.policy
     num_layers = s.num_layers
     q = g.dim("input_ids", 1)
-    chunks = g.op("Max", g.op("Div", g.op("Add", q, g.const([pol.score_chunk - 1])), g.const([pol.score_chunk])),
+    rest = g.op("Sub", q, g.const([pol.sinks]))  # the context after the sinks ("system prompt")
+    chunks = g.op("Max", g.op("Div", g.op("Add", rest, g.const([pol.score_chunk - 1])), g.const([pol.score_chunk])),
                   g.const([1]))
     zeros = g.op("ConstantOfShape", g.concat(g.dim("input_ids", 0), g.const([s.num_kv_heads]), q),
                  value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     b = GraphBuilder(g.prefix + "rec_")
     body = Layers(b, cfg, target)
     i = b.unsqueeze("rec_i", [0])
-    start = b.op("Mul", i, b.const([pol.score_chunk]))
+    start = b.op("Min", b.op("Add", b.op("Mul", i, b.const([pol.score_chunk])), b.const([pol.sinks])), q)
     end = b.op("Min", b.op("Add", start, b.const([pol.score_chunk])), q)
     batch = b.dim("input_ids", 0)
     prompt = _prompt(b, cfg, prompts, start, i, batch)
@@ -109,6 +139,9 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
     positions = b.op("Add", row_len, j)  # [B, s]
     rope = body.rope_tables(positions)
     bias = _chunk_bias(b, cfg, q, lengths, positions, part)
+    n_sinks = b.op("Min", b.const([pol.sinks]), q)
+    span = {"start": start, "end": end, "sinks": n_sinks, "bias": _score_bias(b, n_sinks, lengths, start, end, part),
+            "part": b.unsqueeze(b.op("Cast", part, to=TensorProto.FLOAT), [1, 3])}
     x = b.op("Gather", "model.embed_tokens.weight", ids, axis=0)
     best = [f"rec_best_{layer}" for layer in range(num_layers)]
     new_best = []
@@ -119,7 +152,7 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
             residual, h = x, target.norm(body, x, p + "input_layernorm.weight")
         else:
             residual, h = target.add_norm(body, residual, h, p + "input_layernorm.weight")
-        attn, scores = _attend(body, h, layer, rope, caches[layer], q, bias, best[layer])
+        attn, scores = _attend(body, h, layer, rope, caches[layer], q, bias, span, best[layer])
         new_best.append(scores)
         if layer == num_layers - 1:
             break

@@ -57,7 +57,7 @@ def _select(g: GraphBuilder, lay: Layers, layer: int, queries: str, k4: str, v4:
                         window=pol.window, chunk_size=pol.chunk_size)
         q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))
         return g.op("ChunkKVSelect", q4, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
-                    window=pol.window, chunk_size=pol.chunk_size)
+                    window=pol.window, chunk_size=pol.chunk_size, kernel=pol.kernel, pooling=pol.pooling)
     attrs = lay.target.select_attributes()
     outputs = 3
     if attrs:
@@ -188,7 +188,7 @@ def make_model(g: GraphBuilder, cfg: GraphConfig, name: str, inputs, outputs, in
         scores = bool(target.select_attributes())  # the plugin's 4th output: the function has it too
         if pol.name == "chunkkv":
             functions.append(chunkkv_select_function(pol.window, pol.chunk_size, s.num_heads, s.num_kv_heads,
-                                                     s.head_dim))
+                                                     s.head_dim, pol.kernel, pol.pooling))
             if pol.reuse > 1:
                 functions.append(chunkkv_gather_function(pol.window, pol.chunk_size, s.num_kv_heads, s.head_dim))
         elif pol.name == "streamingllm":

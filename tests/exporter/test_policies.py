@@ -66,7 +66,7 @@ def test_select_contract(name, granularity):
     keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
     idx, k, v = policy.select(torch.randn(b, q, h, d), keys, values, lengths, 12)
     hc = h if policy.cache_heads_are_query_heads else hkv
-    exact = name != "chunkkv"  # ChunkKV keeps whole chunks: floor(12 / chunk_size) of them
+    exact = name != "chunkkv"  # ChunkKV keeps whole chunks (the window's included): at most 12 + 4 tokens
     assert idx.shape[:2] == (b, hc) and (idx.shape[2] == 16 if exact else idx.shape[2] <= 16)
     assert k.shape == (*idx.shape, d) and v.shape == k.shape
     for row, n in enumerate(lengths.tolist()):
@@ -95,16 +95,21 @@ def test_budgets_per_policy(name):
 
 
 def test_pyramidinfer_budgets_follow_the_prompt_length():
-    """The recent window (1 + int(0.2 q)) always, the context shrinking by `decay` per layer down to
-    `min_context` (a cut below it keeps the layer's context whole), layer 0 caching the whole prompt."""
+    """The recent window (1 + int(0.2 q)) always, the context shrinking per layer down to `min_context` (a cut
+    below it keeps the layer's context whole), layer 0 caching the whole prompt. The default schedule is the
+    official configs' (prefill_decay_strategy "cosine", prefill_decay_ratio 0.9): layer l keeps
+    0.1 * (cos(pi l / L) + 1) / 2 + 0.9 of its context; `geometric` keeps `decay` at every layer."""
     policy = make_policy("pyramidinfer")
+    assert policy.decay_schedule == "cosine" and policy.decay == 0.9
     assert policy.layer_selected(4, 60) is None  # context 48 <= min_context 64: nothing to cut
-    counts = policy.layer_selected(4, 1000)  # R = 200, context 799
-    assert counts == [1000, 201 + 719, 201 + 647, 201 + 582]
-    deep = policy.layer_selected(48, 1000)
+    counts = policy.layer_selected(4, 1000)  # R = 200, context 799; keeps 1.0, 0.9854, 0.95 at layers 0-2
+    assert counts == [1000, 1000, 201 + 787, 201 + 747]
+    geometric = make_policy("pyramidinfer", decay_schedule="geometric")
+    assert geometric.layer_selected(4, 1000) == [1000, 201 + 719, 201 + 647, 201 + 582]
+    deep = geometric.layer_selected(48, 1000)
     last = deep[-1] - 201  # once a cut would cross min_context, the context stays as it is
     assert last > 64 and int(last * 0.9) <= 64 and deep[-3:] == [deep[-1]] * 3
-    cosine = make_policy("pyramidinfer", decay_schedule="cosine", decay=0.5).layer_selected(4, 1000)
+    cosine = make_policy("pyramidinfer", decay=0.5).layer_selected(4, 1000)
     assert cosine[1] == 1000 and cosine[2] < cosine[1]  # the paper code's ramp keeps everything at layer 0
 
 

@@ -1,5 +1,5 @@
-"""ChunkKV's selection: the spec against a naive loop written from the paper's Algorithm 1, the ONNX functions
-(scoring and index reuse) against the spec, run by onnxruntime."""
+"""ChunkKV's selection: the spec against a naive loop written from the paper's Algorithm 1 on kvpress's chunk grid,
+the ONNX functions (scoring and index reuse) against the spec, run by onnxruntime."""
 
 from __future__ import annotations
 
@@ -27,18 +27,21 @@ def inputs(seed, q=40, lengths=(40, 29)):
             torch.randn(b, HKV, q, D, generator=g), torch.tensor(lengths))
 
 
-def naive(queries, keys, lengths, selected, window, c):
-    """Per row: token score = sum over query heads and window rows of softmax attention; chunk score = sum of its
-    tokens in the prefix; top floor(sel / c) chunks (ties to the lower chunk); their tokens then the window."""
+def naive(queries, keys, lengths, selected, window, c, kernel=1, pooling="avg"):
+    """Per row: token score = the window rows' softmax attention summed, averaged over each KV head's query group,
+    pooled along the prefix (zeros around it; avg divides by the kernel), summed over the KV heads; the row cut
+    into chunks from position 0 (kvpress's grid); the chunks holding a window token always, then the top
+    (sel + w - t) // c other chunks by summed score (ties to the lower chunk), t = the window chunks' tokens."""
     b_, q = keys.shape[0], keys.shape[2]
+    group = H // HKV
     rows = []
     for b in range(b_):
         n = int(lengths[b])
         w = min(window, n)
         prefix = n - w
-        score = [0.0] * q
+        per_head = [[0.0] * q for _ in range(H)]
         for h in range(H):
-            kv = h // (H // HKV)
+            kv = h // group
             for pos in range(n - min(window, q), n):
                 if pos < 0:
                     continue
@@ -47,11 +50,19 @@ def naive(queries, keys, lengths, selected, window, c):
                 m = max(logits)
                 z = sum(math.exp(x - m) for x in logits)
                 for j in range(pos + 1):
-                    score[j] += math.exp(logits[j] - m) / z
-        chunks = [(i, sum(score[j] for j in range(i * c, min((i + 1) * c, prefix)))) for i in range(-(-prefix // c))]
-        top = sorted(chunks, key=lambda x: (-x[1], x[0]))[: selected[b] // c]
-        kept = sorted(j for i, _ in top for j in range(i * c, min((i + 1) * c, prefix))) + list(range(prefix, n))
-        rows.append(kept)
+                    per_head[h][j] += math.exp(logits[j] - m) / z
+        score = [0.0] * q
+        for kv in range(HKV):
+            mean = [sum(per_head[kv * group + g][j] for g in range(group)) / group if j < prefix else 0.0
+                    for j in range(q)]
+            for j in range(prefix):
+                near = [mean[i] if 0 <= i < prefix else 0.0 for i in range(j - kernel // 2, j + kernel // 2 + 1)]
+                score[j] += sum(near) / kernel if pooling == "avg" else max(near)
+        first = prefix // c
+        t = n - first * c
+        others = [(i, sum(score[j] for j in range(i * c, (i + 1) * c))) for i in range(first)]
+        top = sorted(others, key=lambda x: (-x[1], x[0]))[: max(0, (selected[b] + w - t) // c)]
+        rows.append(sorted(j for i, _ in top for j in range(i * c, (i + 1) * c)) + list(range(first * c, n)))
     return rows
 
 
@@ -59,12 +70,14 @@ def held(idx):
     return [[sorted(x for x in head if x >= 0) for head in row] for row in idx.tolist()]
 
 
-@pytest.mark.parametrize("chunk,seed", [(10, 0), (4, 1), (7, 2)])
-def test_spec_equals_naive_loop(chunk, seed):
+@pytest.mark.parametrize("chunk,seed,kernel,pooling", [(10, 0, 1, "avg"), (4, 1, 1, "avg"), (7, 2, 1, "avg"),
+                                                       (6, 3, 5, "avg"), (3, 4, 3, "max")])
+def test_spec_equals_naive_loop(chunk, seed, kernel, pooling):
     queries, keys, values, lengths = inputs(seed)
     selected = [20, 13]
-    idx, k, _, scores = chunkkv_select(queries, keys, values, lengths, torch.tensor(selected), W, chunk)
-    want = naive(queries, keys, lengths, selected, W, chunk)
+    idx, k, _, scores = chunkkv_select(queries, keys, values, lengths, torch.tensor(selected), W, chunk, kernel,
+                                       pooling)
+    want = naive(queries, keys, lengths, selected, W, chunk, kernel, pooling)
     for b, row in enumerate(held(idx)):
         assert all(head == want[b] for head in row), (b, row[0], want[b])
     assert scores.shape == (2, -(-40 // chunk))
@@ -103,16 +116,18 @@ def session(fn, names, attrs, n_out):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("chunk,lengths,selected", [(10, (40, 29), (20, 13)), (3, (40, 7), (25, 2)),
-                                                    (10, (40, 40), (5, 5))])
-def test_onnx_functions_equal_the_spec(chunk, lengths, selected):
+@pytest.mark.parametrize("chunk,lengths,selected,kernel,pooling", [
+    (10, (40, 29), (20, 13), 1, "avg"), (3, (40, 7), (25, 2), 1, "avg"), (10, (40, 40), (5, 5), 1, "avg"),
+    (4, (40, 31), (20, 13), 5, "avg"), (7, (40, 23), (18, 11), 3, "max")])
+def test_onnx_functions_equal_the_spec(chunk, lengths, selected, kernel, pooling):
     queries, keys, values, lens = inputs(5, lengths=lengths)
     sel = torch.tensor(selected)
-    want = chunkkv_select(queries, keys, values, lens, sel, W, chunk)
+    want = chunkkv_select(queries, keys, values, lens, sel, W, chunk, kernel, pooling)
     feeds = {"queries": queries.numpy(), "keys": keys.numpy(), "values": values.numpy(), "lengths": lens.numpy(),
              "selected": sel.numpy()}
-    sess = session(chunkkv_select_function(W, chunk, H, HKV, D), ["queries", "keys", "values", "lengths", "selected"],
-                   dict(window=W, chunk_size=chunk), 4)
+    sess = session(chunkkv_select_function(W, chunk, H, HKV, D, kernel, pooling),
+                   ["queries", "keys", "values", "lengths", "selected"],
+                   dict(window=W, chunk_size=chunk, kernel=kernel, pooling=pooling), 4)
     got = sess.run(None, feeds)
     assert np.array_equal(got[0], want[0].numpy()) and np.array_equal(got[1], want[1].numpy())
     np.testing.assert_allclose(got[3], want[3].numpy(), rtol=1e-5)

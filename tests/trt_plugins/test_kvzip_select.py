@@ -2,7 +2,15 @@
 
 import torch
 
-from trt_plugins.kvzip_select import SINK_SCORE, chunk_count, chunk_inputs, kvzip_select, reconstruction_attention
+from trt_plugins.kvzip_select import (
+    SINK_SCORE,
+    chunk_count,
+    chunk_inputs,
+    chunk_scores,
+    chunk_span,
+    kvzip_select,
+    reconstruction_attention,
+)
 
 FIRST, LATER, PAD = [101, 102], [201, 202, 203], 0
 
@@ -24,7 +32,19 @@ def test_chunk_inputs_follow_the_papers_prompts():
     assert ids[0].tolist() == LATER + list(range(9, 17)) + list(range(17, 21))  # postfix capped at one chunk
 
 
-def test_reconstruction_attention_equals_a_written_out_softmax():
+def test_chunks_start_after_the_sinks():
+    """The sinks play the official code's system prompt: the reconstructed context starts after them."""
+    context = torch.arange(1, 21).expand(1, 20).clone()
+    lengths = torch.tensor([20])
+    assert chunk_count(20, 8, sinks=4) == 2 and chunk_count(20, 8, sinks=20) == 1
+    assert chunk_span(0, 20, 8, 4) == (4, 12) and chunk_span(1, 20, 8, 4) == (12, 20)
+    ids, _, _ = chunk_inputs(context, lengths, 0, 8, 3, FIRST, LATER, PAD, sinks=4)
+    assert ids[0].tolist() == FIRST + list(range(5, 13))
+    ids, _, _ = chunk_inputs(context, lengths, 1, 8, 3, FIRST, LATER, PAD, sinks=4)
+    assert ids[0].tolist() == LATER + [10, 11, 12] + list(range(13, 21))
+
+
+def test_reconstruction_forward_equals_a_written_out_softmax():
     torch.manual_seed(0)
     b, h, hkv, q, s, d = 2, 4, 2, 10, 5, 8
     lengths = torch.tensor([10, 6])
@@ -34,8 +54,7 @@ def test_reconstruction_attention_equals_a_written_out_softmax():
     positions = lengths[:, None] + torch.arange(s)
     part = torch.tensor([[True] * 5, [True, True, True, False, False]])
     for window in (None, 9):
-        out, scores = reconstruction_attention(query, own_k, own_v, cache_k, cache_v, lengths, positions, part, window)
-        want_scores = torch.zeros(b, hkv, q)
+        out = reconstruction_attention(query, own_k, own_v, cache_k, cache_v, lengths, positions, part, window)
         for row in range(b):
             n = int(lengths[row])
             for head in range(h):
@@ -49,12 +68,43 @@ def test_reconstruction_attention_equals_a_written_out_softmax():
                     logits = keys @ query[row, head, i] / d**0.5
                     if window is not None:
                         logits = logits.masked_fill(p - key_pos >= window, float("-inf"))
-                    probs = torch.softmax(logits, -1)
-                    torch.testing.assert_close(out[row, i, head], probs @ vals, atol=1e-5, rtol=1e-5)
-                    if part[row, i]:
-                        want_scores[row, kv, :n] = torch.maximum(want_scores[row, kv, :n], probs[:n])
-        torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=1e-5)
-        assert bool((scores[1, :, 6:] == 0).all()), "padding gets no attention"
+                    torch.testing.assert_close(out[row, i, head], torch.softmax(logits, -1) @ vals, atol=1e-5,
+                                               rtol=1e-5)
+
+
+def test_chunk_scores_are_the_official_softmax_over_sinks_slice_and_self():
+    """KVzip's `_get_score` written out: each input token's softmax over the sink keys, the keys of the slice its
+    chunk repeats and its own input up to itself; a slice token's score is the max over input tokens and the
+    query group; tokens outside the slice get nothing from this chunk. The sinks and the rest of the context are
+    not in that softmax: a strong key elsewhere in the context changes no score."""
+    torch.manual_seed(0)
+    b, h, hkv, q, s, d, sinks = 2, 4, 2, 16, 5, 8, 2
+    lengths = torch.tensor([16, 9])
+    query = torch.randn(b, h, s, d)
+    own_k = torch.randn(b, hkv, s, d)
+    cache_k = torch.randn(b, hkv, q, d)
+    part = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    start, end = 6, 11
+    scores = chunk_scores(query, own_k, cache_k, lengths, part, start, end, sinks)
+    want = torch.zeros(b, hkv, q)
+    for row in range(b):
+        n = int(lengths[row])
+        cols = [c for c in [*range(sinks), *range(start, end)] if c < n]
+        for head in range(h):
+            kv = head // (h // hkv)
+            for i in range(s):
+                if not part[row, i]:
+                    continue
+                keys = torch.cat([cache_k[row, kv, cols], own_k[row, kv, : i + 1]])
+                probs = torch.softmax(keys @ query[row, head, i] / d**0.5, -1)
+                for c, p in zip(cols, probs[: len(cols)], strict=True):
+                    if c >= start:
+                        want[row, kv, c] = torch.maximum(want[row, kv, c], p)
+    torch.testing.assert_close(scores, want, atol=1e-6, rtol=1e-5)
+    assert bool((scores[1, :, 9:] == 0).all()) and bool((scores[:, :, :start] == 0).all())
+    louder = cache_k.clone()
+    louder[:, :, 12] = 50 * query.mean(dim=(1, 2))[:, None]  # a key outside the slice that every query likes
+    torch.testing.assert_close(chunk_scores(query, own_k, louder, lengths, part, start, end, sinks), scores)
 
 
 def test_global_topk_budget_sinks_padding_and_ties():
