@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 
 @dataclass

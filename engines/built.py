@@ -9,8 +9,8 @@ import numpy as np
 
 from engines.base import eos_ids, pad_id
 from exporter.engine_dir import read_manifest
-from exporter.errors import UserInputError
 from exporter.specs import ModelSpec
+from pkv_core.errors import UserInputError
 
 
 class BuiltEngine:

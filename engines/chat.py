@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 _SPLIT = "\x00PKV-CONTEXT-END\x00"
 

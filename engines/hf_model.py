@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from exporter.checkpoint import LoadedModel
-from exporter.errors import UserInputError
 from exporter.specs import tensor_shapes
+from pkv_core.errors import UserInputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 MAX_STOPS = 4
 

@@ -30,7 +30,7 @@ from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
 from engines.pyramidinfer_stage import GenerationStage
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 
 def choose_providers(device: str = "auto") -> list[str]:

@@ -28,8 +28,8 @@ from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState, Lay
 from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
-from exporter.errors import UserInputError
 from exporter.policies import KVPolicy
+from pkv_core.errors import UserInputError
 from trt_plugins.kvzip_select import (
     FIRST_PROMPT,
     LATER_PROMPT,

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from exporter.engine_dir import read_manifest
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 RUNNERS = {"onnx": "engines.ort_engine:OrtEngine", "tensorrt": "engines.trt_engine:TensorRTEngine",
            "trtllm": "engines.trtllm_engine:TrtllmEngine"}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.slots import SlotPool
-from exporter.errors import UserInputError
 from exporter.slot_plan import SlotPlan, check_supported, plan_slots
+from pkv_core.errors import UserInputError
 
 TokenFn = Callable[[int], None]  # a generated token id; may raise StopGeneration
 DoneFn = Callable[[str, str | None], None]  # (finish reason: eos | length | stop | cancelled | error, error)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from exporter.errors import JobError, UserInputError
+from pkv_core.errors import JobError, UserInputError
 
 
 def check_url(url: str) -> None:

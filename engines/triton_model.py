@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 try:  # only importable inside Triton's python backend
     import triton_python_backend_utils as pb_utils

@@ -21,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from exporter.errors import JobError, UserInputError
 from exporter.outputs import owned_tempdir
+from pkv_core.errors import JobError, UserInputError
 
 EXTRA_HINT = "pip install 'pkv-export[triton]'"
 

@@ -19,7 +19,7 @@ import torch
 from engines.base import GenerationResult, ProgressFn, encode_batch, finish_result
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
-from exporter.errors import JobError, UserInputError
+from pkv_core.errors import JobError, UserInputError
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
                 "INT32": torch.int32, "BOOL": torch.bool}

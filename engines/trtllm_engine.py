@@ -21,7 +21,7 @@ import torch
 
 from engines.base import GenerationResult, ProgressFn, encode_batch, finish_result
 from engines.built import BuiltEngine
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 TRTLLM_HINT = ("TensorRT-LLM 1.2 on a GPU host: pip install --extra-index-url https://pypi.nvidia.com "
                "'tensorrt-llm==1.2.*'")

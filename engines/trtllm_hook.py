@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, MutableMapping
 from types import FunctionType
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 # (module, function) that chooses the attention class, and the name it calls to do so (1.2 source, above).
 DISPATCH_CALLER = ("tensorrt_llm._torch.attention_backend.utils", "get_attention_backend")

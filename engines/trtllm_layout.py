@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from exporter.errors import UserInputError
 from exporter.specs import ModelSpec
 from exporter.trtllm.checkpoint import kv_heads_per_rank, pp_layers
+from pkv_core.errors import UserInputError
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:

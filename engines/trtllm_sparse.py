@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.trtllm_hook_record import Recorder
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from trt_plugins.pyramidkv_select import pyramidkv_select
 
 HOOK_POLICIES = ("snapkv", "pyramidkv")  # the policies whose selection is pyramidkv_select with a window

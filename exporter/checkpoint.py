@@ -13,9 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import UserInputError
 from exporter.specs import PRESETS, ModelSpec
 from exporter.weights import RandomWeights, SafetensorsWeights, WeightSource, check_complete
+from pkv_core.errors import UserInputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

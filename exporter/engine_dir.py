@@ -15,8 +15,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from exporter.errors import UserInputError
 from exporter.hash_cache import HashCache
+from pkv_core.errors import UserInputError
 
 MANIFEST = "pkv-engine.json"
 FORMAT_VERSION = 3

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 Notify = Callable[[str], None]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.errors import UserInputError
 from exporter.policies import KVPolicy
 from exporter.specs import ModelSpec
+from pkv_core.errors import UserInputError
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 

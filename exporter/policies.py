@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from exporter.budgets import SCHEDULES, pyramid_selected, uniform_selected
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from trt_plugins.chunkkv_select import chunkkv_from_scores, chunkkv_select
 from trt_plugins.pyramidinfer_select import SCHEDULES as INFER_SCHEDULES
 from trt_plugins.pyramidinfer_select import context_counts, recent_length

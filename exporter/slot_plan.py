@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.errors import UserInputError
 from exporter.policies import KVPolicy
+from pkv_core.errors import UserInputError
 
 ITEMSIZE = {"fp32": 4, "fp16": 2}
 

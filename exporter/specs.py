@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # RoPE variants whose frequencies do not depend on the sequence length: the exported graphs bake them in.

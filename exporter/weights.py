@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from exporter.errors import UserInputError
 from exporter.specs import ModelSpec, tensor_shapes
+from pkv_core.errors import UserInputError
 
 
 class WeightSource(Protocol):

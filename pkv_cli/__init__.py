@@ -6,7 +6,6 @@ import click
 
 from exporter import __version__
 from exporter.checkpoint import load_model
-from exporter.errors import UserInputError
 from exporter.plan import human_bytes, make_plan
 from exporter.specs import DEFAULT_MODEL, PRESETS
 from pkv_cli.common import (
@@ -19,6 +18,7 @@ from pkv_cli.common import (
     progress_bar,
     read_prompts,
 )
+from pkv_core.errors import UserInputError
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from exporter.errors import JobError, UserInputError
 from exporter.policies import POLICIES, KVPolicy, make_policy
+from pkv_core.errors import JobError, UserInputError
 
 # Environment failures that mean "this location cannot be used as given": the user's to fix (exit 2).
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from exporter.checkpoint import load_model
-from exporter.errors import JobError, UserInputError
 from exporter.specs import DEFAULT_MODEL
 from pkv_cli.common import check_text, emit_json, policy_from_options, policy_options, progress_bar
+from pkv_core.errors import JobError, UserInputError
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 

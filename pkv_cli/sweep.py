@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from exporter.errors import UserInputError
 from exporter.specs import DEFAULT_MODEL
 from pkv_cli.common import check_run_counts, emit_json, progress_bar
+from pkv_core.errors import UserInputError
 
 
 @click.command()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from exporter.errors import JobError, UserInputError
 from pkv_cli.common import check_text, emit_json, parse_size, printable
+from pkv_core.errors import JobError, UserInputError
 
 BATCHING_HELP = ("inflight: the model's own scheduler keeps every sequence in a fixed-size KV slot and advances "
                  "all of them one token per step, streaming tokens (onnxruntime-target engines; not KVzip or "

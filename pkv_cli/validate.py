@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from exporter.errors import JobError, UserInputError
 from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
 from pkv_cli.common import check_run_counts, check_text, emit_json, policy_from_options, policy_options, progress_bar
+from pkv_core.errors import JobError, UserInputError
 
 
 def _engines(engine_dir: Path | None, model: str | None, policy, reference: str, reference_policy: str | None):

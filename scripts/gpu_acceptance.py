@@ -411,9 +411,9 @@ def onnx_cuda_checks(env: dict, workdir: Path) -> dict:
     from engines.ort_engine import OrtEngine
     from engines.reference import ReferenceEngine
     from exporter.checkpoint import load_model
-    from exporter.errors import UserInputError
     from exporter.onnx.export import build_onnx_engine
     from exporter.policies import make_policy
+    from pkv_core.errors import UserInputError
 
     runs = [("tiny-llama3", "pyramidkv", {"kv_budget": 32, "window": 4}),
             ("tiny-llama3", "pyramidinfer", {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3}),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each package may import only the packages listed before it.
-LAYERS = ["trt_plugins", "exporter", "engines", "validate", "pkv_cli"]
+LAYERS = ["pkv_core", "trt_plugins", "exporter", "engines", "validate", "pkv_cli"]
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 HUB_REPO = "THUDM/LongBench"
 SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "data"

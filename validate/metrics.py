@@ -31,7 +31,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 # The official `normalize_zh_answer` list, verbatim.
 _CN_PUNCTUATION = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from validate.suites import ValidationSample
 
 

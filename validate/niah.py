@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.chat import has_chat_template, render_user_turn
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from validate.metrics import normalize_answer
 
 ANSWER_MARGIN = 64  # tokens kept free by `default_grid` for the answer (the question is inside the context)

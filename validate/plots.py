@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 
 def grid(cells: Sequence[dict], key: str, lengths: list[int], depths: list[float]) -> list[list[float]]:

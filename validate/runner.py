@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.compare import first_divergence, jaccard
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from validate.suites import ValidationSample
 
 SAMPLES_FILE = "samples.jsonl"

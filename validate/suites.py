@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 
 @dataclass

@@ -18,10 +18,10 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from exporter.errors import UserInputError
 from exporter.outputs import atomic_write_text
 from exporter.plan import DTYPE_BYTES, make_plan
 from exporter.policies import POLICIES, KVPolicy, make_policy
+from pkv_core.errors import UserInputError
 
 CONFIG_FILE = "sweep-config.json"  # exporter.outputs recognises a sweep by it
 

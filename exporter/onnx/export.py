@@ -11,7 +11,6 @@ import onnx
 
 from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
-from exporter.errors import UserInputError
 from exporter.onnx.decode import build_decode
 from exporter.onnx.layers import GraphConfig
 from exporter.onnx.prefill import build_prefill
@@ -20,6 +19,7 @@ from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
+from pkv_core.errors import UserInputError
 from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}

@@ -17,10 +17,10 @@ from typing import Any
 
 from exporter.checkpoint import LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
-from exporter.errors import JobError, UserInputError
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
 from exporter.tensorrt.graphs import parser_input
+from pkv_core.errors import JobError, UserInputError
 
 
 def require_tensorrt():

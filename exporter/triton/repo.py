@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 from exporter.engine_dir import read_manifest
-from exporter.errors import UserInputError
 from exporter.outputs import check_output, staging_dir
+from pkv_core.errors import UserInputError
 
 MARKER = "pkv-triton-repo.json"
 

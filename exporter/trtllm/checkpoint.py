@@ -25,11 +25,11 @@ import torch
 
 from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
-from exporter.errors import UserInputError
 from exporter.outputs import check_output, staging_dir
 from exporter.policies import KVPolicy
 from exporter.specs import SUPPORTED_ARCHS, ModelSpec
 from exporter.trtllm.safetensors_stream import StreamingSafetensors
+from pkv_core.errors import UserInputError
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
 

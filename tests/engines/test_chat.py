@@ -6,7 +6,7 @@ import pytest
 
 from engines.chat import chat_context_ids, chat_prompt_ids, has_chat_template
 from exporter.checkpoint import load_model
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
 from engines.triton_server import TritonServer, free_port, pytriton_dir
-from exporter.errors import JobError, UserInputError
 from exporter.triton.repo import write_repository
 from pkv_cli import main
+from pkv_core.errors import JobError, UserInputError
 
 try:
     pytriton_dir()

@@ -9,9 +9,9 @@ from engines.compare import compare_results
 from engines.ort_engine import OrtEngine
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
-from exporter.errors import UserInputError
 from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
+from pkv_core.errors import UserInputError
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 2
 PROMPTS = [LONG, "Short prompt, left padded.", LONG[:100] + " and then?", "Hi"]

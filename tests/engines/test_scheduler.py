@@ -12,10 +12,10 @@ from engines.ort_engine import OrtEngine
 from engines.prompts import synthetic_prompt_ids
 from engines.scheduler import InflightScheduler, RequestRefused
 from exporter.checkpoint import load_model
-from exporter.errors import UserInputError
 from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
 from exporter.slot_plan import SlotsUnsupported, kept_prompt, largest_kept, plan_slots
+from pkv_core.errors import UserInputError
 
 MAX_LEN = 300
 LENGTHS = [200, 17, 31, 64, 120, 299, 5, 90, 150, 33]  # every regime: whole prompt, uniform, pyramid

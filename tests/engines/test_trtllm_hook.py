@@ -16,7 +16,7 @@ import types
 import pytest
 
 from engines import trtllm_hook as hook
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 
 DEFINING = '''
 def get_trtllm_sparse_attn_attention_backend(sparse_attn_config):

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from engines.trtllm_sparse import HookSpec, attention_class, context_indices, hook_spec, split_context
 from exporter.budgets import pyramid_selected
-from exporter.errors import UserInputError
 from exporter.policies import make_policy
 from pkv_cli import main
+from pkv_core.errors import UserInputError
 from tests.engines.trtllm_fakes import HKV, D, FakeRocket, H, metadata
 from trt_plugins.pyramidkv_select import pyramidkv_select
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from exporter.checkpoint import load_model
-from exporter.errors import UserInputError
 from pkv_cli import main
+from pkv_core.errors import UserInputError
 
 
 def edit(tmp_path, tiny_llama_dir, config=None, tensors=None):

@@ -13,10 +13,10 @@ from exporter import engine_dir as ed
 from exporter import hash_cache
 from exporter.checkpoint import load_model
 from exporter.engine_dir import DIGEST_FIELD, MANIFEST, read_manifest
-from exporter.errors import UserInputError
 from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
 from pkv_cli import main
+from pkv_core.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

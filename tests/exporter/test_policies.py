@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from exporter.errors import UserInputError
 from exporter.policies import POLICIES, make_policy
+from pkv_core.errors import UserInputError
 
 COMPRESSING = [name for name, cls in POLICIES.items() if name != "full"]
 PER_LAYER = [name for name in COMPRESSING  # select() layer by layer, after the layer's full attention

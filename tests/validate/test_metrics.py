@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.errors import UserInputError
+from pkv_core.errors import UserInputError
 from validate import metrics as m
 
 # --- normalisation and token F1 ------------------------------------------------------------------------------------

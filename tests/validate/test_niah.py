@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.errors import UserInputError
 from exporter.tokenizer import byte_level_tokenizer
+from pkv_core.errors import UserInputError
 from validate import niah
 from validate.plots import niah_heatmaps
 

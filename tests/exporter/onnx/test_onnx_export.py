@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from engines.ort_engine import OrtEngine
 from exporter.checkpoint import load_model
 from exporter.engine_dir import MANIFEST, read_manifest
-from exporter.errors import UserInputError
 from exporter.onnx.export import build_onnx_engine
 from exporter.policies import make_policy
 from pkv_cli import main
+from pkv_core.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

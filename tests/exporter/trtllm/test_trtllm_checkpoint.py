@@ -15,10 +15,10 @@ from engines.hf_model import build_hf_model
 from engines.trtllm_layout import layout_forward
 from exporter.checkpoint import load_model
 from exporter.engine_dir import read_manifest
-from exporter.errors import UserInputError
 from exporter.policies import make_policy
 from exporter.trtllm.checkpoint import write_trtllm_checkpoint
 from pkv_cli import main
+from pkv_core.errors import UserInputError
 
 # Keys TensorRT-LLM reads from config.json, copied by hand from its source (TensorRT-LLM cannot be installed here,
 # so this is a check against that copy, not against its classes): PretrainedConfig.__init__
