@@ -1,4 +1,4 @@
-"""The engine interface every backend implements (design.md §3)."""
+"""The engine interface every backend implements: validation and serving never care which backend runs."""
 
 from __future__ import annotations
 

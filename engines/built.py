@@ -30,22 +30,17 @@ class BuiltEngine:
         self.tokenizer.padding_side = "left"
         self.pad_id = pad_id(self.tokenizer)
         self.eos_ids = eos_ids(self.spec.eos_token_id, self.tokenizer)
-        # The decode takes each layer's kept positions: a sliding window masks by them, and so do per-head lengths.
-        from exporter.policies import check_policy_record
+        from methods import check_policy_record
 
         self.policy = check_policy_record(self.manifest["policy"])
-        self.windowed = bool(self.spec.sliding_window) or self.policy.global_selection
+        # The decode takes each layer's kept positions: a sliding window masks by them, and so do per-head lengths.
+        self.windowed = bool(self.spec.sliding_window) or self.policy.per_head_lengths
 
     def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
         """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
         nothing was compressed."""
         pol = self.policy
-        if not pol.compresses:
+        if not pol.compresses_prompt(self.spec.num_layers, int(lengths.max())):
             return None
-        if pol.drops_tokens:  # PyramidInfer: its budgets follow from the longest prompt
-            if pol.layer_selected(self.spec.num_layers, int(lengths.max())) is None:
-                return None
-        elif int(lengths.max()) < pol.kv_budget:
-            return None
-        window = np.minimum(lengths, pol.window)  # KVzip and PyramidInfer have none
+        window = np.minimum(lengths, pol.window)  # 0 for methods without one
         return [[int(kv[b] - window[b]) for kv in kv_lengths] for b in range(len(lengths))]

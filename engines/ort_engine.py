@@ -29,7 +29,6 @@ from engines.base import (
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
-from engines.pyramidinfer_stage import GenerationStage
 from pkv_core.errors import UserInputError
 
 
@@ -79,10 +78,10 @@ class OrtEngine(BuiltEngine):
                                                 providers=self.providers)
             self.decode = ort.InferenceSession(str(self.dir / "decode.onnx"), options(arena=True),
                                                providers=self.providers)
-            # PyramidInfer: the generation stage's compression (engines.pyramidinfer_stage)
-            self.evict = (ort.InferenceSession(str(self.dir / "evict.onnx"), options(arena=False),
-                                               providers=self.providers)
-                          if "evict.onnx" in self.manifest["onnx"]["graphs"] else None)
+            # The method's own graphs (PyramidInfer's evict.onnx), run by its stage (`policy.onnxruntime_stage`)
+            self.graphs = {name: ort.InferenceSession(str(self.dir / name), options(arena=False),
+                                                      providers=self.providers)
+                           for name in self.manifest["onnx"]["graphs"] if name not in ("prefill.onnx", "decode.onnx")}
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -215,7 +214,7 @@ class OrtEngine(BuiltEngine):
         timings["kv_bytes_ideal"] = self.ideal_bytes(kept_raw)
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
-        stage = GenerationStage(self, outputs, cache) if self.evict is not None else None
+        stage = self.policy.onnxruntime_stage(self, outputs, cache)
         step = self._stepper(cache, kept_raw, stage, [n.astype(np.int64) for n in kv_lengths])
 
         first = torch.from_numpy(outputs["logits"].numpy())
@@ -225,10 +224,10 @@ class OrtEngine(BuiltEngine):
         selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
 
-    def _stepper(self, cache: dict, kept: dict, stage: GenerationStage | None, base: list[np.ndarray]):
+    def _stepper(self, cache: dict, kept: dict, stage, base: list[np.ndarray]):
         """The greedy loop's step over bound caches: token [B] or [B, S], position alike -> logits [B, V]. The
-        caches hold `base` valid slots per row and layer before the first call; PyramidInfer's stage tracks them
-        itself and compresses (then the caches are bound again)."""
+        caches hold `base` valid slots per row and layer before the first call; a method's stage (PyramidInfer's)
+        tracks them itself and compresses (then the caches are bound again)."""
         _, run_step = self.decode_binding(cache, kept)
         fed = 0
         base = np.stack(base)  # [L, B]
@@ -260,8 +259,9 @@ class OrtEngine(BuiltEngine):
         kept = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
         state = {"cache": {k: v for k, v in outputs.items() if k.startswith("present.")}, "kept": kept,
                  "lengths": [outputs[f"kv_lengths.{i}"].numpy() for i in layers]}
-        if self.evict is not None:
-            state["stage"] = GenerationStage(self, outputs, state["cache"])
+        stage = self.policy.onnxruntime_stage(self, outputs, state["cache"])
+        if stage is not None:
+            state["stage"] = stage
         return ContextCache(int(mask.sum()), room, self.cache_bytes(kept),
                             [torch.from_numpy(v.numpy()) for v in kept.values()], state,
                             time.perf_counter() - t0)

@@ -8,6 +8,7 @@ position (prompt length + t), never the compressed length. This is what every ot
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,20 +25,29 @@ from engines.base import (
     prompt_positions,
     question_ids,
 )
-from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState, LayerCache, right_aligned
+from engines.compressed_cache import ATTN_IMPLEMENTATION, CompressedKVState
 from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
-from exporter.policies import KVPolicy
+from methods import KVPolicy
 from pkv_core.errors import UserInputError
-from trt_plugins.kvzip_select import (
-    FIRST_PROMPT,
-    LATER_PROMPT,
-    chunk_count,
-    chunk_inputs,
-    chunk_span,
-    kvzip_select,
-)
+
+
+@dataclass
+class PrefillRun:
+    """What a method's `reference_after_prefill` gets: the prefill's inputs (input_ids, mask [B, q], left-padded),
+    its state (every layer's cache), and a forward of the model over that state (forward(ids [B, s], positions
+    [B, s]): the attention goes wherever the method points `state.attention`)."""
+
+    model: object
+    tokenizer: object
+    pad_id: int
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    state: CompressedKVState
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, pkv_state=self.state)
 
 
 class ReferenceEngine:
@@ -78,9 +88,8 @@ class ReferenceEngine:
             logits_to_keep=1, pkv_state=state,
         )
         state.prefill = False
-        compressed = (selected is not None or self._select_globally(state, input_ids, mask)
-                      or (self.policy.drops_tokens
-                          and self.policy.layer_selected(self.spec.num_layers, max(lengths)) is not None))
+        self._after_prefill(state, input_ids, mask)
+        compressed = self.policy.compresses_prompt(self.spec.num_layers, max(lengths))
         timings = {"prefill": time.perf_counter() - t0}
         kept = None
         if return_indices:
@@ -90,8 +99,8 @@ class ReferenceEngine:
             out.logits[:, -1], positions[:, -1] + 1, self._decode_step(state), self.eos_ids, self.pad_id,
             max_new_tokens, progress)
         per_prompt = None
-        if compressed:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks; KVzip's
-            # heads differ: a row's longest head, the slots its cache spans)
+        if compressed:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks; heads may
+            # hold different counts: a row's longest head, the slots its cache spans)
             window = torch.clamp(mask.sum(-1), max=self.policy.window)
             layers = range(self.spec.num_layers)
             per_prompt = [[int((state.layers[i].kept[b] >= 0).sum(-1).max() - window[b]) for i in layers]
@@ -100,39 +109,13 @@ class ReferenceEngine:
 
     def _state(self, selected: torch.Tensor | None, mask: torch.Tensor) -> CompressedKVState:
         """A generation's state for left-padded prompts, mask [B, q]."""
-        key_mask = mask.bool()
-        state = CompressedKVState(self.policy, selected, key_mask, prompt_positions(mask),
-                                  num_layers=self.spec.num_layers)
-        if self.policy.drops_tokens:
-            state.alive = key_mask.clone()
-        return state
+        return CompressedKVState(self.policy, selected, mask.bool(), prompt_positions(mask),
+                                 num_layers=self.spec.num_layers)
 
-    def _select_globally(self, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        """KVzip after the prefill (which kept everything): reconstruct the context chunk by chunk to score every
-        cached pair, then keep the top pairs over all layers and heads. Returns whether anything was compressed.
-        input_ids, mask: [B, q], left-padded as the prefill took them."""
-        pol = self.policy
-        lengths = mask.sum(-1)
-        if not pol.global_selection or int(lengths.max()) < pol.kv_budget:
-            return False
-        context = right_aligned(input_ids[:, None], mask.bool())[:, 0]  # [B, q] right-padded
-        first, later = (self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
-        state.reconstruction = {"lengths": lengths, "scores": {}}
-        q = context.shape[1]
-        for i in range(chunk_count(q, pol.score_chunk, pol.sinks)):
-            ids, positions, part = chunk_inputs(context, lengths, i, pol.score_chunk, pol.postfix, first, later,
-                                                self.pad_id, pol.sinks)
-            state.reconstruction.update(positions=positions, taking_part=part,
-                                        span=chunk_span(i, q, pol.score_chunk, pol.sinks))
-            self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, pkv_state=state)
-        scores = state.reconstruction["scores"]
-        state.reconstruction = None
-        layers = range(self.spec.num_layers)
-        picked = kvzip_select([scores[i] for i in layers], [state.layers[i].keys for i in layers],
-                              [state.layers[i].values for i in layers], lengths, pol.kv_budget, pol.sinks)
-        for i, (idx, k, v) in enumerate(picked):
-            state.layers[i] = LayerCache(k.contiguous(), v.contiguous(), idx.clone(), idx)
-        return True
+    def _after_prefill(self, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The method's point after the whole prefill (KVzip's reconstruction pass and its one top-k)."""
+        run = PrefillRun(self.model, self.tokenizer, self.pad_id, input_ids, mask, state)
+        self.policy.reference_after_prefill(run)
 
     def _decode_step(self, state: CompressedKVState):
         """The greedy loop's step over a compressed state: token [B], position [B] -> last logits [B, V]."""
@@ -155,7 +138,7 @@ class ReferenceEngine:
         self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=1, pkv_state=state)
         state.prefill = False
-        self._select_globally(state, input_ids, mask)
+        self._after_prefill(state, input_ids, mask)
         layers = [state.layers[i] for i in range(self.spec.num_layers)]
         item = layers[0].keys.element_size()
         return ContextCache(length, room, sum(2 * c.keys.numel() * item for c in layers), [c.kept for c in layers],

@@ -2,7 +2,7 @@
 
 That wheel carries tritonserver with the python backend and one backend stub per Python version. The stub
 embeds libpython, so the server needs the running interpreter's libpython directory on LD_LIBRARY_PATH, and
-the stub needs numpy < 2 (design.md §6). The model's imports are pointed at this environment through
+the stub needs numpy < 2 (it is built against numpy 1.x). The model's imports are pointed at this environment through
 PKV_SITE_PACKAGES (read by the generated model.py).
 """
 

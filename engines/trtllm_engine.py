@@ -48,7 +48,7 @@ class TrtllmEngine(BuiltEngine):
         from engines.trtllm_sparse import hook_spec
 
         trt = self.manifest["trtllm"]
-        compresses = self.manifest["policy"]["name"] != "full"
+        compresses = self.policy.compresses
         if compresses:  # what the hook cannot run is refused before anything is loaded, GPU or not
             hook_spec(self.manifest["policy"], self.spec.num_layers, self.max_input_len)
             check_world_size(trt["tp"], trt["pp"])

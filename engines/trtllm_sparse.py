@@ -31,10 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from engines.trtllm_hook_record import Recorder
-from pkv_core.errors import UserInputError
+from methods.backends import TRTLLM
 from trt_plugins.pyramidkv_select import pyramidkv_select
-
-HOOK_POLICIES = ("snapkv", "pyramidkv")  # the policies whose selection is pyramidkv_select with a window
 
 
 @dataclass(frozen=True)
@@ -49,14 +47,10 @@ class HookSpec:
 
 def hook_spec(policy_record: dict, num_layers: int, max_input_len: int) -> HookSpec:
     """The hook's parameters for a manifest's policy; refuses what the hook would silently run as SnapKV."""
-    from exporter.policies import check_policy_record
+    from methods import check_policy_record
 
     policy = check_policy_record(policy_record)
-    if policy.name not in HOOK_POLICIES:
-        raise UserInputError(f"policy '{policy.name}' has no TensorRT-LLM runner (the sparse-attention hook "
-                             f"selects like {', '.join(HOOK_POLICIES)}); use --backend onnx for it")
-    if policy.granularity != "kv-head":
-        raise UserInputError("TensorRT-LLM's KV cache holds KV heads: --granularity query-head cannot run there")
+    policy.check_backend(TRTLLM)  # the methods whose selection is pyramidkv_select with a window, KV heads
     selected = policy.layer_selected(num_layers, max_input_len)
     # One length per request for every layer: the largest layer budget; none at all when no prompt of at most
     # max_input_len tokens is compressed (a budget above every prompt keeps everything).

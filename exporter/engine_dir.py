@@ -115,8 +115,8 @@ def _relative_inside(p: str) -> bool:
 
 def check_manifest(manifest: dict[str, Any], directory: Path) -> None:
     """Type and range of every field the runtimes read; the model spec and the policy by their own checks."""
-    from exporter.policies import check_policy_record
     from exporter.specs import ModelSpec
+    from methods import check_policy_record
 
     _field(manifest, "backend", str)
     _field(manifest, "model", dict)

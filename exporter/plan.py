@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.policies import KVPolicy
 from exporter.specs import ModelSpec
+from methods import KVPolicy
 from pkv_core.errors import UserInputError
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -22,7 +22,7 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
         raise UserInputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_BYTES)})")
     nbytes = DTYPE_BYTES[dtype]
     selected = policy.layer_selected(spec.num_layers, context)
-    window = getattr(policy, "window", 0)
+    window = policy.window
     if selected is None:
         layers = [{"layer": i, "selected": None, "cached": context} for i in range(spec.num_layers)]
     else:
@@ -44,23 +44,13 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
         "context": context,
         "batch": batch,
         "dtype": dtype,
-        "regime": _regime(policy, selected),
+        "regime": policy.regime(selected),
         "layers": layers,
         "mean_cached": mean_cached,
         "kv_bytes_full": full,
         "kv_bytes_compressed": compressed,
         "ratio": compressed / full,
     }
-
-
-def _regime(policy: KVPolicy, selected: list[int] | None) -> str:
-    if not policy.compresses:
-        return "full"
-    if selected is None:
-        return "no-compression (context too short)"
-    if policy.global_selection:
-        return "global (per-head lengths; the mean per layer shown)"
-    return "uniform" if len(set(selected)) == 1 else "pyramid"
 
 
 def human_bytes(n: float) -> str:

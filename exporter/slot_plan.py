@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.policies import KVPolicy
+from methods import KVPolicy
+from methods.backends import SLOTS
 from pkv_core.errors import UserInputError
 
 ITEMSIZE = {"fp32": 4, "fp16": 2}
@@ -25,10 +26,9 @@ class SlotsUnsupported(UserInputError):
 def kept_prompt(policy: KVPolicy, num_layers: int, prompt_len: int) -> list[int]:
     """Tokens each layer holds after the prefill of a `prompt_len`-token prompt (budget + window, or the whole
     prompt when it is shorter than the budget)."""
-    if policy.compresses and prompt_len >= policy.kv_budget:
-        selected = policy.layer_selected(num_layers, prompt_len)
-        if selected is not None:
-            return [policy.kept_prefix(s) + min(policy.window, prompt_len) for s in selected]
+    selected = policy.layer_selected(num_layers, prompt_len)
+    if selected is not None:
+        return [policy.kept_prefix(s) + min(policy.window, prompt_len) for s in selected]
     return [prompt_len] * num_layers
 
 
@@ -64,14 +64,10 @@ class SlotPlan:
 
 def check_supported(policy: KVPolicy) -> None:
     """Refuse the policies whose cache sizes are not known before a request is admitted."""
-    if policy.drops_tokens:
-        raise SlotsUnsupported(f"in-flight batching cannot run {policy.name}: its generation stage compacts every "
-                               "layer's cache every --update-interval tokens, so a sequence's lengths change under "
-                               "the slot (serve it with --batching static)")
-    if policy.global_selection:
-        raise SlotsUnsupported(f"in-flight batching cannot run {policy.name}: its one top-k over every layer and head "
-                               "decides each layer's length from the data, so no per-layer slot size is known "
-                               "before admission (serve it with --batching static)")
+    reason = policy.why_not(SLOTS)
+    if reason is not None:
+        raise SlotsUnsupported(f"in-flight batching cannot run {policy.name}: {reason} (serve it with --batching "
+                               "static)")
 
 
 def plan_slots(policy: KVPolicy, num_layers: int, cache_heads: int, head_dim: int, dtype: str, max_input_len: int,

@@ -10,6 +10,7 @@ from exporter.plan import human_bytes, make_plan
 from exporter.specs import DEFAULT_MODEL, PRESETS
 from pkv_cli.common import (
     PkvGroup,
+    PolicyCommand,
     check_text,
     emit_json,
     policy_from_options,
@@ -47,7 +48,7 @@ def presets(as_json: bool) -> None:
                    f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
 
 
-@main.command()
+@main.command(cls=PolicyCommand)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @policy_options
 @click.option("--context", type=int, required=True, help="Prompt length in tokens.")
@@ -75,7 +76,7 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
                f"{human_bytes(result['kv_bytes_compressed'])} (ratio {result['ratio']:.4f})")
 
 
-@main.command()
+@main.command(cls=PolicyCommand)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--engine", "engine_dir", default=None, help="Run a built engine directory instead of the reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
@@ -134,16 +135,17 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
     with bar:
         result = engine.generate(inputs, max_new_tokens, progress=update)
     if as_json:
-        pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
-        emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,
+        pol = policy or engine.policy
+        emit_json({"model": source, "policy": pol.name, "hyperparameters": pol.hyperparameters(),
                    "engine": engine.name, **result.to_json()})
         return
     for text in result.text:
         click.echo(printable(text))
-    name = policy.name if policy else engine.manifest["policy"]["name"]
-    if name != "full" and result.selected is None:
-        budget = policy.hyperparameters().get("kv_budget") if policy else engine.manifest["policy"].get("kv_budget")
-        if budget is None:  # PyramidInfer: its own minimum context decides
+    pol = policy or engine.policy
+    name = pol.name
+    if pol.compresses and result.selected is None:
+        budget = pol.hyperparameters().get("kv_budget")
+        if budget is None:  # no budget (PyramidInfer): the method's own minimum context decides
             click.echo(f"note: the prompt ({max(result.prompt_lengths)} tokens) is too short for {name} to compress "
                        "anything", err=True)
         else:
@@ -170,8 +172,8 @@ def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_j
     cache = engine.compress_context(context, room=room)
     answers = [engine.answer(cache, q, max_new_tokens) for q in asked]
     if as_json:
-        pol = policy.hyperparameters() if policy else dict(engine.manifest["policy"])
-        emit_json({"model": source, "policy": policy.name if policy else pol.pop("name"), "hyperparameters": pol,
+        pol = policy or engine.policy
+        emit_json({"model": source, "policy": pol.name, "hyperparameters": pol.hyperparameters(),
                    "engine": engine.name, "context_tokens": cache.length, "context_kv_bytes": cache.kv_bytes,
                    "context_prefill_s": round(cache.prefill_seconds, 4),
                    "answers": [{"question": q, "tokens": a.tokens[0], "text": a.text[0], "timings_s": a.timings}

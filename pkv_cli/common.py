@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from exporter.policies import POLICIES, KVPolicy, make_policy
+from methods import POLICIES, KVPolicy, make_policy
+from methods.options import cli_options, flag
 from pkv_core.errors import JobError, UserInputError
 
 # Environment failures that mean "this location cannot be used as given": the user's to fix (exit 2).
@@ -72,65 +73,56 @@ class PkvGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class PolicyChoice(click.Choice):
+    """--policy's choices: the registered methods at the time the command runs (a method registered later, a test's
+    toy, is a choice too)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(POLICIES)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
+        pass
+
+
+class PolicyCommand(click.Command):
+    """A command that takes a policy: after its `--policy` come the options of every registered method, generated
+    from their dataclass fields (methods.options) when the command runs, with their help and their defaults per
+    method. A value a method checks (odd, positive, a range) is checked by the method: one line, exit code 2."""
+
+    _generated: tuple[tuple, list[click.Option]] = ((), [])
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        at = next((i + 1 for i, p in enumerate(params) if p.name == "policy"), None)
+        return params if at is None else params[:at] + self.policy_params() + params[at:]
+
+    @classmethod
+    def policy_params(cls) -> list[click.Option]:
+        key = tuple(POLICIES.items())
+        if cls._generated[0] != key:
+            options = [click.Option([flag(o.name)], type=click.Choice(o.choices) if o.choices else o.type,
+                                    default=None, help=o.help_text()) for o in cli_options(POLICIES)]
+            PolicyCommand._generated = (key, options)
+        return cls._generated[1]
+
+
 def policy_options(fn: Callable) -> Callable:
-    """--policy and its hyperparameters. Unset options fall back to the policy's own defaults."""
-    options = [
-        click.option("--policy", type=click.Choice(list(POLICIES)), default="pyramidkv", show_default=True,
-                     help="KV-cache compression policy."),
-        click.option("--kv-budget", type=int, default=None,
-                     help="Average per-layer cache length C including the window (the paper's KV size) [128]."),
-        click.option("--window", type=int, default=None,
-                     help="Observation window w: last prompt tokens, always kept [8]."),
-        click.option("--kernel", type=int, default=None, help="Pooling width along keys, odd [7; ChunkKV 1: none]."),
-        click.option("--pooling", type=click.Choice(["max", "avg"]), default=None,
-                     help="Score pooling [max; ChunkKV avg, as kvpress]."),
-        click.option("--granularity", type=click.Choice(["kv-head", "query-head"]), default=None,
-                     help="Select per KV head (mean over its query group) or per query head [kv-head]."),
-        click.option("--beta", type=int, default=None, help="PyramidKV: min budget = (C - w) // beta [20]."),
-        click.option("--schedule", type=click.Choice(["paper", "mean"]), default=None,
-                     help="PyramidKV budgets: the paper's integer rule, or mean-preserving [paper]."),
-        click.option("--sinks", type=int, default=None,
-                     help="StreamingLLM, KVzip, PyramidInfer: first tokens (attention sinks) always kept [4]."),
-        click.option("--chunk-size", type=int, default=None, help="ChunkKV: tokens per chunk [10]."),
-        click.option("--reuse", type=int, default=None,
-                     help="ChunkKV: layers per group sharing the first layer's chunk ranking (1 = no reuse) [1]."),
-        click.option("--budget-schedule", type=click.Choice(["uniform", "pyramid"]), default=None,
-                     help="ChunkKV: the same budget for every layer, or PyramidKV's pyramid [uniform]."),
-        click.option("--score-chunk", type=int, default=None,
-                     help="KVzip: context tokens (after the sinks) reconstructed per chunk of the scoring pass "
-                          "[2000, the official code's]."),
-        click.option("--postfix", type=int, default=None,
-                     help="KVzip: tokens of the previous chunk repeated in a later chunk's prompt [8]."),
-        click.option("--recent-ratio", type=float, default=None,
-                     help="PyramidInfer: the recent window is the last 1 + int(ratio * prompt) tokens [0.2]."),
-        click.option("--decay", type=float, default=None,
-                     help="PyramidInfer: fraction of the pivotal context each layer passes on [0.9]."),
-        click.option("--decay-schedule", type=click.Choice(["geometric", "cosine"]), default=None,
-                     help="PyramidInfer: the official configs' cosine ramp from 1 to --decay, or --decay at every "
-                          "layer [cosine]."),
-        click.option("--min-context", type=int, default=None,
-                     help="PyramidInfer: a layer never cuts its context below this many tokens [64]."),
-        click.option("--distance-weight", type=float, default=None,
-                     help="PyramidInfer: weight of the newest recent row (the oldest has 1) [1.2]."),
-        click.option("--update-interval", type=int, default=None,
-                     help="PyramidInfer: while generating, compress every this many tokens leaving the recent "
-                          "window [16]."),
-        click.option("--gen-decay", type=float, default=None,
-                     help="PyramidInfer: deepest layer's kept fraction of a compressed segment while generating "
-                          "(cosine ramp from 0.9 at layer 0) [0.1]."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    """--policy (the command must be a PolicyCommand: it adds every method's options after it). Unset options fall
+    back to the chosen policy's own defaults; an option the chosen policy does not have is refused."""
+    return click.option("--policy", type=PolicyChoice(), default="pyramidkv", show_default=True,
+                        help="KV-cache compression policy (method); its options follow.")(fn)
 
 
 def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
-    """Pop the policy options out of a command's kwargs and build the policy."""
-    names = ("kv_budget", "window", "kernel", "pooling", "granularity", "beta", "schedule", "sinks", "chunk_size",
-             "reuse", "budget_schedule", "score_chunk", "postfix", "recent_ratio", "decay", "decay_schedule",
-             "min_context", "distance_weight", "update_interval", "gen_decay")
-    hyper = {n: kwargs.pop(n) for n in names}
-    return make_policy(kwargs.pop("policy"), **hyper)
+    """Pop --policy and every method option out of a command's kwargs and build the policy (options given on the
+    command line that the policy lacks: one line, exit code 2)."""
+    given = {o.name: kwargs.pop(o.name, None) for o in cli_options(POLICIES)}
+    return make_policy(kwargs.pop("policy"), **given)
 
 
 def emit_json(data: Any) -> None:

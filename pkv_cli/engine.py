@@ -8,7 +8,8 @@ import click
 
 from exporter.checkpoint import load_model
 from exporter.specs import DEFAULT_MODEL
-from pkv_cli.common import check_text, emit_json, policy_from_options, policy_options, progress_bar
+from methods.backends import build_backend
+from pkv_cli.common import PolicyCommand, check_text, emit_json, policy_from_options, policy_options, progress_bar
 from pkv_core.errors import JobError, UserInputError
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
@@ -41,7 +42,7 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
 BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_trtllm}
 
 
-@click.command()
+@click.command(cls=PolicyCommand)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @policy_options
 @click.option("--backend", type=click.Choice(list(BUILDERS)), default="onnx", show_default=True,
@@ -73,8 +74,7 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
-    if (policy.global_selection or policy.drops_tokens) and (backend, target) != ("onnx", "onnxruntime"):
-        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
+    policy.check_backend(build_backend(backend, target))  # before anything is loaded
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 
@@ -116,7 +116,6 @@ def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], promp
     from engines.prompts import synthetic_prompt_ids
     from engines.reference import ReferenceEngine, reference_for_manifest
     from engines.registry import open_engine
-    from exporter.policies import make_policy
 
     engine = open_engine(engine_dir)
     if bool(prompts) == (prompt_len is not None):
@@ -129,8 +128,7 @@ def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], promp
         inputs = [synthetic_prompt_ids(engine.tokenizer, max(1, prompt_len - 7 * b), seed=b) for b in range(batch)]
     else:
         inputs = list(prompts)
-    pol = dict(engine.manifest["policy"])
-    policy = make_policy(pol.pop("name"), **pol)
+    policy = engine.policy
     reference = ReferenceEngine(reference_for_manifest(engine.manifest, model), policy)
     bar, update = progress_bar("engine", max_new_tokens)
     with bar:

@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
-from pkv_cli.common import check_run_counts, check_text, emit_json, policy_from_options, policy_options, progress_bar
+from pkv_cli.common import (
+    PolicyCommand,
+    check_run_counts,
+    check_text,
+    emit_json,
+    policy_from_options,
+    policy_options,
+    progress_bar,
+)
 from pkv_core.errors import JobError, UserInputError
 
 
@@ -17,14 +25,13 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
     from engines.reference import ReferenceEngine, reference_for_manifest
     from engines.registry import open_engine
     from exporter.checkpoint import load_model
-    from exporter.policies import make_policy
+    from methods import POLICIES, make_policy, options_for
 
     if (engine_dir is None) == (model is None):
         raise UserInputError("give either --engine DIR or --model M (with policy options)")
     if engine_dir is not None:
         engine = open_engine(engine_dir)
-        pol = dict(engine.manifest["policy"])
-        engine_policy = make_policy(pol.pop("name"), **pol)
+        engine_policy = engine.policy
         loaded = None
         # The resolved path: a run resumed with the engine named differently (relative, absolute) is the same run.
         description = {"engine": f"{engine.name}:{Path(engine_dir).resolve()}", "manifest": engine.manifest}
@@ -37,7 +44,9 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
     if reference == "torch":
         ref_policy = engine_policy
         if reference_policy:
-            base = engine_policy.hyperparameters()
+            # the engine's settings where the reference policy has them (a method's own options: its defaults)
+            known = reference_policy in POLICIES  # (an unknown name: make_policy says so)
+            base = options_for(reference_policy, engine_policy.hyperparameters()) if known else {}
             ref_policy = make_policy(reference_policy, **base)
         if loaded is None:
             loaded = reference_for_manifest(engine.manifest)
@@ -48,7 +57,7 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
     return engine, ref, description
 
 
-@click.command()
+@click.command(cls=PolicyCommand)
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None, help="Engine directory.")
 @click.option("--model", default=None, help="Validate the PyTorch reference of this model with the policy options.")
 @policy_options

@@ -31,9 +31,9 @@ from engines.reference import ReferenceEngine  # noqa: E402
 from exporter.checkpoint import LoadedModel  # noqa: E402
 from exporter.onnx.export import build_onnx_engine  # noqa: E402
 from exporter.plan import make_plan  # noqa: E402
-from exporter.policies import make_policy  # noqa: E402
 from exporter.specs import ModelSpec  # noqa: E402
 from exporter.weights import RandomWeights  # noqa: E402
+from methods import make_policy  # noqa: E402
 
 BENCH_SPEC = ModelSpec("bench-llama", "llama", 259, 256, 512, 4, 4, 2, 64, 500000.0, 32768,
                        bos_token_id=256, eos_token_id=257, pad_token_id=258, tiny=True)

@@ -7,11 +7,12 @@ side with FullKV:
   from onnxruntime's profiler on one extra prefill, so it is not the difference of two noisy medians;
   selection_share: that over the profiled prefill's total node time;
 * reuse_speedup (ChunkKV with index reuse): selection_ms of ChunkKV without reuse / this one's;
-* PyramidInfer: selection_ms is the recent window's scoring and the gathering between layers (`pinfer_*`
-  nodes); its prefill also runs deeper layers over fewer tokens, which prefill_vs_full shows;
-* KVzip: selection_ms covers its reconstruction pass and its one top-k over every layer (the `kvzip_*` nodes);
-  scoring_ms is the reconstruction pass (the `Loop`) alone, scoring_vs_prefill that over FullKV's whole prefill
-  (profiled node time), and kv_span_over_held the bytes its layout spans over the kept pairs' bytes;
+* a method's own nodes at the graph's top level (`sel_*`, exporter.onnx.prefill.METHOD_NODES) count as selection:
+  PyramidInfer's recent-window scoring and gathering between layers (its prefill also runs deeper layers over
+  fewer tokens, which prefill_vs_full shows); KVzip's reconstruction pass and its one top-k over every layer;
+* scoring_ms: a method's own top-level `Loop` (KVzip's reconstruction pass) alone, scoring_vs_prefill that over
+  FullKV's whole prefill (profiled node time); kv_span_over_held, for per-head lengths (KVzip), the bytes the
+  layout spans over the kept pairs' bytes;
 * decode_ms per token (`--new-tokens` steps, EOS ignored) and decode_speedup = FullKV's / this one's;
 * kv_bytes_held after the prefill, and its ratio to FullKV's.
 Prints JSON, then a Markdown table, and writes the table to docs/benchmarks.md (section bench_methods).
@@ -38,10 +39,9 @@ from engines.ort_engine import OrtEngine  # noqa: E402
 from engines.prompts import synthetic_prompt_ids  # noqa: E402
 from exporter.checkpoint import LoadedModel  # noqa: E402
 from exporter.onnx.export import build_onnx_engine  # noqa: E402
-from exporter.onnx.kvzip import KVZIP_PREFIX  # noqa: E402
-from exporter.onnx.pyramidinfer import SELECT_PREFIX  # noqa: E402
-from exporter.policies import make_policy  # noqa: E402
+from exporter.onnx.prefill import METHOD_NODES  # noqa: E402
 from exporter.weights import RandomWeights  # noqa: E402
+from methods import make_policy, options_for  # noqa: E402
 
 METHODS = {
     "full": ("full", {}),
@@ -59,8 +59,8 @@ METHODS = {
 
 
 def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[float, float, float]:
-    """(ms inside the selection (If nodes, KVzip's nodes), ms of every node, ms of KVzip's reconstruction Loop)
-    of one profiled prefill."""
+    """(ms inside the selection (If nodes, a method's own nodes), ms of every node, ms of a method's own Loop: KVzip's
+    reconstruction pass) of one profiled prefill."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -80,9 +80,8 @@ def profiled_selection(engine_dir: Path, engine: OrtEngine, prompts) -> tuple[fl
     graph = onnx.load(str(engine_dir / "prefill.onnx"), load_external_data=False).graph
     names = {f"{n.name}_kernel_time" for n in graph.node}
     top = [e for e in events if e.get("cat") == "Node" and e["name"] in names]
-    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If"
-                 or e["name"].startswith((KVZIP_PREFIX, SELECT_PREFIX)))
-    scoring = sum(e["dur"] for e in top if e["name"].startswith(KVZIP_PREFIX) and e["args"].get("op_name") == "Loop")
+    select = sum(e["dur"] for e in top if e["args"].get("op_name") == "If" or e["name"].startswith(METHOD_NODES))
+    scoring = sum(e["dur"] for e in top if e["name"].startswith(METHOD_NODES) and e["args"].get("op_name") == "Loop")
     return select / 1000, sum(e["dur"] for e in top) / 1000, scoring / 1000
 
 
@@ -103,8 +102,8 @@ def main() -> None:
     work = Path(tmp.name)
     engines, policies = {}, {}
     for key, (name, kw) in METHODS.items():
-        policies[key] = make_policy(name, **({} if name == "full" else {"kv_budget": args.kv_budget,
-                                                                         "window": args.window, **kw}))
+        shared = options_for(name, {"kv_budget": args.kv_budget, "window": args.window})  # for those that have them
+        policies[key] = make_policy(name, **shared, **kw)
         if args.methods and key not in args.methods and key != "full":
             continue
         build_onnx_engine(loaded, policies[key], work / key, max_input_len=max(args.contexts))
@@ -129,9 +128,10 @@ def main() -> None:
                    "decode_speedup": round(full["decode_ms_per_token"] / m["decode_ms_per_token"], 2),
                    "kv_bytes_held": m["kv_bytes_after_prefill"],
                    "kv_ratio": round(m["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"], 4)}
-            if policies[key].global_selection:
+            if m["scoring_ms"]:
                 row["scoring_ms"] = round(m["scoring_ms"], 1)
                 row["scoring_vs_prefill"] = round(m["scoring_ms"] / full["node_ms"], 3)
+            if policies[key].per_head_lengths:
                 row["kv_span_over_held"] = round(m["kv_bytes_after_prefill"] / m["kv_bytes_ideal"], 3)
             if key.startswith("chunkkv-reuse") and "chunkkv" in measured and measured["chunkkv"]["selection_ms"]:
                 row["reuse_speedup"] = round(measured["chunkkv"]["selection_ms"] / max(m["selection_ms"], 1e-9), 2)

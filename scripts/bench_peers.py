@@ -151,7 +151,7 @@ def make_checkpoint(directory: Path) -> Path:
 def build_all(checkpoint: Path, workdir: Path, max_len: int) -> dict[str, Path]:
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from exporter.policies import make_policy
+    from methods import make_policy
 
     engines = {}
     for name, (policy, kw) in POLICIES.items():
@@ -199,8 +199,8 @@ def bytes_per_step(checkpoint: Path, name: str, context: int, batch: int) -> int
     cache it attends to (FullKV: the whole context; PyramidKV: what `plan` says it holds)."""
     from exporter.checkpoint import load_model
     from exporter.plan import make_plan
-    from exporter.policies import make_policy
     from exporter.specs import tensor_shapes
+    from methods import make_policy
 
     spec = load_model(str(checkpoint), need_weights=False).spec
     weights = 4 * sum(int(np.prod(s)) for n, s in tensor_shapes(spec).items() if n != "model.embed_tokens.weight")

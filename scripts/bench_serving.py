@@ -229,7 +229,7 @@ def prompt_texts(tokenizer, lengths: list[int], seed: int) -> list[str]:
 def build(checkpoint: Path, work: Path, policies: list[str], max_len: int) -> dict[str, Path]:
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from exporter.policies import make_policy
+    from methods import make_policy
 
     out = {}
     for name in policies:
@@ -253,9 +253,9 @@ def serve_and_run(engine: Path, batching: str, kv_memory: int, new_tokens: int, 
 
 def slot_numbers(engine: Path, kv_memory: int, new_tokens: int) -> dict:
     from exporter.engine_dir import read_manifest
-    from exporter.policies import check_policy_record
     from exporter.slot_plan import plan_slots
     from exporter.specs import ModelSpec
+    from methods import check_policy_record
 
     m = read_manifest(engine)
     spec = ModelSpec.from_dict(m["model"])

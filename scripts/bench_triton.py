@@ -28,8 +28,8 @@ from engines.triton_client import TritonTextClient  # noqa: E402
 from engines.triton_server import TritonServer  # noqa: E402
 from exporter.checkpoint import load_model  # noqa: E402
 from exporter.onnx.export import build_onnx_engine  # noqa: E402
-from exporter.policies import make_policy  # noqa: E402
 from exporter.triton.repo import write_repository  # noqa: E402
+from methods import make_policy  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

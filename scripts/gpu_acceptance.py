@@ -202,7 +202,7 @@ def fp16_baseline(model: str, policy_name: str, options: dict, workdir: Path, de
     from engines.reference import ReferenceEngine
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from exporter.policies import make_policy
+    from methods import make_policy
 
     loaded, policy = load_model(model), make_policy(policy_name, **options)
     out = workdir / f"fp16-baseline-{model}-{policy_name}"
@@ -225,12 +225,12 @@ def tensorrt_checks(env: dict, workdir: Path) -> dict:
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
     from exporter.checkpoint import load_model
-    from exporter.policies import make_policy
+    from methods import make_policy, options_for
 
     rows = []
     for model, policy in (("tiny-llama3", "pyramidkv"), ("tiny-mistral", "pyramidkv"), ("tiny-llama3", "streamingllm"),
                           ("tiny-llama3", "full")):
-        options = {} if policy == "full" else {"kv_budget": 32, "window": 4}
+        options = options_for(policy, {"kv_budget": 32, "window": 4})
         for dtype in ("fp32", "fp16"):
             out = workdir / f"trt-{model}-{policy}-{dtype}"
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
@@ -326,12 +326,13 @@ def trtllm_policy_row(policy: str, checkpoint: Path, workdir: Path) -> dict:
     from engines.trtllm_hook_record import RECORD_ENV, check_records, read_records
     from engines.trtllm_sparse import hook_spec
     from exporter.engine_dir import read_manifest
+    from methods import options_for
 
     out, records = workdir / f"trtllm-{policy}", workdir / f"trtllm-{policy}-hook"
     row = {"step": "build + compare", "policy": policy, "built": False, "passed": False, "hook": "did not run"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options_for(policy, {"kv_budget": 128, "window": 8}).items()]
     build = subprocess.run([*PKV, "build", "--backend", "trtllm", "--model", str(checkpoint), "--policy", policy,
-                            "--kv-budget", "128", "--window", "8", "--dtype", "bf16", "--out", str(out)],
-                           capture_output=True, text=True)
+                            *flags, "--dtype", "bf16", "--out", str(out)], capture_output=True, text=True)
     if build.returncode != 0:
         row["error"] = build.stderr.strip()[-400:]
         return row
@@ -412,7 +413,7 @@ def onnx_cuda_checks(env: dict, workdir: Path) -> dict:
     from engines.reference import ReferenceEngine
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from exporter.policies import make_policy
+    from methods import make_policy
     from pkv_core.errors import UserInputError
 
     runs = [("tiny-llama3", "pyramidkv", {"kv_budget": 32, "window": 4}),

@@ -59,3 +59,31 @@ def write_checkpoint(loaded: LoadedModel, directory: Path, shards: int = 1) -> P
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_checkpoint(load_model("tiny-llama3"), tmp_path_factory.mktemp("ckpt") / "tiny-llama3")
+
+
+@pytest.fixture(scope="session")
+def built_engine(tmp_path_factory):
+    """built_engine(model, method, options=None, target="onnxruntime") -> (OrtEngine, ReferenceEngine): the ONNX
+    engine of `method` with tests/matrix.py's small settings plus `options` (None: the matrix's defaults for it),
+    max input 1024 tokens, and the reference with the same policy. Built once per session (per xdist worker) for
+    every test that asks for the same engine."""
+    from engines.ort_engine import OrtEngine
+    from engines.reference import ReferenceEngine
+    from exporter.onnx.export import build_onnx_engine
+    from methods import make_policy
+    from tests import matrix
+
+    cache: dict = {}
+
+    def get(model: str, name: str, options: dict | None = None, target: str = "onnxruntime"):
+        options = matrix.small(name, **(matrix.DEFAULTS.get(name, {}) if options is None else options))
+        key = (model, name, tuple(sorted(options.items())), target)
+        if key not in cache:
+            loaded = load_model(model)
+            policy = make_policy(name, **options)
+            out = tmp_path_factory.mktemp("engines") / f"{model}-{name}-{target}"
+            build_onnx_engine(loaded, policy, out, max_input_len=1024, target=target)
+            cache[key] = (OrtEngine(out), ReferenceEngine(loaded, policy))
+        return cache[key]
+
+    return get

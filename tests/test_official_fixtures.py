@@ -32,7 +32,7 @@ from engines.ort_engine import OrtEngine
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import LoadedModel, load_model
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
+from methods import make_policy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
@@ -187,7 +187,7 @@ def test_reference_and_onnx_engine_keep_what_the_official_code_keeps(case, engin
 @pytest.mark.parametrize("case", cases("kvzip"))
 def test_kvzip_scores_equal_the_official_scores(case, engines, monkeypatch):
     """Not only the kept sets: the reference's scores of every context pair are the official `_get_score`'s."""
-    import engines.reference as reference_module
+    import methods.kvzip as reference_module
 
     fx = load(case)
     _, reference = engines(case)
@@ -209,8 +209,8 @@ def test_kvzip_scores_equal_the_official_scores(case, engines, monkeypatch):
 def test_pyramidinfer_generation_equals_official(case, engines, monkeypatch):
     """The official model's greedy tokens, and every layer's cache after them (through the generation stage's
     first compression in the `-generation` fixtures), on the reference and on the ONNX engine."""
-    import engines.compressed_cache as cc
-    from engines import pyramidinfer_stage
+    from methods import pyramidinfer_stage
+    from methods.pyramidinfer import PyramidInferPolicy
 
     fx = load(case)
     steps, total = len(fx["tokens"]), fx["after"].shape[-1]
@@ -219,13 +219,13 @@ def test_pyramidinfer_generation_equals_official(case, engines, monkeypatch):
         assert bool((fx["after"].sum(-1) < fed).all()) and bool((fx["kept"].sum(-1) == len(fx["ids"])).all())
     ort_engine, reference = engines(case)
     last: dict[int, torch.Tensor] = {}
-    real_stage = cc._generation_stage
+    real_stage = PyramidInferPolicy.reference_decode
 
-    def spy(state, layer, cache, weights):
-        real_stage(state, layer, cache, weights)
+    def spy(self, state, layer, cache, weights):
+        real_stage(self, state, layer, cache, weights)
         last[layer] = cache.positions.clone()
 
-    monkeypatch.setattr(cc, "_generation_stage", spy)
+    monkeypatch.setattr(PyramidInferPolicy, "reference_decode", spy)
     want = reference.generate([fx["ids"]], steps)
     assert want.tokens[0] == fx["tokens"]
     assert_same(as_mask([last[i] for i in sorted(last)], total), fx["after"], "reference after generation")

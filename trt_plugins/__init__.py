@@ -1,2 +1,5 @@
-"""The PyramidKVSelect op: its reference semantics (the specification), and later its ONNX function, GPU kernel
-and TensorRT plugin, all of which are tested against `trt_plugins.pyramidkv_select.pyramidkv_select`."""
+"""The selection ops below every method: their specifications in plain PyTorch (`pyramidkv_select` for
+PyramidKVSelect, and StreamingLLM's, ChunkKV's, KVzip's, PyramidInfer's selections), their ONNX functions
+(`onnx_select`) and the graph patterns they share (`onnx_patterns`), the Triton-lang kernel (`triton_select`) and
+the TensorRT plugins (`trt_plugin`, `trt_aot`) — every implementation tested against its specification — and the
+small ONNX graph builder (`onnx_graph`) the graph writer uses too."""

@@ -28,13 +28,12 @@ from __future__ import annotations
 import torch
 
 from trt_plugins.pyramidkv_select import (
-    as_row_budgets,
-    check_budgets,
     gather_kept,
     observation_positions,
     observation_scores,
     pool_scores,
     prefix_lengths,
+    row_budgets,
     topk_lowest_index_first,
 )
 
@@ -77,9 +76,7 @@ def chunkkv_from_scores(scores: torch.Tensor, keys: torch.Tensor, values: torch.
 
     keys/values [B, Hkv, q, d] -> indices [B, Hkv, n] (n: the most tokens any row keeps), K/V alike."""
     b, hkv, q, _ = keys.shape
-    lengths = lengths.to(torch.long).reshape(b)
-    budgets = as_row_budgets(selected, b)
-    check_budgets(budgets, lengths, window, q)
+    lengths, budgets = row_budgets(lengths, selected, window, q)
     first, n_window = window_chunks(lengths, window, chunk_size)
     window_tokens = lengths - first * chunk_size  # t_b
     others = torch.clamp(budgets + lengths.clamp(max=window) - window_tokens, min=0) // chunk_size

@@ -22,8 +22,14 @@ from onnx import TensorProto, helper
 
 from trt_plugins import pyramidkv_select as spec
 from trt_plugins.onnx_graph import GraphBuilder
+from trt_plugins.onnx_patterns import (
+    grouped_logits,
+    masked_softmax,
+    sort_with_window,
+    top_with_window,
+    window_positions,
+)
 
-F32_MIN = float(np.finfo(np.float32).min)
 SELECT_INPUTS = ["queries", "keys", "values", "lengths", "selected"]
 SELECT_OUTPUTS = ["kept_indices", "keys_out", "values_out"]
 STREAMING_INPUTS = ["keys", "values", "lengths", "selected"]
@@ -31,15 +37,6 @@ STREAMING_INPUTS = ["keys", "values", "lengths", "selected"]
 PYRAMIDKV_ATTRIBUTES = ["window", "kernel", "pooling", "granularity", "observe", "num_heads", "num_kv_heads",
                         "head_dim", "max_selected"]
 STREAMING_ATTRIBUTES = ["window", "sinks", "num_kv_heads", "head_dim", "max_selected"]
-
-
-def _window(g: GraphBuilder, q: str, lengths: str, window: int) -> tuple[str, str, str]:
-    """(w' [1], prefix [B] = lengths - min(window, lengths), window positions [B, w'] with -1 where none)."""
-    w_eff = g.op("Min", g.const([window]), q)
-    prefix = g.op("Sub", lengths, g.op("Min", lengths, g.const(window)))
-    pos = g.op("Add", g.op("Sub", g.unsqueeze(lengths, [1]), w_eff),
-               g.unsqueeze(g.op("Range", g.const(0), g.scalar(w_eff), g.const(1)), [0]))  # [B, w']
-    return w_eff, prefix, g.op("Max", pos, g.const(-1))
 
 
 def _block_scores(g: GraphBuilder, queries: str, rows: str, kf: str, lengths: str, cols: str, num_heads: int,
@@ -50,15 +47,10 @@ def _block_scores(g: GraphBuilder, queries: str, rows: str, kf: str, lengths: st
     cols [q] -> [B, H, q] f32.
     """
     qf = g.op("Cast", g.op("Transpose", queries, perm=[0, 2, 1, 3]), to=TensorProto.FLOAT)  # [B, H, r, d]
-    # Group the query heads of each KV head instead of expanding K: [B, Hkv, g * r, d] @ [B, Hkv, d, q].
-    qg = g.reshape(qf, g.const([0, num_kv_heads, -1, head_dim]))
-    logits = g.op("MatMul", qg, g.op("Transpose", kf, perm=[0, 1, 3, 2]))
-    logits = g.reshape(logits, g.const([0, num_heads, -1, 0]))  # [B, H, r, q]
-    logits = g.op("Div", logits, g.const(head_dim**0.5, np.float32))
+    logits = grouped_logits(g, qf, kf, num_heads, num_kv_heads, head_dim)  # [B, H, r, q]
     causal = g.op("LessOrEqual", g.unsqueeze(cols, [0, 1]), g.unsqueeze(rows, [2]))  # [B, r, q]
     in_row = g.op("Less", g.unsqueeze(cols, [0, 1]), g.unsqueeze(lengths, [1, 2]))  # [B, 1, q]
-    visible = g.unsqueeze(g.op("And", causal, in_row), [1])  # [B, 1, r, q]
-    probs = g.op("Softmax", g.op("Where", visible, logits, g.const(F32_MIN, np.float32)), axis=-1)
+    probs = masked_softmax(g, logits, g.unsqueeze(g.op("And", causal, in_row), [1]))  # [B, H, r, q]
     row_ok = g.unsqueeze(g.op("Cast", g.op("GreaterOrEqual", rows, g.const(0)), to=TensorProto.FLOAT), [1, 3])
     return g.op("ReduceSum", g.op("Mul", probs, row_ok), g.const([2]), keepdims=0)  # [B, H, q]
 
@@ -88,51 +80,6 @@ def _all_rows_scores(g: GraphBuilder, queries: str, kf: str, lengths: str, cols:
         [helper.make_tensor_value_info("obs_cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("obs_acc_out", TensorProto.FLOAT, None)])
     return g.op("Loop", blocks, g.const(True, np.bool_), zeros, body=graph)
-
-
-def _topk_window_gather(g: GraphBuilder, scores: str, selected: str, keys: str, values: str, lengths: str,
-                        q: str, heads: int, head_dim: int, window: int) -> None:
-    """scores [B, Hc, q] (-inf outside each prefix) -> top-`selected` picks (ties to the lower index), plus the
-    window, compact and ascending; gather K/V [B, Hc, q, d] into keys_out / values_out."""
-    k = g.op("ReduceMax", selected, keepdims=1)  # [1]: the batch's largest budget
-    _, idx = g.op("TopK", scores, k, outputs=2, axis=-1, largest=1, sorted=1)  # [B, Hc, k] by rank
-    # Row b keeps its first selected[b] ranks; the rest become a sentinel that sorts last and then turns into -1.
-    used = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(k), g.const(1)), [0, 1]),
-                g.unsqueeze(selected, [1, 2]))  # [B, 1, k]
-    sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
-    picks = g.op("Where", used, g.op("Cast", idx, to=TensorProto.FLOAT), sentinel)
-    _window_sort_gather(g, picks, keys, values, lengths, q, heads, head_dim, window)
-
-
-def _window_sort_gather(g: GraphBuilder, picks: str, keys: str, values: str, lengths: str, q: str, heads: int,
-                        head_dim: int, window: int) -> None:
-    """picks [B, Hc, k] float positions (float(q) = unused) + each row's window (none for window 0) ->
-    kept_indices (ascending, compact, -1 after), keys_out / values_out gathered from keys / values [B, Hc, q, d]."""
-    sentinel = g.op("Cast", q, to=TensorProto.FLOAT)
-    both = picks
-    if window > 0:
-        w_eff, _, win = _window(g, q, lengths, window)
-        b = g.dim(keys, 0)
-        win_f = g.op("Where", g.op("GreaterOrEqual", win, g.const(0)), g.op("Cast", win, to=TensorProto.FLOAT),
-                     sentinel)
-        win_f = g.op("Expand", g.unsqueeze(win_f, [1]), g.concat(b, g.const([heads]), w_eff))  # [B, Hc, w']
-        both = g.op("Concat", picks, win_f, axis=-1)  # [B, Hc, k + w']
-    # Sort ascending: TopK(smallest) on exact float copies of the indices (exact below 2^24).
-    asc = g.op("TopK", both, g.dim(both, 2), outputs=2, axis=-1, largest=0, sorted=1)[0]
-    if window == 0:  # ChunkKV: a partial chunk leaves slots unused; the output spans the longest row only
-        used = g.op("Cast", g.op("Less", asc, sentinel), to=TensorProto.INT64)
-        longest = g.reshape(g.op("ReduceMax", g.op("ReduceSum", used, g.const([2]), keepdims=0), keepdims=1),
-                            g.const([1]))
-        asc = g.slice(asc, g.const([0]), longest, axis=2)
-    kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1),
-                outputs=["kept_indices"])
-    gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
-                g.concat(g.op("Shape", kept), g.const([head_dim])))
-    slot_used = g.unsqueeze(g.op("GreaterOrEqual", kept, g.const(0)), [3])  # [B, Hc, k + w', 1]
-    for src, out in ((keys, "keys_out"), (values, "values_out")):
-        gathered = g.op("GatherElements", src, gidx, axis=2)
-        zero = g.op("CastLike", g.const(0.0, np.float32), gathered)  # the function serves fp32 and fp16 engines
-        g.op("Where", slot_used, gathered, zero, outputs=[out])
 
 
 def _expand_heads(g: GraphBuilder, x: str, num_kv_heads: int, group: int, head_dim: int) -> str:
@@ -177,7 +124,7 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
     if observe == "all":
         scores = _all_rows_scores(g, queries, kf, lengths, cols, q, heads)
     else:
-        _, _, rows = _window(g, q, lengths, window)  # [B, w'] positions of each row's last w' tokens
+        _, _, rows = window_positions(g, q, lengths, window)  # [B, w'] positions of each row's last w' tokens
         gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
                     g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
         block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
@@ -190,14 +137,14 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
         keys = _expand_heads(g, keys, num_kv_heads, group, head_dim)
         values = _expand_heads(g, values, num_kv_heads, group, head_dim)
         hc = num_heads
-    _, prefix, _ = _window(g, q, lengths, window)
+    _, prefix, _ = window_positions(g, q, lengths, window)
     in_prefix = g.unsqueeze(g.op("Less", g.unsqueeze(cols, [0]), g.unsqueeze(prefix, [1])), [1])  # [B, 1, q]
     scores = raw = g.op("Where", in_prefix, scores, g.const(0.0, np.float32))
     scores = _pool(g, scores, q, kernel, pooling)
     if with_scores:
         _scores_output(g, raw, scores)
     scores = g.op("Where", in_prefix, scores, g.const(float("-inf"), np.float32))
-    _topk_window_gather(g, scores, selected, keys, values, lengths, q, hc, head_dim, window)
+    top_with_window(g, scores, selected, keys, values, lengths, q, hc, head_dim, window)
     outputs = SELECT_OUTPUTS + (["scores"] if with_scores else [])
     return g.make_function("PyramidKVSelect", SELECT_INPUTS, outputs, attributes=PYRAMIDKV_ATTRIBUTES)
 
@@ -208,7 +155,7 @@ def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_d
     g = GraphBuilder("stream_")
     keys, values, lengths, selected = STREAMING_INPUTS
     q = g.dim(keys, 2)
-    _, prefix, _ = _window(g, q, lengths, window)
+    _, prefix, _ = window_positions(g, q, lengths, window)
     pos = g.op("Cast", g.op("Range", g.const(0), g.scalar(q), g.const(1)), to=TensorProto.FLOAT)  # [q]
     boost = g.op("Mul", g.op("Cast", q, to=TensorProto.FLOAT), g.const(2.0, np.float32))
     scores = g.op("Where", g.op("Less", pos, g.const(float(sinks), np.float32)), g.op("Add", pos, boost), pos)
@@ -220,7 +167,7 @@ def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_d
         _scores_output(g, raw, raw)
     scores = g.op("Where", in_prefix, g.unsqueeze(scores, [0]), g.const(float("-inf"), np.float32))  # [B, q]
     scores = g.op("Expand", g.unsqueeze(scores, [1]), shape)
-    _topk_window_gather(g, scores, selected, keys, values, lengths, q, num_kv_heads, head_dim, window)
+    top_with_window(g, scores, selected, keys, values, lengths, q, num_kv_heads, head_dim, window)
     outputs = SELECT_OUTPUTS + (["scores"] if with_scores else [])
     return g.make_function("StreamingLLMSelect", STREAMING_INPUTS, outputs, attributes=STREAMING_ATTRIBUTES)
 
@@ -233,7 +180,7 @@ def _chunk_picks(g: GraphBuilder, chunk_scores: str, selected: str, lengths: str
                  chunk_size: int, window: int) -> str:
     """Each row's window chunks and its top n_b other chunks of chunk_scores [B, C] (+inf on the window's chunks)
     -> float token picks [B, Hc, k * c] (float(q): none), as `chunkkv_from_scores`."""
-    _, prefix, _ = _window(g, q, lengths, window)
+    _, prefix, _ = window_positions(g, q, lengths, window)
     c = g.const(chunk_size)
     first = g.op("Div", prefix, c)  # [B] the first chunk holding a window token
     n_window = g.op("Sub", g.op("Div", g.op("Add", lengths, g.const(chunk_size - 1)), c), first)
@@ -264,7 +211,7 @@ def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv
     q = g.dim(keys, 2)
     cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))
     kf = g.op("Cast", keys, to=TensorProto.FLOAT)
-    _, prefix, rows = _window(g, q, lengths, window)
+    _, prefix, rows = window_positions(g, q, lengths, window)
     gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
                 g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
     block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
@@ -287,7 +234,7 @@ def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv
     g.op("Where", g.op("Less", g.op("Mul", ids, g.const(chunk_size)), g.unsqueeze(lengths, [1])), sums,
          g.const(float("-inf"), np.float32), outputs=["chunk_scores"])
     picks = _chunk_picks(g, "chunk_scores", selected, lengths, q, num_kv_heads, chunk_size, window)
-    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)  # the window is in its chunks
+    sort_with_window(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)  # the window is in its chunks
     return g.make_function("ChunkKVSelect", CHUNKKV_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
                            attributes=CHUNKKV_ATTRIBUTES)
 
@@ -299,6 +246,6 @@ def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, hea
     scores, keys, values, lengths, selected = CHUNKKV_GATHER_INPUTS
     q = g.dim(keys, 2)
     picks = _chunk_picks(g, scores, selected, lengths, q, num_kv_heads, chunk_size, window)
-    _window_sort_gather(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)
+    sort_with_window(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)
     return g.make_function("ChunkKVGather", CHUNKKV_GATHER_INPUTS, SELECT_OUTPUTS,
                            attributes=["window", "chunk_size"])

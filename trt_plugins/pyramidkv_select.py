@@ -1,6 +1,6 @@
 """Specification of the `PyramidKVSelect` op: SnapKV scoring + per-head top-k + gather, in plain PyTorch.
 
-This function *is* the op's contract (design.md §4.2-4.3). Every other implementation (the ONNX function, the
+This function *is* the op's contract. Every other implementation (the ONNX function, the
 Triton-lang kernel, the TensorRT plugin) must return the same kept index sets and the same K/V on the same
 inputs. Definitions that backends could otherwise disagree on are fixed here:
 
@@ -120,6 +120,16 @@ def prefix_lengths(lengths: torch.Tensor, window: int) -> torch.Tensor:
     return lengths - lengths.clamp(max=window)
 
 
+def row_budgets(lengths: torch.Tensor, selected: int | torch.Tensor, window: int, q: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every selection's inputs checked: lengths [B] and `selected` (an int, or [B] per-row budgets) -> lengths,
+    budgets [B] int64 (on the lengths' device), each budget within its row's prefix."""
+    lengths = lengths.to(torch.long).reshape(-1)
+    budgets = as_row_budgets(selected, lengths.shape[0]).to(lengths.device)
+    check_budgets(budgets, lengths, window, q)
+    return lengths, budgets
+
+
 def check_budgets(budgets: torch.Tensor, lengths: torch.Tensor, window: int, q: int) -> None:
     prefix = prefix_lengths(lengths, window)
     if not bool(((lengths >= 0) & (lengths <= q)).all()) or not bool(((budgets >= 0) & (budgets <= prefix)).all()):
@@ -183,9 +193,7 @@ def pyramidkv_select(
         raise ValueError(f"unknown observe '{observe}' (choose from {', '.join(OBSERVE)})")
     if h % hkv or keys.shape[2] != q or window < 1:
         raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
-    lengths = lengths.to(torch.long).reshape(b)
-    budgets = as_row_budgets(selected, b).to(lengths.device)
-    check_budgets(budgets, lengths, window, q)
+    lengths, budgets = row_budgets(lengths, selected, window, q)
     scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
     if granularity == "kv-head":
         scores = scores.view(b, hkv, h // hkv, q).mean(dim=2)  # [B, Hkv, q]

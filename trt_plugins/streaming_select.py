@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from trt_plugins.pyramidkv_select import (
-    as_row_budgets,
-    check_budgets,
     gather_kept,
     prefix_lengths,
+    row_budgets,
     topk_lowest_index_first,
 )
 
@@ -32,9 +31,7 @@ def streaming_select(
     or [B] per-row budgets; k = max(selected); unused slots as in `pyramidkv_select`).
     """
     b, hkv, q, _ = keys.shape
-    lengths = lengths.to(torch.long).reshape(b)
-    budgets = as_row_budgets(selected, b)
-    check_budgets(budgets, lengths, window, q)
+    lengths, budgets = row_budgets(lengths, selected, window, q)
     pos = torch.arange(q, dtype=torch.float32).expand(b, q)  # [B, q]
     scores = torch.where(pos < sinks, pos + 2.0 * q, pos)  # sinks outrank everything, then recency
     scores = scores.masked_fill(pos >= prefix_lengths(lengths, window)[:, None], float("-inf"))

@@ -20,7 +20,7 @@ from typing import Any
 
 from exporter.outputs import atomic_write_text
 from exporter.plan import DTYPE_BYTES, make_plan
-from exporter.policies import POLICIES, KVPolicy, make_policy
+from methods import POLICIES, KVPolicy, make_policy, options_for
 from pkv_core.errors import UserInputError
 
 CONFIG_FILE = "sweep-config.json"  # exporter.outputs recognises a sweep by it
@@ -61,13 +61,12 @@ def parse_cells(policies: str, budgets: str, window: int) -> list[Cell]:
     if not sizes or len(set(sizes)) != len(sizes):
         raise UserInputError(f"--budgets must list distinct sizes (got {budgets!r})")
     cells: list[Cell] = []
-    for name in dict.fromkeys(names):
-        policy = make_policy(name, window=window)
-        if "kv_budget" not in policy.hyperparameters():  # FullKV, PyramidInfer: no budget axis, one cell
-            cells.append(Cell(policy, None))
+    for name in dict.fromkeys(names):  # --window applies to the methods that have one
+        if "kv_budget" not in options_for(name, {"kv_budget": 0}):  # FullKV, PyramidInfer: no budget axis, one cell
+            cells.append(Cell(make_policy(name, **options_for(name, {"window": window})), None))
             continue
         for size in sorted(sizes):
-            cells.append(Cell(make_policy(name, kv_budget=size, window=window), size))
+            cells.append(Cell(make_policy(name, **options_for(name, {"kv_budget": size, "window": window})), size))
     return cells
 
 
@@ -91,6 +90,7 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
             mismatched += held[-1] != planned[-1]
     row: dict[str, Any] = {
         "cell": cell.name, "policy": cell.policy.name, "kv_budget": cell.budget, "n": len(records),
+        "control": not cell.policy.compresses,  # FullKV: what every other cell's delta is measured against
         "score": summary["overall"].get("engine_score"),
         "groups": {g["group"]: g["engine_score"] for g in summary["groups"]},
         "kv_bytes_held": round(mean(held)) if held else None,
@@ -116,8 +116,8 @@ def category_scores(groups: list[dict]) -> dict[str, float]:
 
 
 def with_deltas(rows: list[dict]) -> list[dict]:
-    """Add each cell's score delta to the FullKV cell (when FullKV was swept)."""
-    full = next((r for r in rows if r["policy"] == "full"), None)
+    """Add each cell's score delta to the control cell, the one that compresses nothing (when it was swept)."""
+    full = next((r for r in rows if r.get("control")), None)
     for r in rows:
         r["delta_to_full"] = None if full is None or r["score"] is None or full["score"] is None \
             else round(r["score"] - full["score"], 4)

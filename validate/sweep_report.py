@@ -72,8 +72,8 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
             mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["kv_ratio"] or 0)
             ys = [r["score"] if panel == "overall" else r.get("categories", {}).get(panel) for r in mine]
             xs = [r["kv_ratio"] for r in mine]
-            if policy == "full" and ys and ys[0] is not None:
-                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="full")
+            if mine and mine[0].get("control") and ys and ys[0] is not None:  # FullKV: a level, not a curve
+                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)
             elif any(y is not None for y in ys):
                 ax.plot(xs, ys, marker="o", label=policy)
         ax.set_xscale("log")

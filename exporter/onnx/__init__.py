@@ -1,1 +1,2 @@
-"""The ONNX backend writer: prefill and decode graphs, external weights, the engine directory."""
+"""The ONNX backend writer: prefill and decode graphs (with the hooks of the chosen method), external weights, the
+engine directory."""

@@ -18,8 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx.layers import GraphConfig, Layers
-from exporter.onnx.prefill import make_model
-from exporter.onnx.pyramidinfer import decode_rows
+from exporter.onnx.model import make_model
 from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import GraphBuilder
 
@@ -30,8 +29,8 @@ def _cache_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, 
     token i, by absolute position) and for per-head cache lengths (KVzip: a head's slots after its own count,
     up to the row's longest head, hold nothing)."""
     s = lay.s
-    per_head = lay.cfg.policy.global_selection
-    if not s.sliding_window and not per_head:  # (PyramidInfer's evictions keep every row's slots compact)
+    per_head = lay.cfg.policy.per_head_lengths
+    if not s.sliding_window and not per_head:  # (evictions that keep every row's slots compact need none)
         return lambda total: None
     name = f"cache_positions.{layer}"
     inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", lay.cfg.cache_heads,
@@ -97,12 +96,9 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
         out = target.decode_attention(lay, h, layer, (cos, sin), past[0], past[1], lengths, visible, present)
         outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
                         helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache)])
-        if cfg.policy.drops_tokens:  # PyramidInfer's generation stage records the new tokens' attention rows
-            decode_rows(lay, h, layer, present[0], lengths, visible)
-            outputs.append(helper.make_tensor_value_info(f"attn_rows.{layer}", TensorProto.FLOAT,
-                                                         ["batch", "new_tokens", f"capacity_{layer}"]))
+        outputs.extend(cfg.policy.graph_decode_layer(lay, h, layer, present[0], lengths, visible))
         return out
 
     h = lay.decoder(x, attend)
     lay.logits(h)
-    return make_model(g, cfg, "pkv_decode", inputs, outputs, initializers, with_select=False)
+    return make_model(g, cfg, "pkv_decode", inputs, outputs, initializers)

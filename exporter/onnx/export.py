@@ -13,14 +13,14 @@ from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.onnx.decode import build_decode
 from exporter.onnx.layers import GraphConfig
+from exporter.onnx.model import make_model
 from exporter.onnx.prefill import build_prefill
-from exporter.onnx.pyramidinfer import build_evict
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
-from exporter.policies import KVPolicy
+from methods import KVPolicy
+from methods.backends import build_backend
 from pkv_core.errors import UserInputError
-from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT
 
 ONNX_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TRT_TOPK_MAX = 3840  # TensorRT's TopK limit on K
@@ -43,6 +43,17 @@ def rotary_caches(spec, inv_freq: np.ndarray, scaling: float, np_dtype: np.dtype
     return tuple((f(freqs) * scaling).numpy().astype(np_dtype) for f in (torch.cos, torch.sin))
 
 
+def _method_graph(build):
+    """A method's own graph as a builder like build_prefill's: build(cfg) -> (name, GraphBuilder, inputs, outputs);
+    its weights are inputs (no initializers)."""
+
+    def builder(cfg: GraphConfig, initializers: list) -> onnx.ModelProto:
+        name, g, inputs, outputs = build(cfg)
+        return make_model(g, cfg, name, inputs, outputs, [])
+
+    return builder
+
+
 def check_disk(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed * 1.05 > free:
@@ -63,8 +74,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
-    if (policy.global_selection or policy.drops_tokens) and target != "onnxruntime":
-        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
+    policy.check_backend(build_backend("onnx", target))
     check_output(Path(out), "engine", force, [loaded.directory])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
@@ -73,11 +83,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      f"{TRT_TOPK_MAX}: "
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
-    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len)
-    if policy.global_selection:  # KVzip's repeat prompts, in this model's tokens
-        tok = loaded.tokenizer()
-        cfg.repeat_prompts = tuple(tok(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
-        cfg.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer)
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
         weights = ExternalWeights(tmp, np_dtype)
@@ -90,8 +96,8 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             weights.close()
         initializers = list(weights.tensors.values())
         graphs = [("prefill.onnx", build_prefill), ("decode.onnx", build_decode)]
-        if policy.drops_tokens:  # PyramidInfer: the generation stage's compression, run every update_interval
-            graphs.append(("evict.onnx", build_evict))
+        for name, method_graph in policy.extra_graphs().items():  # the method's own (PyramidInfer: evict.onnx)
+            graphs.append((name, _method_graph(method_graph)))
         for name, builder in graphs:
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))
@@ -105,7 +111,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                       "checkpoint_dir": str(loaded.directory.resolve()) if loaded.directory else None},
             "tokenizer": "tokenizer",
             "policy": {"name": policy.name, **policy.hyperparameters()},
-            "budgets": {"rule": "exporter.budgets, evaluated in-graph from the prompt length",
+            "budgets": {"rule": "methods.budgets, evaluated in-graph from the prompt length",
                         "selected_at_max_input_len": selected},
             "dtype": dtype,
             "max_input_len": max_input_len,

@@ -7,13 +7,14 @@ kept in the projection's layout, [B, s, heads * d] (BSNH), the layout fused atte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
 
-from exporter.policies import KVPolicy
 from exporter.specs import ModelSpec
+from methods import KVPolicy
 from trt_plugins.onnx_graph import GraphBuilder
 
 INT_MAX = 2**62
@@ -28,9 +29,7 @@ class GraphConfig:
     attention_scaling: float  # RoPE cos/sin factor (1.0 except for some scaled RoPE types)
     target: str = "onnxruntime"
     max_input_len: int | None = None  # sizes the TensorRT plugin's static output width
-    # KVzip: the repeat prompts' token ids (first chunk, later chunks) and the pad id, from the model's tokenizer
-    repeat_prompts: tuple[list[int], list[int]] | None = None
-    pad_id: int = 0
+    tokenizer: Callable | None = None  # loads the model's tokenizer, for a method whose graph holds token ids (KVzip)
 
     def max_selected(self, layer: int) -> int:
         """The largest budget layer `layer` gives any prompt the engine accepts (at its max input length)."""
@@ -52,6 +51,10 @@ class Layers:
 
     def __init__(self, g: GraphBuilder, cfg: GraphConfig, target):
         self.g, self.cfg, self.s, self.target = g, cfg, cfg.spec, target
+
+    def on(self, g: GraphBuilder) -> Layers:
+        """The same body writing into another builder (a subgraph, or nodes named apart)."""
+        return Layers(g, self.cfg, self.target)
 
     def rms_norm(self, x: str, weight: str) -> str:
         """transformers' LlamaRMSNorm with plain ops: x.float() * rsqrt(mean(x^2) + eps), back to dtype, * w."""
@@ -120,9 +123,11 @@ class Layers:
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
         return g.op("MatMul", g.op("Mul", act, g.op("MatMul", x, p + "up_proj.weight.T")), p + "down_proj.weight.T")
 
-    def decoder(self, x: str, attend) -> str:
+    def decoder(self, x: str, attend, between=None, to_last_attention: bool = False) -> str | None:
         """Every decoder layer; `attend(layer, h) -> [B, s, H*d]` does the projections and the cache-specific part
-        from the normalised hidden states h.
+        from the normalised hidden states h; `between(layer, residual, h) -> (residual, h)`, when given, sees each
+        layer's residual stream and MLP output before the next layer does (a method may drop rows there).
+        `to_last_attention`: stop after the last layer's attention (a pass that only reads attention: None).
 
         The residual adds and the norms go through the target (a fused Add + RMSNorm where it has one)."""
         g, s = self.g, self.s
@@ -133,9 +138,14 @@ class Layers:
                 residual, h = x, self.target.norm(self, x, p + "input_layernorm.weight")
             else:
                 residual, h = self.target.add_norm(self, residual, h, p + "input_layernorm.weight")
-            attn = g.op("MatMul", attend(layer, h), p + "self_attn.o_proj.weight.T")
+            out = attend(layer, h)
+            if to_last_attention and layer == s.num_layers - 1:
+                return None
+            attn = g.op("MatMul", out, p + "self_attn.o_proj.weight.T")
             residual, h = self.target.add_norm(self, residual, attn, p + "post_attention_layernorm.weight")
             h = self.mlp(h, layer)
+            if between is not None:
+                residual, h = between(layer, residual, h)
         residual, h = self.target.add_norm(self, residual, h, "model.norm.weight")
         return h
 

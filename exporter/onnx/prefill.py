@@ -7,71 +7,128 @@ I/O (B = batch, q = padded prompt length, rows right-padded; Hc = cache heads: H
        present.{i}.key / .value [B, Hc, n_i + reserve, d]: the kept tokens of every row first (compact), zeros
            after them: the buffer decode updates in place;
        kept_indices.{i} [B, Hc, n_i] int64: prompt position of each kept token (0 = first), -1 = unused slot;
-       kv_lengths.{i} [B] int64: valid cached tokens per row.
-Attention is the target's (no [q, q] tensor on either target's long-context path); the selection is one
-`PyramidKVSelect` / `StreamingLLMSelect` node per layer in an `If` that keeps everything when every prompt is
-shorter than the budget.
+       kv_lengths.{i} [B] int64: valid cached tokens per row;
+       and whatever outputs of its own the method adds (methods.base: the graph hooks).
+Attention is the target's (no [q, q] tensor on either target's long-context path). The method decides each layer's
+cache through its hooks (`graph_layer` after a layer's attention, `graph_between_layers` after the whole layer,
+`graph_end` after the decoder); a per-layer selection sits in an `If` that keeps everything when every prompt is
+shorter than the budget (`PrefillGraph.select_when_long`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 from onnx import TensorProto, helper
 
-from exporter.onnx.budget import selected_counts
-from exporter.onnx.kvzip import KVZIP_PREFIX, global_select, reconstruction_scores
+from exporter.onnx.budget_table import selected_counts
 from exporter.onnx.layers import GraphConfig, Layers
-from exporter.onnx.pyramidinfer import pyramidinfer_decoder
+from exporter.onnx.model import make_model
 from exporter.onnx.targets import TARGETS
-from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, GraphBuilder
+from trt_plugins.onnx_graph import GraphBuilder
+
+# Names of the nodes a method adds to the prefill's top level (`PrefillGraph.method_nodes`): profilers (and
+# scripts/bench_methods.py) count them, with the `If` nodes of per-layer selections, as selection time.
+METHOD_NODES = "sel_"
 
 
-def _keep_all(g: GraphBuilder, lay: Layers, k4: str, v4: str, lengths: str, hc: int):
-    """(kept, K, V) when nothing is compressed: every real token, in place (rows are already compact)."""
-    s = lay.s
-    b, q = g.dim(k4, 0), g.dim(k4, 2)
-    pos = g.unsqueeze(g.op("Range", g.const(0), g.scalar(q), g.const(1)), [0])  # [1, q]
-    real = g.op("Less", pos, g.unsqueeze(lengths, [1]))  # [B, q]
-    idx = g.op("Where", real, pos, g.const(-1))
-    idx = g.op("Expand", g.unsqueeze(idx, [1]), g.concat(b, g.const([hc]), q))  # [B, Hc, q]
-    if hc != s.num_kv_heads:  # query-head caches: every query head reads its KV head
-        group = hc // s.num_kv_heads
-        shape = g.concat(b, g.const([s.num_kv_heads, group]), q, g.const([s.head_dim]))
-        k4 = g.reshape(g.op("Expand", g.unsqueeze(k4, [2]), shape), g.const([0, hc, -1, s.head_dim]))
-        v4 = g.reshape(g.op("Expand", g.unsqueeze(v4, [2]), shape), g.const([0, hc, -1, s.head_dim]))
-    used = g.unsqueeze(g.unsqueeze(real, [1]), [3])  # [B, 1, q, 1]
-    zero = g.const(0.0, lay.cfg.np_dtype)
-    return idx, g.op("Where", used, k4, zero), g.op("Where", used, v4, zero)
+class PrefillGraph:
+    """What the prefill graph writer offers a method's graph hooks (tensor names are ONNX value names).
 
+    g / lay / cfg / spec / target: the builder, the transformer body, the build's configuration;
+    lengths [B] int64: tokens per row the current layer computes over (the real prompt lengths until a method drops
+        tokens between layers); positions [B, n] int64: their absolute positions ("position_ids" until then);
+    shared: a method's scratch for this graph (what one layer leaves for later ones); outputs: graph outputs."""
 
-def _select(g: GraphBuilder, lay: Layers, layer: int, queries: str, k4: str, v4: str, lengths: str, selected: str,
-            shared: dict):
-    """The selection node (op semantics of trt_plugins.pyramidkv_select): (kept, K, V[, chunk scores]). The
-    tensorrt target's node also names its plugin and carries what the plugin needs (shapes, static width) and the
-    scores output. `shared` maps a ChunkKV group's first layer to its chunk scores (index reuse)."""
-    pol, s = lay.cfg.policy, lay.s
-    if pol.name == "chunkkv":
-        source = pol.scores_from(layer)
-        if source != layer:
-            return g.op("ChunkKVGather", shared[source], k4, v4, lengths, selected, outputs=3, domain=CUSTOM_DOMAIN,
-                        window=pol.window, chunk_size=pol.chunk_size)
-        q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))
-        return g.op("ChunkKVSelect", q4, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
-                    window=pol.window, chunk_size=pol.chunk_size, kernel=pol.kernel, pooling=pol.pooling)
-    attrs = lay.target.select_attributes()
-    outputs = 3
-    if attrs:
-        attrs |= {"num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "max_selected": lay.cfg.max_selected(layer)}
-        outputs = 4
-    if pol.name == "streamingllm":
-        return g.op("StreamingLLMSelect", k4, v4, lengths, selected, outputs=outputs, domain=CUSTOM_DOMAIN,
-                    window=pol.window, sinks=pol.sinks, **attrs)[:3]
-    if attrs:
-        attrs["num_heads"] = s.num_heads
-    q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))  # [B, q, H, d]: a view, no copy
-    return g.op("PyramidKVSelect", q4, k4, v4, lengths, selected, outputs=outputs, domain=CUSTOM_DOMAIN,
-                window=pol.window, kernel=pol.kernel, pooling=pol.pooling_op(), granularity=pol.granularity,
-                observe=pol.observe, **attrs)[:3]
+    def __init__(self, lay: Layers, lengths: str, reserve: str):
+        self.lay, self.g, self.cfg, self.spec, self.target = lay, lay.g, lay.cfg, lay.s, lay.target
+        self.prompt_lengths = self.lengths = lengths
+        self.positions = "position_ids"
+        self.reserve = reserve
+        self.shared: dict = {}
+        self.outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", self.spec.vocab_size])]
+        self._rope: dict[str, tuple[str, str]] = {}
+        self._budgets: list[str] | None = None
+
+    def rope(self) -> tuple[str, str]:
+        """cos / sin of the current positions (computed once per positions tensor)."""
+        if self.positions not in self._rope:
+            self._rope[self.positions] = self.lay.rope_tables(self.positions)
+        return self._rope[self.positions]
+
+    def moved_positions(self) -> str | None:
+        """The current positions when a method moved rows (they are no longer 0..n-1), else None."""
+        return None if self.positions == "position_ids" else self.positions
+
+    def sub(self, prefix: str) -> Layers:
+        """The transformer body on a fresh builder whose node names start with `prefix` (merge its nodes into g)."""
+        return self.lay.on(GraphBuilder(self.g.prefix + prefix))
+
+    def method_nodes(self, name: str) -> Layers:
+        """`sub` for the nodes a method adds to the graph's top level: named METHOD_NODES + name + ..."""
+        return self.sub(METHOD_NODES + name)
+
+    def budgets(self) -> list[str]:
+        """Per layer, a [B] int64 tensor: each prompt's own selected count, from its real length."""
+        if self._budgets is None:
+            self._budgets = selected_counts(self.g, self.cfg.policy, self.spec.num_layers, self.prompt_lengths)
+        return self._budgets
+
+    def keep_all(self, k4: str, v4: str, lay: Layers | None = None) -> tuple[str, str, str]:
+        """(kept, K, V) holding every token of the current layer, in place (rows are compact): kept [B, Hc, n] is
+        each slot's position (-1 after the row's length), K/V [B, Hc, n, d] zero there. k4 / v4 [B, Hkv, n, d]."""
+        lay = lay or self.lay
+        g, s, hc = lay.g, self.spec, self.cfg.cache_heads
+        b, n = g.dim(k4, 0), g.dim(k4, 2)
+        slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(n), g.const(1)), [0])  # [1, n]
+        real = g.op("Less", slots, g.unsqueeze(self.lengths, [1]))  # [B, n]
+        idx = g.op("Where", real, self.moved_positions() or slots, g.const(-1))
+        idx = g.op("Expand", g.unsqueeze(idx, [1]), g.concat(b, g.const([hc]), n))  # [B, Hc, n]
+        if hc != s.num_kv_heads:  # query-head caches: every query head reads its KV head
+            group = hc // s.num_kv_heads
+            shape = g.concat(b, g.const([s.num_kv_heads, group]), n, g.const([s.head_dim]))
+            k4 = g.reshape(g.op("Expand", g.unsqueeze(k4, [2]), shape), g.const([0, hc, -1, s.head_dim]))
+            v4 = g.reshape(g.op("Expand", g.unsqueeze(v4, [2]), shape), g.const([0, hc, -1, s.head_dim]))
+        used = g.unsqueeze(g.unsqueeze(real, [1]), [3])  # [B, 1, n, 1]
+        zero = g.const(0.0, self.cfg.np_dtype)
+        return idx, g.op("Where", used, k4, zero), g.op("Where", used, v4, zero)
+
+    def select_when_long(self, layer: int, k4: str, v4: str, select: Callable[[Layers, str], list[str]],
+                         keep_all_extra: Callable[[Layers], list[str]] | None = None) -> list[str]:
+        """An `If`: everything kept when every prompt is shorter than the budget, else `select(lay, selected)` (its
+        nodes on `lay`'s own builder; selected [B] this layer's budgets) -> [kept, K, V, *extra]. A select with
+        extra outputs needs `keep_all_extra` to give the other branch the same ones."""
+        keep = self.sub(f"keepall{layer}_")
+        chosen = self.sub(f"select{layer}_")
+        kept_all = list(self.keep_all(k4, v4, keep))
+        picked = list(select(chosen, self.budgets()[layer]))
+        if keep_all_extra is not None:
+            kept_all += keep_all_extra(keep)
+        then = _branch(keep.g, kept_all, self.g.fresh("keep_all"), self.cfg.onnx_dtype)
+        other = _branch(chosen.g, picked, self.g.fresh("select"), self.cfg.onnx_dtype)
+        g = self.g
+        short = g.op("Less", g.op("ReduceMax", self.prompt_lengths, keepdims=1), g.const([self.cfg.policy.kv_budget]))
+        out = g.op("If", g.scalar(short), outputs=len(picked), then_branch=then, else_branch=other)
+        return out if isinstance(out, list) else [out]
+
+    def emit(self, layer: int, kept: str, kk: str, vv: str) -> None:
+        """The layer's outputs: kept indices, the cache padded with the decode slots, valid slots per row."""
+        g, s, hc = self.g, self.spec, self.cfg.cache_heads
+        g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
+        pads = g.concat(g.const([0, 0, 0, 0, 0, 0]), self.reserve, g.const([0]))
+        g.op("Pad", kk, pads, outputs=[f"present.{layer}.key"])
+        g.op("Pad", vv, pads, outputs=[f"present.{layer}.value"])
+        # A row's longest head: the slot its next token goes to (heads may hold different counts: KVzip).
+        valid = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", kept, g.const(0)), to=TensorProto.INT64),
+                     g.const([2]), keepdims=0)  # [B, Hc]
+        g.op("ReduceMax", valid, g.const([1]), keepdims=0, outputs=[f"kv_lengths.{layer}"])
+        cache = ["batch", hc, f"present_len_{layer}", s.head_dim]
+        self.outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", self.cfg.onnx_dtype, cache),
+                             helper.make_tensor_value_info(f"present.{layer}.value", self.cfg.onnx_dtype, cache),
+                             helper.make_tensor_value_info(f"kept_indices.{layer}", TensorProto.INT64,
+                                                           ["batch", hc, f"kept_len_{layer}"]),
+                             helper.make_tensor_value_info(f"kv_lengths.{layer}", TensorProto.INT64, ["batch"])])
 
 
 def _branch(builder: GraphBuilder, outputs: list[str], name: str, dtype: int) -> onnx.GraphProto:
@@ -82,126 +139,31 @@ def _branch(builder: GraphBuilder, outputs: list[str], name: str, dtype: int) ->
     return helper.make_graph(builder.nodes, name, [], infos)
 
 
-def _no_chunk_scores(g: GraphBuilder, k4: str, chunk_size: int) -> str:
-    """The keep-all branch's stand-in for a ChunkKV group leader's scores: zeros [B, ceil(q / c)]."""
-    n = g.op("Div", g.op("Add", g.dim(k4, 2), g.const([chunk_size - 1])), g.const([chunk_size]))
-    return g.op("ConstantOfShape", g.concat(g.dim(k4, 0), n),
-                value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-
-
 def build_prefill(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
-    s, pol = cfg.spec, cfg.policy
+    pol = cfg.policy
     target = TARGETS[cfg.target]
     g = GraphBuilder()
     lay = Layers(g, cfg, target)
-    hc = cfg.cache_heads
     x = g.op("Gather", "model.embed_tokens.weight", "input_ids", axis=0)  # [B, q, hidden]
-    cos, sin = (None, None) if pol.drops_tokens else lay.rope_tables("position_ids")
     lengths = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)  # [B] real prompt lengths
-    per_layer = pol.compresses and not pol.global_selection and not pol.drops_tokens
-    budgets = selected_counts(g, pol, s.num_layers, lengths) if per_layer else None
-    reserve = g.op("Max", "reserve_tokens", g.const([0]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
-    shared: dict[int, str] = {}  # ChunkKV: group leader layer -> its chunk scores
-
-    def emit(layer: int, kept: str, kk: str, vv: str) -> None:
-        """The layer's outputs: kept indices, the cache padded with the decode slots, valid slots per row."""
-        g.op("Identity", kept, outputs=[f"kept_indices.{layer}"])
-        pads = g.concat(g.const([0, 0, 0, 0, 0, 0]), reserve, g.const([0]))
-        g.op("Pad", kk, pads, outputs=[f"present.{layer}.key"])
-        g.op("Pad", vv, pads, outputs=[f"present.{layer}.value"])
-        # A row's longest head: the slot its next token goes to (KVzip's heads hold different counts).
-        valid = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", kept, g.const(0)), to=TensorProto.INT64),
-                     g.const([2]), keepdims=0)  # [B, Hc]
-        g.op("ReduceMax", valid, g.const([1]), keepdims=0, outputs=[f"kv_lengths.{layer}"])
-        cache = ["batch", hc, f"present_len_{layer}", s.head_dim]
-        outputs.extend([helper.make_tensor_value_info(f"present.{layer}.key", cfg.onnx_dtype, cache),
-                        helper.make_tensor_value_info(f"present.{layer}.value", cfg.onnx_dtype, cache),
-                        helper.make_tensor_value_info(f"kept_indices.{layer}", TensorProto.INT64,
-                                                      ["batch", hc, f"kept_len_{layer}"]),
-                        helper.make_tensor_value_info(f"kv_lengths.{layer}", TensorProto.INT64, ["batch"])])
-
-    whole: list[tuple[str, str]] = []  # KVzip: every layer's whole context cache, selected after the decoder
+    pg = PrefillGraph(lay, lengths, g.op("Max", "reserve_tokens", g.const([0])))
+    pol.graph_begin(pg)
 
     def attend(layer: int, h: str) -> str:
+        cos, sin = pg.rope()
         q, k, v = lay.qkv(h, layer, cos, sin)  # RoPE here: the selection needs the rotated queries too
-        out, k4, v4 = target.prefill_attention(lay, q, k, v, lengths)  # K/V: [B, Hkv, q, d] post-RoPE
-        if budgets is None:
-            kept, kk, vv = _keep_all(g, lay, k4, v4, lengths, hc)
-            if pol.global_selection:
-                whole.append((kk, vv))
-                return out
-        else:
-            keep_all = GraphBuilder(g.prefix + f"keepall{layer}_")
-            select = GraphBuilder(g.prefix + f"select{layer}_")
-            kept_all = list(_keep_all(keep_all, Layers(keep_all, cfg, target), k4, v4, lengths, hc))
-            chosen = list(_select(select, Layers(select, cfg, target), layer, q, k4, v4, lengths, budgets[layer],
-                                  shared))
-            if len(chosen) == 4:  # a ChunkKV group leader also hands its chunk scores to the group
-                kept_all.append(_no_chunk_scores(keep_all, k4, pol.chunk_size))
-            then = _branch(keep_all, kept_all, g.fresh("keep_all"), cfg.onnx_dtype)
-            other = _branch(select, chosen, g.fresh("select"), cfg.onnx_dtype)
-            short = g.op("Less", g.op("ReduceMax", lengths, keepdims=1), g.const([pol.kv_budget]))
-            kept, kk, vv, *scores = g.op("If", g.scalar(short), outputs=len(chosen), then_branch=then,
-                                         else_branch=other)
-            if scores:
-                shared[layer] = scores[0]
-        emit(layer, kept, kk, vv)
+        moved = pg.moved_positions()  # a sliding window by the tokens' own positions once rows were gathered
+        out, k4, v4 = target.prefill_attention(lay, q, k, v, pg.lengths, *([moved] if moved else []))
+        cache = pol.graph_layer(pg, layer, q, k4, v4)  # K/V: [B, Hkv, n, d] post-RoPE
+        if cache is not None:
+            pg.emit(layer, *cache)
         return out
 
-    if pol.drops_tokens:  # PyramidInfer: each layer passes only its pivotal tokens on to the next
-        h, last = pyramidinfer_decoder(g, lay, cfg, target, x, lengths, emit)
-        lay.logits(h, last)
-        outputs.extend([helper.make_tensor_value_info(f"recent_rows.{i}", TensorProto.FLOAT,
-                                                      ["batch", "recent_rows", f"kept_len_{i}"])
-                        for i in range(s.num_layers)])
-        outputs.append(helper.make_tensor_value_info("recent_lengths", TensorProto.INT64, ["batch"]))
-    else:
-        h = lay.decoder(x, attend)
-        lay.logits(h, g.op("Sub", lengths, g.const(1)))
-    if whole:  # KVzip: reconstruct the context to score every pair, then one selection over all layers
-        kz = GraphBuilder(g.prefix + KVZIP_PREFIX)  # its own node names: profilers can tell its cost apart
-        scores = reconstruction_scores(kz, cfg, target, whole, lengths, cfg.repeat_prompts, cfg.pad_id)
-        picked = global_select(kz, cfg, scores, whole, lengths)
-        g.nodes.extend(kz.nodes)
-        for layer, (kept, kk, vv) in enumerate(picked):
-            emit(layer, kept, kk, vv)
+    h = lay.decoder(x, attend, lambda layer, residual, h: pol.graph_between_layers(pg, layer, residual, h))
+    lay.logits(h, g.op("Sub", pg.lengths, g.const(1)))
+    pol.graph_end(pg)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "prompt_len"])
               for n in ("input_ids", "attention_mask", "position_ids")]
     inputs.append(helper.make_tensor_value_info("reserve_tokens", TensorProto.INT64, [1]))
-    return make_model(g, cfg, "pkv_prefill", inputs, outputs, initializers, with_select=pol.compresses)
-
-
-def make_model(g: GraphBuilder, cfg: GraphConfig, name: str, inputs, outputs, initializers,
-               with_select: bool) -> onnx.ModelProto:
-    from trt_plugins.onnx_select import (
-        chunkkv_gather_function,
-        chunkkv_select_function,
-        pyramidkv_select_function,
-        streaming_select_function,
-    )
-
-    s, pol = cfg.spec, cfg.policy
-    target = TARGETS[cfg.target]
-    functions = []
-    if with_select and not pol.global_selection and not pol.drops_tokens:  # KVzip's, PyramidInfer's: inline ops
-        scores = bool(target.select_attributes())  # the plugin's 4th output: the function has it too
-        if pol.name == "chunkkv":
-            functions.append(chunkkv_select_function(pol.window, pol.chunk_size, s.num_heads, s.num_kv_heads,
-                                                     s.head_dim, pol.kernel, pol.pooling))
-            if pol.reuse > 1:
-                functions.append(chunkkv_gather_function(pol.window, pol.chunk_size, s.num_kv_heads, s.head_dim))
-        elif pol.name == "streamingllm":
-            functions.append(streaming_select_function(pol.window, pol.sinks, s.num_kv_heads, s.head_dim, scores))
-        else:
-            functions.append(pyramidkv_select_function(pol.window, pol.kernel, pol.pooling_op(), pol.granularity,
-                                                       s.num_heads, s.num_kv_heads, s.head_dim, pol.observe, scores))
-        for f in functions:  # the function body's standard ops come from the graph's opset
-            del f.opset_import[:]
-            f.opset_import.extend([helper.make_opsetid("", target.opset)])
-    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=initializers)
-    opsets = target.opsets() + [helper.make_opsetid(CUSTOM_DOMAIN, 1)]
-    # The lowest IR version the opsets allow: onnxruntime 1.31 reads IR <= 13, onnx 1.23 would write 14.
-    ir_version = max(IR_VERSION, helper.find_min_ir_version_for([helper.make_opsetid("", target.opset)]))
-    return helper.make_model(graph, opset_imports=opsets, ir_version=ir_version, functions=functions,
-                             producer_name="pkv-export")
+    return make_model(g, cfg, "pkv_prefill", inputs, pg.outputs, initializers,
+                      pol.graph_functions(cfg.spec, target) if pol.compresses else [])

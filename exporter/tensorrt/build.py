@@ -18,8 +18,9 @@ from typing import Any
 from exporter.checkpoint import LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.outputs import check_output, staging_dir
-from exporter.policies import KVPolicy
 from exporter.tensorrt.graphs import parser_input
+from methods import KVPolicy
+from methods.backends import TENSORRT
 from pkv_core.errors import JobError, UserInputError
 
 
@@ -106,6 +107,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
 
     if max_batch < 1 or max_new_tokens < 1:
         raise UserInputError("--max-batch and --max-new-tokens must be at least 1")
+    policy.check_backend(TENSORRT)
     check_output(Path(out), "engine", force, [loaded.directory])
     register_plugins()
     with tempfile.TemporaryDirectory(prefix=".pkv-onnx-", dir=Path(out).resolve().parent) as tmp_onnx:

@@ -69,8 +69,8 @@ parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_ne
 def choose_batching(manifest: dict, batching: str) -> str:
     """`auto`: in-flight where the engine allows it (onnxruntime target, a policy with known slot sizes), else
     Triton's dynamic batcher; an explicit `inflight` that cannot run is refused with the reason."""
-    from exporter.policies import check_policy_record
     from exporter.slot_plan import SlotsUnsupported, check_supported
+    from methods import check_policy_record
 
     if batching == "static":
         return "static"
@@ -145,9 +145,9 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
         raise UserInputError("in-flight batching runs one model instance (its scheduler owns every slot): "
                              "drop --instances or use --batching static")
     if "inflight" in modes.values():
-        from exporter.policies import check_policy_record
         from exporter.slot_plan import plan_slots
         from exporter.specs import ModelSpec
+        from methods import check_policy_record
 
         for name, m in manifests.items():  # a memory that holds no slot is refused before anything is written
             if modes[name] == "inflight":

@@ -26,9 +26,10 @@ import torch
 from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.outputs import check_output, staging_dir
-from exporter.policies import KVPolicy
 from exporter.specs import SUPPORTED_ARCHS, ModelSpec
 from exporter.trtllm.safetensors_stream import StreamingSafetensors
+from methods import KVPolicy
+from methods.backends import TRTLLM
 from pkv_core.errors import UserInputError
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -142,8 +143,7 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype '{dtype}' for --backend trtllm (choose from {', '.join(DTYPES)})")
     check_parallelism(spec, tp, pp)
-    if policy.global_selection or policy.drops_tokens:
-        raise UserInputError(f"policy '{policy.name}' is built for --backend onnx --target onnxruntime only")
+    policy.check_backend(TRTLLM)
     max_input_len = max_input_len or spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
@@ -170,7 +170,7 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
                       "checkpoint_dir": str(loaded.directory.resolve()) if loaded.directory else None},
             "tokenizer": "tokenizer",
             "policy": config["pkv"]["policy"],
-            "budgets": {"rule": "exporter.budgets", "selected_at_max_input_len": config["pkv"][
+            "budgets": {"rule": "methods.budgets", "selected_at_max_input_len": config["pkv"][
                 "selected_at_max_input_len"]},
             "dtype": dtype,
             "max_input_len": max_input_len,

@@ -30,8 +30,9 @@ if kind == "ort":
 else:
     from engines.reference import ReferenceEngine
     from exporter.checkpoint import load_model
-    from exporter.policies import make_policy
-    engine = ReferenceEngine(load_model("tiny-llama3"), make_policy(where, kv_budget=128, window=8))
+    from methods import make_policy, options_for
+    engine = ReferenceEngine(load_model("tiny-llama3"),
+                             make_policy(where, **options_for(where, {"kv_budget": 128, "window": 8})))
 before = peak_kib()
 result = engine.generate([synthetic_prompt_ids(engine.tokenizer, q, seed=0)], 2)
 peak = peak_kib()
@@ -53,10 +54,9 @@ def engines(tmp_path_factory):
     from click.testing import CliRunner
 
     out = {}
-    for policy in ("full", "pyramidkv"):
+    for policy, options in (("full", []), ("pyramidkv", ["--kv-budget", "128", "--window", "8"])):
         d = tmp_path_factory.mktemp("long") / policy
-        r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--policy", policy, "--kv-budget", "128",
-                                      "--window", "8", "--out", str(d)])
+        r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--policy", policy, *options, "--out", str(d)])
         assert r.exit_code == 0, r.output
         out[policy] = d
     return out

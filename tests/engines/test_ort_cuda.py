@@ -8,7 +8,8 @@ from engines.ort_cuda import cuda_problems, gqa_with_bias
 from exporter.checkpoint import load_model
 from exporter.engine_dir import read_manifest
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
+from methods import make_policy
+from tests import matrix
 
 CASES = {  # (model, policy, options, dtype) -> (graphs with a biased GQA, fp32 refused)
     ("tiny-llama3", "pyramidkv", (), "fp16"): ([], False),
@@ -25,7 +26,7 @@ def test_cuda_problems_name_exactly_what_the_cuda_kernel_cannot_run(tmp_path, ca
     model, name, options, dtype = case
     biased, fp32 = CASES[case]
     out = tmp_path / "engine"
-    build_onnx_engine(load_model(model), make_policy(name, kv_budget=32, window=4, **dict(options)), out,
+    build_onnx_engine(load_model(model), make_policy(name, **matrix.small(name, **dict(options))), out,
                       dtype=dtype, max_input_len=256)
     manifest = read_manifest(out)
     assert [g for g in manifest["onnx"]["graphs"] if gqa_with_bias(out / g)] == biased

@@ -10,27 +10,16 @@ from engines.ort_engine import OrtEngine
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
+from methods import make_policy
 from pkv_core.errors import UserInputError
+from tests import matrix
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat naps in the sun. " * 2
 PROMPTS = [LONG, "Short prompt, left padded.", LONG[:100] + " and then?", "Hi"]
-POLICY_CASES = [
-    ("full", {}),
-    ("streamingllm", {}),
-    ("h2o", {}),
-    ("snapkv", {}),
-    ("pyramidkv", {}),
-    ("pyramidkv", {"granularity": "query-head", "pooling": "avg", "schedule": "mean"}),
-    ("chunkkv", {"chunk_size": 4}),
-    ("chunkkv", {"chunk_size": 3, "reuse": 2, "budget_schedule": "pyramid"}),
-    ("kvzip", {}),
-    ("kvzip", {"score_chunk": 16, "sinks": 2, "postfix": 3}),
-    ("pyramidinfer", {"min_context": 8, "decay": 0.7}),
-    ("pyramidinfer", {"min_context": 8, "decay": 0.5, "decay_schedule": "geometric", "sinks": 2}),
-    ("pyramidinfer", {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3, "gen_decay": 0.5}),
-]
-_BUILT: dict = {}
+MODELS = ["tiny-llama3", "tiny-mistral"]
+# Every registered method on every graph target it runs on (tests/matrix.py), on both tiny models.
+PARITY = [(model, name, kw, target) for name, kw in matrix.cases() for target in matrix.targets(name)
+          for model in MODELS]
 
 
 def kept_sets(kept: torch.Tensor) -> list[list[int]]:
@@ -38,26 +27,10 @@ def kept_sets(kept: torch.Tensor) -> list[list[int]]:
     return [sorted(x for x in head if x >= 0) for head in kept.tolist()]
 
 
-def built(tmp_path_factory, model: str, name: str, kw: dict, target: str = "onnxruntime"
-          ) -> tuple[OrtEngine, ReferenceEngine]:
-    if target != "onnxruntime" and (make_policy(name).global_selection or make_policy(name).drops_tokens):
-        pytest.skip("KVzip and PyramidInfer are built for onnxruntime only: test_global_selection_needs_onnxruntime")
-    key = (model, name, tuple(sorted(kw.items())), target)
-    if key not in _BUILT:
-        loaded = load_model(model)
-        policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
-        out = tmp_path_factory.mktemp("engines") / f"{model}-{name}-{target}"
-        build_onnx_engine(loaded, policy, out, max_input_len=1024, target=target)
-        _BUILT[key] = (OrtEngine(out), ReferenceEngine(loaded, policy))
-    return _BUILT[key]
-
-
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name,kw", POLICY_CASES, ids=[f"{n}{'-' + '-'.join(map(str, kw.values())) if kw else ''}"
-                                                       for n, kw in POLICY_CASES])
-def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
-    ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
+@pytest.mark.parametrize("model,name,kw,target", PARITY,
+                         ids=[f"{matrix.case_id(n, kw)}-{m}-{t}" for m, n, kw, t in PARITY])
+def test_parity_with_reference(built_engine, model, name, kw, target):
+    ort_engine, reference = built_engine(model, name, kw, target)
     got = ort_engine.generate(PROMPTS, 12, return_logits=True, return_indices=True)
     want = reference.generate(PROMPTS, 12, return_logits=True, return_indices=True)
     assert got.tokens == want.tokens
@@ -69,11 +42,10 @@ def test_parity_with_reference(tmp_path_factory, model, name, kw, target):
     assert result.passed and result.index_agreement == 1.0 and result.first_divergence is None
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("kvzip", {}), ("pyramidinfer", {"min_context": 8})])
-def test_batched_equals_alone(tmp_path_factory, model, target, name, kw):
-    ort_engine, _ = built(tmp_path_factory, model, name, kw, target)
+@pytest.mark.parametrize("model,name,target", [(m, n, t) for n in ("pyramidkv", "kvzip", "pyramidinfer")
+                                               for t in matrix.targets(n) for m in MODELS])
+def test_batched_equals_alone(built_engine, model, target, name):
+    ort_engine, _ = built_engine(model, name, target=target)
     prompts = [LONG, LONG[:90] + "!", LONG[:45], "Short prompt, left padded.", "Hi"]  # every regime in one batch
     batched = ort_engine.generate(prompts, 8, return_logits=True, return_indices=True)
     for b, prompt in enumerate(prompts):
@@ -85,23 +57,23 @@ def test_batched_equals_alone(tmp_path_factory, model, target, name, kw):
             assert kept_sets(alone.kept_indices[layer][0]) == kept_sets(batched.kept_indices[layer][b])
 
 
-def test_compression_is_real(tmp_path_factory):
+def test_compression_is_real(built_engine):
     """Guard for the parity test: the compressed engine differs from the full one and holds fewer bytes."""
-    full, _ = built(tmp_path_factory, "tiny-llama3", "full", {})
-    pyramid, _ = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+    full, _ = built_engine("tiny-llama3", "full")
+    pyramid, _ = built_engine("tiny-llama3", "pyramidkv")
     a = full.generate([LONG], 12, return_logits=True)
     b = pyramid.generate([LONG], 12, return_logits=True)
     assert not torch.allclose(a.logits[:, 1:], b.logits[:, 1:])
     assert b.timings["kv_bytes_after_prefill"] < a.timings["kv_bytes_after_prefill"]
 
 
-def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(tmp_path_factory):
+def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(built_engine):
     """KVzip's one top-k over every layer and head gives heads and layers different lengths: the engine reports
     the bytes it holds (each layer padded to its longest head) and the ideal (the kept pairs alone), which is what
     `plan` counts: C pairs per head on average."""
     from exporter.plan import make_plan
 
-    engine, reference = built(tmp_path_factory, "tiny-llama3", "kvzip", {})
+    engine, reference = built_engine("tiny-llama3", "kvzip")
     result = engine.generate([LONG], 1, return_indices=True)
     counts = [(k[0] >= 0).sum(-1).tolist() for k in result.kept_indices]  # [layer][head]
     assert len({c for layer in counts for c in layer}) > 1, "per-head lengths"
@@ -114,17 +86,16 @@ def test_kvzip_heads_hold_different_lengths_and_bytes_are_reported(tmp_path_fact
 
 
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-def test_pyramidinfer_compresses_while_generating(tmp_path_factory, model, monkeypatch):
+def test_pyramidinfer_compresses_while_generating(built_engine, model, monkeypatch):
     """The generation stage really runs: evict.onnx compacts the caches every `update_interval` tokens once R + E
     tokens were generated (lengths shrink below prefill + generated), and the tokens then differ from a run that
     never compresses while generating, on the engine as on the reference (which agree)."""
-    from engines import pyramidinfer_stage
+    from methods import pyramidinfer_stage
 
-    # geometric: under the cosine default the random tiny-mistral emits EOS after 8 tokens, before the first
-    # compression (R + E = 10 tokens); the generation stage does not depend on the prefill's schedule.
-    kw = {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3, "gen_decay": 0.5,
-          "decay_schedule": "geometric"}
-    engine, reference = built(tmp_path_factory, model, "pyramidinfer", kw)
+    # The matrix's generation-stage case. Geometric: under the cosine default the random tiny-mistral emits EOS
+    # after 8 tokens, before the first compression (R + E = 10 tokens); the stage does not depend on that schedule.
+    kw = dict(matrix.VARIANTS)["pyramidinfer"]
+    engine, reference = built_engine(model, "pyramidinfer", kw)
     calls = []
     original = pyramidinfer_stage.GenerationStage.evict_if_due
 
@@ -138,7 +109,7 @@ def test_pyramidinfer_compresses_while_generating(tmp_path_factory, model, monke
     monkeypatch.setattr(pyramidinfer_stage.GenerationStage, "evict_if_due", spy)
     got = engine.generate([LONG], 24, return_logits=True)
     assert len(calls) >= 3 and all((after[0] < before[0]).all() for before, after in calls)
-    never, never_ref = built(tmp_path_factory, model, "pyramidinfer", kw | {"update_interval": 10_000})
+    never, never_ref = built_engine(model, "pyramidinfer", kw | {"update_interval": 10_000})
     other = never.generate([LONG], 24, return_logits=True)
     assert not torch.allclose(got.logits, other.logits)
     want = reference.generate([LONG], 24, return_logits=True)
@@ -152,19 +123,19 @@ def test_global_selection_needs_onnxruntime(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("pyramidinfer", {"min_context": 8, "decay": 0.7})])
-def test_kv_bytes_held_equal_the_plan(tmp_path_factory, name, kw):
+@pytest.mark.parametrize("name", ["pyramidkv", "pyramidinfer"])
+def test_kv_bytes_held_equal_the_plan(built_engine, name):
     from exporter.plan import make_plan
 
-    engine, reference = built(tmp_path_factory, "tiny-llama3", name, kw)
+    engine, reference = built_engine("tiny-llama3", name)
     prompt = LONG
     result = engine.generate([prompt], 1)
     plan = make_plan(engine.spec, reference.policy, result.prompt_lengths[0], 1, "fp32")
     assert result.timings["kv_bytes_after_prefill"] == plan["kv_bytes_compressed"]
 
 
-def test_prompt_longer_than_engine_accepts(tmp_path_factory):
-    engine, _ = built(tmp_path_factory, "tiny-llama3", "snapkv", {})
+def test_prompt_longer_than_engine_accepts(built_engine):
+    engine, _ = built_engine("tiny-llama3", "snapkv")
     with pytest.raises(UserInputError, match="accepts at most 1024"):
         engine.generate(["x" * 2000], 2)
 
@@ -178,12 +149,12 @@ def test_fp16_engine_runs_close_to_fp32(tmp_path):
     assert (got.logits[:, 0] - want.logits[:, 0]).abs().max().item() < 0.1
 
 
-def test_decode_updates_each_layer_cache_in_place(tmp_path_factory):
+def test_decode_updates_each_layer_cache_in_place(built_engine):
     """onnxruntime target: the buffer bound as past and present is written at the row's next slot, nothing else
     moves, and no new cache tensor is allocated per step."""
     import numpy as np
 
-    engine, _ = built(tmp_path_factory, "tiny-mistral", "pyramidkv", {})
+    engine, _ = built_engine("tiny-mistral", "pyramidkv")
     ids, mask = [list(range(60, 160)), list(range(70, 110))], None
     from engines.base import encode_batch
 
@@ -208,10 +179,10 @@ def test_decode_updates_each_layer_cache_in_place(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-def test_graph_ops_per_target(tmp_path_factory, target):
+def test_graph_ops_per_target(built_engine, target):
     import onnx
 
-    engine, _ = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {}, target)
+    engine, _ = built_engine("tiny-llama3", "pyramidkv", target=target)
     ops = {}
     for graph in ("prefill", "decode"):
         model = onnx.load(str(engine.dir / f"{graph}.onnx"), load_external_data=False)
@@ -237,15 +208,15 @@ CONTEXT = "The quick brown fox jumps over the lazy dog while the cat naps in the
 QUESTIONS = [" Where is the cat?", " What does the fox do? Answer briefly."]
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-@pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-@pytest.mark.parametrize("name", ["full", "pyramidkv", "chunkkv", "kvzip", "pyramidinfer"])
-def test_answers_from_one_compressed_context(tmp_path_factory, model, name, target):
+@pytest.mark.parametrize("model,name,target", [(m, n, t) for n in ("full", "pyramidkv", "chunkkv", "kvzip",
+                                                                   "pyramidinfer")
+                                               for t in matrix.targets(n) for m in MODELS])
+def test_answers_from_one_compressed_context(built_engine, model, name, target):
     """Several questions on one compressed context: the engine answers exactly as the reference does, and the
-    context is left as it was (the second question sees the same cache as the first)."""
-    kw = {"chunkkv": {"chunk_size": 4}, "kvzip": {"score_chunk": 16, "sinks": 2, "postfix": 3},
-          "pyramidinfer": {"min_context": 8, "recent_ratio": 0.05, "update_interval": 3}}.get(name, {})
-    ort_engine, reference = built(tmp_path_factory, model, name, kw, target)
+    context is left as it was (the second question sees the same cache as the first). PyramidInfer: its
+    generation-stage case, so a question's tokens are compressed too."""
+    kw = dict(matrix.VARIANTS)["pyramidinfer"] if name == "pyramidinfer" else None
+    ort_engine, reference = built_engine(model, name, kw, target)
     got_ctx, want_ctx = ort_engine.compress_context(CONTEXT, 48), reference.compress_context(CONTEXT, 48)
     assert got_ctx.length == want_ctx.length and got_ctx.kv_bytes == want_ctx.kv_bytes
     for a, b in zip(got_ctx.kept_indices, want_ctx.kept_indices, strict=True):
@@ -258,8 +229,8 @@ def test_answers_from_one_compressed_context(tmp_path_factory, model, name, targ
 
 
 @pytest.mark.parametrize("model", ["tiny-llama3", "tiny-mistral"])
-def test_full_kv_answer_is_generate_on_context_plus_question(tmp_path_factory, model):
-    ort_engine, reference = built(tmp_path_factory, model, "full", {})
+def test_full_kv_answer_is_generate_on_context_plus_question(built_engine, model):
+    ort_engine, reference = built_engine(model, "full")
     tok = reference.tokenizer
     for engine in (ort_engine, reference):
         ctx = engine.compress_context(CONTEXT, 48)
@@ -270,8 +241,8 @@ def test_full_kv_answer_is_generate_on_context_plus_question(tmp_path_factory, m
         torch.testing.assert_close(answer.logits, whole.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_answer_checks_room(tmp_path_factory):
-    ort_engine, reference = built(tmp_path_factory, "tiny-llama3", "pyramidkv", {})
+def test_answer_checks_room(built_engine):
+    ort_engine, reference = built_engine("tiny-llama3", "pyramidkv")
     for engine in (ort_engine, reference):
         ctx = engine.compress_context(CONTEXT, 8)
         with pytest.raises(UserInputError, match="room for 8"):

@@ -13,8 +13,8 @@ from engines.prompts import synthetic_prompt_ids
 from engines.scheduler import InflightScheduler, RequestRefused
 from exporter.checkpoint import load_model
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
 from exporter.slot_plan import SlotsUnsupported, kept_prompt, largest_kept, plan_slots
+from methods import make_policy
 from pkv_core.errors import UserInputError
 
 MAX_LEN = 300

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from engines.trtllm_sparse import HookSpec, attention_class, context_indices, hook_spec, split_context
-from exporter.budgets import pyramid_selected
-from exporter.policies import make_policy
+from methods import make_policy
+from methods.budgets import pyramid_selected
 from pkv_cli import main
 from pkv_core.errors import UserInputError
 from tests.engines.trtllm_fakes import HKV, D, FakeRocket, H, metadata
@@ -111,13 +111,21 @@ def test_running_a_checkpoint_without_tensorrt_llm_is_one_line(tmp_path, no_tens
     assert r.exit_code == 2 and "tensorrt-llm==1.2" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--tp", "2"], "MPI worker processes the hook cannot reach"),
-    (["--policy", "streamingllm"], "has no TensorRT-LLM runner"),
-])
-def test_what_the_hook_cannot_run_is_refused_before_tensorrt_llm_is_needed(tmp_path, no_tensorrt_llm, args,
-                                                                             fragment):
+def test_what_the_hook_cannot_run_is_refused_before_tensorrt_llm_is_needed(tmp_path, no_tensorrt_llm):
     out = tmp_path / "ckpt"
-    assert CliRunner().invoke(main, ["build", "--backend", "trtllm", *args, "--out", str(out)]).exit_code == 0
+    assert CliRunner().invoke(main, ["build", "--backend", "trtllm", "--tp", "2", "--out", str(out)]).exit_code == 0
     r = CliRunner().invoke(main, ["generate", "--engine", str(out), "--prompt", "hi"])
-    assert r.exit_code == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.output
+    assert r.exit_code == 2 and "MPI worker processes the hook cannot reach" in r.stderr, r.output
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--policy", "streamingllm"], ["--policy", "chunkkv"], ["--policy", "h2o"],
+                                  ["--policy", "kvzip"], ["--policy", "pyramidinfer"],
+                                  ["--policy", "snapkv", "--granularity", "query-head"]])
+def test_build_refuses_what_the_trtllm_hook_cannot_run(tmp_path, args):
+    """The hook selects like SnapKV over KV heads: any other method (or query heads) is refused when the checkpoint
+    is built, not run as SnapKV later; nothing is written."""
+    out = tmp_path / "ckpt"
+    r = CliRunner().invoke(main, ["build", "--backend", "trtllm", *args, "--out", str(out)])
+    assert r.exit_code == 2 and "cannot run on --backend trtllm" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
-from exporter.policies import make_policy
+from methods import make_policy
 from pkv_cli import main
 from pkv_core.errors import UserInputError
 from tests.conftest import write_checkpoint

@@ -14,7 +14,7 @@ from exporter import hash_cache
 from exporter.checkpoint import load_model
 from exporter.engine_dir import DIGEST_FIELD, MANIFEST, read_manifest
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
+from methods import make_policy
 from pkv_cli import main
 from pkv_core.errors import UserInputError
 

@@ -9,8 +9,8 @@ import torch
 
 from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model, shipped_checkpoint
-from exporter.policies import make_policy
 from exporter.specs import PRESETS
+from methods import make_policy
 
 PROMPT = "The best thing to do in Oslo is walk along the river. What is the best thing to do in Oslo?"
 

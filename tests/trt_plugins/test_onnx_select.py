@@ -8,9 +8,9 @@ import torch
 from onnx import TensorProto as TP
 from onnx import helper
 
-from exporter.budgets import pyramid_selected
-from exporter.onnx.budget import selected_counts
-from exporter.policies import make_policy
+from exporter.onnx.budget_table import selected_counts
+from methods import make_policy, options_for
+from methods.budgets import pyramid_selected
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN, IR_VERSION, OPSET, GraphBuilder
 from trt_plugins.onnx_select import pyramidkv_select_function, streaming_select_function
 from trt_plugins.pyramidkv_select import pyramidkv_select
@@ -107,7 +107,7 @@ def test_streaming_function_equals_spec(sinks):
 @pytest.mark.parametrize("name,kw", [("pyramidkv", {}), ("pyramidkv", {"schedule": "mean"}), ("snapkv", {}),
                                      ("pyramidkv", {"kv_budget": 20, "window": 8, "beta": 3})])
 def test_in_graph_budgets_equal_the_budget_function(name, kw):
-    policy = make_policy(name, **({"kv_budget": 32, "window": 4} | kw))
+    policy = make_policy(name, **options_for(name, {"kv_budget": 32, "window": 4}) | kw)
     layers = 5
     g = GraphBuilder()
     outs = [g.unsqueeze(x, [0]) for x in selected_counts(g, policy, layers, "lengths")]

@@ -1,4 +1,5 @@
-"""The op specification against a naive per-head Python loop written straight from design.md §4.2."""
+"""The op specification against a naive per-head Python loop written straight from the
+selection's description (SnapKV scoring, pooling, top-k, the window: trt_plugins/pyramidkv_select.py)."""
 
 import math
 

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pkv_cli import main
+from tests import matrix
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "24", "--window", "4"]
@@ -168,7 +169,7 @@ def test_multi_query_niah_scores_both_ways(tmp_path):
 def test_multi_query_longbench_groups_samples_sharing_a_context(tmp_path, policy):
     """Rows with the same context become one compressed context asked each question; the recompress answers are
     exactly the ordinary run's (context + question = the official prompt), both ways agree with the reference."""
-    tiny = ["--model", "tiny-llama3", "--policy", policy, "--kv-budget", "24", "--window", "4"]
+    tiny = ["--model", "tiny-llama3", "--policy", policy, *matrix.flags(policy, kv_budget=24)]
     data = ["--suite", "longbench", "--data", str(FIXTURES / "shared")]
     out = tmp_path / "mq"
     r = run(*tiny, *data, "--multi-query", "--out", str(out), "--json")

@@ -11,9 +11,10 @@ from engines.ort_engine import OrtEngine
 from exporter.checkpoint import load_model
 from exporter.engine_dir import MANIFEST, read_manifest
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
+from methods import POLICIES, make_policy, options_for
 from pkv_cli import main
 from pkv_core.errors import UserInputError
+from tests import matrix
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +173,11 @@ def test_disk_space_is_checked_first(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "kvzip",
-                                  "pyramidinfer"])
+@pytest.mark.parametrize("name", list(POLICIES))
 def test_cli_build_generate_compare(tmp_path, name):
     out = tmp_path / name
-    r = CliRunner().invoke(main, ["build", "--model", "tiny-mistral", "--policy", name, "--kv-budget", "24",
-                                  "--window", "4", "--out", str(out)])
+    r = CliRunner().invoke(main, ["build", "--model", "tiny-mistral", "--policy", name,
+                                  *matrix.flags(name, **options_for(name, {"kv_budget": 24})), "--out", str(out)])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["compare", "--engine", str(out), "--prompt-len", "120", "--batch", "2",
                                   "--max-new-tokens", "6", "--json"])

@@ -9,8 +9,8 @@ import pytest
 
 from exporter.checkpoint import load_model
 from exporter.onnx.export import build_onnx_engine
-from exporter.policies import make_policy
 from exporter.tensorrt.graphs import DECOMPOSABLE, mark_decomposable, parser_input
+from methods import make_policy
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from engines.hf_model import build_hf_model
 from engines.trtllm_layout import layout_forward
 from exporter.checkpoint import load_model
 from exporter.engine_dir import read_manifest
-from exporter.policies import make_policy
 from exporter.trtllm.checkpoint import write_trtllm_checkpoint
+from methods import make_policy
 from pkv_cli import main
 from pkv_core.errors import UserInputError
 

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from exporter.policies import POLICIES, make_policy
+from methods import POLICIES, make_policy, options_for
+from methods.budgeted import BudgetedPolicy
 from pkv_core.errors import UserInputError
 
 COMPRESSING = [name for name, cls in POLICIES.items() if name != "full"]
 PER_LAYER = [name for name in COMPRESSING  # select() layer by layer, after the layer's full attention
-             if not POLICIES[name].global_selection and not POLICIES[name].drops_tokens]
+             if issubclass(POLICIES[name], BudgetedPolicy)]
 
 
 def test_registry_has_every_method():
@@ -20,9 +21,15 @@ def test_defaults_are_valid_and_describable(name):
     assert name in policy.describe()
 
 
-def test_options_a_policy_lacks_are_ignored():
-    assert make_policy("full", kv_budget=64, beta=3).hyperparameters() == {}
-    assert make_policy("snapkv", kv_budget=64, beta=3).kv_budget == 64
+def test_options_a_policy_lacks_are_refused_and_shared_settings_are_applied_explicitly():
+    with pytest.raises(UserInputError, match="policy 'full' has no option --beta, --kv-budget"):
+        make_policy("full", kv_budget=64, beta=3)
+    with pytest.raises(UserInputError, match=r"policy 'snapkv' has no option --beta \(its options: --kv-budget"):
+        make_policy("snapkv", kv_budget=64, beta=3)
+    assert make_policy("snapkv", kv_budget=64, beta=None).kv_budget == 64  # None: the default
+    shared = {"kv_budget": 64, "beta": 3}
+    assert make_policy("full", **options_for("full", shared)).hyperparameters() == {}
+    assert make_policy("snapkv", **options_for("snapkv", shared)).kv_budget == 64
 
 
 @pytest.mark.parametrize(
@@ -56,12 +63,13 @@ def test_invalid_hyperparameters_are_refused(name, kwargs, fragment):
         make_policy(name, **kwargs)
 
 
-@pytest.mark.parametrize("name", PER_LAYER)
-@pytest.mark.parametrize("granularity", ["kv-head", "query-head"])
+@pytest.mark.parametrize("name,granularity", [  # query-head for the methods that have the option
+    (n, g) for n in PER_LAYER for g in ("kv-head", "query-head") if g == "kv-head" or "granularity" in
+    options_for(n, {"granularity": g})])
 def test_select_contract(name, granularity):
     torch.manual_seed(0)
     b, h, hkv, q, d = 2, 4, 2, 40, 8
-    policy = make_policy(name, kv_budget=16, window=4, granularity=granularity)
+    policy = make_policy(name, **options_for(name, {"kv_budget": 16, "window": 4, "granularity": granularity}))
     lengths = torch.tensor([40, 35])  # right padding: row 1 has 5 padding slots at the end
     keys, values = torch.randn(b, hkv, q, d), torch.randn(b, hkv, q, d)
     idx, k, v = policy.select(torch.randn(b, q, h, d), keys, values, lengths, 12)
@@ -84,7 +92,7 @@ def test_select_contract(name, granularity):
 
 @pytest.mark.parametrize("name", [n for n in COMPRESSING if "kv_budget" in make_policy(n).hyperparameters()])
 def test_budgets_per_policy(name):
-    policy = make_policy(name, kv_budget=32, window=4)
+    policy = make_policy(name, **options_for(name, {"kv_budget": 32, "window": 4}))
     assert policy.layer_selected(4, 31) is None
     sel = policy.layer_selected(4, 200)
     assert len(sel) == 4

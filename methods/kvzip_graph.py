@@ -2,8 +2,9 @@
 one top-k over every layer and head, in the op semantics of trt_plugins.kvzip_select.
 
 The prefill's first pass kept every layer's whole context cache; this module turns those caches into the
-compressed ones. Only the onnxruntime target builds it: the reconstruction attention needs its probabilities
-(explicit MatMul + Softmax), and no TensorRT plugin implements the global selection.
+compressed ones (methods.kvzip.KVzipPolicy.graph_end). Only the onnxruntime target builds it: the reconstruction
+attention needs its probabilities (explicit MatMul + Softmax), and no TensorRT plugin implements the global
+selection. `lay` is the graph writer's transformer body (exporter.onnx.layers.Layers) on this module's builder.
 """
 
 from __future__ import annotations
@@ -11,19 +12,14 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from exporter.onnx.layers import GraphConfig, Layers
-from trt_plugins.kvzip_select import SINK_SCORE
+from trt_plugins.kvzip_select import FIRST_PROMPT, LATER_PROMPT, SINK_SCORE
 from trt_plugins.onnx_graph import GraphBuilder
-from trt_plugins.onnx_select import F32_MIN
-
-KVZIP_PREFIX = "kvzip_"  # names of the nodes this module adds to the prefill graph
+from trt_plugins.onnx_patterns import F32_MIN, compact, gather_kept, grouped_logits
 
 
-def _prompt(g: GraphBuilder, cfg: GraphConfig, prompts: tuple[list[int], list[int]], start: str, i: str,
-            batch: str) -> str:
+def _prompt(g: GraphBuilder, pol, prompts: tuple[list[int], list[int]], start: str, i: str, batch: str) -> str:
     """The chunk's repeat prompt [B, p]: the first chunk's, or the later one followed by the previous chunk's last
     `postfix` tokens of input_ids (an `If`: the two differ in length)."""
-    pol = cfg.policy
     branches = []
     for which, ids in enumerate(prompts):
         b = GraphBuilder(g.prefix + f"prompt{which}_")
@@ -39,12 +35,11 @@ def _prompt(g: GraphBuilder, cfg: GraphConfig, prompts: tuple[list[int], list[in
     return g.op("If", first, then_branch=branches[0], else_branch=branches[1])
 
 
-def _chunk_bias(g: GraphBuilder, cfg: GraphConfig, n: str, lengths: str, positions: str, part: str) -> str:
+def _chunk_bias(g: GraphBuilder, s, n: str, lengths: str, positions: str, part: str) -> str:
     """[B, 1, s, q + s] f32, 0 where input token i may attend to key j, F32_MIN elsewhere: the row's real context
     keys and its own keys up to itself (within the sliding window, if any). A token that takes no part sees no
     context key, so it puts no probability there (what `on_cache * taking_part` does in the spec). Computed once per
-    chunk for every layer."""
-    s = cfg.spec
+    chunk for every layer. s: the model spec."""
     cols = g.op("Range", g.const(0), g.scalar(n), g.const(1))  # [q]
     key_pos = g.op("Concat", g.op("Expand", g.unsqueeze(cols, [0]), g.concat(g.dim(positions, 0), n)), positions,
                    axis=1)  # [B, q + s]
@@ -76,7 +71,7 @@ def _score_bias(g: GraphBuilder, n_sinks: str, lengths: str, start: str, end: st
     return g.unsqueeze(g.op("Where", visible, g.const(0.0, np.float32), g.const(F32_MIN, np.float32)), [1])
 
 
-def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], n: str, bias: str,
+def _attend(lay, h: str, layer: int, rope: tuple[str, str], cache: tuple[str, str], n: str, bias: str,
             span: dict[str, str], best: str) -> tuple[str, str]:
     """One layer of the reconstruction: h [B, s, hidden] -> (attention output [B, s, H*d], new best scores
     [B, Hkv, q]). cache: the layer's context K/V [B, Hkv, q, d]; n: q as [1]; bias: `_chunk_bias`; span: the
@@ -87,12 +82,11 @@ def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple
     hkv, heads, d = s.num_kv_heads, s.num_heads, s.head_dim
     q, k, v = lay.qkv(h, layer, *rope)
     q4 = g.op("Mul", g.op("Cast", lay.to_heads(q, heads), to=TensorProto.FLOAT), g.const(d**-0.5, np.float32))
-    qg = g.reshape(q4, g.const([0, hkv, -1, d]))  # each KV head's query group: [B, Hkv, g * s, d]
     own_k = lay.to_heads(k, hkv)
     keys = g.op("Cast", g.op("Concat", cache[0], own_k, axis=2), to=TensorProto.FLOAT)
     values = g.op("Cast", g.op("Concat", cache[1], lay.to_heads(v, hkv), axis=2), to=TensorProto.FLOAT)
-    logits = g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2]))  # [B, Hkv, g * s, q + s]
-    logits = g.op("Add", g.reshape(logits, g.const([0, heads, -1, 0])), bias)  # [B, H, s, q + s]
+    logits = grouped_logits(g, q4, keys, heads, hkv, d, scale=False)  # [B, H, s, q + s] (q4 is scaled)
+    logits = g.op("Add", logits, bias)
     probs = g.op("Softmax", logits, axis=-1)
     out = g.op("MatMul", g.reshape(probs, g.const([0, hkv, -1, 0])), values)  # [B, Hkv, g * s, d]
     out = g.op("Cast", g.reshape(out, g.const([0, heads, -1, d])), to=lay.cfg.onnx_dtype)
@@ -101,8 +95,8 @@ def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple
     start, end, ns = span["start"], span["end"], span["sinks"]
     score_keys = g.op("Cast", g.op("Concat", g.slice(cache[0], g.const([0]), ns, axis=2),
                                    g.slice(cache[0], start, end, axis=2), own_k, axis=2), to=TensorProto.FLOAT)
-    slog = g.op("MatMul", qg, g.op("Transpose", score_keys, perm=[0, 1, 3, 2]))
-    sprobs = g.op("Softmax", g.op("Add", g.reshape(slog, g.const([0, heads, -1, 0])), span["bias"]), axis=-1)
+    slog = grouped_logits(g, q4, score_keys, heads, hkv, d, scale=False)  # [B, H, s, ns + n + s]
+    sprobs = g.op("Softmax", g.op("Add", slog, span["bias"]), axis=-1)
     per_head = g.op("ReduceMax", g.op("Mul", sprobs, span["part"]), g.const([2]), keepdims=0)  # [B, H, ns + n + s]
     width = g.op("Sub", end, start)
     per_head = g.slice(per_head, ns, g.op("Add", ns, width), axis=2)  # [B, H, n]: the slice's tokens
@@ -112,10 +106,17 @@ def _attend(lay: Layers, h: str, layer: int, rope: tuple[str, str], cache: tuple
     return out, g.op("Max", best, full)  # [B, Hkv, q]: the chunks' slices are disjoint
 
 
-def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: list[tuple[str, str]], lengths: str,
-                          prompts: tuple[list[int], list[int]], pad_id: int) -> list[str]:
-    """Every layer's KVzip scores [B, Hkv, q] f32 from a Loop over the context's chunks (right-padded input_ids)."""
-    s, pol = cfg.spec, cfg.policy
+def repeat_prompts(tokenizer) -> tuple[tuple[list[int], list[int]], int]:
+    """KVzip's repeat prompts (first chunk, later chunks) in this model's tokens, and its pad id."""
+    prompts = tuple(tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
+    return prompts, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def reconstruction_scores(lay, pol, caches: list[tuple[str, str]], lengths: str) -> list[str]:
+    """Every layer's KVzip scores [B, Hkv, q] f32 from a Loop over the context's chunks (right-padded input_ids).
+    caches: every layer's whole context K/V [B, Hkv, q, d]; lengths [B]."""
+    g, s = lay.g, lay.s
+    prompts, pad_id = repeat_prompts(lay.cfg.tokenizer())
     num_layers = s.num_layers
     q = g.dim("input_ids", 1)
     rest = g.op("Sub", q, g.const([pol.sinks]))  # the context after the sinks ("system prompt")
@@ -123,13 +124,13 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
                   g.const([1]))
     zeros = g.op("ConstantOfShape", g.concat(g.dim("input_ids", 0), g.const([s.num_kv_heads]), q),
                  value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    b = GraphBuilder(g.prefix + "rec_")
-    body = Layers(b, cfg, target)
+    body = lay.on(GraphBuilder(g.prefix + "rec_"))
+    b = body.g
     i = b.unsqueeze("rec_i", [0])
     start = b.op("Min", b.op("Add", b.op("Mul", i, b.const([pol.score_chunk])), b.const([pol.sinks])), q)
     end = b.op("Min", b.op("Add", start, b.const([pol.score_chunk])), q)
     batch = b.dim("input_ids", 0)
-    prompt = _prompt(b, cfg, prompts, start, i, batch)
+    prompt = _prompt(b, pol, prompts, start, i, batch)
     ids = b.op("Concat", prompt, b.slice("input_ids", start, end, axis=1), axis=1)  # [B, s]
     j = b.unsqueeze(b.op("Range", b.const(0), b.scalar(b.dim(ids, 1)), b.const(1)), [0])  # [1, s]
     row_len = b.unsqueeze(lengths, [1])  # [B, 1]
@@ -138,27 +139,20 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
     ids = b.op("Where", part, ids, b.const(pad_id))
     positions = b.op("Add", row_len, j)  # [B, s]
     rope = body.rope_tables(positions)
-    bias = _chunk_bias(b, cfg, q, lengths, positions, part)
+    bias = _chunk_bias(b, s, q, lengths, positions, part)
     n_sinks = b.op("Min", b.const([pol.sinks]), q)
     span = {"start": start, "end": end, "sinks": n_sinks, "bias": _score_bias(b, n_sinks, lengths, start, end, part),
             "part": b.unsqueeze(b.op("Cast", part, to=TensorProto.FLOAT), [1, 3])}
     x = b.op("Gather", "model.embed_tokens.weight", ids, axis=0)
     best = [f"rec_best_{layer}" for layer in range(num_layers)]
     new_best = []
-    residual, h = None, None
-    for layer in range(num_layers):  # the decoder, stopping after the last layer's attention (nothing reads on)
-        p = f"model.layers.{layer}."
-        if residual is None:
-            residual, h = x, target.norm(body, x, p + "input_layernorm.weight")
-        else:
-            residual, h = target.add_norm(body, residual, h, p + "input_layernorm.weight")
+
+    def attend(layer: int, h: str) -> str:
         attn, scores = _attend(body, h, layer, rope, caches[layer], q, bias, span, best[layer])
         new_best.append(scores)
-        if layer == num_layers - 1:
-            break
-        attn = b.op("MatMul", attn, p + "self_attn.o_proj.weight.T")
-        residual, h = target.add_norm(body, residual, attn, p + "post_attention_layernorm.weight")
-        h = body.mlp(h, layer)
+        return attn
+
+    body.decoder(x, attend, to_last_attention=True)  # nothing reads on after the last layer's attention
     b.op("Identity", "rec_cond", outputs=["rec_cond_out"])
     outs = [b.op("Identity", n, outputs=[f"rec_best_out_{layer}"]) for layer, n in enumerate(new_best)]
     graph = helper.make_graph(
@@ -173,11 +167,11 @@ def reconstruction_scores(g: GraphBuilder, cfg: GraphConfig, target, caches: lis
     return result if isinstance(result, list) else [result]
 
 
-def global_select(g: GraphBuilder, cfg: GraphConfig, scores: list[str], caches: list[tuple[str, str]],
-                  lengths: str) -> list[tuple[str, str, str]]:
+def global_select(lay, pol, scores: list[str], caches: list[tuple[str, str]], lengths: str
+                  ) -> list[tuple[str, str, str]]:
     """The top min(C, length) * L * Hkv pairs of every row over all layers and heads -> per layer (kept [B, Hkv, n_l],
     K, V [B, Hkv, n_l, d]): each head's picks compact and ascending, -1 and zeros after them."""
-    s, pol = cfg.spec, cfg.policy
+    g, s = lay.g, lay.s
     num_layers, hkv, d = s.num_layers, s.num_kv_heads, s.head_dim
     q = g.dim("input_ids", 1)
     pos = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
@@ -202,13 +196,7 @@ def global_select(g: GraphBuilder, cfg: GraphConfig, scores: list[str], caches: 
                       g.const([1]))  # the layer's longest head
         picks = g.op("Where", g.op("Cast", held, to=TensorProto.BOOL), g.op("Cast", pos, to=TensorProto.FLOAT),
                      sentinel)  # [B, Hkv, q]
-        asc = g.op("TopK", picks, n, outputs=2, axis=-1, largest=0, sorted=1)[0]  # exact below 2^24
-        kept = g.op("Where", g.op("Less", asc, sentinel), g.op("Cast", asc, to=TensorProto.INT64), g.const(-1))
-        gidx = g.op("Expand", g.unsqueeze(g.op("Max", kept, g.const(0)), [3]),
-                    g.concat(g.op("Shape", kept), g.const([d])))
-        slot_used = g.unsqueeze(g.op("GreaterOrEqual", kept, g.const(0)), [3])
-        zero = g.const(0.0, cfg.np_dtype)
-        kv = [g.op("Where", slot_used, g.op("GatherElements", src, gidx, axis=2), zero) for src in caches[layer]]
-        out.append((kept, kv[0], kv[1]))
+        kept = compact(g, picks, n, sentinel)  # [B, Hkv, n_l]
+        out.append((kept, *gather_kept(g, kept, list(caches[layer]), d)))
     return out
 

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from exporter.budgets import pyramid_selected, uniform_selected
+from methods.budgets import pyramid_selected, uniform_selected
 
 
 def test_paper_values_llama3_8b_shape():
@@ -15,7 +15,7 @@ def test_paper_values_llama3_8b_shape():
 def test_paper_rule_80_layers_overshoots_the_mean():
     sel = pyramid_selected(80, 128, 8, 8000)
     assert (sel[0], sel[-1]) == (234, 76)
-    assert sum(sel) / 80 == pytest.approx(155.0)  # +29% over C - w = 120, as design.md warns
+    assert sum(sel) / 80 == pytest.approx(155.0)  # +29% over C - w = 120, the paper rule's floored step
 
 
 @pytest.mark.parametrize("schedule", ["paper", "mean"])

@@ -75,8 +75,8 @@ class GenerationStage:
                 feed[f"past_key_values.{i}.{part}"] = self.cache[f"present.{i}.{part}"].numpy()
             feed[f"rows.{i}"] = np.roll(self.rows[i], -self.head, axis=1)  # oldest first
             feed[f"lengths.{i}"] = self.lengths[i]
-        names = [o.name for o in self.engine.evict.get_outputs()]
-        out = dict(zip(names, self.engine.evict.run(None, feed), strict=True))
+        names = [o.name for o in self.engine.graphs["evict.onnx"].get_outputs()]
+        out = dict(zip(names, self.engine.graphs["evict.onnx"].run(None, feed), strict=True))
         device = self.engine.device_type
         for i in self.layers:
             for part in ("key", "value"):

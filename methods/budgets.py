@@ -1,4 +1,4 @@
-"""Per-layer KV budgets: how many prefix tokens each layer keeps after the prefill (design.md §4.1).
+"""Per-layer KV budgets: how many prefix tokens each layer keeps after the prefill.
 
 `kv_budget` C is the PyramidKV paper's "KV size" (KVCache-Factory's max_capacity_prompt): the average per-layer
 cache length *including* the window w. A layer keeps `selected[l]` top-scored prefix tokens plus the last w.

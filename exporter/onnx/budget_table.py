@@ -1,6 +1,6 @@
 """The per-layer budget rule inside the prefill graph: selected count of every layer from the prompt length.
 
-The rule itself is the policy's (`exporter.budgets`, the one place budgets are computed). Its result depends on
+The rule itself is the policy's (`methods.budgets`, the one place budgets are computed). Its result depends on
 the prompt length q only from C until the budgets stop being clamped to the prompt; above that they are
 constants. So the graph holds a small table computed by that function for every q of that band and picks a row
 with the runtime q: constant per layer, clamped to each prompt's own length exactly as the reference does.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.policies import KVPolicy
+from methods import KVPolicy
 from trt_plugins.onnx_graph import GraphBuilder
 
 

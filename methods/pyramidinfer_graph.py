@@ -1,31 +1,28 @@
-"""PyramidInfer inside the prefill graph: after every layer, the pivotal context and the recent window are
-gathered (hidden states, residual stream, positions) and only they go on to the next layer, in the op semantics of
-trt_plugins.pyramidinfer_select.
+"""PyramidInfer's graphs, in the op semantics of trt_plugins.pyramidinfer_select: the pieces the prefill's hooks
+add between layers (methods.pyramidinfer.PyramidInferPolicy.graph_between_layers: after every layer, the pivotal
+context and the recent window are gathered, hidden states, residual stream and positions, and only they go on to
+the next layer), the decode's attention rows, and evict.onnx (the generation stage's compression).
 
-Rows stay right-padded and compact at every layer, so each layer's GroupQueryAttention runs over that layer's
-tokens with per-row lengths (causal by slot is causal by position: the gathered tokens keep their order), and a
-kept token keeps its own position for RoPE (the paper's "gather" scheme). Layer l's cache is the tokens it
-computed over, all heads alike. Deeper layers compute over fewer tokens: the prefill gets cheaper, not dearer.
+Rows stay right-padded and compact at every layer, so each layer's attention runs over that layer's tokens with
+per-row lengths (causal by slot is causal by position: the gathered tokens keep their order), and a kept token
+keeps its own position for RoPE (the paper's "gather" scheme). Layer l's cache is the tokens it computed over, all
+heads alike. Deeper layers compute over fewer tokens: the prefill gets cheaper, not dearer. `lay` is the graph
+writer's transformer body (exporter.onnx.layers.Layers).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
-from exporter.onnx.layers import GraphConfig, Layers
 from trt_plugins.onnx_graph import GraphBuilder
-from trt_plugins.onnx_select import F32_MIN
-from trt_plugins.pyramidinfer_select import SINK_SCORE, keep_ratio
-
-SELECT_PREFIX = "pinfer_"  # names of the selection nodes between layers
+from trt_plugins.onnx_patterns import compact, gather_kept, grouped_logits, masked_softmax
+from trt_plugins.pyramidinfer_select import SINK_SCORE, generation_keep, keep_ratio
 
 
-def context_counts(g: GraphBuilder, cfg: GraphConfig, lengths: str) -> tuple[str, list[str]]:
+def context_counts_graph(g: GraphBuilder, pol, num_layers: int, lengths: str) -> tuple[str, list[str]]:
     """(R [B], alive context tokens of every layer [B] each), as `pyramidinfer_select.context_counts` computes
-    them (float64 products, floored, like Python's int())."""
-    pol, num_layers = cfg.policy, cfg.spec.num_layers
+    them (float64 products, floored, like Python's int()). lengths [B] int64."""
     as_f64 = g.op("Cast", lengths, to=TensorProto.DOUBLE)
     recent = g.op("Cast", g.op("Floor", g.op("Mul", as_f64, g.const(pol.recent_ratio, np.float64))),
                   to=TensorProto.INT64)
@@ -44,7 +41,7 @@ def context_counts(g: GraphBuilder, cfg: GraphConfig, lengths: str) -> tuple[str
     return recent, counts
 
 
-def _recent_rows(lay: Layers, q: str, k4: str, alive: str, recent: str) -> str:
+def recent_rows_graph(lay, q: str, k4: str, alive: str, recent: str) -> str:
     """The recent window's attention rows, mean over heads, [B, r, n] f32, right-aligned (row i of row b is slot
     alive_b - r + i; rows before the row's window are zeros). q [B, n, H*d] (rotated), k4 [B, Hkv, n, d],
     alive [B] tokens per row (slots beyond are padding), recent [B] R per row."""
@@ -60,19 +57,16 @@ def _recent_rows(lay: Layers, q: str, k4: str, alive: str, recent: str) -> str:
     qr = g.op("GatherElements", q, index, axis=1)  # [B, r, H*d]
     qr = g.op("Cast", g.op("Transpose", g.reshape(qr, g.const([0, 0, heads, d])), perm=[0, 2, 1, 3]),
               to=TensorProto.FLOAT)  # [B, H, r, d]
-    kf = g.op("Cast", k4, to=TensorProto.FLOAT)
-    logits = g.op("MatMul", g.reshape(qr, g.const([0, hkv, -1, d])), g.op("Transpose", kf, perm=[0, 1, 3, 2]))
-    logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
+    logits = grouped_logits(g, qr, g.op("Cast", k4, to=TensorProto.FLOAT), heads, hkv, d)  # [B, H, r, n]
     cols = g.unsqueeze(g.op("Range", g.const(0), g.scalar(n), g.const(1)), [0, 1])  # [1, 1, n]
     visible = g.op("And", g.op("Less", cols, g.unsqueeze(alive, [1, 2])),
                    g.op("LessOrEqual", cols, g.unsqueeze(safe, [2])))  # [B, r, n]
-    probs = g.op("Softmax", g.op("Where", g.unsqueeze(visible, [1]), logits, g.const(F32_MIN, np.float32)),
-                 axis=-1)
+    probs = masked_softmax(g, logits, g.unsqueeze(visible, [1]))
     per_row = g.op("ReduceMean", probs, g.const([1]), keepdims=0)  # [B, r, n]: mean over heads
     return g.op("Mul", per_row, g.unsqueeze(g.op("Cast", in_window, to=TensorProto.FLOAT), [2]))
 
 
-def weighted_rows(g: GraphBuilder, rows: str, recent: str, distance_weight: float) -> str:
+def weighted_rows_graph(g: GraphBuilder, rows: str, recent: str, distance_weight: float) -> str:
     """The ensemble of right-aligned rows [B, r, T] -> [B, T] (pyramidinfer_select.weighted_rows)."""
     r = g.dim(rows, 1)
     j = g.op("Sub", g.unsqueeze(g.op("Range", g.const(0), g.scalar(r), g.const(1)), [0]),
@@ -87,7 +81,7 @@ def weighted_rows(g: GraphBuilder, rows: str, recent: str, distance_weight: floa
     return g.op("Div", summed, g.unsqueeze(count, [1]))
 
 
-def _survivors(g: GraphBuilder, scores: str, positions: str, alive: str, recent: str, keep: str,
+def survivors(g: GraphBuilder, scores: str, positions: str, alive: str, recent: str, keep: str,
                sinks: int) -> tuple[str, str]:
     """Slots that go on to the next layer: the top `keep` [B] context slots (sinks first, ties to the lower
     slot) and the recent window, ascending -> (slots [B, n'] int64 (clamped, for gathering), new alive [B])."""
@@ -106,65 +100,18 @@ def _survivors(g: GraphBuilder, scores: str, positions: str, alive: str, recent:
     window = g.op("Where", in_window, g.op("Cast", cols, to=TensorProto.FLOAT), sentinel)  # [B, n]
     both = g.op("Concat", picks, window, axis=1)
     survivors = g.op("Add", g.op("Add", keep, recent), g.const(1))  # [B]
-    width = g.op("ReduceMax", survivors, keepdims=1)
-    asc = g.op("TopK", both, width, outputs=2, axis=-1, largest=0, sorted=1)[0]  # [B, n'] exact below 2^24
-    slots = g.op("Cast", g.op("Min", asc, g.op("Sub", sentinel, g.const(1.0, np.float32))), to=TensorProto.INT64)
+    slots = compact(g, both, g.op("ReduceMax", survivors, keepdims=1), sentinel, clamp=True)  # [B, n']
     return slots, survivors
 
 
-def _gather_rows(g: GraphBuilder, x: str, slots: str) -> str:
+def gather_rows(g: GraphBuilder, x: str, slots: str) -> str:
     """x [B, n, ...] rows at slots [B, n'] -> [B, n', ...]."""
     width = g.dim(x, 2)
     return g.op("GatherElements", x, g.op("Expand", g.unsqueeze(slots, [2]), g.concat(g.op("Shape", slots), width)),
                 axis=1)
 
 
-def pyramidinfer_decoder(g: GraphBuilder, lay: Layers, cfg: GraphConfig, target, x: str, lengths: str,
-                         emit) -> tuple[str, str]:
-    """The decoder with PyramidInfer's dropping: x [B, q, hidden] (the embedded right-padded prompt) -> (final
-    normalised hidden states [B, n, hidden], each row's last slot [B]); `emit(layer, kept, K, V)` receives every
-    layer's cache (kept: prompt position of each slot, -1 for padding, the same for every head)."""
-    s, pol = cfg.spec, cfg.policy
-    recent, counts = context_counts(g, cfg, lengths)
-    alive = lengths  # [B] tokens per row at the current layer
-    positions = "position_ids"  # [B, n] original positions of the current slots
-    residual, h = None, None
-    for layer in range(s.num_layers):
-        p = f"model.layers.{layer}."
-        if residual is None:
-            residual, hn = x, target.norm(lay, x, p + "input_layernorm.weight")
-        else:
-            residual, hn = target.add_norm(lay, residual, h, p + "input_layernorm.weight")
-        cos, sin = lay.rope_tables(positions)  # each kept token keeps its own position
-        q, k, v = lay.qkv(hn, layer, cos, sin)
-        # Mistral: the window by the tokens' own positions (a [n, n] bias; slots are not consecutive after layer 0)
-        out, k4, v4 = target.prefill_attention(lay, q, k, v, alive, positions if layer else None)  # [B, Hkv, n, d]
-        n = g.dim(k4, 2)
-        real = g.op("Less", g.unsqueeze(g.op("Range", g.const(0), g.scalar(n), g.const(1)), [0]),
-                    g.unsqueeze(alive, [1]))  # [B, n]
-        kept = g.op("Where", real, positions, g.const(-1))
-        kept = g.op("Expand", g.unsqueeze(kept, [1]), g.concat(g.dim(k4, 0), g.const([s.num_kv_heads]), n))
-        used = g.unsqueeze(g.unsqueeze(real, [1]), [3])
-        zero = g.const(0.0, cfg.np_dtype)
-        emit(layer, kept, g.op("Where", used, k4, zero), g.op("Where", used, v4, zero))
-        attn = g.op("MatMul", out, p + "self_attn.o_proj.weight.T")
-        residual, hn = target.add_norm(lay, residual, attn, p + "post_attention_layernorm.weight")
-        h = lay.mlp(hn, layer)
-        sel = GraphBuilder(g.prefix + f"{SELECT_PREFIX}{layer}_")  # own names: profilers can tell its cost apart
-        rows = _recent_rows(Layers(sel, cfg, target), q, k4, alive, recent)
-        sel.op("Identity", rows, outputs=[f"recent_rows.{layer}"])  # what the generation stage starts from
-        if layer + 1 < s.num_layers:
-            scores = weighted_rows(sel, rows, recent, pol.distance_weight)
-            slots, alive = _survivors(sel, scores, positions, alive, recent, counts[layer + 1], pol.sinks)
-            residual, h = _gather_rows(sel, residual, slots), _gather_rows(sel, h, slots)
-            positions = sel.op("GatherElements", positions, slots, axis=1)
-        g.nodes.extend(sel.nodes)
-    residual, h = target.add_norm(lay, residual, h, "model.norm.weight")
-    g.op("Identity", recent, outputs=["recent_lengths"])
-    return h, g.op("Sub", alive, g.const(1))
-
-
-def decode_rows(lay: Layers, h: str, layer: int, present_key: str, past_lengths: str, visible) -> str:
+def decode_rows(lay, h: str, layer: int, present_key: str, past_lengths: str, visible) -> str:
     """PyramidInfer while decoding: the new tokens' attention rows over the layer's slots, mean over heads,
     [B, S, cap] f32, as the decode attention computed them (its visibility `visible(T)` when the model has one,
     the row's valid slots and causality otherwise). Reads the cache once (K @ q, no copy of K: a second attention
@@ -177,9 +124,7 @@ def decode_rows(lay: Layers, h: str, layer: int, present_key: str, past_lengths:
     keys = present_key
     if lay.cfg.onnx_dtype != TensorProto.FLOAT:
         q4, keys = g.op("Cast", q4, to=TensorProto.FLOAT), g.op("Cast", keys, to=TensorProto.FLOAT)
-    qt = g.op("Transpose", g.reshape(q4, g.const([0, hkv, -1, d])), perm=[0, 1, 3, 2])  # [B, Hkv, d, g * S]
-    logits = g.op("Transpose", g.op("MatMul", keys, qt), perm=[0, 1, 3, 2])  # [B, Hkv, g * S, cap]
-    logits = g.op("Div", g.reshape(logits, g.const([0, heads, -1, 0])), g.const(d**0.5, np.float32))
+    logits = grouped_logits(g, q4, keys, heads, hkv, d, read_keys_once=True)  # [B, H, S, cap]
     cap = g.dim(present_key, 2)
     new = g.dim(h, 1)
     slots = g.unsqueeze(g.op("Range", g.const(0), g.scalar(cap), g.const(1)), [0, 1])  # [1, 1, cap]
@@ -189,20 +134,18 @@ def decode_rows(lay: Layers, h: str, layer: int, present_key: str, past_lengths:
     mask = visible(cap)
     if mask is not None:
         ok = g.op("And", ok, mask)
-    probs = g.op("Softmax", g.op("Where", ok, logits, g.const(F32_MIN, np.float32)), axis=-1)
+    probs = masked_softmax(g, logits, ok)
     return g.op("ReduceMean", probs, g.const([1]), keepdims=0, outputs=[f"attn_rows.{layer}"])  # [B, S, cap]
 
 
-def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.ModelProto:
-    """evict.onnx: one generation-stage compression of every layer (trt_plugins.pyramidinfer_select).
+def build_evict(cfg) -> tuple[str, GraphBuilder, list, list]:
+    """evict.onnx (graph name, builder, inputs, outputs): one generation-stage compression of every layer
+    (trt_plugins.pyramidinfer_select). cfg: exporter.onnx.layers.GraphConfig.
 
     in:  past_key_values.{i}.key / .value [B, Hc, cap_i, d]; rows.{i} [B, r, cap_i] f32 (the recent rows, oldest
          first); lengths.{i} [B] valid slots; recent_lengths [B] (R_b); evict [B] bool (rows that compress now)
     out: present.{i}.key / .value (compacted, zeros after the new lengths), rows_out.{i}, lengths_out.{i},
          slot_map.{i} [B, cap_i] (source slot of each slot; the engine moves its own per-slot data with it)."""
-    from exporter.onnx.prefill import make_model
-    from trt_plugins.pyramidinfer_select import generation_keep
-
     s, pol = cfg.spec, cfg.policy
     g = GraphBuilder()
     hc, d = cfg.cache_heads, s.head_dim
@@ -225,7 +168,7 @@ def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.Mode
         seg_end = g.unsqueeze(g.op("Sub", g.op("Sub", lengths, g.const(1)), recent), [1])  # [B, 1]
         seg_start = g.op("Sub", seg_end, g.const(pol.update_interval))
         segment = g.op("And", g.op("GreaterOrEqual", cols, seg_start), g.op("Less", cols, seg_end))  # [B, cap]
-        scores = g.op("Where", segment, weighted_rows(g, rows, recent, pol.distance_weight),
+        scores = g.op("Where", segment, weighted_rows_graph(g, rows, recent, pol.distance_weight),
                       g.const(float("-inf"), np.float32))
         _, picks = g.op("TopK", scores, g.const([keep]), outputs=2, axis=-1, largest=1, sorted=1)  # [B, keep]
         hits = g.op("Cast", g.op("Equal", g.unsqueeze(cols, [2]), g.unsqueeze(picks, [1])), to=TensorProto.INT64)
@@ -236,18 +179,13 @@ def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.Mode
                                         g.op("Cast", picked, to=TensorProto.BOOL)))  # [B, cap]
         sentinel = g.op("Cast", cap, to=TensorProto.FLOAT)
         order = g.op("Where", stays, g.op("Cast", cols, to=TensorProto.FLOAT), sentinel)
-        asc = g.op("TopK", order, cap, outputs=2, axis=-1, largest=0, sorted=1)[0]  # stayers first, in order
-        slot_map = g.op("Cast", g.op("Min", asc, g.op("Sub", sentinel, g.const(1.0, np.float32))),
-                        to=TensorProto.INT64)
-        g.op("Identity", slot_map, outputs=[f"slot_map.{layer}"])
+        slot_map = compact(g, order, cap, sentinel, clamp=True, outputs=[f"slot_map.{layer}"])  # stayers first
         new_len = g.op("ReduceSum", g.op("Cast", stays, to=TensorProto.INT64), g.const([1]), keepdims=0,
                        outputs=[f"lengths_out.{layer}"])
         used = g.op("Less", cols, g.unsqueeze(new_len, [1]))  # [B, cap]
-        index = g.op("Expand", g.unsqueeze(g.unsqueeze(slot_map, [1]), [3]), g.op("Shape", key))
-        zero = g.const(0.0, cfg.np_dtype)
-        for src, name in ((key, f"present.{layer}.key"), (value, f"present.{layer}.value")):
-            g.op("Where", g.unsqueeze(g.unsqueeze(used, [1]), [3]), g.op("GatherElements", src, index, axis=2), zero,
-                 outputs=[name])
+        kept = g.op("Where", used, slot_map, g.const(-1))  # [B, cap]: the same slots for every head
+        kept = g.op("Expand", g.unsqueeze(kept, [1]), g.concat(g.dim(key, 0), g.const([hc]), cap))
+        gather_kept(g, kept, [key, value], d, outputs=[f"present.{layer}.key", f"present.{layer}.value"])
         row_index = g.op("Expand", g.unsqueeze(slot_map, [1]), g.op("Shape", rows))
         g.op("Where", g.unsqueeze(used, [1]), g.op("GatherElements", rows, row_index, axis=2),
              g.const(0.0, np.float32), outputs=[f"rows_out.{layer}"])
@@ -258,4 +196,4 @@ def build_evict(cfg: GraphConfig, initializers: list | None = None) -> onnx.Mode
                     helper.make_tensor_value_info(f"lengths_out.{layer}", TensorProto.INT64, ["batch"]),
                     helper.make_tensor_value_info(f"slot_map.{layer}", TensorProto.INT64,
                                                   ["batch", f"capacity_{layer}"])]
-    return make_model(g, cfg, "pkv_evict", inputs, outputs, [], with_select=False)
+    return "pkv_evict", g, inputs, outputs

@@ -1,0 +1,120 @@
+"""KVzip (Kim et al., 2025): query-agnostic. After the prefill the model reconstructs the context (teacher-forced,
+in chunks of `score_chunk` tokens); each cached pair scores the most attention it receives; the top pairs over
+every layer and head are kept at once (per-head lengths), C per head on average, the first `sinks` tokens always.
+No observation window: nothing about the question is known. Specification: trt_plugins.kvzip_select; the graph:
+methods.kvzip_graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from methods import backends
+from methods.base import KVPolicy
+from methods.budgets import uniform_selected
+from methods.cache import LayerCache, right_aligned
+from methods.options import non_negative, option, positive
+from pkv_core.errors import UserInputError
+from trt_plugins.kvzip_select import (
+    FIRST_PROMPT,
+    LATER_PROMPT,
+    chunk_count,
+    chunk_inputs,
+    chunk_scores,
+    chunk_span,
+    kvzip_select,
+    reconstruction_attention,
+)
+
+
+@dataclass(frozen=True)
+class KVzipPolicy(KVPolicy):
+    """KVzip: the pairs the model attends to most while repeating the context, one top-k over every layer and head
+    after the prefill."""
+
+    name: ClassVar[str] = "kvzip"
+    runs_on: ClassVar[frozenset[str]] = frozenset({backends.ONNXRUNTIME})
+    refusals: ClassVar[dict[str, str]] = {
+        backends.SLOTS: "its one top-k over every layer and head decides each layer's length from the data, so no "
+                        "per-layer slot size is known before admission",
+    }
+    per_head_lengths: ClassVar[bool] = True
+    kv_budget: int = option(128, "mean cache length per KV head over all layers (no window; the paper's ratio r "
+                                 "is C / q)", check=positive)
+    sinks: int = option(4, "the first tokens, always kept; they play KVzip's system prompt (attended in every "
+                           "chunk's score, never scored)", check=non_negative)
+    score_chunk: int = option(2000, "context tokens (after the sinks) reconstructed per chunk of the scoring pass "
+                                    "(the official code's 2000)", check=positive)
+    postfix: int = option(8, "tokens of the previous chunk repeated in a later chunk's prompt", check=non_negative)
+
+    def validate(self) -> None:
+        if self.sinks > self.kv_budget:
+            raise UserInputError(f"--sinks must be in [0, kv_budget] (got {self.sinks})")
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
+        """The mean per layer (C); the engine spreads the same total unevenly over layers and heads."""
+        return uniform_selected(num_layers, self.kv_budget, 0, prompt_len)
+
+    def regime(self, selected: list[int] | None) -> str:
+        if selected is None:
+            return super().regime(selected)
+        return "global (per-head lengths; the mean per layer shown)"
+
+    # --- reference: the prefill keeps everything; then the reconstruction pass and the one top-k ----------------
+    def reference_after_prefill(self, run) -> bool:
+        """Reconstruct the context chunk by chunk to score every cached pair, then keep the top pairs over all
+        layers and heads. run.input_ids, run.mask: [B, q], left-padded as the prefill took them."""
+        state, lengths = run.state, run.mask.sum(-1)
+        if not self.compresses_prompt(state.num_layers, int(lengths.max())):
+            return False
+        context = right_aligned(run.input_ids[:, None], run.mask.bool())[:, 0]  # [B, q] right-padded
+        first, later = (run.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
+        rec = state.shared["kvzip"] = {"lengths": lengths, "scores": {}}
+        state.attention = self._reconstruction_attention
+        q = context.shape[1]
+        for i in range(chunk_count(q, self.score_chunk, self.sinks)):
+            ids, positions, part = chunk_inputs(context, lengths, i, self.score_chunk, self.postfix, first, later,
+                                                run.pad_id, self.sinks)
+            rec.update(positions=positions, taking_part=part, span=chunk_span(i, q, self.score_chunk, self.sinks))
+            run.forward(ids, positions)
+        state.attention = None
+        layers = range(len(state.layers))
+        picked = kvzip_select([rec["scores"][i] for i in layers], [state.layers[i].keys for i in layers],
+                              [state.layers[i].values for i in layers], lengths, self.kv_budget, self.sinks)
+        for i, (idx, k, v) in enumerate(picked):
+            state.layers[i] = LayerCache.from_selection(idx, k, v)
+        del state.shared["kvzip"]
+        return True
+
+    def _reconstruction_attention(self, state, layer: int, query, key, value, sliding_window):
+        """The scoring forward's attention: the chunk attends to the layer's whole context cache and to itself, and
+        the official score's softmax (sinks, the slice this chunk repeats, itself) scores that slice. The chunk's
+        own K/V are not kept. query [B, H, s, d], key / value [B, Hkv, s, d] -> ([B, s, H, d], None)."""
+        cache, rec = state.layers[layer], state.shared["kvzip"]
+        out = reconstruction_attention(query, key, value, cache.keys, cache.values, rec["lengths"], rec["positions"],
+                                       rec["taking_part"], sliding_window)
+        scores = chunk_scores(query, key, cache.keys, rec["lengths"], rec["taking_part"], *rec["span"], self.sinks)
+        best = rec["scores"].get(layer)
+        rec["scores"][layer] = scores if best is None else best.maximum(scores)  # disjoint slices
+        return out, None
+
+    # --- graph: keep every layer whole, then the same after the decoder ------------------------------------------
+    def graph_layer(self, pg, layer, q, k4, v4):
+        _, kk, vv = pg.keep_all(k4, v4)
+        pg.shared.setdefault("kvzip_whole", []).append((kk, vv))
+        return None  # emitted after the selection over every layer (graph_end)
+
+    def graph_end(self, pg) -> None:
+        from methods.kvzip_graph import global_select, reconstruction_scores
+
+        whole = pg.shared["kvzip_whole"]
+        lay = pg.method_nodes("kvzip_")  # its own node names: profilers can tell its cost apart
+        scores = reconstruction_scores(lay, self, whole, pg.lengths)
+        picked = global_select(lay, self, scores, whole, pg.lengths)
+        pg.g.nodes.extend(lay.g.nodes)
+        for layer, (kept, kk, vv) in enumerate(picked):
+            pg.emit(layer, kept, kk, vv)
