@@ -11,6 +11,7 @@ slots of each row are valid.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
 from pkv_core.errors import UserInputError
+
+THREADS_ENV = "PKV_ORT_THREADS"
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -51,10 +54,16 @@ class OrtEngine(BuiltEngine):
     name = "onnxruntime"
     backend = "onnx"
 
-    def __init__(self, engine_dir: Path, device: str = "cpu", threads: int = 0, manifest: dict | None = None):
+    def __init__(self, engine_dir: Path, device: str = "cpu", threads: int | None = None,
+                 manifest: dict | None = None):
+        """threads: onnxruntime's intra-op threads per session; None: $PKV_ORT_THREADS, else 0 (one per core). Set
+        it where several engines share the cores (a server of several models, parallel test workers): each
+        session's pool spins on every core otherwise, and small graphs then wait on each other."""
         import onnxruntime as ort
 
         super().__init__(engine_dir, manifest)
+        if threads is None:
+            threads = int(os.environ.get(THREADS_ENV, "0"))
         self.providers = choose_providers(device)
         if self.providers[0] == "CUDAExecutionProvider":
             problems = cuda_problems(self.dir, self.manifest)

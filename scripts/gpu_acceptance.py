@@ -96,7 +96,8 @@ def pytest_counts(stdout: str) -> dict:
 def run_pytest(files: list[str], select: str | None, need_cuda_tests: bool) -> dict:
     """Run test files in a fresh interpreter; passed only when some tests ran and none failed, and (on a GPU) when
     none was skipped (a skipped CUDA test proves nothing)."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files,
+    # -n 0: one process (the project's addopts run pytest-xdist workers; a GPU section wants its device alone)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rs", *files,
                         *(["-k", select] if select else [])], cwd=ROOT, capture_output=True, text=True)
     counts = pytest_counts(r.stdout)
     ok = r.returncode == 0 and counts["passed"] > 0 and not counts["failed"] and not counts["error"]

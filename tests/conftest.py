@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,31 @@ from exporter.checkpoint import LoadedModel, load_model
 from exporter.specs import ModelSpec, tensor_shapes
 
 TINY_MODELS = ["tiny-llama3", "tiny-mistral"]
+
+
+def pytest_configure(config):
+    """One thread per process: the tests run tiny models, where a thread pool only waits, and pytest-xdist runs a
+    worker per core (torch here; torch and onnxruntime in every process a test starts, through the environment).
+
+    Under pytest-xdist every worker also gets a temporary directory of its own (TMPDIR, inherited by every process
+    it starts): a starting `serve` removes what dead processes left in the temporary directory, and a test that
+    kills one looks for exactly those leftovers, so no worker may sweep another's."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PKV_ORT_THREADS"] = "1"  # engines.ort_engine.THREADS_ENV
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        own = Path(tempfile.gettempdir()) / f"pkv-tests-{worker}-{os.getpid()}"
+        own.mkdir(exist_ok=True)
+        config.pkv_tmpdir = own
+        os.environ["TMPDIR"] = str(own)
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+def pytest_unconfigure(config):
+    own = getattr(config, "pkv_tmpdir", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,6 +26,8 @@ from exporter.triton.repo import write_repository
 from pkv_cli import main
 from pkv_core.errors import JobError, UserInputError
 
+pytestmark = pytest.mark.slow  # a real tritonserver
+
 try:
     pytriton_dir()
     import tritonclient.grpc as grpcclient

@@ -15,6 +15,8 @@ import pytest
 from exporter.engine_dir import read_manifest
 from tests.faults.conftest import cli, start_cli, wait_for
 
+pytestmark = pytest.mark.slow  # killed processes: the real CLI in subprocesses
+
 BUILD = ["build", "--model", "tiny-llama3", "--random-weights", "--num-layers", "24", "--policy", "snapkv",
          "--kv-budget", "24", "--window", "4", "--max-input-len", "512"]
 
@@ -46,8 +48,10 @@ def test_killed_build_leaves_no_engine_and_the_next_build_removes_the_leftover(t
 
 def test_killed_force_rebuild_keeps_the_old_engine(tmp_path):
     out = tmp_path / "eng"
-    assert cli(*BUILD, "--out", str(out)).returncode == 0
+    old = [*BUILD[:5], "2", *BUILD[6:]]  # any engine will do as the old one: 2 layers; the killed rebuild has 24
+    assert cli(*old, "--out", str(out)).returncode == 0
     before = read_manifest(out)
+    assert before["model"]["num_layers"] == 2
     proc = start_cli(*BUILD[:-6], "--policy", "h2o", "--kv-budget", "24", "--window", "4", "--force", "--out",
                      str(out))
     kill_when(proc, lambda: bool(partials(tmp_path, "eng")))

@@ -13,6 +13,8 @@ import pytest
 from exporter.engine_dir import read_manifest
 from tests.faults.conftest import cli, one_line_error
 
+pytestmark = pytest.mark.slow  # the real CLI in subprocesses on read-only and full filesystems
+
 TINY = ["--model", "tiny-llama3", "--policy", "snapkv", "--kv-budget", "24", "--window", "4"]
 NIAH = ["--suite", "niah", "--lengths", "300", "--depths", "0,100", "--max-new-tokens", "4"]
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every benchmark script end to end in its own process
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds and compares through the CLI in subprocesses
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_acceptance.py"
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from exporter.checkpoint import load_model
 
+pytestmark = pytest.mark.slow  # two training runs
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_retriever.py"
 TINY = ["--phases", "2:2:96:160:1.0:0,2:1:400:480:0.0:1.0", "--eval-every", "0"]  # a copy phase, a needle phase
 
@@ -38,10 +40,24 @@ def test_same_seed_same_weights_and_a_loadable_checkpoint(tmp_path):
     assert "Steps: 4, seed 0" in (tmp_path / "a" / "README.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def trainer():
+    """The script as a module: its argument checks run in this process (they come before any training)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_retriever_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("args", [["--phases", "3:2"], ["--phases", "3:2:500:100"], ["--phases", "1:1:96:160:2"],
                                   ["--init", "no-such-dir"]])
-def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, args):
-    done = script("--out", str(tmp_path / "out"), *args)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("train_retriever.py: error:")
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, args, trainer, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [str(SCRIPT), "--out", str(tmp_path / "out"), *args])
+    with pytest.raises(SystemExit) as exit_:
+        trainer.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("train_retriever.py: error:")
     assert not (tmp_path / "out").exists()

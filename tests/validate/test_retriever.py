@@ -1,7 +1,9 @@
 """The trained preset retrieves, so accuracy against cache size means something (issue 12).
 
 The numbers asserted are the ones observed on the shipped deterministic weights (README, "Accuracy on the
-trained preset"); they change only when the weights do.
+trained preset"); they change only when the weights do. The long grids run on the preset's FullKV ONNX engine
+(equal to the reference: tests/engines/test_ort_engine.py; ten times faster at 4k tokens); the reference runs
+the chat-template and small-budget sweep tests below.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from click.testing import CliRunner
 
 from pkv_cli import main
 
+pytestmark = pytest.mark.slow  # the trained preset over NIAH grids up to 4k tokens
+
 ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
 
 
@@ -21,14 +25,22 @@ def run(*args):
     return CliRunner().invoke(main, list(args))
 
 
-def test_fullkv_over_the_default_grid(tmp_path):
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    """tiny-retriever's FullKV ONNX engine, built once for the tests of this module."""
+    out = tmp_path_factory.mktemp("retriever") / "engine"
+    r = run("build", "--model", "tiny-retriever", "--policy", "full", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_fullkv_over_the_default_grid(engine, tmp_path):
     """The NIAH default grid (4 lengths up to 4032 tokens x 5 depths, the default needle and answer length): every
     needle up to 2016 tokens is found whole (the model often goes on with a few letters or words after the
     answer, which the score ignores); at 4032 tokens it loses a word or four at depths 0-50: 0.97 overall, above
     the issue's 0.95."""
     out = tmp_path / "niah"
-    r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
-            "--out", str(out), "--json")
+    r = run("validate", "--engine", str(engine), "--suite", "niah", "--reference", "none", "--out", str(out), "--json")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert sorted({row["context_len"] for row in rows}) == [512, 1008, 2016, 4032] and len(rows) == 20
@@ -39,10 +51,10 @@ def test_fullkv_over_the_default_grid(tmp_path):
     assert overall >= 0.95 and overall == pytest.approx(0.97, abs=0.01)
 
 
-def test_key_value_lookup_among_distractors(tmp_path):
+def test_key_value_lookup_among_distractors(engine, tmp_path):
     """A magic number hidden in the haystack is read back digit for digit, near and 4k tokens away."""
     out = tmp_path / "kv"
-    r = run("validate", "--model", "tiny-retriever", "--policy", "full", "--suite", "niah", "--reference", "none",
+    r = run("validate", "--engine", str(engine), "--suite", "niah", "--reference", "none",
             "--needle", "The magic number of Winnipeg is 90316.", "--question", "What is the magic number of Winnipeg?",
             "--answer", "90316", "--lengths", "1008,4032", "--depths", "0,50,100", "--out", str(out), "--json")
     assert r.exit_code == 0, r.output
@@ -106,12 +118,9 @@ def test_generate_with_the_chat_template_answers(needle_context, mode):
     assert ANSWER not in r.stdout
 
 
-def test_an_engine_built_from_the_preset_keeps_its_chat_template(tmp_path):
+def test_an_engine_built_from_the_preset_keeps_its_chat_template(engine, tmp_path):
     """Engines carry the checkpoint's chat template (chat_template.jinja), so `validate --engine` asks in the
     format the model was trained on, as the reference does, and finds the needle."""
-    engine = tmp_path / "engine"
-    r = run("build", "--model", "tiny-retriever", "--policy", "full", "--out", str(engine))
-    assert r.exit_code == 0, r.output
     assert (engine / "tokenizer" / "chat_template.jinja").is_file()
     out = tmp_path / "niah"
     r = run("validate", "--engine", str(engine), "--suite", "niah", "--lengths", "512", "--depths", "50",

@@ -15,7 +15,7 @@ from engines.hf_model import build_hf_model
 from engines.trtllm_layout import layout_forward
 from exporter.checkpoint import load_model
 from exporter.engine_dir import read_manifest
-from exporter.trtllm.checkpoint import write_trtllm_checkpoint
+from exporter.trtllm.checkpoint import trtllm_config, write_trtllm_checkpoint
 from methods import make_policy
 from pkv_cli import main
 from pkv_core.errors import UserInputError
@@ -70,17 +70,17 @@ def test_rank_files_hold_what_each_rank_owns(tmp_path):
     assert manifest["backend"] == "trtllm" and manifest["trtllm"]["world_size"] == 8
 
 
-def test_config_uses_tensorrt_llm_field_names(tmp_path):
-    out = tmp_path / "ckpt"
-    write_trtllm_checkpoint(load_model("llama3.1-8b", random_weights=True, num_layers=1), POLICY, out, tp=2,
-                            dtype="bf16", max_input_len=8192)
-    config = json.loads((out / "config.json").read_text())
+def test_config_uses_tensorrt_llm_field_names():
+    """The config of a real shape (LLaMA-3.1-8B: llama3 RoPE scaling, 128k vocabulary) without writing its weights
+    (what write_trtllm_checkpoint writes as config.json: the other tests read it back from written checkpoints)."""
+    config = trtllm_config(load_model("llama3.1-8b", need_weights=False).spec, POLICY, 2, 1, "bf16", 8192)
+    config = json.loads(json.dumps(config))  # as written
     assert set(config) - {"pkv"} <= PRETRAINED_CONFIG | LLAMA_CONFIG, set(config) - PRETRAINED_CONFIG - LLAMA_CONFIG
     assert set(config["mapping"]) <= MAPPING and config["mapping"]["world_size"] == 2
     assert config["architecture"] == "LlamaForCausalLM" and config["position_embedding_type"] == "rope_gpt_neox"
     assert config["rotary_scaling"]["type"] == "llama3" and config["rotary_base"] == 500000.0
     assert config["dtype"] == "bfloat16" and config["vocab_size"] == 128256
-    assert config["pkv"]["policy"]["name"] == "pyramidkv" and len(config["pkv"]["selected_at_max_input_len"]) == 1
+    assert config["pkv"]["policy"]["name"] == "pyramidkv" and len(config["pkv"]["selected_at_max_input_len"]) == 32
 
 
 @pytest.mark.parametrize("args,fragment", [
