@@ -233,7 +233,7 @@ def build(checkpoint: Path, work: Path, policies: list[str], max_len: int) -> di
 
     out = {}
     for name in policies:
-        target = work / f"{name}-{max_len}"
+        target = work / f"{Path(str(checkpoint)).name}-{name}-{max_len}"
         if not target.exists():
             build_onnx_engine(load_model(str(checkpoint)), make_policy(name, **POLICIES[name]), target,
                               max_input_len=max_len)
@@ -303,6 +303,8 @@ def main() -> int:
     parser.add_argument("--poisson-policies", nargs="*", default=["full", "pyramidkv"])
     parser.add_argument("--mix", type=int, nargs=2, default=[1024, 8000], help="Poisson prompt lengths: lo hi.")
     parser.add_argument("--work", type=Path, default=None, help="Keep checkpoint and engines here (reused).")
+    parser.add_argument("--model", default=None,
+                        help="A preset or checkpoint instead of the benchmark shape (tiny-llama3: a smoke run).")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     kv_memory = parse_size(args.kv_memory)
@@ -310,8 +312,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     from bench_peers import make_checkpoint
 
-    checkpoint = work / "checkpoint"
-    if not checkpoint.exists():
+    checkpoint = work / "checkpoint" if args.model is None else args.model
+    if args.model is None and not checkpoint.exists():
         make_checkpoint(checkpoint)
     from exporter.checkpoint import load_model
 
