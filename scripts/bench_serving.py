@@ -264,7 +264,7 @@ def slot_numbers(engine: Path, kv_memory: int, new_tokens: int) -> dict:
     return {"slots": plan.slots, "slot_mib": round(plan.slot_bytes / 2**20, 2)}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +278,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Throughput at a fixed KV memory (2-core CPU, 4k-token prompts)")
+    ax.set_title(f"Throughput at a fixed KV memory (2-core CPU, {what})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -306,6 +306,9 @@ def main() -> int:
     parser.add_argument("--model", default=None,
                         help="A preset or checkpoint instead of the benchmark shape (tiny-llama3: a smoke run).")
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--doc-section", default="bench-serving",
+                        help="The docs/benchmarks.md section to write (another name keeps both runs).")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "serving_throughput.png")
     args = parser.parse_args()
     kv_memory = parse_size(args.kv_memory)
     work = args.work or Path(tempfile.mkdtemp(prefix="pkv-bench-serving-"))
@@ -360,8 +363,8 @@ def main() -> int:
     text = markdown(report, args)
     print(text)
     if not args.no_doc:
-        plot(closed_rows, ROOT / "docs" / "img" / "serving_throughput.png")
-        write_section("bench-serving", text)
+        plot(closed_rows, args.plot, f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+        write_section(args.doc_section, text)
     return 0
 
 
