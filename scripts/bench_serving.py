@@ -323,25 +323,48 @@ def main() -> int:
     tokenizer = load_model(str(checkpoint)).tokenizer()
     max_len = args.prompt_tokens + 1
     engines = build(checkpoint, work, sorted(set(args.policies) | set(args.static_policies)), max_len)
+    log = work / "results.jsonl"  # every measured row, written as it is measured: a rerun resumes from it
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def recorded(kind: str, name: str, batching: str, clients: int | None = None) -> tuple[dict | None, dict]:
+        key = {"kind": kind, "policy": name, "batching": batching, "clients": clients,
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "kv_memory": kv_memory}
+        return next((r["row"] for r in done if r["key"] == key), None), key
+
+    def record(key: dict, row: dict) -> None:
+        with log.open("a") as f:
+            f.write(json.dumps({"key": key, "row": row}) + "\n")
+
     closed_rows = []
     top = max(args.concurrency)
     for name in args.policies:
         for batching in ["inflight"] + (["static"] if name in args.static_policies else []):
-            levels = args.concurrency if batching == "inflight" else [top]
+            wanted = args.concurrency if batching == "inflight" else [top]
+            levels = []
+            for clients in wanted:
+                row, _ = recorded("closed", name, batching, clients)
+                if row is not None:
+                    closed_rows.append(row)
+                else:
+                    levels.append(clients)
+            if not levels:
+                continue
 
-            def run(url, decoupled, levels=levels, name=name, batching=batching):
+            slots = slot_numbers(engines[name], kv_memory, args.new_tokens) if batching == "inflight" else {}
+
+            def run(url, decoupled, levels=levels, name=name, batching=batching, slots=slots):
                 rows = []
                 for clients in levels:
                     prompts = prompt_texts(tokenizer, [args.prompt_tokens] * (clients * args.requests_per_client),
                                            seed=clients)
-                    rows.append({"clients": clients, **closed_loop(url, "pkv", decoupled, prompts, clients,
-                                                                   args.new_tokens)})
-                    print(f"{name} {batching} C={clients}: {rows[-1]}", file=sys.stderr, flush=True)
+                    row = {"policy": name, "batching": batching, **slots, "clients": clients,
+                           **closed_loop(url, "pkv", decoupled, prompts, clients, args.new_tokens)}
+                    record(recorded("closed", name, batching, clients)[1], row)
+                    rows.append(row)
+                    print(f"{name} {batching} C={clients}: {row}", file=sys.stderr, flush=True)
                 return rows
 
-            slots = slot_numbers(engines[name], kv_memory, args.new_tokens) if batching == "inflight" else {}
-            for row in serve_and_run(engines[name], batching, kv_memory, args.new_tokens, work, run):
-                closed_rows.append({"policy": name, "batching": batching, **slots, **row})
+            closed_rows += serve_and_run(engines[name], batching, kv_memory, args.new_tokens, work, run)
     poisson_rows = []
     if args.rate > 0:
         mixed = build(checkpoint, work, args.poisson_policies, args.mix[1] + 1)
@@ -349,13 +372,17 @@ def main() -> int:
         lengths = rng.integers(args.mix[0], args.mix[1] + 1, size=args.poisson_requests).tolist()
         prompts = prompt_texts(tokenizer, lengths, seed=7)
         for name in args.poisson_policies:
-            def run(url, decoupled):
-                return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens)
+            row, key = recorded("poisson", name, "inflight")
+            if row is None:
+                def run(url, decoupled):
+                    return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens)
 
-            row = serve_and_run(mixed[name], "inflight", kv_memory, args.new_tokens, work, run)
-            poisson_rows.append({"policy": name, "batching": "inflight",
-                                 **slot_numbers(mixed[name], kv_memory, args.new_tokens), **row})
-            print(f"poisson {name}: {poisson_rows[-1]}", file=sys.stderr, flush=True)
+                row = {"policy": name, "batching": "inflight", **slot_numbers(mixed[name], kv_memory,
+                                                                               args.new_tokens),
+                       **serve_and_run(mixed[name], "inflight", kv_memory, args.new_tokens, work, run)}
+                record(key, row)
+                print(f"poisson {name}: {row}", file=sys.stderr, flush=True)
+            poisson_rows.append(row)
     targets = evaluate(closed_rows, top)
     report = {"kv_memory": kv_memory, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "closed_loop": closed_rows, "poisson": poisson_rows, "targets": targets}
