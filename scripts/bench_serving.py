@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import shlex
 import sys
@@ -98,13 +99,14 @@ def stream_request(url: str, model: str, ids_text: str, new_tokens: int, decoupl
         client.close()
 
 
-def summarize(results: list[dict], wall: float, held: dict) -> dict:
+def summarize(results: list[dict], wall: float, held: dict, cpu_seconds: float = 0.0) -> dict:
     ok = [r for r in results if r["error"] is None]
     ttft = [r["first"] - r["sent"] for r in ok if r["first"] is not None]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in ok)
     return {"requests": len(results), "refused": len(results) - len(ok), "output_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
+            "cpu_ms_per_token": round(1000 * cpu_seconds / tokens, 1) if tokens and cpu_seconds else None,
             "held_max": held.get("held_max"), "queue_max": held.get("queue_max"),
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99))}
@@ -160,9 +162,28 @@ class Sampler:
         self.thread.join(5)
 
 
+def server_cpu_seconds(server_pid: int) -> float:
+    """CPU seconds (user + system) of the server and its backend stubs, which share its session: the cost of the
+    work itself, steadier than wall time on a machine other work also loads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != os.getsid(server_pid):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return total
+
+
 # ------------------------------------------------------------------ loads
 
-def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clients: int, new_tokens: int) -> dict:
+def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clients: int, new_tokens: int,
+                cpu=lambda: 0.0) -> dict:
     pending = list(prompts)
     lock = threading.Lock()
     results: list[dict] = []
@@ -181,16 +202,16 @@ def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clien
                 results.append(r)
 
     with sampler:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         with ThreadPoolExecutor(clients) as pool:
             for _ in range(clients):
                 pool.submit(client_loop)
-        wall = time.perf_counter() - t0
-    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max})
+        wall, used = time.perf_counter() - t0, cpu() - cpu0
+    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max}, used)
 
 
 def poisson(url: str, model: str, decoupled: bool, prompts: list[str], rate: float, new_tokens: int,
-            seed: int = 0) -> dict:
+            seed: int = 0, cpu=lambda: 0.0) -> dict:
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, size=len(prompts))
     results: list[dict] = []
@@ -202,13 +223,13 @@ def poisson(url: str, model: str, decoupled: bool, prompts: list[str], rate: flo
         sampler.track(-1)
 
     with sampler:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         with ThreadPoolExecutor(len(prompts)) as pool:
             for prompt, gap in zip(prompts, gaps, strict=True):
                 time.sleep(gap)
                 pool.submit(one, prompt)
-        wall = time.perf_counter() - t0
-    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max})
+        wall, used = time.perf_counter() - t0, cpu() - cpu0
+    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max}, used)
 
 
 # ------------------------------------------------------------------ main
@@ -248,7 +269,7 @@ def serve_and_run(engine: Path, batching: str, kv_memory: int, new_tokens: int, 
     repo = write_repository({"pkv": engine}, Path(tempfile.mkdtemp(dir=work)) / "repo", batching=batching,
                             kv_memory=kv_memory, max_new_tokens=new_tokens, copy=False, max_batch_size=8)
     with TritonServer(repo, log_file=work / f"triton-{engine.name}-{batching}.log") as server:
-        return run(server.grpc_url, batching == "inflight")
+        return run(server.grpc_url, batching == "inflight", lambda: server_cpu_seconds(server.process.pid))
 
 
 def slot_numbers(engine: Path, kv_memory: int, new_tokens: int) -> dict:
@@ -352,13 +373,13 @@ def main() -> int:
 
             slots = slot_numbers(engines[name], kv_memory, args.new_tokens) if batching == "inflight" else {}
 
-            def run(url, decoupled, levels=levels, name=name, batching=batching, slots=slots):
+            def run(url, decoupled, cpu, levels=levels, name=name, batching=batching, slots=slots):
                 rows = []
                 for clients in levels:
                     prompts = prompt_texts(tokenizer, [args.prompt_tokens] * (clients * args.requests_per_client),
                                            seed=clients)
                     row = {"policy": name, "batching": batching, **slots, "clients": clients,
-                           **closed_loop(url, "pkv", decoupled, prompts, clients, args.new_tokens)}
+                           **closed_loop(url, "pkv", decoupled, prompts, clients, args.new_tokens, cpu)}
                     record(recorded("closed", name, batching, clients)[1], row)
                     rows.append(row)
                     print(f"{name} {batching} C={clients}: {row}", file=sys.stderr, flush=True)
@@ -374,8 +395,8 @@ def main() -> int:
         for name in args.poisson_policies:
             row, key = recorded("poisson", name, "inflight")
             if row is None:
-                def run(url, decoupled):
-                    return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens)
+                def run(url, decoupled, cpu):
+                    return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens, cpu=cpu)
 
                 row = {"policy": name, "batching": "inflight", **slot_numbers(mixed[name], kv_memory,
                                                                                args.new_tokens),
@@ -405,6 +426,8 @@ def evaluate(rows: list[dict], top: int) -> dict:
     if full and pyramid:
         out["pyramidkv_held_vs_full"] = round(pyramid["held_max"] / max(full["held_max"], 1), 2)
         out["pyramidkv_tokens_per_s_vs_full"] = round(pyramid["tokens_per_s"] / full["tokens_per_s"], 2)
+        if full.get("cpu_ms_per_token") and pyramid.get("cpu_ms_per_token"):
+            out["full_cpu_per_token_vs_pyramidkv"] = round(full["cpu_ms_per_token"] / pyramid["cpu_ms_per_token"], 2)
     static = row("pyramidkv", "static")
     if pyramid and static:
         out["inflight_vs_static_tokens_per_s"] = round(pyramid["tokens_per_s"] / static["tokens_per_s"], 2)
@@ -419,7 +442,8 @@ def evaluate(rows: list[dict], top: int) -> dict:
 
 def markdown(report: dict, args) -> str:
     command = "python scripts/bench_serving.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    cols = ["policy", "batching", "slots", "clients", "requests", "held_max", "tokens_per_s", "ttft_p50_ms",
+    cols = ["policy", "batching", "slots", "clients", "requests", "held_max", "tokens_per_s", "cpu_ms_per_token",
+            "ttft_p50_ms",
             "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "refused"]
     lines = ["## Serving at a fixed KV memory: in-flight batching per policy, FullKV, static batching", "",
              f"`{command.strip()}`", "",
@@ -427,12 +451,15 @@ def markdown(report: dict, args) -> str:
              f"512, 8/2 heads x 64, fp32), KV memory {report['kv_memory'] / 2**20:.0f} MiB for every policy, "
              f"{report['prompt_tokens']}-token prompts, {report['new_tokens']} new tokens, gRPC streams. `slots`: "
              "what the memory holds; `held_max`: the most sequences the server held at once (its status, sampled "
-             "every 0.2 s; static: requests outstanding); ttft / itl: time to first token / between tokens.", "",
+             "every 0.2 s; static: requests outstanding); `cpu_ms_per_token`: CPU time of the server's processes per "
+             "output token (steadier than wall time when other work loads the machine); ttft / itl: time to first "
+             "token / between tokens.", "",
              markdown_table(cols, report["closed_loop"])]
     if report["poisson"]:
         lines += ["", f"Poisson arrivals ({args.rate}/s, {args.poisson_requests} requests, prompts "
                       f"{args.mix[0]}-{args.mix[1]} tokens, engines built for {args.mix[1] + 1}):", "",
                   markdown_table(["policy", "slots", "requests", "held_max", "queue_max", "tokens_per_s",
+                                  "cpu_ms_per_token",
                                   "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "refused"],
                                  report["poisson"])]
     lines += ["", "Targets: " + json.dumps(report["targets"])]
