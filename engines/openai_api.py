@@ -20,6 +20,7 @@ from pathlib import Path
 from pkv_core.errors import UserInputError
 
 MAX_STOPS = 4
+SERVER_FAILURES = ("prefill failed", "decode failed", "scheduler error", "generation failed")
 
 
 class ApiError(Exception):
@@ -92,8 +93,8 @@ async def _generate(url: str, model: str, prompt: str, params: dict):
         async for result, error in stream:
             if error is not None:
                 message = error.message() if hasattr(error, "message") else str(error)
-                raise ApiError(message, 400 if "must" in message or "exceed" in message else 500,
-                               "invalid_request_error" if "must" in message else "server_error")
+                failed = message.startswith(SERVER_FAILURES)  # the model's own failures; the rest are refusals
+                raise ApiError(message, 500 if failed else 400, "server_error" if failed else "invalid_request_error")
             piece = result.as_numpy("text_output")
             text = piece.reshape(-1)[0].decode("utf-8") if piece is not None and piece.size else ""
             reason = result.as_numpy("finish_reason")

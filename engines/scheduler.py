@@ -199,11 +199,14 @@ class InflightScheduler:
                 if self._closed:
                     break
                 admit = self._waiting.popleft() if self._waiting and self.pool.active < self.plan.slots else None
-            if admit is not None:
-                self._admit(admit)  # one prefill per iteration: running sequences keep decoding between them
-            self._drop_cancelled()
-            if self._rows:
-                self._step()
+            try:
+                if admit is not None:
+                    self._admit(admit)  # one prefill per iteration: running sequences keep decoding between them
+                self._drop_cancelled()
+                if self._rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave every client waiting forever
+                self._fail_all(f"scheduler error: {type(e).__name__}: {e}")
         with self._lock:
             leftovers = list(self._waiting) + list(self._rows)
             self._waiting.clear()
@@ -280,10 +283,7 @@ class InflightScheduler:
         try:
             batch.run()
         except Exception as e:  # noqa: BLE001 - the step failed for every row: end them, keep serving
-            for row in range(n - 1, -1, -1):
-                request = self._rows[row]
-                self._release(row)
-                self._finish(request, "error", f"decode failed: {e}")
+            self._fail_all(f"decode failed: {e}")
             return
         self.steps += 1
         self.pool.lengths[:, :n] += 1  # the token each row fed now sits in its cache
@@ -294,6 +294,13 @@ class InflightScheduler:
             request = self._rows[row]
             if self._emit(request, int(chosen[row])):
                 self._release(row)
+
+    def _fail_all(self, message: str) -> None:
+        """End every running sequence with an error and free the pools; the queue keeps waiting."""
+        for row in range(len(self._rows) - 1, -1, -1):
+            request = self._rows[row]
+            self._release(row)
+            self._finish(request, "error", message)
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         if request.done:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import shlex
 import sys
@@ -98,13 +99,14 @@ def stream_request(url: str, model: str, ids_text: str, new_tokens: int, decoupl
         client.close()
 
 
-def summarize(results: list[dict], wall: float, held: dict) -> dict:
+def summarize(results: list[dict], wall: float, held: dict, cpu_seconds: float = 0.0) -> dict:
     ok = [r for r in results if r["error"] is None]
     ttft = [r["first"] - r["sent"] for r in ok if r["first"] is not None]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in ok)
     return {"requests": len(results), "refused": len(results) - len(ok), "output_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
+            "cpu_ms_per_token": round(1000 * cpu_seconds / tokens, 1) if tokens and cpu_seconds else None,
             "held_max": held.get("held_max"), "queue_max": held.get("queue_max"),
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99))}
@@ -160,9 +162,28 @@ class Sampler:
         self.thread.join(5)
 
 
+def server_cpu_seconds(server_pid: int) -> float:
+    """CPU seconds (user + system) of the server and its backend stubs, which share its session: the cost of the
+    work itself, steadier than wall time on a machine other work also loads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != os.getsid(server_pid):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return total
+
+
 # ------------------------------------------------------------------ loads
 
-def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clients: int, new_tokens: int) -> dict:
+def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clients: int, new_tokens: int,
+                cpu=lambda: 0.0) -> dict:
     pending = list(prompts)
     lock = threading.Lock()
     results: list[dict] = []
@@ -181,16 +202,16 @@ def closed_loop(url: str, model: str, decoupled: bool, prompts: list[str], clien
                 results.append(r)
 
     with sampler:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         with ThreadPoolExecutor(clients) as pool:
             for _ in range(clients):
                 pool.submit(client_loop)
-        wall = time.perf_counter() - t0
-    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max})
+        wall, used = time.perf_counter() - t0, cpu() - cpu0
+    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max}, used)
 
 
 def poisson(url: str, model: str, decoupled: bool, prompts: list[str], rate: float, new_tokens: int,
-            seed: int = 0) -> dict:
+            seed: int = 0, cpu=lambda: 0.0) -> dict:
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, size=len(prompts))
     results: list[dict] = []
@@ -202,13 +223,13 @@ def poisson(url: str, model: str, decoupled: bool, prompts: list[str], rate: flo
         sampler.track(-1)
 
     with sampler:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         with ThreadPoolExecutor(len(prompts)) as pool:
             for prompt, gap in zip(prompts, gaps, strict=True):
                 time.sleep(gap)
                 pool.submit(one, prompt)
-        wall = time.perf_counter() - t0
-    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max})
+        wall, used = time.perf_counter() - t0, cpu() - cpu0
+    return summarize(results, wall, {"held_max": sampler.held_max, "queue_max": sampler.queue_max}, used)
 
 
 # ------------------------------------------------------------------ main
@@ -233,7 +254,7 @@ def build(checkpoint: Path, work: Path, policies: list[str], max_len: int) -> di
 
     out = {}
     for name in policies:
-        target = work / f"{name}-{max_len}"
+        target = work / f"{Path(str(checkpoint)).name}-{name}-{max_len}"
         if not target.exists():
             build_onnx_engine(load_model(str(checkpoint)), make_policy(name, **POLICIES[name]), target,
                               max_input_len=max_len)
@@ -248,7 +269,7 @@ def serve_and_run(engine: Path, batching: str, kv_memory: int, new_tokens: int, 
     repo = write_repository({"pkv": engine}, Path(tempfile.mkdtemp(dir=work)) / "repo", batching=batching,
                             kv_memory=kv_memory, max_new_tokens=new_tokens, copy=False, max_batch_size=8)
     with TritonServer(repo, log_file=work / f"triton-{engine.name}-{batching}.log") as server:
-        return run(server.grpc_url, batching == "inflight")
+        return run(server.grpc_url, batching == "inflight", lambda: server_cpu_seconds(server.process.pid))
 
 
 def slot_numbers(engine: Path, kv_memory: int, new_tokens: int) -> dict:
@@ -264,7 +285,7 @@ def slot_numbers(engine: Path, kv_memory: int, new_tokens: int) -> dict:
     return {"slots": plan.slots, "slot_mib": round(plan.slot_bytes / 2**20, 2)}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Throughput at a fixed KV memory (2-core CPU, 4k-token prompts)")
+    ax.set_title(f"Throughput at a fixed KV memory\n(2-core CPU, {what})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -303,40 +324,68 @@ def main() -> int:
     parser.add_argument("--poisson-policies", nargs="*", default=["full", "pyramidkv"])
     parser.add_argument("--mix", type=int, nargs=2, default=[1024, 8000], help="Poisson prompt lengths: lo hi.")
     parser.add_argument("--work", type=Path, default=None, help="Keep checkpoint and engines here (reused).")
+    parser.add_argument("--model", default=None,
+                        help="A preset or checkpoint instead of the benchmark shape (tiny-llama3: a smoke run).")
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--doc-section", default="bench-serving",
+                        help="The docs/benchmarks.md section to write (another name keeps both runs).")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "serving_throughput.png")
     args = parser.parse_args()
     kv_memory = parse_size(args.kv_memory)
     work = args.work or Path(tempfile.mkdtemp(prefix="pkv-bench-serving-"))
     work.mkdir(parents=True, exist_ok=True)
     from bench_peers import make_checkpoint
 
-    checkpoint = work / "checkpoint"
-    if not checkpoint.exists():
+    checkpoint = work / "checkpoint" if args.model is None else args.model
+    if args.model is None and not checkpoint.exists():
         make_checkpoint(checkpoint)
     from exporter.checkpoint import load_model
 
     tokenizer = load_model(str(checkpoint)).tokenizer()
     max_len = args.prompt_tokens + 1
     engines = build(checkpoint, work, sorted(set(args.policies) | set(args.static_policies)), max_len)
+    log = work / "results.jsonl"  # every measured row, written as it is measured: a rerun resumes from it
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def recorded(kind: str, name: str, batching: str, clients: int | None = None) -> tuple[dict | None, dict]:
+        key = {"kind": kind, "policy": name, "batching": batching, "clients": clients,
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "kv_memory": kv_memory}
+        return next((r["row"] for r in done if r["key"] == key), None), key
+
+    def record(key: dict, row: dict) -> None:
+        with log.open("a") as f:
+            f.write(json.dumps({"key": key, "row": row}) + "\n")
+
     closed_rows = []
     top = max(args.concurrency)
     for name in args.policies:
         for batching in ["inflight"] + (["static"] if name in args.static_policies else []):
-            levels = args.concurrency if batching == "inflight" else [top]
+            wanted = args.concurrency if batching == "inflight" else [top]
+            levels = []
+            for clients in wanted:
+                row, _ = recorded("closed", name, batching, clients)
+                if row is not None:
+                    closed_rows.append(row)
+                else:
+                    levels.append(clients)
+            if not levels:
+                continue
 
-            def run(url, decoupled, levels=levels, name=name, batching=batching):
+            slots = slot_numbers(engines[name], kv_memory, args.new_tokens) if batching == "inflight" else {}
+
+            def run(url, decoupled, cpu, levels=levels, name=name, batching=batching, slots=slots):
                 rows = []
                 for clients in levels:
                     prompts = prompt_texts(tokenizer, [args.prompt_tokens] * (clients * args.requests_per_client),
                                            seed=clients)
-                    rows.append({"clients": clients, **closed_loop(url, "pkv", decoupled, prompts, clients,
-                                                                   args.new_tokens)})
-                    print(f"{name} {batching} C={clients}: {rows[-1]}", file=sys.stderr, flush=True)
+                    row = {"policy": name, "batching": batching, **slots, "clients": clients,
+                           **closed_loop(url, "pkv", decoupled, prompts, clients, args.new_tokens, cpu)}
+                    record(recorded("closed", name, batching, clients)[1], row)
+                    rows.append(row)
+                    print(f"{name} {batching} C={clients}: {row}", file=sys.stderr, flush=True)
                 return rows
 
-            slots = slot_numbers(engines[name], kv_memory, args.new_tokens) if batching == "inflight" else {}
-            for row in serve_and_run(engines[name], batching, kv_memory, args.new_tokens, work, run):
-                closed_rows.append({"policy": name, "batching": batching, **slots, **row})
+            closed_rows += serve_and_run(engines[name], batching, kv_memory, args.new_tokens, work, run)
     poisson_rows = []
     if args.rate > 0:
         mixed = build(checkpoint, work, args.poisson_policies, args.mix[1] + 1)
@@ -344,13 +393,17 @@ def main() -> int:
         lengths = rng.integers(args.mix[0], args.mix[1] + 1, size=args.poisson_requests).tolist()
         prompts = prompt_texts(tokenizer, lengths, seed=7)
         for name in args.poisson_policies:
-            def run(url, decoupled):
-                return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens)
+            row, key = recorded("poisson", name, "inflight")
+            if row is None:
+                def run(url, decoupled, cpu):
+                    return poisson(url, "pkv", decoupled, prompts, args.rate, args.new_tokens, cpu=cpu)
 
-            row = serve_and_run(mixed[name], "inflight", kv_memory, args.new_tokens, work, run)
-            poisson_rows.append({"policy": name, "batching": "inflight",
-                                 **slot_numbers(mixed[name], kv_memory, args.new_tokens), **row})
-            print(f"poisson {name}: {poisson_rows[-1]}", file=sys.stderr, flush=True)
+                row = {"policy": name, "batching": "inflight", **slot_numbers(mixed[name], kv_memory,
+                                                                               args.new_tokens),
+                       **serve_and_run(mixed[name], "inflight", kv_memory, args.new_tokens, work, run)}
+                record(key, row)
+                print(f"poisson {name}: {row}", file=sys.stderr, flush=True)
+            poisson_rows.append(row)
     targets = evaluate(closed_rows, top)
     report = {"kv_memory": kv_memory, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "closed_loop": closed_rows, "poisson": poisson_rows, "targets": targets}
@@ -358,8 +411,8 @@ def main() -> int:
     text = markdown(report, args)
     print(text)
     if not args.no_doc:
-        plot(closed_rows, ROOT / "docs" / "img" / "serving_throughput.png")
-        write_section("bench-serving", text)
+        plot(closed_rows, args.plot, f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+        write_section(args.doc_section, text)
     return 0
 
 
@@ -373,6 +426,8 @@ def evaluate(rows: list[dict], top: int) -> dict:
     if full and pyramid:
         out["pyramidkv_held_vs_full"] = round(pyramid["held_max"] / max(full["held_max"], 1), 2)
         out["pyramidkv_tokens_per_s_vs_full"] = round(pyramid["tokens_per_s"] / full["tokens_per_s"], 2)
+        if full.get("cpu_ms_per_token") and pyramid.get("cpu_ms_per_token"):
+            out["full_cpu_per_token_vs_pyramidkv"] = round(full["cpu_ms_per_token"] / pyramid["cpu_ms_per_token"], 2)
     static = row("pyramidkv", "static")
     if pyramid and static:
         out["inflight_vs_static_tokens_per_s"] = round(pyramid["tokens_per_s"] / static["tokens_per_s"], 2)
@@ -387,23 +442,30 @@ def evaluate(rows: list[dict], top: int) -> dict:
 
 def markdown(report: dict, args) -> str:
     command = "python scripts/bench_serving.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    cols = ["policy", "batching", "slots", "clients", "requests", "held_max", "tokens_per_s", "ttft_p50_ms",
+    cols = ["policy", "batching", "slots", "clients", "requests", "held_max", "tokens_per_s", "cpu_ms_per_token",
+            "ttft_p50_ms",
             "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "refused"]
-    lines = ["## Serving at a fixed KV memory: in-flight batching per policy, FullKV, static batching", "",
+    lines = [f"## Serving at a fixed KV memory ({report['prompt_tokens']}-token prompts, {report['new_tokens']} new "
+             "tokens): in-flight batching per policy, FullKV, static batching", "",
              f"`{command.strip()}`", "",
              f"One tritonserver per row group (python backend, CPU, 2 cores), the bench_peers model (8 layers, hidden "
              f"512, 8/2 heads x 64, fp32), KV memory {report['kv_memory'] / 2**20:.0f} MiB for every policy, "
              f"{report['prompt_tokens']}-token prompts, {report['new_tokens']} new tokens, gRPC streams. `slots`: "
              "what the memory holds; `held_max`: the most sequences the server held at once (its status, sampled "
-             "every 0.2 s; static: requests outstanding); ttft / itl: time to first token / between tokens.", "",
+             "every 0.2 s; static: requests outstanding); `cpu_ms_per_token`: CPU time of the server's processes per "
+             "output token (steadier than wall time when other work loads the machine); ttft / itl: time to first "
+             "token / between tokens.", "",
              markdown_table(cols, report["closed_loop"])]
     if report["poisson"]:
         lines += ["", f"Poisson arrivals ({args.rate}/s, {args.poisson_requests} requests, prompts "
                       f"{args.mix[0]}-{args.mix[1]} tokens, engines built for {args.mix[1] + 1}):", "",
                   markdown_table(["policy", "slots", "requests", "held_max", "queue_max", "tokens_per_s",
+                                  "cpu_ms_per_token",
                                   "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "refused"],
                                  report["poisson"])]
-    lines += ["", "Targets: " + json.dumps(report["targets"])]
+    lines += ["", "Ratios at the largest concurrency (issue 22's targets are for 4k-token prompts and 64 new tokens: "
+                  "PyramidKV holds >= 8x FullKV's sequences and reaches >= 3x its tokens/s; in-flight >= 2x static): "
+                  + json.dumps(report["targets"])]
     return "\n".join(lines) + "\n"
 
 

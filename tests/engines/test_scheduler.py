@@ -134,3 +134,25 @@ def test_slot_capacity_covers_every_prompt_length():
     assert best == [max(kept_prompt(policy, 8, q)[layer] for q in range(1, 601)) for layer in range(8)]
     assert best[-1] > kept_prompt(policy, 8, 600)[-1]
     assert largest_kept(make_policy("full"), 8, 600) == [600] * 8
+
+
+def test_a_failing_step_ends_its_requests_and_the_scheduler_keeps_serving(engine, alone):
+    prompts, want = alone
+    scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=24, start=False)
+    original, calls = scheduler._step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        original()
+
+    scheduler._step = failing_once
+    scheduler._thread.start()
+    try:
+        first = scheduler.submit(prompts[0], 20)
+        assert first.wait(30) and first.finish_reason == "error" and "injected" in first.error
+        assert scheduler.stats()["slots_in_use"] == 0
+        assert scheduler.generate([prompts[1]], 20) == [want[1]]
+    finally:
+        scheduler.close()
