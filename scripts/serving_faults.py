@@ -146,7 +146,7 @@ def main() -> int:
     from engines.triton_server import TritonServer
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from exporter.policies import make_policy
+    from methods import make_policy
     from exporter.triton.repo import write_repository
     from pkv_cli.common import parse_size
 
