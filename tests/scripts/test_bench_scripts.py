@@ -113,3 +113,25 @@ def test_bench_serving_smoke(tmp_path):
     assert all(r["refused"] == 0 and r["output_tokens"] == 4 * r["requests"] for r in rows.values())
     assert rows[("pyramidkv", "inflight", 3)]["slots"] > rows[("full", "inflight", 3)]["slots"]
     assert "pyramidkv_held_vs_full" in data["targets"] and "| policy | batching |" in proc.stdout
+
+
+def test_profile_decode_smoke(tmp_path):
+    from click.testing import CliRunner
+
+    from pkv_cli import main
+
+    engine = tmp_path / "eng"
+    r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--random-weights", "--policy", "pyramidkv",
+                                  "--kv-budget", "32", "--window", "4", "--max-input-len", "256", "--out", str(engine)])
+    assert r.exit_code == 0, r.output
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "profile_decode.py"), "--engine", str(engine), "--contexts",
+                           "100", "--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data, _, table = proc.stdout.partition("\n\n|")
+    (row,) = json.loads(data)["rows"]
+    assert row["policy"] == "pyramidkv" and row["context"] == 100
+    assert 0 < row["GroupQueryAttention"] < row["model_run_ms"] <= row["decode_ms_per_token"]
+    assert table.startswith(" engine | policy |")
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "profile_decode.py"), "--engine", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not an onnxruntime engine directory" in bad.stderr
