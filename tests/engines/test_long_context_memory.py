@@ -15,12 +15,12 @@ import pytest
 
 from pkv_cli import main
 
+pytestmark = pytest.mark.slow  # long prompts, measured in fresh processes
+
 PROBE = """
 import json, sys
 from pathlib import Path
 from engines.prompts import synthetic_prompt_ids
-
-pytestmark = pytest.mark.slow  # long prompts, measured in fresh processes
 
 def peak_kib():  # VmHWM: this process's own peak (ru_maxrss of a spawned child starts at its parent's peak)
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
