@@ -146,8 +146,8 @@ def main() -> int:
     from engines.triton_server import TritonServer
     from exporter.checkpoint import load_model
     from exporter.onnx.export import build_onnx_engine
-    from methods import make_policy
     from exporter.triton.repo import write_repository
+    from methods import make_policy
     from pkv_cli.common import parse_size
 
     work = Path(tempfile.mkdtemp(prefix="pkv-serving-faults-"))
