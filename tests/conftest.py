@@ -24,8 +24,8 @@ TINY_MODELS = ["tiny-llama3", "tiny-mistral"]
 
 
 def pytest_configure(config):
-    """One thread per process: the tests run tiny models, where a thread pool only waits, and pytest-xdist runs a
-    worker per core (torch here; torch and onnxruntime in every process a test starts, through the environment).
+    """One thread per process: the tests run tiny models, where a thread pool only waits, and pytest-xdist runs
+    several workers (torch here; torch and onnxruntime in every process a test starts, through the environment).
 
     Under pytest-xdist every worker also gets a temporary directory of its own (TMPDIR, inherited by every process
     it starts): a starting `serve` removes what dead processes left in the temporary directory, and a test that

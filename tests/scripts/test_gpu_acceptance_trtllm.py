@@ -33,11 +33,11 @@ def test_a_compare_that_could_not_run_fails_its_row(acceptance, tiny_llama_dir, 
     assert "tensorrt-llm==1.2" in row["compare"]  # compare's one-line error, kept in the report
     if policy == "pyramidkv":
         assert row["hook"].startswith("1 problems: the hook never ran")
+    else:  # trtllm-build on the real checkpoint just written: no TensorRT-LLM here, so its row fails too
+        built = acceptance.trtllm_build_row(tmp_path / "trtllm-full", tmp_path / "engine")
+        assert built["passed"] is False and built["error"]
 
 
-def test_trtllm_build_fails_its_row_without_an_engine(acceptance, tiny_llama_dir, tmp_path):
+def test_trtllm_build_fails_its_row_without_an_engine(acceptance, tmp_path):
     missing = acceptance.trtllm_build_row(tmp_path / "nothing", tmp_path / "engine")
     assert missing["passed"] is False and "no checkpoint" in missing["error"]
-    row = acceptance.trtllm_policy_row("full", tiny_llama_dir, tmp_path)  # a real checkpoint, no TensorRT-LLM
-    built = acceptance.trtllm_build_row(tmp_path / "trtllm-full", tmp_path / "engine")
-    assert row["built"] and built["passed"] is False and built["error"]
