@@ -116,10 +116,12 @@ def test_pyramidinfer_compresses_while_generating(built_engine, model, monkeypat
     assert got.tokens == want.tokens and (got.logits - want.logits).abs().max().item() <= 1e-4
 
 
-def test_global_selection_needs_onnxruntime(tmp_path):
+@pytest.mark.parametrize("name", ["kvzip", "pyramidinfer"])
+def test_methods_with_their_own_graph_stages_need_onnxruntime(tmp_path, name):
+    """KVzip's reconstruction Loop and PyramidInfer's gathering between layers have no TensorRT plugin."""
     loaded = load_model("tiny-llama3")
     with pytest.raises(UserInputError, match="--backend onnx --target onnxruntime only"):
-        build_onnx_engine(loaded, make_policy("kvzip", kv_budget=32), tmp_path / "e", target="tensorrt")
+        build_onnx_engine(loaded, make_policy(name), tmp_path / "e", target="tensorrt")
     assert not (tmp_path / "e").exists()
 
 
