@@ -28,6 +28,7 @@ import numpy as np
 
 from engines.scheduler import InflightScheduler, RequestRefused, StopGeneration
 from engines.text_stream import TextStream
+from engines.triton_request import max_new_tokens, prompt_text
 
 try:  # only importable inside Triton's python backend
     import triton_python_backend_utils as pb_utils
@@ -95,20 +96,8 @@ class TritonPythonModel:
         params = json.loads(request.parameters() or "{}")
         if params.get("status") is True:
             return [], 0, None, False, params
-        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
-        if tensor is None:
-            raise BadRequest("missing input 'text_input'")
-        values = tensor.as_numpy().reshape(-1)
-        if values.size != 1:
-            raise BadRequest(f"'text_input' must hold exactly one prompt (got {values.size})")
-        raw = values[0]
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else str(raw)
-        if not text.strip():
-            raise BadRequest("empty prompt")
-        limit = self.scheduler.plan.max_new_tokens
-        new_tokens = params.get("max_new_tokens", self.default_new_tokens)
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= limit:
-            raise BadRequest(f"max_new_tokens must be an integer in [1, {limit}] (got {new_tokens!r})")
+        text = prompt_text(request, BadRequest)
+        new_tokens = max_new_tokens(params, self.default_new_tokens, self.scheduler.plan.max_new_tokens, BadRequest)
         stop = params.get("stop")
         if isinstance(stop, str) and stop.startswith("[") and stop.endswith("]"):
             try:  # several stop strings travel as a JSON list (request parameters are scalars)

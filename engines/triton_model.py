@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.triton_request import max_new_tokens, prompt_text
 from pkv_core.errors import UserInputError
 
 try:  # only importable inside Triton's python backend
@@ -78,20 +79,9 @@ class TritonPythonModel:
         return result.text[0], result.tokens[0]
 
     def _parse(self, request) -> tuple[list[int] | str, int, str | None, dict]:
-        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
-        if tensor is None:
-            raise RequestError("missing input 'text_input'")
-        values = tensor.as_numpy().reshape(-1)
-        if values.size != 1:
-            raise RequestError(f"'text_input' must hold exactly one prompt (got {values.size})")
-        raw = values[0]
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else str(raw)
-        if not text.strip():
-            raise RequestError("empty prompt")
+        text = prompt_text(request, RequestError)
         params = json.loads(request.parameters() or "{}")
-        new_tokens = params.get("max_new_tokens", self.default_new_tokens)
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= self.limit:
-            raise RequestError(f"max_new_tokens must be an integer in [1, {self.limit}] (got {new_tokens!r})")
+        new_tokens = max_new_tokens(params, self.default_new_tokens, self.limit, RequestError)
         stop = params.get("stop")
         if stop is not None and (not isinstance(stop, str) or not stop):
             raise RequestError("stop must be a non-empty string")
