@@ -1,0 +1,130 @@
+"""Weight-only quantization of the linear layers: what `build --weights int8|int4` writes, and the same weights
+dequantized for the reference.
+
+The quantizer is onnxruntime's own (`onnxruntime.quantization.matmul_nbits_quantizer`: its C++ kernels
+`quantize_matmul_{4,8}bits`, round to nearest, block-wise along the input dimension K of a [K, N] weight), called
+one tensor at a time as the weights stream in, so the build's peak memory stays that of one tensor. The reference
+reads the same quantized values back through `DequantizedWeights`, so an engine and its reference differ only by
+float error and the kept index sets stay exact.
+
+Quantized: every linear layer of the decoder (q/k/v, o, gate, up, down). The embedding and `lm_head` stay in the
+engine's dtype (they are 2 x vocab x hidden: 8 % of an 8B model's weights, 2 % of a 70B's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pkv_core.errors import UserInputError
+
+WEIGHT_FORMATS = ("fp", "int8", "int4")  # fp: the engine's dtype (no quantization)
+BLOCK_SIZES = (32, 64, 128)
+LINEAR_SUFFIXES = tuple(f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """bits 8 or 4; block_size: consecutive K rows sharing one scale (and zero point) per output column;
+    symmetric: zero point fixed at 2^(bits-1), else one per block."""
+
+    bits: int
+    block_size: int = 32
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UserInputError(f"weight-only quantization has 4 or 8 bits (got {self.bits})")
+        if self.block_size not in BLOCK_SIZES:
+            raise UserInputError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                                 f"(got {self.block_size})")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def record(self) -> dict:
+        """The manifest's `weights` block (read back by `from_record`)."""
+        return {"format": self.name, "block_size": self.block_size, "symmetric": self.symmetric,
+                "quantized": "decoder linear layers (embedding and lm_head in the engine dtype)",
+                "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer (round to nearest)"}
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> WeightQuant | None:
+        if not record or record.get("format", "fp") == "fp":
+            return None
+        return cls(int(record["format"].removeprefix("int")), int(record["block_size"]), bool(record["symmetric"]))
+
+    def quantize(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """weight [K, N] float32/float16 -> (packed uint8 [N, K/block, block*bits/8], scales [N, K/block] in the
+        weight's dtype, zero points uint8 [N, ceil(K/block * bits/8)] or None when symmetric): MatMulNBits's
+        layout (K a multiple of the block size: every preset's sizes are multiples of 128)."""
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer, DefaultWeightOnlyQuantConfig
+
+        k, _ = weight.shape
+        if k % self.block_size:
+            raise UserInputError(f"a linear layer's input size {k} is not a multiple of --block-size {self.block_size}")
+        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=self.bits)
+        packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight))
+        return packed, scales, None if self.symmetric else zero_points
+
+    def dequantize(self, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
+        """The inverse of `quantize`'s layout: -> [K, N] float32, (q - zero point) * scale, as MatMulNBits computes
+        it (the scale in its stored dtype, widened to float32)."""
+        n, blocks, _ = packed.shape
+        q = unpack(packed.reshape(n, -1), self.bits)[:, :k].reshape(n, blocks, self.block_size)  # [N, blocks, bs]
+        if zero_points is None:
+            zp = np.full((n, blocks), 1 << (self.bits - 1), np.int32)
+        else:
+            zp = unpack(zero_points, self.bits)[:, :blocks].astype(np.int32)  # [N, blocks]
+        w = (q.astype(np.int32) - zp[:, :, None]).astype(np.float32) * scales.astype(np.float32)[:, :, None]
+        return np.ascontiguousarray(w.reshape(n, k).T)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [..., M] -> uint8 [..., M * 8 / bits]: 4-bit values low nibble first (MatMulNBits's order)."""
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def parse_weights(fmt: str, block_size: int, symmetric: bool) -> WeightQuant | None:
+    """`--weights`, `--block-size`, `--symmetric/--asymmetric` -> the quantization, None for `fp`."""
+    if fmt not in WEIGHT_FORMATS:
+        raise UserInputError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)} (got {fmt!r})")
+    return None if fmt == "fp" else WeightQuant(int(fmt.removeprefix("int")), block_size, symmetric)
+
+
+def is_linear(name: str) -> bool:
+    """A Hugging Face tensor name of a decoder linear layer (what `--weights` quantizes)."""
+    return name.endswith(LINEAR_SUFFIXES)
+
+
+class DequantizedWeights:
+    """A weight source whose decoder linear layers are quantized and dequantized exactly as the engine holds them
+    (the reference of a quantized engine); every other tensor is the source's. `dtype`: the engine's, which the
+    weights are cast to before quantizing (as the build does)."""
+
+    def __init__(self, source, quant: WeightQuant, dtype: torch.dtype = torch.float32):
+        self.source, self.quant, self.dtype = source, quant, dtype
+        self.seed = getattr(source, "seed", None)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        if not is_linear(name):
+            return tensor
+        weight = tensor.to(self.dtype).t().contiguous().numpy()  # [K, N] = [in, out], as the engine stores it
+        packed, scales, zero_points = self.quant.quantize(weight)
+        return torch.from_numpy(self.quant.dequantize(packed, scales, zero_points, weight.shape[0])).t().contiguous()
