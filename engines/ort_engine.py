@@ -78,6 +78,9 @@ class OrtEngine(BuiltEngine):
             opts.log_severity_level = 3
             opts.intra_op_num_threads = threads
             opts.enable_cpu_mem_arena = arena
+            # onnxruntime fuses DequantizeLinear + MatMul (the tensorrt target's quantized weights) into MatMulNBits
+            # at accuracy level 4 (int8 activations) by default; level 0 keeps float arithmetic, as the reference.
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
             return opts
 
         try:

@@ -62,7 +62,10 @@ class WeightQuant:
         """weight [K, N] float32/float16 -> (packed uint8 [N, K/block, block*bits/8], scales [N, K/block] in the
         weight's dtype, zero points uint8 [N, ceil(K/block * bits/8)] or None when symmetric): MatMulNBits's
         layout (K a multiple of the block size: every preset's sizes are multiples of 128)."""
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer, DefaultWeightOnlyQuantConfig
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
 
         k, _ = weight.shape
         if k % self.block_size:

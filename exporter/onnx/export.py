@@ -18,6 +18,7 @@ from exporter.onnx.prefill import build_prefill
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
+from exporter.quantize import WeightQuant
 from methods import KVPolicy
 from methods.backends import build_backend
 from pkv_core.errors import UserInputError
@@ -63,7 +64,7 @@ def check_disk(where: Path, needed: int) -> None:
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
                       max_input_len: int | None = None, force: bool = False, progress=None,
-                      target: str = "onnxruntime") -> dict[str, Any]:
+                      target: str = "onnxruntime", weights: WeightQuant | None = None) -> dict[str, Any]:
     spec = loaded.spec
     if target not in TARGETS:
         raise UserInputError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
@@ -83,12 +84,12 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      f"{TRT_TOPK_MAX}: "
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
-    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer)
+    cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer, weights)
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
-        check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize))
+        check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize, cfg.weights))
         weights = ExternalWeights(tmp, np_dtype)
         try:
-            write_model_weights(spec, loaded.weights, weights, progress)
+            write_model_weights(spec, loaded.weights, weights, progress, cfg.weights, TARGETS[target].weight_layout)
             if TARGETS[target].rotary_in_attention:
                 for name, table in zip(ROTARY_CACHES, rotary_caches(spec, inv_freq, scaling, np_dtype), strict=True):
                     weights.add(name, table)
@@ -114,6 +115,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "budgets": {"rule": "methods.budgets, evaluated in-graph from the prompt length",
                         "selected_at_max_input_len": selected},
             "dtype": dtype,
+            "weights": cfg.weights.record() if cfg.weights else {"format": "fp"},
             "max_input_len": max_input_len,
             "onnx": {"target": target, "opset": versions[""], "ir_version": model.ir_version,
                      "graphs": [name for name, _ in graphs], "weights": weights.path.name},

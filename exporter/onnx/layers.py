@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
+from exporter.quantize import WeightQuant
 from exporter.specs import ModelSpec
 from methods import KVPolicy
 from trt_plugins.onnx_graph import GraphBuilder
@@ -30,6 +31,7 @@ class GraphConfig:
     target: str = "onnxruntime"
     max_input_len: int | None = None  # sizes the TensorRT plugin's static output width
     tokenizer: Callable | None = None  # loads the model's tokenizer, for a method whose graph holds token ids (KVzip)
+    weights: WeightQuant | None = None  # weight-only quantization of the decoder's linear layers (`--weights`)
 
     def max_selected(self, layer: int) -> int:
         """The largest budget layer `layer` gives any prompt the engine accepts (at its max input length)."""
@@ -87,7 +89,25 @@ class Layers:
 
     def qkv_packed(self, h: str, layer: int) -> str:
         """One packed projection: [B, s, (H + 2 Hkv) * d], q then k then v, not rotated."""
-        return self.g.op("MatMul", h, f"model.layers.{layer}.self_attn.qkv_proj.weight.T")
+        return self.linear(h, f"model.layers.{layer}.self_attn.qkv_proj.weight.T")
+
+    def linear(self, x: str, weight: str) -> str:
+        """x [B, s, K] @ a decoder linear weight [K, N] -> [B, s, N]: a MatMul, or with `--weights` the target's
+        quantized form of it (exporter.onnx.weights.add_quantized wrote the initializers)."""
+        quant = self.cfg.weights
+        if quant is None:
+            return self.g.op("MatMul", x, weight)
+        zero_points = [weight + ".zp"] if not quant.symmetric else []
+        return self.target.quantized_matmul(self, x, weight, zero_points)
+
+    def weight_shape(self, weight: str) -> tuple[int, int]:
+        """(K, N) of an exported decoder linear weight (exporter.onnx.weights.exported_tensors)."""
+        s = self.s
+        attn, hidden = s.num_heads * s.head_dim, s.hidden_size
+        shapes = {"qkv_proj": (hidden, attn + 2 * s.num_kv_heads * s.head_dim), "o_proj": (attn, hidden),
+                  "gate_proj": (hidden, s.intermediate_size), "up_proj": (hidden, s.intermediate_size),
+                  "down_proj": (s.intermediate_size, hidden)}
+        return shapes[weight.split(".")[-3]]
 
     def split_qkv(self, packed: str) -> tuple[str, str, str]:
         s = self.s
@@ -119,9 +139,9 @@ class Layers:
         its split copies at once (the prefill's peak), for no decode gain."""
         g = self.g
         p = f"model.layers.{layer}.mlp."
-        gate = g.op("MatMul", x, p + "gate_proj.weight.T")
+        gate = self.linear(x, p + "gate_proj.weight.T")
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
-        return g.op("MatMul", g.op("Mul", act, g.op("MatMul", x, p + "up_proj.weight.T")), p + "down_proj.weight.T")
+        return self.linear(g.op("Mul", act, self.linear(x, p + "up_proj.weight.T")), p + "down_proj.weight.T")
 
     def decoder(self, x: str, attend, between=None, to_last_attention: bool = False) -> str | None:
         """Every decoder layer; `attend(layer, h) -> [B, s, H*d]` does the projections and the cache-specific part
@@ -130,7 +150,7 @@ class Layers:
         `to_last_attention`: stop after the last layer's attention (a pass that only reads attention: None).
 
         The residual adds and the norms go through the target (a fused Add + RMSNorm where it has one)."""
-        g, s = self.g, self.s
+        s = self.s
         residual, h = None, None
         for layer in range(s.num_layers):
             p = f"model.layers.{layer}."
@@ -141,7 +161,7 @@ class Layers:
             out = attend(layer, h)
             if to_last_attention and layer == s.num_layers - 1:
                 return None
-            attn = g.op("MatMul", out, p + "self_attn.o_proj.weight.T")
+            attn = self.linear(out, p + "self_attn.o_proj.weight.T")
             residual, h = self.target.add_norm(self, residual, attn, p + "post_attention_layernorm.weight")
             h = self.mlp(h, layer)
             if between is not None:

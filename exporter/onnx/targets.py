@@ -47,6 +47,16 @@ class OnnxRuntimeTarget:
                                      domain=MS_DOMAIN, epsilon=lay.s.rms_norm_eps)
         return summed, out
 
+    # Linear layers quantized by `--weights`: MatMulNBits's layout (exporter.onnx.weights.add_quantized).
+    weight_layout = "nbits"
+
+    def quantized_matmul(self, lay, x: str, weight: str, zero_points: list[str]) -> str:
+        """com.microsoft.MatMulNBits: x [B, s, K] times the block-quantized weight, dequantized in the kernel
+        (accuracy level 0: float32 arithmetic, so the engine equals its dequantized reference)."""
+        quant, (k, n) = lay.cfg.weights, lay.weight_shape(weight)
+        return lay.g.op("MatMulNBits", x, weight + ".q", weight + ".scales", *zero_points, domain=MS_DOMAIN,
+                        K=k, N=n, bits=quant.bits, block_size=quant.block_size)
+
     def _gqa(self, lay, q, k, v, past_key, past_value, seqlens, total, kv_heads, bias=None, window=None,
              present=None, rotary_positions=None):
         g, s = lay.g, lay.s
@@ -118,6 +128,16 @@ class TensorRTTarget:
     def add_norm(self, lay, residual: str, x: str, weight: str) -> tuple[str, str]:
         summed = lay.g.op("Add", residual, x)
         return summed, lay.rms_norm(summed, weight)
+
+    # Linear layers quantized by `--weights`: standard blocked DequantizeLinear (opset 21) before a MatMul, the
+    # pattern TensorRT fuses into its weight-only GEMM (exporter.onnx.weights.add_quantized writes [K, N]).
+    weight_layout = "dq"
+
+    def quantized_matmul(self, lay, x: str, weight: str, zero_points: list[str]) -> str:
+        quant, g = lay.cfg.weights, lay.g
+        w = g.op("DequantizeLinear", weight + ".q", weight + ".scales", *zero_points, axis=0,
+                 block_size=quant.block_size)
+        return g.op("MatMul", x, w)
 
     def _attention(self, lay, q4: str, k4: str, v4: str, mask: str | None, causal: bool) -> str:
         """4-D Attention, [B, H, S, d] out -> [B, S, H*d]."""

@@ -13,9 +13,13 @@ import numpy as np
 import onnx
 import torch
 
+from exporter.quantize import WeightQuant, unpack
 from exporter.specs import ModelSpec, tensor_shapes
 from exporter.weights import WeightSource
 from trt_plugins.onnx_graph import NP_TO_ONNX
+
+# Quantized weights' storage types beside the graph builder's float and index types.
+TENSOR_TYPES = {**NP_TO_ONNX, np.dtype("uint8"): onnx.TensorProto.UINT8, np.dtype("int8"): onnx.TensorProto.INT8}
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
@@ -51,14 +55,17 @@ class ExternalWeights:
         self._file = self.path.open("wb")
         self._offset = 0
 
-    def add(self, name: str, array: np.ndarray) -> str:
+    def add(self, name: str, array: np.ndarray, data_type: int | None = None, dims: list[int] | None = None) -> str:
+        """Append `array`'s bytes as initializer `name`; `data_type`/`dims` for a type numpy has not (INT4: two
+        values per byte, `array` holds the packed bytes)."""
         array = np.ascontiguousarray(array)
         pad = (-self._offset) % ALIGN
         self._file.write(b"\0" * pad)
         self._offset += pad
         nbytes = array.nbytes
         self._file.write(memoryview(array).cast("B"))  # no extra copy of a multi-GB tensor
-        t = onnx.TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
+        t = onnx.TensorProto(name=name, data_type=data_type or TENSOR_TYPES[array.dtype],
+                             dims=list(array.shape) if dims is None else dims)
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", WEIGHTS_FILE), ("offset", str(self._offset)), ("length", str(nbytes))):
             entry = t.external_data.add()
@@ -75,8 +82,16 @@ class ExternalWeights:
         return self._offset
 
 
-def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeights, progress=None) -> None:
-    """Stream the checkpoint into `out`, one exported tensor at a time (tied embeddings get an explicit lm_head)."""
+def is_quantized(name: str) -> bool:
+    """An exported linear weight of the decoder (`--weights` quantizes these; lm_head stays in the dtype)."""
+    return name.endswith(".weight.T") and name.startswith("model.layers.")
+
+
+def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeights, progress=None,
+                        quant: WeightQuant | None = None, layout: str = "nbits") -> None:
+    """Stream the checkpoint into `out`, one exported tensor at a time (tied embeddings get an explicit lm_head).
+    With `quant`, each decoder linear weight is quantized as it streams (`layout`: the target's, see
+    `add_quantized`)."""
     torch_dtype = torch.float16 if out.np_dtype == np.float16 else torch.float32
     tensors = exported_tensors(spec)
     for i, (name, parts) in enumerate(tensors):
@@ -84,15 +99,66 @@ def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeig
             else source.get(parts[0]).to(torch_dtype)
         if name.endswith(".T"):
             tensor = tensor.t()
-        out.add(name, tensor.contiguous().numpy())
+        if quant is not None and is_quantized(name):
+            add_quantized(out, name, tensor.contiguous().numpy(), quant, layout)
+        else:
+            out.add(name, tensor.contiguous().numpy())
         del tensor
         if progress:
             progress(i + 1, len(tensors))
 
 
-def planned_weight_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
+def add_quantized(out: ExternalWeights, name: str, weight: np.ndarray, quant: WeightQuant, layout: str) -> None:
+    """weight [K, N] -> initializers `name.q`, `name.scales` and (asymmetric) `name.zp`.
+
+    layout "nbits" (onnxruntime's MatMulNBits): q uint8 [N, K/block, block*bits/8], scales [N, K/block],
+    zp uint8 [N, ceil(K/block*bits/8)]. layout "dq" (standard blocked DequantizeLinear, axis 0): q [K, N] INT4/INT8
+    (symmetric: the value minus 2^(bits-1), no zero point) or UINT4/UINT8 with zp [K/block, N]; scales
+    [K/block, N]. Both hold the same quantized values (onnxruntime's quantizer)."""
+    packed, scales, zero_points = quant.quantize(weight)
+    if layout == "nbits":
+        out.add(name + ".q", packed)
+        out.add(name + ".scales", scales)
+        if zero_points is not None:
+            out.add(name + ".zp", zero_points)
+        return
+    k, n = weight.shape
+    blocks = k // quant.block_size
+    values = unpack(packed.reshape(n, -1), quant.bits)[:, :k].T.astype(np.int16)  # [K, N]
+    zp = None if zero_points is None else np.ascontiguousarray(unpack(zero_points, quant.bits)[:, :blocks].T)
+    if zp is None:
+        values -= 1 << (quant.bits - 1)
+    types = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
+             (4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4}
+    data_type = types[(quant.bits, zp is None)]
+    out.add(name + ".q", *_typed(values, quant.bits, zp is None), data_type, [k, n])
+    out.add(name + ".scales", np.ascontiguousarray(scales.T))
+    if zp is not None:
+        out.add(name + ".zp", *_typed(zp.astype(np.int16), quant.bits, False), data_type, [blocks, n])
+
+
+def _typed(values: np.ndarray, bits: int, signed: bool) -> tuple[np.ndarray]:
+    """Integer values -> the bytes of an INT8/UINT8 tensor, or of an INT4/UINT4 one (row-major, two per byte, the
+    first in the low nibble, as ONNX packs them)."""
+    if bits == 8:
+        return (values.astype(np.int8 if signed else np.uint8),)
+    flat = (values.reshape(-1) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4),)
+
+
+def planned_weight_bytes(spec: ModelSpec, dtype_bytes: int, quant: WeightQuant | None = None) -> int:
+    """The bytes `write_model_weights` writes (alignment included): the disk check of `build`, and `plan`."""
     shapes = tensor_shapes(spec)
     total = sum(int(np.prod(s)) for s in shapes.values()) * dtype_bytes
     if spec.tie_word_embeddings:
         total += spec.vocab_size * spec.hidden_size * dtype_bytes
+    if quant is not None:
+        linear = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith("model.layers.") and n.endswith(
+            "_proj.weight"))
+        per_block = quant.block_size * quant.bits / 8 + dtype_bytes + (0 if quant.symmetric else quant.bits / 8)
+        total -= linear * dtype_bytes
+        total += int(linear / quant.block_size * per_block)
+        total += ALIGN * spec.num_layers * 5 * (1 if quant.symmetric else 2)  # scales (and zp) beside each weight
     return total + ALIGN * (len(shapes) + 1)
