@@ -7,6 +7,7 @@ position (prompt length + t), never the compressed length. This is what every ot
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -165,20 +166,29 @@ class ReferenceEngine:
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, None, None, timings)
 
 
-def reference_for_manifest(manifest: dict, model: str | None = None) -> LoadedModel:
+def reference_for_manifest(manifest: dict, model: str | None = None, dequantized: bool = True) -> LoadedModel:
     """The model an engine was built from, to run the reference on: random weights are regenerated from their
-    seed; checkpoints are reloaded from `model` (if given) or the directory recorded at build time."""
+    seed; checkpoints are reloaded from `model` (if given) or the directory recorded at build time. An engine with
+    quantized weights (`--weights`) gets them quantized and dequantized exactly as it holds them, unless
+    `dequantized` is False (the unquantized model, to measure what quantization costs)."""
     from exporter.checkpoint import load_model
+    from exporter.quantize import DequantizedWeights, WeightQuant
     from exporter.specs import ModelSpec
     from exporter.weights import RandomWeights
 
     info = dict(manifest["model"])
     if model is not None:
-        return load_model(model)
-    if info.get("random_weights"):
+        loaded = load_model(model)
+    elif info.get("random_weights"):
         seed = info.get("weights_seed") or 0
         spec = ModelSpec.from_dict(info)
-        return LoadedModel(spec, info.get("source", spec.name), RandomWeights(spec, seed=seed), None, True)
-    if not info.get("checkpoint_dir"):
+        loaded = LoadedModel(spec, info.get("source", spec.name), RandomWeights(spec, seed=seed), None, True)
+    elif not info.get("checkpoint_dir"):
         raise UserInputError("the engine does not record its checkpoint; pass --model to run the reference")
-    return load_model(info["checkpoint_dir"])
+    else:
+        loaded = load_model(info["checkpoint_dir"])
+    quant = WeightQuant.from_record(manifest.get("weights"))
+    if quant is not None and dequantized:
+        dtype = torch.float16 if manifest.get("dtype") == "fp16" else torch.float32
+        loaded = dataclasses.replace(loaded, weights=DequantizedWeights(loaded.weights, quant, dtype))
+    return loaded

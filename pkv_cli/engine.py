@@ -19,7 +19,8 @@ def _build_onnx(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
     from exporter.onnx.export import build_onnx_engine
 
     return build_onnx_engine(loaded, policy, out, dtype=o["dtype"], max_input_len=o["max_input_len"],
-                             force=o["force"], progress=o["progress"], target=o["target"]), o["target"]
+                             force=o["force"], progress=o["progress"], target=o["target"],
+                             weights=o["weights"]), o["target"]
 
 
 def _build_tensorrt(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
@@ -36,6 +37,24 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
     return write_trtllm_checkpoint(loaded, policy, out, tp=o["tp"], pp=o["pp"], dtype=o["dtype"],
                                    max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"]), \
         f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
+
+
+# Backends that write `--weights int8|int4` (the others refuse it before anything is loaded).
+QUANTIZING_BACKENDS = ("onnx",)
+
+
+def weight_options(backend: str, weight_format: str, block_size: str | None, symmetric: bool):
+    """`--weights`, `--block-size`, `--symmetric/--asymmetric` -> exporter.quantize.WeightQuant or None."""
+    from exporter.quantize import parse_weights
+
+    if weight_format == "fp":
+        if block_size is not None or not symmetric:
+            raise UserInputError("--block-size and --asymmetric apply to --weights int8 or int4")
+        return None
+    if backend not in QUANTIZING_BACKENDS:
+        raise UserInputError(f"--weights {weight_format} is written for --backend "
+                             f"{' or '.join(QUANTIZING_BACKENDS)} (both targets), not --backend {backend}")
+    return parse_weights(weight_format, int(block_size or 32), symmetric)
 
 
 # backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
@@ -64,17 +83,25 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
               help="--backend tensorrt: largest batch the plans accept.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True,
               help="--backend tensorrt: most tokens generated per prompt (sizes every layer's cache).")
+@click.option("--weights", "weight_format", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
+              help="Weight-only quantization of the decoder's linear layers (fp: the --dtype weights).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="--weights int8/int4: input rows per scale [32].")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="--weights int8/int4: zero point fixed at the middle, or one per block.")
 @click.option("--tp", type=int, default=1, show_default=True, help="--backend trtllm: tensor-parallel ranks.")
 @click.option("--pp", type=int, default=1, show_default=True, help="--backend trtllm: pipeline-parallel ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
-          random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int, tp: int,
-          pp: int, as_json: bool, **kwargs) -> None:
+          random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int,
+          weight_format: str, block_size: str | None, symmetric: bool, tp: int, pp: int, as_json: bool,
+          **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
     policy.check_backend(build_backend(backend, target))  # before anything is loaded
+    weights = weight_options(backend, weight_format, block_size, symmetric)
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 
@@ -85,15 +112,30 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     bar, update = progress_bar("writing weights", 1)
     with bar:
         options = {"dtype": dtype, "max_input_len": max_input_len, "force": force, "progress": update,
-                   "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens, "tp": tp, "pp": pp}
+                   "weights": weights, "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens,
+                   "tp": tp, "pp": pp}
         manifest, target = BUILDERS[backend](loaded, policy, out, options)
     if as_json:
         emit_json(manifest)
         return
     size = sum(f["bytes"] for f in manifest["files"])
-    click.echo(f"built {out} ({backend}, target {target}, {policy.describe()}, {dtype}, {size / 2**20:.1f} MiB)")
+    wf = "" if weights is None else f", {weights.name} weights (block {weights.block_size})"
+    click.echo(f"built {out} ({backend}, target {target}, {policy.describe()}, {dtype}{wf}, {size / 2**20:.1f} MiB)")
     for note in manifest["notes"]:
         click.echo(f"note: {note}", err=True)
+
+
+def quantization_drift(got, unquantized, engine_name: str) -> dict:
+    """An engine with quantized weights against the unquantized reference: the share of generated tokens that
+    are equal position by position, and the logits and kept sets up to the first divergence."""
+    from engines.compare import compare_results
+
+    rows = zip(got.tokens, unquantized.tokens, strict=True)
+    pairs = [(a, b) for x, y in rows for a, b in zip(x, y, strict=False)]  # rows may stop at different steps
+    result = compare_results(got, unquantized, engine_name, float("inf"), 0.0)
+    return {"token_agreement": sum(a == b for a, b in pairs) / max(1, len(pairs)),
+            "first_divergence": result.first_divergence, "max_abs_logit_diff": result.max_abs_logit_diff,
+            "index_agreement": result.index_agreement}
 
 
 @click.command()
@@ -137,13 +179,26 @@ def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], promp
     with bar:
         want = reference.generate(inputs, max_new_tokens, return_logits=True, return_indices=True, progress=update)
     result = compare_results(got, want, engine.name, atol, min_index_agreement)
+    drift = None
+    if engine.manifest.get("weights", {}).get("format", "fp") != "fp":  # what quantization costs, reported apart
+        plain = ReferenceEngine(reference_for_manifest(engine.manifest, model, dequantized=False), policy)
+        bar, update = progress_bar("unquantized reference", max_new_tokens)
+        with bar:
+            unq = plain.generate(inputs, max_new_tokens, return_logits=True, return_indices=True, progress=update)
+        drift = quantization_drift(got, unq, engine.name)
     if as_json:
         emit_json({"engine": str(engine_dir), "backend": engine.manifest["backend"], "policy": policy.name,
-                   "prompt_lengths": got.prompt_lengths, **result.to_json()})
+                   "weights": engine.manifest.get("weights", {"format": "fp"})["format"],
+                   "prompt_lengths": got.prompt_lengths, **result.to_json(),
+                   **({"vs_unquantized": drift} if drift else {})})
     else:
         agreement = "n/a" if result.index_agreement is None else f"{result.index_agreement:.4f}"
         click.echo(f"tokens_equal={result.tokens_equal} first_divergence={result.first_divergence} "
                    f"max_abs_logit_diff={result.max_abs_logit_diff:.3g} index_agreement={agreement} "
                    f"-> {'PASS' if result.passed else 'FAIL'}")
+        if drift:
+            click.echo(f"against the unquantized model (not a pass/fail): token_agreement="
+                       f"{drift['token_agreement']:.4f} max_abs_logit_diff={drift['max_abs_logit_diff']:.3g} "
+                       f"index_agreement={drift['index_agreement']}")
     if not result.passed:
         raise JobError("engine and reference disagree beyond tolerance")
