@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporter.quantize import WeightQuant, weight_bytes
 from exporter.specs import ModelSpec
 from methods import KVPolicy
 from pkv_core.errors import UserInputError
@@ -11,10 +12,14 @@ from pkv_core.errors import UserInputError
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 
 
-def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, dtype: str = "fp16") -> dict[str, Any]:
-    """KV cache held after the prefill of `batch` prompts of `context` tokens.
+def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, dtype: str = "fp16",
+              weights: WeightQuant | None = None, memory: int | None = None) -> dict[str, Any]:
+    """KV cache held after the prefill of `batch` prompts of `context` tokens, and the weights beside it.
 
     `cached` per layer = selected prefix tokens + the window (or the whole prompt when nothing is compressed).
+    Weights: every tensor in `dtype`, or the decoder's linear layers quantized by `weights` (`--weights`).
+    `memory`: bytes available; the plan then says whether weights + KV fit, full and compressed (activations and
+    the runtime's own buffers are not counted).
     """
     if context < 1 or batch < 1:
         raise UserInputError(f"--context and --batch must be positive (got {context}, {batch})")
@@ -31,6 +36,9 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
     full = batch * spec.num_layers * context * spec.kv_bytes_per_token(nbytes)
     compressed = batch * sum(row["cached"] for row in layers) * spec.kv_bytes_per_token(nbytes, heads)
     mean_cached = sum(row["cached"] for row in layers) / spec.num_layers
+    wbytes = weight_bytes(spec, nbytes, weights)
+    fits = None if memory is None else {"memory": memory, "full": wbytes + full <= memory,
+                                        "compressed": wbytes + compressed <= memory}
     return {
         "model": spec.name,
         "policy": policy.name,
@@ -50,6 +58,11 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
         "kv_bytes_full": full,
         "kv_bytes_compressed": compressed,
         "ratio": compressed / full,
+        "weights": weights.name if weights else "fp",
+        "weight_bytes": wbytes,
+        "total_bytes_full": wbytes + full,
+        "total_bytes_compressed": wbytes + compressed,
+        "fits": fits,
     }
 
 

@@ -87,6 +87,22 @@ class WeightQuant:
         return np.ascontiguousarray(w.reshape(n, k).T)
 
 
+def weight_bytes(spec, dtype_bytes: float, quant: WeightQuant | None = None) -> int:
+    """Bytes of a model's weights: every tensor in `dtype_bytes`, or with `quant` the decoder's linear layers as
+    packed values plus one scale (in the dtype) and, asymmetric, one zero point per block of each output column."""
+    from exporter.specs import tensor_shapes
+
+    shapes = tensor_shapes(spec)
+    total = sum(int(np.prod(s)) for s in shapes.values()) * dtype_bytes
+    if spec.tie_word_embeddings:
+        total += spec.vocab_size * spec.hidden_size * dtype_bytes  # engines hold an explicit lm_head
+    if quant is not None:
+        linear = sum(int(np.prod(s)) for n, s in shapes.items() if is_linear(n))
+        per_block = quant.block_size * quant.bits / 8 + dtype_bytes + (0 if quant.symmetric else quant.bits / 8)
+        total += linear / quant.block_size * per_block - linear * dtype_bytes
+    return int(total)
+
+
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """uint8 [..., M] -> uint8 [..., M * 8 / bits]: 4-bit values low nibble first (MatMulNBits's order)."""
     if bits == 8:

@@ -13,11 +13,14 @@ from pkv_cli.common import (
     PolicyCommand,
     check_text,
     emit_json,
+    parse_size,
     policy_from_options,
     policy_options,
     printable,
     progress_bar,
     read_prompts,
+    weight_options,
+    weights_from_options,
 )
 from pkv_core.errors import UserInputError
 
@@ -55,12 +58,18 @@ def presets(as_json: bool) -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per batch.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default="fp32", show_default=True,
               help="KV cache element type (fp32, like `build`'s default engine).")
+@weight_options
+@click.option("--memory", default=None, help="Memory available (e.g. 80GB, 24GiB): say whether weights + KV fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwargs) -> None:
-    """Per-layer budgets and KV memory, full versus compressed (offline; needs no weights)."""
+def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, block_size: str | None,
+         symmetric: bool, memory: str | None, as_json: bool, **kwargs) -> None:
+    """Per-layer budgets, KV memory full versus compressed, and the weights beside it (offline; needs no weights).
+    --dtype is the KV cache's element type and, with --weights fp, the weights'."""
     policy = policy_from_options(kwargs)
+    weights = weights_from_options(weight_format, block_size, symmetric)
+    memory_bytes = None if memory is None else parse_size(memory, "--memory")
     spec = load_model(model, need_weights=False).spec
-    result = make_plan(spec, policy, context, batch, dtype)
+    result = make_plan(spec, policy, context, batch, dtype, weights, memory_bytes)
     if as_json:
         emit_json(result)
         return
@@ -74,6 +83,14 @@ def plan(model: str, context: int, batch: int, dtype: str, as_json: bool, **kwar
     click.echo(f"mean cached per layer: {result['mean_cached']:.1f} tokens")
     click.echo(f"KV full {human_bytes(result['kv_bytes_full'])} -> compressed "
                f"{human_bytes(result['kv_bytes_compressed'])} (ratio {result['ratio']:.4f})")
+    wdesc = dtype if weights is None else f"{weights.name}, block {weights.block_size}"
+    click.echo(f"weights ({wdesc}) {human_bytes(result['weight_bytes'])}; weights + KV: full "
+               f"{human_bytes(result['total_bytes_full'])}, compressed {human_bytes(result['total_bytes_compressed'])}")
+    if result["fits"] is not None:
+        fits = result["fits"]
+        say = {True: "fits", False: "does not fit"}
+        click.echo(f"in {human_bytes(fits['memory'])}: full {say[fits['full']]}, compressed "
+                   f"{say[fits['compressed']]} (activations and runtime buffers not counted)")
 
 
 @main.command(cls=PolicyCommand)

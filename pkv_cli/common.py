@@ -211,3 +211,25 @@ def parse_size(text: str, where: str = "--kv-memory") -> int:
     if size < 1:
         raise UserInputError(f"{where} must be at least 1 byte")
     return size
+
+
+def weight_options(fn: Callable) -> Callable:
+    """`--weights`, `--block-size`, `--symmetric/--asymmetric` (build and plan): read with `weights_from_options`."""
+    fn = click.option("--symmetric/--asymmetric", default=True, show_default=True,
+                      help="--weights int8/int4: zero point fixed at the middle, or one per block.")(fn)
+    fn = click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+                      help="--weights int8/int4: input rows sharing one scale [32].")(fn)
+    return click.option("--weights", "weight_format", type=click.Choice(["fp", "int8", "int4"]), default="fp",
+                        show_default=True,
+                        help="Weight-only quantization of the decoder's linear layers (fp: in --dtype).")(fn)
+
+
+def weights_from_options(weight_format: str, block_size: str | None, symmetric: bool):
+    """The options of `weight_options` -> exporter.quantize.WeightQuant, or None for fp weights."""
+    from exporter.quantize import parse_weights
+
+    if weight_format == "fp":
+        if block_size is not None or not symmetric:
+            raise UserInputError("--block-size and --asymmetric apply to --weights int8 or int4")
+        return None
+    return parse_weights(weight_format, int(block_size or 32), symmetric)

@@ -9,7 +9,16 @@ import click
 from exporter.checkpoint import load_model
 from exporter.specs import DEFAULT_MODEL
 from methods.backends import build_backend
-from pkv_cli.common import PolicyCommand, check_text, emit_json, policy_from_options, policy_options, progress_bar
+from pkv_cli.common import (
+    PolicyCommand,
+    check_text,
+    emit_json,
+    policy_from_options,
+    policy_options,
+    progress_bar,
+    weight_options,
+    weights_from_options,
+)
 from pkv_core.errors import JobError, UserInputError
 
 MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
@@ -43,18 +52,10 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
 QUANTIZING_BACKENDS = ("onnx",)
 
 
-def weight_options(backend: str, weight_format: str, block_size: str | None, symmetric: bool):
-    """`--weights`, `--block-size`, `--symmetric/--asymmetric` -> exporter.quantize.WeightQuant or None."""
-    from exporter.quantize import parse_weights
-
-    if weight_format == "fp":
-        if block_size is not None or not symmetric:
-            raise UserInputError("--block-size and --asymmetric apply to --weights int8 or int4")
-        return None
-    if backend not in QUANTIZING_BACKENDS:
-        raise UserInputError(f"--weights {weight_format} is written for --backend "
+def check_weights(backend: str, weights) -> None:
+    if weights is not None and backend not in QUANTIZING_BACKENDS:
+        raise UserInputError(f"--weights {weights.name} is written for --backend "
                              f"{' or '.join(QUANTIZING_BACKENDS)} (both targets), not --backend {backend}")
-    return parse_weights(weight_format, int(block_size or 32), symmetric)
 
 
 # backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
@@ -83,12 +84,7 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
               help="--backend tensorrt: largest batch the plans accept.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True,
               help="--backend tensorrt: most tokens generated per prompt (sizes every layer's cache).")
-@click.option("--weights", "weight_format", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
-              help="Weight-only quantization of the decoder's linear layers (fp: the --dtype weights).")
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
-              help="--weights int8/int4: input rows per scale [32].")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True,
-              help="--weights int8/int4: zero point fixed at the middle, or one per block.")
+@weight_options
 @click.option("--tp", type=int, default=1, show_default=True, help="--backend trtllm: tensor-parallel ranks.")
 @click.option("--pp", type=int, default=1, show_default=True, help="--backend trtllm: pipeline-parallel ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -101,7 +97,8 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
 
     policy = policy_from_options(kwargs)
     policy.check_backend(build_backend(backend, target))  # before anything is loaded
-    weights = weight_options(backend, weight_format, block_size, symmetric)
+    weights = weights_from_options(weight_format, block_size, symmetric)
+    check_weights(backend, weights)
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 

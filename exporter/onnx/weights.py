@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.quantize import WeightQuant, unpack
+from exporter.quantize import WeightQuant, unpack, weight_bytes
 from exporter.specs import ModelSpec, tensor_shapes
 from exporter.weights import WeightSource
 from trt_plugins.onnx_graph import NP_TO_ONNX
@@ -149,16 +149,8 @@ def _typed(values: np.ndarray, bits: int, signed: bool) -> tuple[np.ndarray]:
 
 
 def planned_weight_bytes(spec: ModelSpec, dtype_bytes: int, quant: WeightQuant | None = None) -> int:
-    """The bytes `write_model_weights` writes (alignment included): the disk check of `build`, and `plan`."""
-    shapes = tensor_shapes(spec)
-    total = sum(int(np.prod(s)) for s in shapes.values()) * dtype_bytes
-    if spec.tie_word_embeddings:
-        total += spec.vocab_size * spec.hidden_size * dtype_bytes
-    if quant is not None:
-        linear = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith("model.layers.") and n.endswith(
-            "_proj.weight"))
-        per_block = quant.block_size * quant.bits / 8 + dtype_bytes + (0 if quant.symmetric else quant.bits / 8)
-        total -= linear * dtype_bytes
-        total += int(linear / quant.block_size * per_block)
-        total += ALIGN * spec.num_layers * 5 * (1 if quant.symmetric else 2)  # scales (and zp) beside each weight
-    return total + ALIGN * (len(shapes) + 1)
+    """The bytes `write_model_weights` writes (alignment included): the disk check of `build`."""
+    tensors = len(tensor_shapes(spec)) + 1
+    if quant is not None:  # scales (and zero points) beside each of the 5 exported linear weights of a layer
+        tensors += spec.num_layers * 5 * (1 if quant.symmetric else 2)
+    return weight_bytes(spec, dtype_bytes, quant) + ALIGN * tensors
