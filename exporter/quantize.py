@@ -22,6 +22,7 @@ from pkv_core.errors import UserInputError
 
 WEIGHT_FORMATS = ("fp", "int8", "int4")  # fp: the engine's dtype (no quantization)
 BLOCK_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 4)
 LINEAR_SUFFIXES = tuple(f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
@@ -29,11 +30,14 @@ LINEAR_SUFFIXES = tuple(f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k
 @dataclass(frozen=True)
 class WeightQuant:
     """bits 8 or 4; block_size: consecutive K rows sharing one scale (and zero point) per output column;
-    symmetric: zero point fixed at 2^(bits-1), else one per block."""
+    symmetric: zero point fixed at 2^(bits-1), else one per block; accuracy_level: how onnxruntime's MatMulNBits
+    computes (0: in float, equal to the dequantized reference to float error; 4: activations quantized to int8 per
+    block, onnxruntime-genai's CPU default, faster and no longer float-exact)."""
 
     bits: int
     block_size: int = 32
     symmetric: bool = True
+    accuracy_level: int = 0  # MatMulNBits's: 0 float arithmetic (the reference's), 4 int8 activations (CPU speed)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -41,6 +45,8 @@ class WeightQuant:
         if self.block_size not in BLOCK_SIZES:
             raise UserInputError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} "
                                  f"(got {self.block_size})")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise UserInputError(f"--accuracy-level must be 0 or 4 (got {self.accuracy_level})")
 
     @property
     def name(self) -> str:
@@ -49,6 +55,7 @@ class WeightQuant:
     def record(self) -> dict:
         """The manifest's `weights` block (read back by `from_record`)."""
         return {"format": self.name, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level,
                 "quantized": "decoder linear layers (embedding and lm_head in the engine dtype)",
                 "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer (round to nearest)"}
 
@@ -56,7 +63,8 @@ class WeightQuant:
     def from_record(cls, record: dict | None) -> WeightQuant | None:
         if not record or record.get("format", "fp") == "fp":
             return None
-        return cls(int(record["format"].removeprefix("int")), int(record["block_size"]), bool(record["symmetric"]))
+        return cls(int(record["format"].removeprefix("int")), int(record["block_size"]), bool(record["symmetric"]),
+                   int(record.get("accuracy_level", 0)))
 
     def quantize(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """weight [K, N] float32/float16 -> (packed uint8 [N, K/block, block*bits/8], scales [N, K/block] in the
@@ -110,11 +118,12 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def parse_weights(fmt: str, block_size: int, symmetric: bool) -> WeightQuant | None:
-    """`--weights`, `--block-size`, `--symmetric/--asymmetric` -> the quantization, None for `fp`."""
+def parse_weights(fmt: str, block_size: int, symmetric: bool, accuracy_level: int = 0) -> WeightQuant | None:
+    """`--weights`, `--block-size`, `--symmetric/--asymmetric`, `--accuracy-level` -> the quantization, None for
+    `fp`."""
     if fmt not in WEIGHT_FORMATS:
         raise UserInputError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)} (got {fmt!r})")
-    return None if fmt == "fp" else WeightQuant(int(fmt.removeprefix("int")), block_size, symmetric)
+    return None if fmt == "fp" else WeightQuant(int(fmt.removeprefix("int")), block_size, symmetric, accuracy_level)
 
 
 def is_linear(name: str) -> bool:

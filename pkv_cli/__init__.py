@@ -62,11 +62,11 @@ def presets(as_json: bool) -> None:
 @click.option("--memory", default=None, help="Memory available (e.g. 80GB, 24GiB): say whether weights + KV fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, block_size: str | None,
-         symmetric: bool, memory: str | None, as_json: bool, **kwargs) -> None:
+         symmetric: bool, accuracy_level: str | None, memory: str | None, as_json: bool, **kwargs) -> None:
     """Per-layer budgets, KV memory full versus compressed, and the weights beside it (offline; needs no weights).
     --dtype is the KV cache's element type and, with --weights fp, the weights'."""
     policy = policy_from_options(kwargs)
-    weights = weights_from_options(weight_format, block_size, symmetric)
+    weights = weights_from_options(weight_format, block_size, symmetric, accuracy_level)
     memory_bytes = None if memory is None else parse_size(memory, "--memory")
     spec = load_model(model, need_weights=False).spec
     result = make_plan(spec, policy, context, batch, dtype, weights, memory_bytes)

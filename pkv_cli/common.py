@@ -214,7 +214,11 @@ def parse_size(text: str, where: str = "--kv-memory") -> int:
 
 
 def weight_options(fn: Callable) -> Callable:
-    """`--weights`, `--block-size`, `--symmetric/--asymmetric` (build and plan): read with `weights_from_options`."""
+    """`--weights`, `--block-size`, `--symmetric/--asymmetric`, `--accuracy-level` (build and plan): read with
+    `weights_from_options`."""
+    fn = click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
+                      help="--weights int8/int4, target onnxruntime: 0 computes in float (equal to the reference "
+                           "to float error), 4 quantizes activations to int8 (faster on CPU) [0].")(fn)
     fn = click.option("--symmetric/--asymmetric", default=True, show_default=True,
                       help="--weights int8/int4: zero point fixed at the middle, or one per block.")(fn)
     fn = click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
@@ -224,12 +228,12 @@ def weight_options(fn: Callable) -> Callable:
                         help="Weight-only quantization of the decoder's linear layers (fp: in --dtype).")(fn)
 
 
-def weights_from_options(weight_format: str, block_size: str | None, symmetric: bool):
+def weights_from_options(weight_format: str, block_size: str | None, symmetric: bool, accuracy_level: str | None):
     """The options of `weight_options` -> exporter.quantize.WeightQuant, or None for fp weights."""
     from exporter.quantize import parse_weights
 
     if weight_format == "fp":
-        if block_size is not None or not symmetric:
-            raise UserInputError("--block-size and --asymmetric apply to --weights int8 or int4")
+        if block_size is not None or not symmetric or accuracy_level is not None:
+            raise UserInputError("--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4")
         return None
-    return parse_weights(weight_format, int(block_size or 32), symmetric)
+    return parse_weights(weight_format, int(block_size or 32), symmetric, int(accuracy_level or 0))

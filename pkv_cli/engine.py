@@ -52,10 +52,14 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
 QUANTIZING_BACKENDS = ("onnx",)
 
 
-def check_weights(backend: str, weights) -> None:
-    if weights is not None and backend not in QUANTIZING_BACKENDS:
+def check_weights(backend: str, target: str, weights) -> None:
+    if weights is None:
+        return
+    if backend not in QUANTIZING_BACKENDS:
         raise UserInputError(f"--weights {weights.name} is written for --backend "
                              f"{' or '.join(QUANTIZING_BACKENDS)} (both targets), not --backend {backend}")
+    if weights.accuracy_level and target != "onnxruntime":
+        raise UserInputError("--accuracy-level is onnxruntime's MatMulNBits setting: it needs --target onnxruntime")
 
 
 # backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
@@ -90,15 +94,15 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
           random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int,
-          weight_format: str, block_size: str | None, symmetric: bool, tp: int, pp: int, as_json: bool,
-          **kwargs) -> None:
+          weight_format: str, block_size: str | None, symmetric: bool, accuracy_level: str | None, tp: int, pp: int,
+          as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.outputs import check_output
 
     policy = policy_from_options(kwargs)
     policy.check_backend(build_backend(backend, target))  # before anything is loaded
-    weights = weights_from_options(weight_format, block_size, symmetric)
-    check_weights(backend, weights)
+    weights = weights_from_options(weight_format, block_size, symmetric, accuracy_level)
+    check_weights(backend, target, weights)
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 

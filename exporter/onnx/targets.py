@@ -52,10 +52,11 @@ class OnnxRuntimeTarget:
 
     def quantized_matmul(self, lay, x: str, weight: str, zero_points: list[str]) -> str:
         """com.microsoft.MatMulNBits: x [B, s, K] times the block-quantized weight, dequantized in the kernel
-        (accuracy level 0: float32 arithmetic, so the engine equals its dequantized reference)."""
+        (accuracy level 0: float arithmetic, so the engine equals its dequantized reference; 4: int8 activations)."""
         quant, (k, n) = lay.cfg.weights, lay.weight_shape(weight)
+        level = {"accuracy_level": quant.accuracy_level} if quant.accuracy_level else {}
         return lay.g.op("MatMulNBits", x, weight + ".q", weight + ".scales", *zero_points, domain=MS_DOMAIN,
-                        K=k, N=n, bits=quant.bits, block_size=quant.block_size)
+                        K=k, N=n, bits=quant.bits, block_size=quant.block_size, **level)
 
     def _gqa(self, lay, q, k, v, past_key, past_value, seqlens, total, kv_heads, bias=None, window=None,
              present=None, rotary_positions=None):

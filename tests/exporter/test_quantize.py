@@ -134,8 +134,8 @@ def test_plan_reports_weights_and_what_fits():
 
 @pytest.mark.parametrize("args,fragment", [
     (["build", "--weights", "int4", "--backend", "tensorrt"], "--weights int4 is written for --backend onnx"),
-    (["build", "--block-size", "64"], "--block-size and --asymmetric apply to --weights int8 or int4"),
-    (["build", "--asymmetric"], "--block-size and --asymmetric apply to --weights int8 or int4"),
+    (["build", "--block-size", "64"], "--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4"),
+    (["build", "--asymmetric"], "--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4"),
     (["build", "--weights", "int2"], "Invalid value for '--weights'"),
     (["plan", "--context", "10", "--memory", "lots"], "--memory 'lots'"),
 ])
