@@ -34,12 +34,28 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
     from exporter.trtllm.checkpoint import write_trtllm_checkpoint
 
     return write_trtllm_checkpoint(loaded, policy, out, tp=o["tp"], pp=o["pp"], dtype=o["dtype"],
-                                   max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"]), \
-        f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
+                                   max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"],
+                                   weights=o["weights"]), f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
 
 
 # backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
 BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_trtllm}
+
+
+def _weight_only(backend: str, weights: str, block_size: int | None, symmetric: bool | None):
+    """--weights/--block-size/--symmetric for this backend: TensorRT-LLM's weight-only GEMM is per output channel
+    and symmetric, so a block size or a zero point is refused, never ignored."""
+    if backend != "trtllm":
+        if weights != "fp" or block_size is not None or symmetric is not None:
+            raise UserInputError(f"--weights/--block-size/--asymmetric: only --backend trtllm on this branch "
+                                 f"(got --backend {backend})")
+        return None
+    if block_size is not None or symmetric is False:
+        raise UserInputError("--backend trtllm quantizes per output channel and symmetrically (TensorRT-LLM's "
+                             "weight-only GEMM): drop --block-size / --asymmetric")
+    from exporter.trtllm.weight_only import WeightOnly
+
+    return WeightOnly.parse(weights)
 
 
 @click.command(cls=PolicyCommand)
@@ -66,13 +82,19 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
               help="--backend tensorrt: most tokens generated per prompt (sizes every layer's cache).")
 @click.option("--tp", type=int, default=1, show_default=True, help="--backend trtllm: tensor-parallel ranks.")
 @click.option("--pp", type=int, default=1, show_default=True, help="--backend trtllm: pipeline-parallel ranks.")
+@click.option("--weights", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
+              help="Decoder linear layers: in --dtype, or weight-only int8/int4 (--backend trtllm: W8A16/W4A16, "
+                   "per output channel, symmetric).")
+@click.option("--block-size", type=int, default=None, help="Weight-only block size (not for --backend trtllm).")
+@click.option("--symmetric/--asymmetric", default=None, help="Weight-only zero point (--backend trtllm: symmetric).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build(model: str, backend: str, target: str, dtype: str, max_input_len: int | None, out: Path, force: bool,
           random_weights: bool, num_layers: int | None, seed: int, max_batch: int, max_new_tokens: int, tp: int,
-          pp: int, as_json: bool, **kwargs) -> None:
+          pp: int, weights: str, block_size: int | None, symmetric: bool | None, as_json: bool, **kwargs) -> None:
     """Build an engine directory with the KV policy inside the exported graphs."""
     from exporter.outputs import check_output
 
+    quant = _weight_only(backend, weights, block_size, symmetric)
     policy = policy_from_options(kwargs)
     policy.check_backend(build_backend(backend, target))  # before anything is loaded
     if backend == "tensorrt":
@@ -85,7 +107,8 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     bar, update = progress_bar("writing weights", 1)
     with bar:
         options = {"dtype": dtype, "max_input_len": max_input_len, "force": force, "progress": update,
-                   "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens, "tp": tp, "pp": pp}
+                   "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens, "tp": tp, "pp": pp,
+                   "weights": quant}
         manifest, target = BUILDERS[backend](loaded, policy, out, options)
     if as_json:
         emit_json(manifest)
