@@ -148,3 +148,16 @@ def test_quantized_input_checkpoint_stays_refused(tmp_path, tiny_llama_dir):
     r, out = _build(tmp_path, "--model", str(ckpt), "--weights", "int8")
     assert r.exit_code == 2 and "quantization_config" in r.stderr, r.output
     assert not out.exists()
+
+
+def test_runner_refuses_a_weight_only_directory(tmp_path):
+    """engines/trtllm_engine.py runs the Hugging Face checkpoint with TensorRT-LLM's PyTorch backend: it would
+    run unquantized weights, so a weight-only directory is refused before TensorRT-LLM is looked for."""
+    from engines.trtllm_engine import TrtllmEngine
+    from pkv_core.errors import UserInputError
+
+    out = tmp_path / "ckpt"
+    write_trtllm_checkpoint(load_model("tiny-llama3"), POLICY, out, dtype="fp16", max_input_len=1024,
+                            weights=WeightOnly(8))
+    with pytest.raises(UserInputError, match="trtllm-build's input"):
+        TrtllmEngine(out)
