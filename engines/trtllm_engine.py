@@ -48,6 +48,10 @@ class TrtllmEngine(BuiltEngine):
         from engines.trtllm_sparse import hook_spec
 
         trt = self.manifest["trtllm"]
+        fmt = self.manifest.get("weights", {}).get("format", "fp")
+        if fmt != "fp":  # the runner loads the Hugging Face checkpoint: it would run unquantized weights, silently
+            raise UserInputError(f"{engine_dir}: --weights {fmt} rank files are trtllm-build's input; this runner "
+                                 "(TensorRT-LLM's PyTorch backend on the Hugging Face checkpoint) cannot run them")
         compresses = self.policy.compresses
         if compresses:  # what the hook cannot run is refused before anything is loaded, GPU or not
             hook_spec(self.manifest["policy"], self.spec.num_layers, self.max_input_len)

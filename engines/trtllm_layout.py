@@ -3,6 +3,8 @@ splits the work: each tensor-parallel rank computes with its own shards (its que
 rows of the column-parallel projections), row-parallel outputs are summed across ranks (the all-reduce),
 column-parallel logits are concatenated (the padding rows dropped), and pipeline ranks run their layers in
 order. Equal logits to Hugging Face's model prove the checkpoint's layout (tests/exporter/trtllm).
+A weight-only checkpoint (quant_algo W8A16 / W4A16) has its linear layers read back through
+`WeightOnly.dequantize`, which finds each logical weight where TensorRT-LLM's preprocessed layout puts it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import safe_open
 
 from exporter.specs import ModelSpec
 from exporter.trtllm.checkpoint import kv_heads_per_rank, pp_layers
+from exporter.trtllm.weight_only import WeightOnly
 from pkv_core.errors import UserInputError
 
 
@@ -49,6 +52,17 @@ def layout_forward(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config, ranks = read_checkpoint(directory)
+    algo = (config.get("quantization") or {}).get("quant_algo")
+    if algo not in (None, "W8A16", "W4A16"):
+        raise UserInputError(f"{directory}: quant_algo {algo} is not read here")
+    quant = WeightOnly(8 if algo == "W8A16" else 4) if algo else None
+
+    def linear(w: dict, name: str) -> torch.Tensor:
+        """[out, in] float32 of a linear layer of a rank: stored as is, or weight-only quantized."""
+        if quant is None:
+            return w[name + ".weight"].float()
+        return quant.dequantize(w[name + ".weight"], w[name + ".per_channel_scale"])
+
     spec = ModelSpec.from_dict(config["pkv"]["model"])
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
     d, eps = config["head_size"], config["norm_epsilon"]
@@ -69,7 +83,7 @@ def layout_forward(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
             h = _rms(x, shards[0][p + "input_layernorm.weight"].float(), eps)
             attn = torch.zeros_like(x)
             for w in shards:  # each rank: its heads, then its slice of the output projection; summed (all-reduce)
-                qkv = h @ w[p + "attention.qkv.weight"].float().T
+                qkv = h @ linear(w, p + "attention.qkv").T
                 qr, kr, vr = qkv.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
                 qr = _rotate(qr.view(b, q, q_heads, d).transpose(1, 2), cos, sin)
                 kr = _rotate(kr.view(b, q, kv_heads, d).transpose(1, 2), cos, sin)
@@ -79,14 +93,13 @@ def layout_forward(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
                 scores = (qr @ kr.transpose(-1, -2)) * d**-0.5
                 probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
                 out = (probs @ vr).transpose(1, 2).reshape(b, q, q_heads * d)
-                attn = attn + out @ w[p + "attention.dense.weight"].float().T
+                attn = attn + out @ linear(w, p + "attention.dense").T
             x = x + attn
             h = _rms(x, shards[0][p + "post_layernorm.weight"].float(), eps)
             mlp = torch.zeros_like(x)
             for w in shards:  # gated MLP: proj(SiLU(fc(h)) * gate(h)), row-parallel proj summed
-                act = torch.nn.functional.silu(h @ w[p + "mlp.fc.weight"].float().T) * (h @ w[p + "mlp.gate.weight"]
-                                                                                        .float().T)
-                mlp = mlp + act @ w[p + "mlp.proj.weight"].float().T
+                act = torch.nn.functional.silu(h @ linear(w, p + "mlp.fc").T) * (h @ linear(w, p + "mlp.gate").T)
+                mlp = mlp + act @ linear(w, p + "mlp.proj").T
             x = x + mlp
     last = [ranks[(pp - 1) * tp + t] for t in range(tp)]
     h = _rms(x, last[0]["transformer.ln_f.weight"].float(), eps)

@@ -44,22 +44,34 @@ def _build_trtllm(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
     from exporter.trtllm.checkpoint import write_trtllm_checkpoint
 
     return write_trtllm_checkpoint(loaded, policy, out, tp=o["tp"], pp=o["pp"], dtype=o["dtype"],
-                                   max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"]), \
-        f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
+                                   max_input_len=o["max_input_len"], force=o["force"], progress=o["progress"],
+                                   weights=o["weights"]), f"TensorRT-LLM 1.2, tp {o['tp']} x pp {o['pp']}"
 
 
-# Backends that write `--weights int8|int4` (the others refuse it before anything is loaded).
-QUANTIZING_BACKENDS = ("onnx",)
+def build_weights(backend: str, target: str, weight_format: str, block_size: str | None, symmetric: bool,
+                  accuracy_level: str | None):
+    """`--weights` and its settings for this backend, checked before anything is loaded: the onnx backend's
+    block-wise quantization (exporter.quantize.WeightQuant), TensorRT-LLM's per-channel symmetric weight-only
+    (exporter.trtllm.weight_only.WeightOnly: a block size or zero point is refused, never ignored), or None."""
+    if backend == "trtllm":
+        if weight_format != "fp" and (block_size is not None or not symmetric or accuracy_level is not None):
+            raise UserInputError("--backend trtllm quantizes per output channel and symmetrically (TensorRT-LLM's "
+                                 "weight-only GEMM): drop --block-size / --asymmetric / --accuracy-level")
+        if weight_format == "fp":
+            weights_from_options(weight_format, block_size, symmetric, accuracy_level)  # the same refusals
+            return None
+        from exporter.trtllm.weight_only import WeightOnly
 
-
-def check_weights(backend: str, target: str, weights) -> None:
+        return WeightOnly.parse(weight_format)
+    weights = weights_from_options(weight_format, block_size, symmetric, accuracy_level)
     if weights is None:
-        return
-    if backend not in QUANTIZING_BACKENDS:
-        raise UserInputError(f"--weights {weights.name} is written for --backend "
-                             f"{' or '.join(QUANTIZING_BACKENDS)} (both targets), not --backend {backend}")
+        return None
+    if backend != "onnx":
+        raise UserInputError(f"--weights {weights.name} is written for --backend onnx (both targets) and "
+                             f"--backend trtllm, not --backend {backend}")
     if weights.accuracy_level and target != "onnxruntime":
         raise UserInputError("--accuracy-level is onnxruntime's MatMulNBits setting: it needs --target onnxruntime")
+    return weights
 
 
 # backend -> builder: (loaded model, policy, out, options) -> (manifest, what the build targets)
@@ -101,8 +113,7 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
 
     policy = policy_from_options(kwargs)
     policy.check_backend(build_backend(backend, target))  # before anything is loaded
-    weights = weights_from_options(weight_format, block_size, symmetric, accuracy_level)
-    check_weights(backend, target, weights)
+    weights = build_weights(backend, target, weight_format, block_size, symmetric, accuracy_level)
     if backend == "tensorrt":
         from exporter.tensorrt.build import require_tensorrt
 
@@ -120,7 +131,8 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
         emit_json(manifest)
         return
     size = sum(f["bytes"] for f in manifest["files"])
-    wf = "" if weights is None else f", {weights.name} weights (block {weights.block_size})"
+    wf = "" if weights is None else f", {weights.name} weights" + (
+        f" (block {weights.block_size})" if hasattr(weights, "block_size") else " (per channel)")
     click.echo(f"built {out} ({backend}, target {target}, {policy.describe()}, {dtype}{wf}, {size / 2**20:.1f} MiB)")
     for note in manifest["notes"]:
         click.echo(f"note: {note}", err=True)

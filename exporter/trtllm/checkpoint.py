@@ -12,6 +12,8 @@ Layout (TensorRT-LLM's LLaMA converter, `tensorrt_llm/models/llama/convert.py`; 
 Written tensor by tensor into preplanned rank files (`StreamingSafetensors`): every checkpoint tensor is read
 once, its shards go straight to their ranks' files, so peak memory is a few tensors, never a rank.
 The KV policy and its per-layer budgets ride along in a `pkv` block of config.json (unknown keys are accepted).
+`weights`: TensorRT-LLM weight-only quantization (W8A16 / W4A16) of the decoder linear layers, each rank's shard
+quantized on its own, in the layout exporter/trtllm/weight_only.py describes (why that layout: its docstring).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from exporter.engine_dir import tool_versions, write_manifest
 from exporter.outputs import check_output, staging_dir
 from exporter.specs import SUPPORTED_ARCHS, ModelSpec
 from exporter.trtllm.safetensors_stream import StreamingSafetensors
+from exporter.trtllm.weight_only import WeightOnly
 from methods import KVPolicy
 from methods.backends import TRTLLM
 from pkv_core.errors import UserInputError
@@ -61,25 +64,34 @@ def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
     return max(spec.num_kv_heads // tp, 1)
 
 
-def rank_layout(spec: ModelSpec, tp: int, pp: int, rank: int, dtype: torch.dtype) -> dict:
-    """name -> (shape, dtype) of one rank file, in write order."""
+def rank_layout(spec: ModelSpec, tp: int, pp: int, rank: int, dtype: torch.dtype,
+                quant: WeightOnly | None = None) -> dict:
+    """name -> (shape, dtype) of one rank file, in write order. With `quant`, each decoder linear layer is its
+    stored int8 weight [K, N * bits / 8] then its per_channel_scale [N] (exporter/trtllm/weight_only.py)."""
     pp_rank = rank // tp
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q_rows, kv_rows = spec.num_heads // tp * d, kv_heads_per_rank(spec, tp) * d
     layout: dict = {}
+
+    def linear(name: str, out_features: int, in_features: int) -> None:
+        if quant is None:
+            layout[name + ".weight"] = ((out_features, in_features), dtype)
+            return
+        quant.check_shape(name, out_features, in_features)
+        layout[name + ".weight"] = (quant.packed_shape(out_features, in_features), torch.int8)
+        layout[name + ".per_channel_scale"] = ((out_features,), dtype)
+
     if pp_rank == 0:
         layout["transformer.vocab_embedding.weight"] = ((spec.vocab_size, h), dtype)
     for local in range(len(pp_layers(spec.num_layers, pp, pp_rank))):
         p = f"transformer.layers.{local}."
-        layout.update({
-            p + "input_layernorm.weight": ((h,), dtype),
-            p + "attention.qkv.weight": ((q_rows + 2 * kv_rows, h), dtype),
-            p + "attention.dense.weight": ((h, spec.num_heads * d // tp), dtype),
-            p + "post_layernorm.weight": ((h,), dtype),
-            p + "mlp.fc.weight": ((i // tp, h), dtype),
-            p + "mlp.gate.weight": ((i // tp, h), dtype),
-            p + "mlp.proj.weight": ((h, i // tp), dtype),
-        })
+        layout[p + "input_layernorm.weight"] = ((h,), dtype)
+        linear(p + "attention.qkv", q_rows + 2 * kv_rows, h)
+        linear(p + "attention.dense", h, spec.num_heads * d // tp)
+        layout[p + "post_layernorm.weight"] = ((h,), dtype)
+        linear(p + "mlp.fc", i // tp, h)
+        linear(p + "mlp.gate", i // tp, h)
+        linear(p + "mlp.proj", h, i // tp)
     if pp_rank == pp - 1:
         layout["transformer.ln_f.weight"] = ((h,), dtype)
         layout["lm_head.weight"] = ((padded_vocab(spec.vocab_size, tp) // tp, h), dtype)
@@ -93,7 +105,8 @@ def dup_kv(weight: torch.Tensor, num_kv_heads: int, tp: int) -> torch.Tensor:
     return weight.reshape(num_kv_heads, 1, d, -1).expand(-1, reps, -1, -1).reshape(num_kv_heads * reps * d, -1)
 
 
-def trtllm_config(spec: ModelSpec, policy: KVPolicy, tp: int, pp: int, dtype: str, max_input_len: int) -> dict:
+def trtllm_config(spec: ModelSpec, policy: KVPolicy, tp: int, pp: int, dtype: str, max_input_len: int,
+                  quant: WeightOnly | None = None) -> dict:
     """config.json: TensorRT-LLM 1.2 PretrainedConfig / LLaMAConfig keys, plus the `pkv` block."""
     scaling = None
     if spec.rope_scaling:
@@ -121,7 +134,7 @@ def trtllm_config(spec: ModelSpec, policy: KVPolicy, tp: int, pp: int, dtype: st
         "embedding_sharding_dim": 0,
         "tie_word_embeddings": spec.tie_word_embeddings,
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp, "gpus_per_node": 8},
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "quantization": quant.quant_config() if quant else {"quant_algo": None, "kv_cache_quant_algo": None},
         "mlp_bias": False,
         "attn_bias": False,
         "residual_mlp": False,
@@ -132,13 +145,14 @@ def trtllm_config(spec: ModelSpec, policy: KVPolicy, tp: int, pp: int, dtype: st
             # TensorRT-LLM's checkpoint has no sliding-window key: the runtime takes it (max_attention_window).
             "sliding_window": spec.sliding_window,
             "model": spec.to_dict(),
+            "weights": quant.record() if quant else {"format": "fp"},
         },
     }
 
 
 def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *, tp: int = 1, pp: int = 1,
                             dtype: str = "fp16", max_input_len: int | None = None, force: bool = False,
-                            progress=None) -> dict[str, Any]:
+                            progress=None, weights: WeightOnly | None = None) -> dict[str, Any]:
     spec = loaded.spec
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype '{dtype}' for --backend trtllm (choose from {', '.join(DTYPES)})")
@@ -150,17 +164,17 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
     check_output(Path(out), "engine", force, [loaded.directory])
     torch_dtype = DTYPES[dtype][0]
     world = tp * pp
+    layouts = [rank_layout(spec, tp, pp, r, torch_dtype, weights) for r in range(world)]  # shapes refused first
     with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
-        files = [StreamingSafetensors(tmp / f"rank{r}.safetensors", rank_layout(spec, tp, pp, r, torch_dtype))
-                 for r in range(world)]
+        files = [StreamingSafetensors(tmp / f"rank{r}.safetensors", layouts[r]) for r in range(world)]
         try:
-            _write_shards(spec, loaded.weights, files, tp, pp, torch_dtype, progress)
+            _write_shards(spec, loaded.weights, files, tp, pp, torch_dtype, progress, weights)
         finally:
             for f in files:
                 f.close(check=False)
         for f in files:
             f.close()
-        config = trtllm_config(spec, policy, tp, pp, dtype, max_input_len)
+        config = trtllm_config(spec, policy, tp, pp, dtype, max_input_len, weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_tokenizer(loaded, tmp / "tokenizer")
         return write_manifest(tmp, {
@@ -173,6 +187,7 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
             "budgets": {"rule": "methods.budgets", "selected_at_max_input_len": config["pkv"][
                 "selected_at_max_input_len"]},
             "dtype": dtype,
+            "weights": config["pkv"]["weights"],
             "max_input_len": max_input_len,
             "cache_heads": spec.num_heads if policy.cache_heads_are_query_heads else spec.num_kv_heads,
             "trtllm": {"version": "1.2", "tp": tp, "pp": pp, "world_size": world,
@@ -182,8 +197,10 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
         })
 
 
-def _write_shards(spec: ModelSpec, source, files, tp: int, pp: int, dtype: torch.dtype, progress) -> None:
-    """Read every checkpoint tensor once and write each rank's share of it."""
+def _write_shards(spec: ModelSpec, source, files, tp: int, pp: int, dtype: torch.dtype, progress,
+                  quant: WeightOnly | None = None) -> None:
+    """Read every checkpoint tensor once and write each rank's share of it (a linear layer's shard quantized on
+    its own with `quant`: scales per output channel of the shard)."""
     owner = {layer: (pp_rank, local) for pp_rank in range(pp)
              for local, layer in enumerate(pp_layers(spec.num_layers, pp, pp_rank))}
     total = spec.num_layers + 2
@@ -197,6 +214,14 @@ def _write_shards(spec: ModelSpec, source, files, tp: int, pp: int, dtype: torch
 
     def get(name: str) -> torch.Tensor:
         return source.get(name).to(dtype)
+
+    def linear(f, name: str, shard: torch.Tensor) -> None:
+        if quant is None:
+            f.write(name + ".weight", shard)
+            return
+        stored, scale = quant.quantize(shard)
+        f.write(name + ".weight", stored)
+        f.write(name + ".per_channel_scale", scale)
 
     embed = get("model.embed_tokens.weight")
     for t in range(tp):
@@ -217,12 +242,12 @@ def _write_shards(spec: ModelSpec, source, files, tp: int, pp: int, dtype: torch
         for t in range(tp):
             f = files[pp_rank * tp + t]
             f.write(p + "input_layernorm.weight", norms[0])
-            f.write(p + "attention.qkv.weight", torch.cat([parts[0][t], parts[1][t], parts[2][t]], dim=0))
-            f.write(p + "attention.dense.weight", dense[t])
+            linear(f, p + "attention.qkv", torch.cat([parts[0][t], parts[1][t], parts[2][t]], dim=0))
+            linear(f, p + "attention.dense", dense[t])
             f.write(p + "post_layernorm.weight", norms[1])
-            f.write(p + "mlp.fc.weight", fc[t])
-            f.write(p + "mlp.gate.weight", gate[t])
-            f.write(p + "mlp.proj.weight", proj[t])
+            linear(f, p + "mlp.fc", fc[t])
+            linear(f, p + "mlp.gate", gate[t])
+            linear(f, p + "mlp.proj", proj[t])
         tick()
     head = embed if spec.tie_word_embeddings else get("lm_head.weight")
     del embed

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2)}
+DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2), torch.int8: ("I8", 1)}
 
 
 class StreamingSafetensors:

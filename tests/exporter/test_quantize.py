@@ -132,10 +132,15 @@ def test_plan_reports_weights_and_what_fits():
     assert fp["weights"] == "fp" and fp["fits"] is None and 135e9 < fp["weight_bytes"] < 145e9
 
 
+ONLY_QUANTIZED = "--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4"
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["build", "--weights", "int4", "--backend", "tensorrt"], "--weights int4 is written for --backend onnx"),
-    (["build", "--block-size", "64"], "--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4"),
-    (["build", "--asymmetric"], "--block-size, --asymmetric and --accuracy-level apply to --weights int8 or int4"),
+    (["build", "--block-size", "64"], ONLY_QUANTIZED),
+    (["build", "--asymmetric"], ONLY_QUANTIZED),
+    (["build", "--weights", "int4", "--accuracy-level", "4", "--target", "tensorrt"], "it needs --target onnxruntime"),
+    (["build", "--weights", "int4", "--backend", "trtllm", "--block-size", "64"], "per output channel"),
     (["build", "--weights", "int2"], "Invalid value for '--weights'"),
     (["plan", "--context", "10", "--memory", "lots"], "--memory 'lots'"),
 ])
