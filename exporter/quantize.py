@@ -131,13 +131,12 @@ def is_linear(name: str) -> bool:
     return name.endswith(LINEAR_SUFFIXES)
 
 
-class DequantizedWeights:
-    """A weight source whose decoder linear layers are quantized and dequantized exactly as the engine holds them
-    (the reference of a quantized engine); every other tensor is the source's. `dtype`: the engine's, which the
-    weights are cast to before quantizing (as the build does)."""
+class LinearLayersRewritten:
+    """A weight source that returns the source's tensors, with the decoder's linear layers passed through
+    `rewrite(name, tensor)` (a subclass's quantize-and-dequantize): the reference of a quantized engine."""
 
-    def __init__(self, source, quant: WeightQuant, dtype: torch.dtype = torch.float32):
-        self.source, self.quant, self.dtype = source, quant, dtype
+    def __init__(self, source):
+        self.source = source
         self.seed = getattr(source, "seed", None)
 
     def names(self) -> list[str]:
@@ -151,8 +150,21 @@ class DequantizedWeights:
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.source.get(name)
-        if not is_linear(name):
-            return tensor
-        weight = tensor.to(self.dtype).t().contiguous().numpy()  # [K, N] = [in, out], as the engine stores it
+        return self.rewrite(name, tensor) if is_linear(name) else tensor
+
+    def rewrite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DequantizedWeights(LinearLayersRewritten):
+    """The decoder linear layers quantized and dequantized exactly as the engine holds them. `dtype`: the
+    engine's, which the weights are cast to before quantizing (as the build does)."""
+
+    def __init__(self, source, quant: WeightQuant, dtype: torch.dtype = torch.float32):
+        super().__init__(source)
+        self.quant, self.engine_dtype = quant, dtype  # not `dtype`: that is the source protocol's method
+
+    def rewrite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        weight = tensor.to(self.engine_dtype).t().contiguous().numpy()  # [K, N] = [in, out], as the engine stores it
         packed, scales, zero_points = self.quant.quantize(weight)
         return torch.from_numpy(self.quant.dequantize(packed, scales, zero_points, weight.shape[0])).t().contiguous()

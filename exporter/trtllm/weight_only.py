@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.quantize import is_linear
+from exporter.quantize import LinearLayersRewritten
 from pkv_core.errors import UserInputError
 
 LAYOUT = "sm80"  # see the docstring: the preprocessed layout of Ampere/Ada-class GPUs
@@ -175,29 +175,17 @@ class WeightOnly:
         return (values - (1 << (b - 1))).float() * scale.float()[:, None]
 
 
-class QuantDequantWeights:
+class QuantDequantWeights(LinearLayersRewritten):
     """The reference of a weight-only checkpoint: every decoder linear layer quantized per output channel exactly as
     `WeightOnly.quantize_values` does and multiplied back by its stored scale, shard by shard as the checkpoint has
     it (the row-parallel o_proj / down_proj in `tp` column chunks, each with its own scales); all else unchanged.
     No layout is involved: the layout is what `layout_forward` over the checkpoint proves against this."""
 
     def __init__(self, source, quant: WeightOnly, tp: int = 1, dtype: torch.dtype = torch.float32):
-        self.source, self.quant, self.tp, self.dtype_ = source, quant, tp, dtype
-        self.seed = getattr(source, "seed", None)
+        super().__init__(source)
+        self.quant, self.tp, self.dtype_ = quant, tp, dtype
 
-    def names(self) -> list[str]:
-        return self.source.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.source.dtype(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self.source.get(name)
-        if not is_linear(name):
-            return tensor
+    def rewrite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         chunks = torch.chunk(tensor.to(self.dtype_), self.tp if name.endswith(ROW_PARALLEL) else 1, dim=1)
         out = []
         for chunk in chunks:

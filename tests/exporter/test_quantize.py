@@ -171,5 +171,6 @@ def test_reference_of_an_fp16_engine_quantizes_in_fp16():
     manifest = {"model": {**loaded.spec.to_dict(), "random_weights": True, "weights_seed": 0},
                 "dtype": "fp16", "weights": WeightQuant(4).record()}
     source = reference_for_manifest(manifest).weights
-    assert isinstance(source, DequantizedWeights) and source.dtype == torch.float16
+    assert isinstance(source, DequantizedWeights) and source.engine_dtype == torch.float16
+    assert source.dtype("model.layers.0.mlp.up_proj.weight") == torch.float32  # the protocol's method, unshadowed
     assert dataclasses.is_dataclass(WeightQuant(4))
