@@ -157,18 +157,25 @@ def build_all(checkpoint: Path, workdir: Path, max_len: int) -> dict[str, Path]:
     for name, (policy, kw) in POLICIES.items():
         build_onnx_engine(load_model(str(checkpoint)), make_policy(policy, **kw), workdir / name, max_input_len=max_len)
         engines[name] = workdir / name
+    out = build_genai(checkpoint, workdir / "genai", "fp32")
+    if out is not None:
+        engines["genai"] = out
+    return engines
+
+
+def build_genai(checkpoint: Path, out: Path, precision: str) -> Path | None:
+    """onnxruntime-genai's model of `checkpoint` from its own builder (`-p precision -e cpu`), or None when
+    onnxruntime-genai is not installed (the peer is then skipped, said on stderr)."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         print("onnxruntime-genai is not installed (pip install -e '.[bench]'): the peer is skipped", file=sys.stderr)
-        return engines
-    out = workdir / "genai"
+        return None
     r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(checkpoint), "-i",
-                        str(checkpoint), "-o", str(out), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+                        str(checkpoint), "-o", str(out), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"onnxruntime-genai's model builder failed: {r.stderr.strip().splitlines()[-1]}")
-    engines["genai"] = out
-    return engines
+    return out
 
 
 def memory_bandwidth_gbs() -> float:

@@ -81,16 +81,9 @@ def build_engines(checkpoint: Path, work: Path, max_len: int) -> tuple[dict[str,
             engines[name] = out
             builds.append({"engine": name, "weights": weights, "policy": policy, "engine_mib": engine_mib(out),
                            "build_peak_rss_mib": round(peak, 1)})
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        print("onnxruntime-genai is not installed (pip install -e '.[bench]'): the peer is skipped", file=sys.stderr)
+    out = bench_peers.build_genai(checkpoint, work / "genai-int4", "int4")
+    if out is None:
         return engines, builds
-    out = work / "genai-int4"
-    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(checkpoint), "-i",
-                        str(checkpoint), "-o", str(out), "-p", "int4", "-e", "cpu"], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"onnxruntime-genai's model builder failed: {r.stderr.strip().splitlines()[-1]}")
     engines["genai-int4"] = out
     builds.append({"engine": "genai-int4", "weights": "int4 (genai)", "policy": "full", "engine_mib": engine_mib(out)})
     return engines, builds
