@@ -62,6 +62,20 @@ class ContextCache:
     prefill_seconds: float = 0.0
 
 
+@dataclass
+class SharedPrefill:
+    """One prompt prefilled once for several methods' selections (methods.shared_prefill; batch 1): each
+    `generate_shared(shared, policy, ...)` selects from it and decodes a cache of its own, as that policy's own
+    `generate` would. `state` is the engine's own (the captured layers, the capture graph's outputs)."""
+
+    input_ids: torch.Tensor  # [1, q] int64
+    mask: torch.Tensor  # [1, q] int64
+    positions: torch.Tensor  # [1, q] int64
+    first_logits: torch.Tensor  # [1, V] float32: the prefill's last-token logits, the first generated token's
+    state: object
+    seconds: float
+
+
 def question_ids(tokenizer, question: str | list[int]) -> list[int]:
     """A question continues a context: its tokens without a BOS (the context has it)."""
     ids = tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str) else list(question)

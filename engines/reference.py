@@ -17,6 +17,7 @@ from engines.base import (
     ContextCache,
     GenerationResult,
     ProgressFn,
+    SharedPrefill,
     check_room,
     encode_batch,
     encode_prompts,
@@ -31,6 +32,7 @@ from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
 from methods import KVPolicy
+from methods.shared_prefill import SharedPrefillCapture, score_kinds
 from pkv_core.errors import UserInputError
 
 
@@ -81,7 +83,7 @@ class ReferenceEngine:
                                                   max_new_tokens, max_positions=self.spec.max_position_embeddings)
         lengths = [int(n) for n in mask.sum(-1)]
         selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
-        state = self._state(selected, mask)
+        state = self._state(self.policy, selected, mask)
 
         t0 = time.perf_counter()
         out = self.model(
@@ -89,34 +91,77 @@ class ReferenceEngine:
             logits_to_keep=1, pkv_state=state,
         )
         state.prefill = False
-        self._after_prefill(state, input_ids, mask)
-        compressed = self.policy.compresses_prompt(self.spec.num_layers, max(lengths))
+        return self._finish(self.policy, state, input_ids, mask, positions, out.logits[:, -1], t0, max_new_tokens,
+                            return_logits, return_indices, progress)
+
+    @torch.inference_mode()
+    def shared_prefill(self, prompt: list[int], policies: list[KVPolicy], max_new_tokens: int) -> SharedPrefill:
+        """One prefill of `prompt` for every policy in `policies` (each `shares_prefill`): every layer's K/V and the
+        observation scores those that compress it rank by (methods.shared_prefill). `generate_shared` continues."""
+        input_ids, mask, positions = encode_batch(self.tokenizer, [prompt], self.pad_id, self.max_input_len,
+                                                  max_new_tokens, max_positions=self.spec.max_position_embeddings)
+        layers, length = self.spec.num_layers, int(mask.sum())
+        capture = SharedPrefillCapture(score_kinds([p for p in policies if p.compresses_prompt(layers, length)]))
+        state = CompressedKVState(capture, None, mask.bool(), prompt_positions(mask), num_layers=layers)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         logits_to_keep=1, pkv_state=state)
+        return SharedPrefill(input_ids, mask, positions, out.logits[:, -1], [state.layers[i] for i in range(layers)],
+                             time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def generate_shared(self, shared: SharedPrefill, policy: KVPolicy, max_new_tokens: int, *,
+                        return_logits: bool = False, return_indices: bool = False,
+                        progress: ProgressFn | None = None) -> GenerationResult:
+        """`policy`'s own `generate` of the shared prompt, from the shared prefill: its selection of every layer,
+        then its decode (the prefill's timing is the selection's)."""
+        if not policy.shares_prefill:
+            raise ValueError(f"policy '{policy.name}' does not select from a shared prefill")
+        lengths = [int(n) for n in shared.mask.sum(-1)]
+        state = self._state(policy, policy.batch_selected(self.spec.num_layers, lengths), shared.mask)
+        t0 = time.perf_counter()
+        for layer, captured in enumerate(shared.state):  # in layer order: ChunkKV's reuse reads earlier layers
+            state.layers[layer] = policy.reference_layer_scored(state, layer, captured.keys, captured.values,
+                                                                captured.scores)
+        state.prefill = False
+        return self._finish(policy, state, shared.input_ids, shared.mask, shared.positions, shared.first_logits, t0,
+                            max_new_tokens, return_logits, return_indices, progress)
+
+    def _finish(self, policy: KVPolicy, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor, first_logits: torch.Tensor, t0: float, max_new_tokens: int,
+                return_logits: bool, return_indices: bool, progress: ProgressFn | None) -> GenerationResult:
+        """After the prefill's layers (started at t0): the method's point after the prefill, then greedy decoding.
+        first_logits [B, V]: the prefill's last-token logits."""
+        self._after_prefill(policy, state, input_ids, mask)
+        lengths = [int(n) for n in mask.sum(-1)]
+        compressed = policy.compresses_prompt(self.spec.num_layers, max(lengths))
         timings = {"prefill": time.perf_counter() - t0}
         kept = None
         if return_indices:
             kept = [state.layers[i].kept for i in range(self.spec.num_layers)]
 
         generated, step_logits, timings["decode"] = greedy_loop(
-            out.logits[:, -1], positions[:, -1] + 1, self._decode_step(state), self.eos_ids, self.pad_id,
+            first_logits, positions[:, -1] + 1, self._decode_step(state), self.eos_ids, self.pad_id,
             max_new_tokens, progress)
         per_prompt = None
         if compressed:  # what each layer actually kept (ChunkKV rounds its budget down to whole chunks; heads may
             # hold different counts: a row's longest head, the slots its cache spans)
-            window = torch.clamp(mask.sum(-1), max=self.policy.window)
+            window = torch.clamp(mask.sum(-1), max=policy.window)
             layers = range(self.spec.num_layers)
             per_prompt = [[int((state.layers[i].kept[b] >= 0).sum(-1).max() - window[b]) for i in layers]
                           for b in range(len(window))]
         return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
 
-    def _state(self, selected: torch.Tensor | None, mask: torch.Tensor) -> CompressedKVState:
+    def _state(self, policy: KVPolicy, selected: torch.Tensor | None, mask: torch.Tensor) -> CompressedKVState:
         """A generation's state for left-padded prompts, mask [B, q]."""
-        return CompressedKVState(self.policy, selected, mask.bool(), prompt_positions(mask),
+        return CompressedKVState(policy, selected, mask.bool(), prompt_positions(mask),
                                  num_layers=self.spec.num_layers)
 
-    def _after_prefill(self, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _after_prefill(self, policy: KVPolicy, state: CompressedKVState, input_ids: torch.Tensor,
+                       mask: torch.Tensor) -> None:
         """The method's point after the whole prefill (KVzip's reconstruction pass and its one top-k)."""
         run = PrefillRun(self.model, self.tokenizer, self.pad_id, input_ids, mask, state)
-        self.policy.reference_after_prefill(run)
+        policy.reference_after_prefill(run)
 
     def _decode_step(self, state: CompressedKVState):
         """The greedy loop's step over a compressed state: token [B], position [B] -> last logits [B, V]."""
@@ -134,12 +179,12 @@ class ReferenceEngine:
         input_ids, mask, positions = encode_batch(self.tokenizer, [context], self.pad_id, self.max_input_len,
                                                   room + 1, max_positions=self.spec.max_position_embeddings)
         length = int(mask.sum())
-        state = self._state(self.policy.batch_selected(self.spec.num_layers, [length]), mask)
+        state = self._state(self.policy, self.policy.batch_selected(self.spec.num_layers, [length]), mask)
         t0 = time.perf_counter()
         self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=1, pkv_state=state)
         state.prefill = False
-        self._after_prefill(state, input_ids, mask)
+        self._after_prefill(self.policy, state, input_ids, mask)
         layers = [state.layers[i] for i in range(self.spec.num_layers)]
         item = layers[0].keys.element_size()
         return ContextCache(length, room, sum(2 * c.keys.numel() * item for c in layers), [c.kept for c in layers],

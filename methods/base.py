@@ -12,6 +12,8 @@ ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_be
              layer), `graph_end` (after the decoder), `graph_functions`, `graph_decode_layer`, `extra_graphs`:
              exporter.onnx; `onnxruntime_stage` (per decode step of the onnxruntime engine)
 backends     `runs_on` (a positive list, methods.backends) and `check_backend`
+one prefill  `shares_prefill`: a sweep prefills a sample once and hands every such method's cells the K/V and the
+             observation scores they rank by (methods.shared_prefill; the hooks: methods.budgeted)
 
 `pg` below is the prefill graph writer's view (exporter.onnx.prefill.PrefillGraph) and `lay` its transformer
 body (exporter.onnx.layers.Layers); `state` is the reference's CompressedKVState (engines.compressed_cache).
@@ -61,6 +63,12 @@ class KVPolicy:
 
     @property
     def cache_heads_are_query_heads(self) -> bool:
+        return False
+
+    @property
+    def shares_prefill(self) -> bool:
+        """Whether one prefill serves this method along with others (methods.shared_prefill): it selects after the
+        full prefill from each layer's K/V and observation scores alone. FullKV, KVzip, PyramidInfer: no."""
         return False
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -4,6 +4,12 @@ prefill attention: the layer keeps `selected_l` prefix tokens by the method's ow
 A subclass states its selection twice, in the same op semantics (trt_plugins.pyramidkv_select's layout: right-padded
 rows, compact ascending picks then the window, -1 after): `select` for the reference (PyTorch) and `graph_select`
 for the ONNX graph (its nodes). Budgets (`layer_selected`) are uniform unless overridden.
+
+A selection that ranks by observation scores alone (every one here) states it once more, from those scores instead
+of the queries: `score_kind` names the scores (trt_plugins.pyramidkv_select.observation_scores_for), `select_scored`
+and `graph_select_scored` pick from them. Then one prefill serves every (method, budget) of a sweep
+(`shares_prefill`, methods.shared_prefill): `select` is the scores followed by `select_scored`, so a cell selects
+exactly what it selects alone.
 """
 
 from __future__ import annotations
@@ -58,6 +64,24 @@ class BudgetedPolicy(KVPolicy):
         the same prefill (ChunkKV's index reuse)."""
         raise NotImplementedError(f"policy '{self.name}' does not select")
 
+    def score_kind(self) -> tuple[str, int] | None:
+        """The observation scores the selection ranks by ([B, H, q] float32 per layer, `observation_scores_for`):
+        ("window", w) for the last w prompt queries, ("all", 0) for every one, None for none (positions only)."""
+        return None
+
+    @property
+    def shares_prefill(self) -> bool:
+        """Whether one prefill's K/V and scores of `score_kind` serve this selection (`select_scored` exists). A
+        query-head cache decodes with another graph than FullKV's, so it runs alone."""
+        return type(self).select_scored is not BudgetedPolicy.select_scored and not self.cache_heads_are_query_heads
+
+    def select_scored(self, scores: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+                      lengths: torch.Tensor, selected: int | torch.Tensor, layer: int = 0, shared: dict | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`select` from the observation scores of `score_kind` ([B, H, q] float32, None without a kind) instead of
+        the queries; the same results."""
+        raise NotImplementedError(f"policy '{self.name}' does not select from shared scores")
+
     def graph_select(self, lay: Any, layer: int, queries: str, k4: str, v4: str, lengths: str, selected: str,
                      shared: dict) -> list[str]:
         """The selection's nodes into `lay.g`: queries [B, q, H*d] rotated, k4 / v4 [B, Hkv, q, d], lengths /
@@ -75,6 +99,36 @@ class BudgetedPolicy(KVPolicy):
                                 state.selected[layer], layer, state.shared)
         return LayerCache.from_selection(idx, k, v)
 
+    def reference_layer_scored(self, state: Any, layer: int, key: torch.Tensor, value: torch.Tensor,
+                               scores: dict) -> LayerCache:
+        """`reference_layer` from a shared prefill: the layer's key / value [B, Hkv, q, d] (left-padded, as the model
+        ran them) and its observation scores by kind ([B, H, q], computed from the right-aligned queries)."""
+        if state.selected is None:  # every prompt of the batch is too short
+            return keep_all(state, None, key, value)
+        mask = state.key_mask
+        idx, k, v = self.select_scored(scores.get(self.score_kind()), right_aligned(key, mask),
+                                       right_aligned(value, mask), mask.sum(-1), state.selected[layer], layer,
+                                       state.shared)
+        return LayerCache.from_selection(idx, k, v)
+
     def graph_layer(self, pg: Any, layer: int, q: str, k4: str, v4: str) -> tuple[str, str, str]:
-        return pg.select_when_long(layer, k4, v4, lambda lay, selected: self.graph_select(
+        return self.graph_layer_with(pg, layer, k4, v4, lambda lay, selected: self.graph_select(
             lay, layer, q, k4, v4, pg.lengths, selected, pg.shared))
+
+    def graph_layer_scored(self, pg: Any, layer: int, scores: str | None, k4: str, v4: str) -> tuple[str, str, str]:
+        """`graph_layer` in a shared prefill's selection graph: scores [B, H, q] of `score_kind` (None without)."""
+        return self.graph_layer_with(pg, layer, k4, v4, lambda lay, selected: self.graph_select_scored(
+            lay, layer, scores, k4, v4, pg.lengths, selected, pg.shared))
+
+    def graph_layer_with(self, pg: Any, layer: int, k4: str, v4: str, select) -> tuple[str, str, str]:
+        """The layer's cache: `select(lay, selected)` in the branch that compresses (pg.select_when_long)."""
+        return tuple(pg.select_when_long(layer, k4, v4, select))
+
+    def graph_select_scored(self, lay: Any, layer: int, scores: str | None, k4: str, v4: str, lengths: str,
+                            selected: str, shared: dict) -> list[str]:
+        """`graph_select` from observation scores [B, H, q] f32 of `score_kind` instead of the queries."""
+        raise NotImplementedError(f"policy '{self.name}' has no graph selection from shared scores")
+
+    def graph_functions_scored(self, spec: Any, target: Any) -> list:
+        """The functions `graph_select_scored`'s nodes call."""
+        return self.graph_functions(spec, target)

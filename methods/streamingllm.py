@@ -34,6 +34,12 @@ class StreamingLLMPolicy(BudgetedPolicy):
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return streaming_select(keys, values, lengths, selected, self.window, self.sinks)
 
+    def select_scored(self, scores, keys, values, lengths, selected, layer=0, shared=None):
+        return streaming_select(keys, values, lengths, selected, self.window, self.sinks)  # positions: no scores
+
+    def graph_select_scored(self, lay, layer, scores, k4, v4, lengths, selected, shared):
+        return self.graph_select(lay, layer, None, k4, v4, lengths, selected, shared)
+
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         attrs = lay.target.select_attributes()
         if attrs:  # the tensorrt target's node names its plugin and carries what the plugin needs

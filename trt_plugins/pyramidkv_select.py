@@ -194,7 +194,28 @@ def pyramidkv_select(
     if h % hkv or keys.shape[2] != q or window < 1:
         raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
     lengths, budgets = row_budgets(lengths, selected, window, q)
-    scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
+    scores = observation_scores_for(queries, keys, lengths, window, observe)
+    return select_from_scores(scores, keys, values, lengths, budgets, window, kernel, pooling, granularity)
+
+
+def observation_scores_for(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, window: int,
+                           observe: str) -> torch.Tensor:
+    """The observation scores `pyramidkv_select` ranks by, before any grouping or pooling: queries [B, q, H, d],
+    keys [B, Hkv, q, d], lengths [B] -> [B, H, q] float32 (`observation_scores` of the last `window` rows, or of
+    every row with observe="all"). What one prefill hands every selection that reads the same scores."""
+    lengths = lengths.to(torch.long).reshape(-1)
+    return observation_scores(queries, keys, lengths, observation_positions(lengths, queries.shape[1], window, observe))
+
+
+def select_from_scores(scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                       selected: int | torch.Tensor, window: int, kernel: int = 7, pooling: str = "max",
+                       granularity: str = "kv-head") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pyramidkv_select` after its scoring: observation scores [B, H, q] float32 (`observation_scores_for`),
+    keys / values [B, Hkv, q, d], lengths [B], selected (an int or [B]) -> indices, keys_out, values_out as
+    `pyramidkv_select` returns them."""
+    b, h, q = scores.shape
+    hkv = keys.shape[1]
+    lengths, budgets = row_budgets(lengths, selected, window, q)
     if granularity == "kv-head":
         scores = scores.view(b, hkv, h // hkv, q).mean(dim=2)  # [B, Hkv, q]
     else:

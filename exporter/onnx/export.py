@@ -64,7 +64,10 @@ def check_disk(where: Path, needed: int) -> None:
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
                       max_input_len: int | None = None, force: bool = False, progress=None,
-                      target: str = "onnxruntime", weights: WeightQuant | None = None) -> dict[str, Any]:
+                      target: str = "onnxruntime", weights: WeightQuant | None = None,
+                      shared_prefill: tuple | None = None) -> dict[str, Any]:
+    """`shared_prefill` (score kinds, methods.shared_prefill): add the capture graph of a shared prefill that outputs
+    those scores (exporter.onnx.shared_prefill; a sweep's one prefill per sample), recorded in the manifest."""
     spec = loaded.spec
     if target not in TARGETS:
         raise UserInputError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
@@ -99,6 +102,12 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         graphs = [("prefill.onnx", build_prefill), ("decode.onnx", build_decode)]
         for name, method_graph in policy.extra_graphs().items():  # the method's own (PyramidInfer: evict.onnx)
             graphs.append((name, _method_graph(method_graph)))
+        extra = {}
+        if shared_prefill is not None:
+            from exporter.onnx.shared_prefill import SHARED_PREFILL_GRAPH, capture_builder
+
+            graphs.append((SHARED_PREFILL_GRAPH, capture_builder(tuple(shared_prefill))))
+            extra["shared_prefill"] = {"graph": SHARED_PREFILL_GRAPH, "scores": [list(k) for k in shared_prefill]}
         for name, builder in graphs:
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))
@@ -122,5 +131,6 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "cache_heads": cfg.cache_heads,
             "notes": notes,
             "tools": tool_versions(),
+            **extra,
         })
     return manifest
