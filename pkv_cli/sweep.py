@@ -23,6 +23,10 @@ from pkv_core.errors import UserInputError
 @click.option("--engine-backend", type=click.Choice(["onnx", "reference"]), default="onnx", show_default=True,
               help="What runs the cells: the ONNX engine (built per cell, cached in OUT/engines) or the PyTorch "
                    "reference.")
+@click.option("--shared-prefill/--no-shared-prefill", default=True, show_default=True,
+              help="Prefill each sample once for all the cells of streamingllm, h2o, snapkv, pyramidkv and chunkkv "
+                   "(they select after the full prefill: each cell only selects and decodes; the same results as "
+                   "running each cell on its own, which --no-shared-prefill does).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Engine / reference dtype (also the dtype of the KV bytes reported).")
 @click.option("--max-input-len", type=int, default=None,
@@ -42,13 +46,16 @@ from pkv_core.errors import UserInputError
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out (finished samples are kept).")
 @click.option("--force", is_flag=True, help="Replace an existing sweep in --out once the new one is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json.")
-def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_input_len, limit, lengths, depths,
-          max_new_tokens, data, datasets, config_dir, chat, skip_bad, out, resume, force, as_json) -> None:
+def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefill, dtype, max_input_len, limit,
+          lengths, depths, max_new_tokens, data, datasets, config_dir, chat, skip_bad, out, resume, force,
+          as_json) -> None:
     """Validate every (policy, budget) cell on the same samples; report score against KV bytes.
 
     OUT/sweep.json and OUT/report.md give the score per cell (per LongBench category, per NIAH context length),
     the KV bytes each cell held (checked against `plan`) and its ratio and score delta to FullKV; OUT/*.png plot
-    them. Every cell is a resumable validation run under OUT/cells.
+    them. Every cell is a resumable validation run under OUT/cells. The cells of the methods that select after the
+    full prefill share one prefill per sample (--no-shared-prefill: every cell runs alone); a sweep interrupted in
+    one mode may be resumed in the other.
     """
     from exporter.checkpoint import load_model
     from exporter.outputs import check_output, staging_dir
@@ -89,7 +96,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
               "samples": len(samples), "sample_ids_head": [s.id for s in samples[:3]],
               "options": {"limit": limit, "lengths": lengths, "depths": depths, "max_new_tokens": max_new_tokens,
                           "datasets": datasets, "chat": chat}}
-    args = (cells, loaded, suite_spec, samples, config, engine_backend, dtype, max_input_len)
+    args = (cells, loaded, suite_spec, samples, config, engine_backend, dtype, max_input_len, shared_prefill)
     if force and out.exists():
         with staging_dir(out, "sweep", force, inputs) as tmp:  # the old sweep stays until the new one is complete
             summary = _run(tmp, *args, resume=False)
@@ -104,18 +111,45 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         click.echo(markdown(summary), nl=False)
 
 
-def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, resume) -> dict:
+def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, shared,
+         resume) -> dict:
     from validate.sweep import cell_summary, check_config, open_cell_engine, run_cell, write_sweep
 
     check_config(out, config, resume)
-    rows = []
-    for k, cell in enumerate(cells):
-        bar, update = progress_bar(f"cell {k + 1}/{len(cells)} {cell.name}", len(samples), lines=True)
-        engine = open_cell_engine(out, cell, loaded, backend, dtype, max_input_len)
-        with bar:
-            records = run_cell(out, cell, engine, samples, suite_spec,
-                               progress=lambda i, n, update=update: update(len(samples) - n + i, len(samples)))
-        del engine
-        rows.append(cell_summary(cell, records, loaded.spec, dtype, suite_spec.name))
-        summary = write_sweep(out, config, rows, suite_spec.name, complete=k == len(cells) - 1)
+    together = [c for c in cells if c.policy.shares_prefill] if shared else []
+    # One step per cell, the shared cells in one step where the first of them stands; the rows stay in cell order.
+    steps = [together if together and c is together[0] else [c] for c in cells if c not in together[1:]]
+    rows: dict[str, dict] = {}
+    for k, step in enumerate(steps):
+        if step is together:
+            records = _run_shared(out, k, len(steps), together, loaded, suite_spec, samples, backend, dtype,
+                                  max_input_len)
+        else:
+            cell = step[0]
+            bar, update = progress_bar(f"cell {k + 1}/{len(steps)} {cell.name}", len(samples), lines=True)
+            engine = open_cell_engine(out, cell, loaded, backend, dtype, max_input_len)
+            with bar:
+                records = {cell.name: run_cell(
+                    out, cell, engine, samples, suite_spec,
+                    progress=lambda i, n, update=update: update(len(samples) - n + i, len(samples)))}
+            del engine
+        for cell in step:
+            rows[cell.name] = cell_summary(cell, records[cell.name], loaded.spec, dtype, suite_spec.name)
+        summary = write_sweep(out, config, [rows[c.name] for c in cells if c.name in rows], suite_spec.name,
+                              complete=k == len(steps) - 1)
     return summary
+
+
+def _run_shared(out: Path, k: int, n: int, cells, loaded, suite_spec, samples, backend, dtype,
+                max_input_len) -> dict[str, list[dict]]:
+    """Step k of n: the cells that share one prefill per sample (validate.sweep_shared)."""
+    from validate.sweep_shared import open_shared_runner, run_shared_cells
+
+    label = f"step {k + 1}/{n}: {len(cells)} cells, one prefill per sample"
+    bar, update = progress_bar(label, len(samples), lines=True)
+    runner = open_shared_runner(out, cells, loaded, backend, dtype, max_input_len)
+    with bar:
+        records = run_shared_cells(out, cells, runner, samples, suite_spec,
+                                   progress=lambda i, m: update(len(samples) - m + i, len(samples)))
+    del runner
+    return records
