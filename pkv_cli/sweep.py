@@ -6,8 +6,12 @@ from pathlib import Path
 
 import click
 
+from methods import POLICIES
 from pkv_cli.common import check_run_counts, emit_json, model_option, progress_bar
 from pkv_core.errors import UserInputError
+
+# The methods whose cells share a sweep's prefill (KVPolicy.shares_prefill, with their defaults)
+SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
 
 
 @click.command()
@@ -19,12 +23,12 @@ from pkv_core.errors import UserInputError
 @click.option("--window", type=int, default=8, show_default=True, help="Observation window w of every policy.")
 @click.option("--suite", type=click.Choice(["niah", "longbench"]), required=True, help="Benchmark to run.")
 @click.option("--engine-backend", type=click.Choice(["onnx", "reference"]), default="onnx", show_default=True,
-              help="What runs the cells: the ONNX engine (built per cell, cached in OUT/engines) or the PyTorch "
-                   "reference.")
+              help="What runs the cells: the ONNX engine (built per cell, or one for the cells sharing a prefill; "
+                   "cached in OUT/engines) or the PyTorch reference.")
 @click.option("--shared-prefill/--no-shared-prefill", default=True, show_default=True,
-              help="Prefill each sample once for all the cells of streamingllm, h2o, snapkv, pyramidkv and chunkkv "
-                   "(they select after the full prefill: each cell only selects and decodes; the same results as "
-                   "running each cell on its own, which --no-shared-prefill does).")
+              help=f"Prefill each sample once for all the cells of {', '.join(SHARING)} (they select after the full "
+                   "prefill: each cell only selects and decodes; the same results as running each cell on its own, "
+                   "which --no-shared-prefill does).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Engine / reference dtype (also the dtype of the KV bytes reported).")
 @click.option("--max-input-len", type=int, default=None,
