@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import shutil
 import subprocess
@@ -57,16 +58,20 @@ def timeless(out: Path) -> tuple[dict, dict]:
 def run_once(a: argparse.Namespace, mode: str, work: Path) -> dict:
     out = work / mode
     shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cli(*sweep_args(a, out), *MODES[mode]), capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # the sweep process's CPU time
     if proc.returncode != 0:
         raise SystemExit(f"{mode} sweep failed ({proc.returncode}): {proc.stderr[-2000:]}")
     summary = json.loads(proc.stdout)
     engines = out / "engines"
     built = sorted(p.name for p in engines.iterdir()) if engines.is_dir() else []
     cells = len(summary["cells"])
-    return {"mode": mode, "wall_s": round(wall, 1), "cells": cells, "samples": summary["samples"],
+    return {"mode": mode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "cells": cells,
+            "samples": summary["samples"],
             "prefills": summary["samples"] * (1 if mode == "shared" else cells),
             "cell_seconds": round(sum(c["seconds"] or 0 for c in summary["cells"]), 1),
             "engines_built": len(built),
@@ -108,20 +113,23 @@ def main() -> None:
     shared, alone = rows
     result = {"settings": {k: v for k, v in vars(a).items() if k != "no_doc"}, "runs": rows,
               "records_equal": equal, "speedup_wall": round(alone["wall_s"] / shared["wall_s"], 2),
+              "speedup_cpu": round(alone["cpu_s"] / shared["cpu_s"], 2),
               "speedup_cell_seconds": round(alone["cell_seconds"] / max(shared["cell_seconds"], 1e-9), 2)}
     print(json.dumps(result, indent=2, default=str))
 
     command = "python scripts/bench_sweep.py " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in result["settings"].items())
     table = markdown_table(["mode", "cells", "samples", "prefills", "engines_built", "engine_MiB", "cell_seconds",
-                            "wall_s", "wall_s_all"], rows)
+                            "cpu_s", "wall_s", "wall_s_all"], rows)
     body = (f"## Sweep: one prefill per sample vs every cell alone ({a.model}, {a.engine_backend})\n\n"
             f"```bash\n{command}\n```\n\n{table}\n\n"
-            f"Cell-by-cell / shared: {result['speedup_wall']}x the wall time, {result['speedup_cell_seconds']}x "
-            "the summed cell seconds (prefill, selection and decode of every sample; a shared prefill is counted "
-            "once, split among its cells); records equal apart from timings: "
-            f"{str(equal).lower()}. `wall_s` is each sweep's whole process: model load, engine builds (one per "
-            "cell when cell by cell; FullKV's engine with the capture graph when shared), samples, reports.")
+            f"Cell-by-cell / shared: {result['speedup_wall']}x the wall time, {result['speedup_cpu']}x the CPU "
+            f"time, {result['speedup_cell_seconds']}x the summed cell seconds (prefill, selection and decode of "
+            "every sample, wall clock; a shared prefill is counted once, split among its cells); records equal "
+            f"apart from timings: {str(equal).lower()}. `wall_s` / `cpu_s`: each sweep's whole process (user + "
+            "system CPU for `cpu_s`): model load, engine builds (one per cell when cell by cell; FullKV's engine "
+            "with the capture graph when shared), samples, reports. The machine is shared with other jobs: "
+            "`cpu_s` is the steadier comparison.")
     print("\n" + body)
     if not a.no_doc:
         write_section(f"bench_sweep_{a.model}_{a.engine_backend}", body)
