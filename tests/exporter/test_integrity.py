@@ -124,6 +124,8 @@ def reseal(m):
     ("files.0.bytes", -1, "files[0]"),
     ("files.0.sha256", "abc", "files[0]"),
     ("onnx.graphs", ["nope.onnx"], "not among the engine's files"),
+    ("shared_prefill", {"graph": "nope.onnx", "scores": []}, "'shared_prefill.graph'"),  # a sweep's capture graph
+    ("shared_prefill", {"graph": "prefill.onnx", "scores": [["sideways", 4]]}, "'shared_prefill.scores'"),
 ])
 def test_malformed_manifest_values_are_one_line(engine, tmp_path, field, value, fragment):
     d = copy(engine, tmp_path)
