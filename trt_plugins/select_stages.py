@@ -144,7 +144,7 @@ def chunkkv_constants(num_heads: int, num_kv_heads: int, head_dim: int, window: 
     scores = pyramidkv_constants(num_heads, num_kv_heads, head_dim, window, kernel, pooling, "kv-head", "window",
                                  **blocks)
     chunk_p2 = triton.next_power_of_2(chunk_size)
-    return scores | dict(ROWS=1, CHUNK=chunk_size, CHUNK_P2=chunk_p2, BLOCK_C=max(16, 256 // chunk_p2))
+    return scores | dict(ROWS=1, CHUNK=chunk_size, CHUNK_P2=chunk_p2, BLOCK_C=max(1, 64 // chunk_p2))
 
 
 @dataclass(frozen=True)

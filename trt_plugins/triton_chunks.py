@@ -46,7 +46,7 @@ def _chunk_sums(raw, lengths, selected, q_len, chunk_scores, hist,
         tok = c[:, None] * CHUNK + o[None, :]  # [BLOCK_C, CHUNK_P2]
         scored = (o < CHUNK)[None, :] & (tok < prefix)
         tokens = tl.zeros([BLOCK_C, CHUNK_P2], tl.float32)
-        for h in tl.static_range(HKV):  # the spec's sum over KV heads, head by head
+        for h in range(HKV):  # the spec's sum over KV heads, head by head
             pooled = _pool(raw + (b.to(tl.int64) * HKV + h) * q_len, tok, q_len, KERNEL, POOLING)
             tokens += tl.where(scored, pooled, 0.0)
         sums = tl.sum(tokens, axis=1)
@@ -60,14 +60,14 @@ def _chunk_sums(raw, lengths, selected, q_len, chunk_scores, hist,
 
 @triton.jit
 def _chunk_hist(chunk_scores, lengths, selected, length, hist,
-                WINDOW: tl.constexpr, CHUNK: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr,
+                WINDOW: tl.constexpr, CHUNK: tl.constexpr, NT: tl.constexpr, BLOCK_K: tl.constexpr,
                 ALIGN: tl.constexpr):
     """The first radix pass over given chunk scores [B, C] -> hist [B, 1, 1, NT, 256]."""
     pid = tl.program_id(0)
     b = pid // NT
     t = pid % NT
     n_chunks, k = _wanted(lengths, selected, b, WINDOW, CHUNK)
-    counts = _counts(chunk_scores, b, t, length, n_chunks, k, 0, 0, NT, BLOCK_C, ALIGN)
+    counts = _counts(chunk_scores, b, t, length, n_chunks, k, 0, 0, NT, BLOCK_K, ALIGN)
     tl.store(hist + (b * NT + t) * 256 + tl.arange(0, 256), counts)
 
 
@@ -95,11 +95,11 @@ def _chunk_emit(keys, values, lengths, selected, chunk_scores, hist, q_len, widt
             r = keep.to(tl.int32)
             rank = rank0 + tl.cumsum(r, axis=0) - r
             tok = c[:, None] * CHUNK + o[None, :]
-            ok = keep[:, None] & (o < CHUNK)[None, :] & (tok < n)
+            ok = keep[:, None] & (o < CHUNK)[None, :] & (tok < n) & (rank[:, None] * CHUNK + o[None, :] < width)
             tok = tl.reshape(tok, [BLOCK_C * CHUNK_P2])
             slot = tl.reshape(tl.where(ok, rank[:, None] * CHUNK + o[None, :], -1), [BLOCK_C * CHUNK_P2])
             ok = tl.reshape(ok, [BLOCK_C * CHUNK_P2])
-            for h in tl.static_range(HKV):
+            for h in range(HKV):
                 bh = b.to(tl.int64) * HKV + h
                 tl.store(kept + bh * width + slot, tok.to(tl.int64), mask=ok)
                 _copy_rows(keys + bh * q_len * D, keys_out + bh * width * D, tok, slot, ok, D, BLOCK_D)
@@ -110,7 +110,7 @@ def _chunk_emit(keys, values, lengths, selected, chunk_scores, hist, q_len, widt
     for s0 in range(total + t * BLOCK_C, width, NT * BLOCK_C):  # unused slots: -1, zero K/V
         s = s0 + tl.arange(0, BLOCK_C)
         slot = tl.where(s < width, s, -1)
-        for h in tl.static_range(HKV):
+        for h in range(HKV):
             bh = b.to(tl.int64) * HKV + h
             tl.store(kept + bh * width + s, tl.full([BLOCK_C], -1, tl.int64), mask=s < width)
             _copy_rows(keys, keys_out + bh * width * D, s, slot, s < 0, D, BLOCK_D)

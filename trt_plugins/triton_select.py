@@ -20,24 +20,33 @@ from trt_plugins.pyramidkv_select import GRANULARITIES, OBSERVE, POOLINGS, as_ro
 TORCH_KINDS = {"i64": torch.int64, "i32": torch.int32, "f32": torch.float32}
 
 
+def allocate(stage: st.Stage, inputs: dict, constants: dict, poison: bool = False) -> dict:
+    """The outputs of one stage by its shape rule, on the inputs' device (`poison`: filled with -7 / NaN so that
+    an element no program wrote shows)."""
+    first = inputs[stage.inputs[0]]
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    q_len = shapes["keys"][2] if "keys" in shapes else shapes["raw"][2] if "raw" in shapes else None
+    outputs = {}
+    for name, shape in zip(stage.outputs, st.output_shapes(stage, st.Dims(first.shape[0], q_len), constants),
+                           strict=True):
+        kind = st.KINDS.get(name, "f32")
+        dtype = inputs[name.removesuffix("_out")].dtype if kind == "data" else TORCH_KINDS[kind]
+        outputs[name] = torch.empty(shape, dtype=dtype, device=first.device)
+        if poison:
+            outputs[name].fill_(float("nan") if outputs[name].is_floating_point() else -7)
+    return outputs
+
+
 def launch(stage: st.Stage, tensors: dict, constants: dict, outputs: dict | None = None) -> dict:
     """Run one stage: `tensors` its inputs by name (contiguous, one device), `outputs` preallocated ones (the
     TensorRT plugin's buffers) or None to allocate them by the stage's shape rule. Returns the outputs by name."""
     inputs = {name: tensors[name].contiguous() for name in stage.inputs}
-    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-    first = inputs[stage.inputs[0]]
-    q_len = shapes["keys"][2] if "keys" in shapes else shapes["raw"][2] if "raw" in shapes else None
     if outputs is None:
-        dims = st.Dims(first.shape[0], q_len)
-        outputs = {}
-        for name, shape in zip(stage.outputs, st.output_shapes(stage, dims, constants), strict=True):
-            kind = st.KINDS.get(name, "f32")
-            dtype = inputs[name.removesuffix("_out")].dtype if kind == "data" else TORCH_KINDS[kind]
-            outputs[name] = torch.empty(shape, dtype=dtype, device=first.device)
-    out_width = outputs[stage.outputs[0]].shape[-1]
-    scalars = [int(v) for v in st.scalar_values(stage, shapes, out_width)]
+        outputs = allocate(stage, inputs, constants)
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    scalars = [int(v) for v in st.scalar_values(stage, shapes, outputs[stage.outputs[0]].shape[-1])]
     args = [inputs[n] for n in stage.inputs] + scalars + [outputs[n] for n in stage.outputs]
-    grid = (stage.grid(first.shape[0], constants),)
+    grid = (stage.grid(inputs[stage.inputs[0]].shape[0], constants),)
     stage.kernel[grid](*args, **{k: constants[k] for k in stage.constexprs},
                        enable_fp_fusion=False)  # no fused multiply-add: the spec's float32, operation by operation
     return outputs

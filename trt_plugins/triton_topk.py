@@ -205,7 +205,9 @@ def _select_emit(keys, values, lengths, selected, pooled, hist, q_len, width, ke
             bits = tl.load(pooled + bh.to(tl.int64) * q_len + j, mask=j < hi, other=0.0).to(tl.int32, bitcast=True)
             keep, equal = _kept(bits, (j < hi) & (j < prefix), top, need, ties)
             k = keep.to(tl.int32)
-            slot = tl.where(keep, slot0 + tl.cumsum(k, axis=0) - k, -1)
+            slot = slot0 + tl.cumsum(k, axis=0) - k
+            keep = keep & (slot < width)  # never past the output, even for a budget wider than it was built for
+            slot = tl.where(keep, slot, -1)
             tl.store(kept + out + slot, j.to(tl.int64), mask=keep)
             _copy_rows(keys + src, keys_out + out * D, j, slot, keep, D, BLOCK_D)
             _copy_rows(values + src, values_out + out * D, j, slot, keep, D, BLOCK_D)
