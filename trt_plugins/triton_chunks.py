@@ -83,10 +83,10 @@ def _chunk_emit(keys, values, lengths, selected, chunk_scores, hist, q_len, widt
     n = tl.load(lengths + b).to(tl.int32)
     n_chunks, k = _wanted(lengths, selected, b, WINDOW, CHUNK)
     o = tl.arange(0, CHUNK_P2)
-    if k > 0:
+    lo, hi = _share(t, tl.cdiv(q_len, CHUNK), NT, ALIGN)
+    if (k > 0) & (lo < n_chunks):
         top, need = _digits(hist, b, k, 4, NT)
         rank0, ties = _picks_before(hist, b, t, top, need, NT)
-        lo, hi = _share(t, tl.cdiv(q_len, CHUNK), NT, ALIGN)
         for c0 in range(lo, hi, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             bits = tl.load(chunk_scores + b.to(tl.int64) * tl.cdiv(q_len, CHUNK) + c, mask=c < hi,

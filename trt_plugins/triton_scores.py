@@ -91,27 +91,28 @@ def _obs_partials(queries, keys, lengths, q_len, partials,
         slot = p
     k_base = keys + (b.to(tl.int64) * HKV + kvh) * q_len * D
     out = partials + bh.to(tl.int64) * (2 * PS) * rows
-    for r0 in range(row_lo, row_hi, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        head, pos = _row_heads(r, n, n_obs, first_head, HEADS, OBSERVE_ALL)
-        ok = (r < row_hi) & (pos >= 0) & (pos < n)
-        q_rows = _load_rows(queries, b, q_len, head, pos, ok, H, D, BLOCK_D)
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_R], tl.float32)
-        end = key_hi
-        if OBSERVE_ALL:  # causal: no row of this block sees past its last position
-            end = tl.minimum(key_hi, (tl.minimum(row_hi, r0 + BLOCK_R) - 1) // HEADS + 1)
-        for j0 in range(key_lo, end, BLOCK_K):
-            j = j0 + tl.arange(0, BLOCK_K)
-            logits = _logits(q_rows, k_base, j, q_len, D, BLOCK_D, SCALE)
-            visible = (j[None, :] <= pos[:, None]) & (j[None, :] < end) & ok[:, None]
-            logits = tl.where(visible, logits, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
-            m = m_new
-        tl.store(out + slot * rows + r, m, mask=r < row_hi)
-        tl.store(out + (PS + slot) * rows + r, s, mask=r < row_hi)
+    if (row_lo < row_hi) & (key_lo < key_hi):  # a share past the row: nothing to do (and nothing is read back)
+        for r0 in range(row_lo, row_hi, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            head, pos = _row_heads(r, n, n_obs, first_head, HEADS, OBSERVE_ALL)
+            ok = (r < row_hi) & (pos >= 0) & (pos < n)
+            q_rows = _load_rows(queries, b, q_len, head, pos, ok, H, D, BLOCK_D)
+            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_R], tl.float32)
+            end = key_hi
+            if OBSERVE_ALL:  # causal: no row of this block sees past its last position
+                end = tl.minimum(key_hi, (tl.minimum(row_hi, r0 + BLOCK_R) - 1) // HEADS + 1)
+            for j0 in range(key_lo, end, BLOCK_K):
+                j = j0 + tl.arange(0, BLOCK_K)
+                logits = _logits(q_rows, k_base, j, q_len, D, BLOCK_D, SCALE)
+                visible = (j[None, :] <= pos[:, None]) & (j[None, :] < end) & ok[:, None]
+                logits = tl.where(visible, logits, float("-inf"))
+                m_new = tl.maximum(m, tl.max(logits, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+                m = m_new
+            tl.store(out + slot * rows + r, m, mask=r < row_hi)
+            tl.store(out + (PS + slot) * rows + r, s, mask=r < row_hi)
 
 
 @triton.jit
@@ -156,14 +157,15 @@ def _obs_scores(queries, keys, lengths, partials, q_len, raw,
                 s = tl.load(part + rows + r, mask=ok, other=0.0)
                 acc += _mass(q_rows, pos, ok, m, s, k_base, j, n, q_len, D, BLOCK_D, SCALE)
             tl.store(out + j, tl.where(j < prefix, acc / HEADS, 0.0), mask=j < key_hi)
-    else:  # few rows (BLOCK_R >= heads x window): merge every row's PS partials once, then walk the keys
+    elif key_lo < scored:  # few rows (BLOCK_R >= heads x window): merge every row's partials, then walk the keys
         r = tl.arange(0, BLOCK_R)
         head, pos = _row_heads(r, n, n_obs, first_head, HEADS, OBSERVE_ALL)
         ok = (r < rows) & (pos >= 0) & (pos < n)
         q_rows = _load_rows(queries, b, q_len, head, pos, ok, H, D, BLOCK_D)
         slots = tl.arange(0, PS)
-        m_i = tl.load(part + slots[:, None] * rows + r[None, :], mask=ok[None, :], other=float("-inf"))
-        s_i = tl.load(part + (PS + slots[:, None]) * rows + r[None, :], mask=ok[None, :], other=0.0)
+        written = (slots < tl.cdiv(n, share))[:, None] & ok[None, :]  # the key shares holding real keys
+        m_i = tl.load(part + slots[:, None] * rows + r[None, :], mask=written, other=float("-inf"))
+        s_i = tl.load(part + (PS + slots[:, None]) * rows + r[None, :], mask=written, other=0.0)
         m = tl.max(m_i, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         s = tl.sum(s_i * tl.exp(m_i - m_safe[None, :]), axis=0)

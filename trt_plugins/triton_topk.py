@@ -116,12 +116,14 @@ def _radix_pass(ranked, lengths, selected, hist_in, length, hist,
     bh = pid // NT
     t = pid % NT
     n_valid, k = _wanted(lengths, selected, bh // ROWS, WINDOW, CHUNK)
-    top, _ = _digits(hist_in, bh, k, PASS, NT)
     x = tl.arange(0, 256)
     for i in tl.static_range(PASS):
         prev = tl.load(hist_in + ((bh * PASS + i) * NT + t) * 256 + x)
         tl.store(hist + ((bh * (PASS + 1) + i) * NT + t) * 256 + x, prev)
-    counts = _counts(ranked, bh, t, length, n_valid, k, top, PASS, NT, BLOCK_K, ALIGN)
+    counts = tl.zeros([256], tl.int32)
+    if t * tl.cdiv(tl.cdiv(length, NT), ALIGN) * ALIGN < tl.minimum(length, n_valid):  # a share with values
+        top, _ = _digits(hist_in, bh, k, PASS, NT)
+        counts = _counts(ranked, bh, t, length, n_valid, k, top, PASS, NT, BLOCK_K, ALIGN)
     tl.store(hist + ((bh * (PASS + 1) + PASS) * NT + t) * 256 + x, counts)
 
 
@@ -196,10 +198,10 @@ def _select_emit(keys, values, lengths, selected, pooled, hist, q_len, width, ke
     prefix, sel = _wanted(lengths, selected, b, WINDOW, 0)
     src = (b.to(tl.int64) * HKV + kvh) * q_len * D
     out = bh.to(tl.int64) * width
-    if sel > 0:
+    lo, hi = _share(t, q_len, NT, ALIGN)
+    if (sel > 0) & (lo < prefix):
         top, need = _digits(hist, bh, sel, 4, NT)
         slot0, ties = _picks_before(hist, bh, t, top, need, NT)
-        lo, hi = _share(t, q_len, NT, ALIGN)
         for j0 in range(lo, hi, BLOCK_K):
             j = j0 + tl.arange(0, BLOCK_K)
             bits = tl.load(pooled + bh.to(tl.int64) * q_len + j, mask=j < hi, other=0.0).to(tl.int32, bitcast=True)

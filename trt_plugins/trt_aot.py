@@ -83,21 +83,37 @@ def check_ptx_header(ptx: str, arch: int = AOT_ARCH, isa: int = AOT_PTX_ISA) -> 
         raise ValueError(f"the AOT payload is PTX {ptx_header(ptx)}, not {want} (.version, .target)")
 
 
+_COMPILED: dict[str, AotKernel] = {}  # this process's payloads by request: a build asks once per layer and shape
+
+
+def _key(name: str, dtype: str, constants: dict, arch: int) -> str:
+    from trt_plugins.select_stages import STAGES
+
+    stage = next(s for s in STAGES if s.name == name)
+    return json.dumps([name, dtype, arch, {k: constants[k] for k in stage.constexprs}], sort_keys=True)
+
+
 def compile_stages(requests: list[tuple[str, str, dict]], arch: int = AOT_ARCH) -> list[AotKernel]:
-    """PTX of stage kernels, one per (stage name, dtype, constants) request; see `_compile`. In a process running
-    Triton's interpreter (the CPU tests) the kernels are interpreted functions that cannot be compiled: a clean
-    subprocess compiles them (all requests in one)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return [_compile(name, dtype, constants, arch) for name, dtype, constants in requests]
-    code = ("import json, sys; from dataclasses import asdict; from trt_plugins.trt_aot import _compile; "
-            "a = json.loads(sys.argv[1]); "
-            "print(json.dumps([asdict(_compile(*r, a['arch'])) for r in a['requests']]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps({"requests": requests, "arch": arch})
-    r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"compiling the selection kernels failed: {r.stderr.strip().splitlines()[-1:]}")
-    return [AotKernel(**k) for k in json.loads(r.stdout.strip().splitlines()[-1])]
+    """PTX of stage kernels, one per (stage name, dtype, constants) request; see `_compile`. Each specialisation
+    is compiled once per process (a stage takes only the constants it names, so layers alike share payloads).
+    In a process running Triton's interpreter (the CPU tests) the kernels are interpreted functions that cannot
+    be compiled: a clean subprocess compiles them (all missing requests in one)."""
+    keys = [_key(name, dtype, constants, arch) for name, dtype, constants in requests]
+    missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in _COMPILED}
+    if missing and os.environ.get("TRITON_INTERPRET") != "1":
+        _COMPILED.update({k: _compile(*r, arch) for k, r in missing.items()})
+    elif missing:
+        code = ("import json, sys; from dataclasses import asdict; from trt_plugins.trt_aot import _compile; "
+                "a = json.loads(sys.argv[1]); "
+                "print(json.dumps([asdict(_compile(*r, a['arch'])) for r in a['requests']]))")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        args = json.dumps({"requests": list(missing.values()), "arch": arch})
+        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling the selection kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+        compiled = json.loads(r.stdout.strip().splitlines()[-1])
+        _COMPILED.update({k: AotKernel(**c) for k, c in zip(missing, compiled, strict=True)})
+    return [_COMPILED[k] for k in keys]
 
 
 def compile_stage(name: str, dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:

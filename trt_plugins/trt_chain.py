@@ -30,23 +30,24 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return out
 
 
-def _pyramidkv(a: dict) -> dict:
+def _pyramidkv(a: dict, **blocks) -> dict:
     return st.pyramidkv_constants(a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"], a["kernel"],
-                                  a["pooling"], a["granularity"], a["observe"])
+                                  a["pooling"], a["granularity"], a["observe"], **blocks)
 
 
-def _streaming(a: dict) -> dict:
-    return st.streaming_constants(a["num_kv_heads"], a["head_dim"], a["window"], a["sinks"])
+def _streaming(a: dict, programs: int = st.PROGRAMS, block_k: int = st.BLOCK_K, **_) -> dict:
+    return st.streaming_constants(a["num_kv_heads"], a["head_dim"], a["window"], a["sinks"], programs=programs,
+                                  block_k=block_k)
 
 
-def _chunkkv(a: dict) -> dict:
+def _chunkkv(a: dict, **blocks) -> dict:
     return st.chunkkv_constants(a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"], a["chunk_size"],
-                                a["kernel"], a["pooling"])
+                                a["kernel"], a["pooling"], **blocks)
 
 
-def _chunk_gather(a: dict) -> dict:
+def _chunk_gather(a: dict, **blocks) -> dict:
     return st.chunkkv_constants(a["num_kv_heads"], a["num_kv_heads"], a["head_dim"], a["window"], a["chunk_size"],
-                                1, "none")
+                                1, "none", **blocks)
 
 
 # op_type -> (chain, its inputs, its outputs in the node's order, constants from the node's attributes)
@@ -62,16 +63,17 @@ CHAINS = {
 }
 
 
-def chain_constants(node: onnx.NodeProto) -> dict:
-    """The constants of a selection node's chain, from its attributes."""
+def chain_constants(node: onnx.NodeProto, **blocks) -> dict:
+    """The constants of a selection node's chain, from its attributes (`blocks`: how the work is cut, see
+    `select_stages.pyramidkv_constants`; the plugins' defaults unless given)."""
     attrs = _attrs(node)
-    return CHAINS[node.op_type][3](attrs) | {"MAX_SELECTED": attrs["max_selected"]}
+    return CHAINS[node.op_type][3](attrs, **blocks) | {"MAX_SELECTED": attrs["max_selected"]}
 
 
-def chain_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+def chain_nodes(node: onnx.NodeProto, **blocks) -> list[onnx.NodeProto]:
     """The plugin nodes that compute `node` (a selection node naming a pkv plugin)."""
     chain, inputs, outputs, _ = CHAINS[node.op_type]
-    constants = chain_constants(node)
+    constants = chain_constants(node, **blocks)
     prefix = (node.name or node.output[0]) + "/"
     env = dict(zip(inputs, node.input, strict=True))
     nodes = []
@@ -115,15 +117,18 @@ def is_plugin_selection(node: onnx.NodeProto) -> bool:
         a.name == "plugin_namespace" for a in node.attribute)
 
 
-def expand_selections(model: onnx.ModelProto) -> int:
+def expand_selections(model: onnx.ModelProto, **blocks) -> int:
     """Replace every plugin selection node of the model's graphs (If / Loop bodies included), in place, by its
-    kernel chain; returns how many were replaced."""
+    kernel chain; returns how many were replaced. `blocks` (splits, programs, block_k, align) cut the work
+    differently from the plugins' defaults (the CPU tests use small shares to cross every edge)."""
     count = 0
-    for graph in list(_graphs(model.graph)):
+    for graph in reversed(list(_graphs(model.graph))):  # subgraphs first: rebuilding a parent copies its nodes
+        if not any(is_plugin_selection(node) for node in graph.node):
+            continue
         nodes = []
         for node in graph.node:
             if is_plugin_selection(node):
-                nodes += chain_nodes(node)
+                nodes += chain_nodes(node, **blocks)
                 count += 1
             else:
                 nodes.append(node)
