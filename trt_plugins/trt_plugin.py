@@ -61,7 +61,7 @@ def _dims(trtp, stage, descs: dict):
     def both_ints(a, b):
         return isinstance(a, int) and isinstance(b, int)
 
-    source = descs.get("keys") or descs.get("raw")
+    source = descs["keys"] if "keys" in descs else descs.get("raw")  # where the prompt length q is
     return Dims(descs[stage.inputs[0]].shape_expr[0], None if source is None else source.shape_expr[2],
                 minimum=lambda a, b: min(a, b) if both_ints(a, b) else trtp.min(a, b),
                 cdiv=lambda a, b: -(-a // b) if both_ints(a, b) else trtp.cdiv(a, b))
