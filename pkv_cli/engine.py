@@ -80,8 +80,9 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
 @model_option
 @policy_options
 @click.option("--backend", type=click.Choice(list(BUILDERS)), default="onnx", show_default=True,
-              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the PyramidKVSelect "
-                   "plugin (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint (written anywhere).")
+              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the selection "
+                   "run by pkv kernel plugins (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint "
+                   "(written anywhere).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Graphs for onnxruntime (fused GroupQueryAttention, in-place caches) or for TensorRT's parser "
                    "(standard ops: Attention, TensorScatter; plugin-ready selection nodes). Both run on onnxruntime.")
