@@ -50,8 +50,10 @@ def compare_one(engine_result, reference_result) -> dict[str, Any]:
 
 
 def run_samples(samples: list[ValidationSample], suite, engine, reference, out_file: Path,
-                done_ids: set[str], progress=None) -> list[dict[str, Any]]:
-    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished."""
+                done_ids: set[str], progress=None, on_result=None) -> list[dict[str, Any]]:
+    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished.
+    `on_result(sample, record, engine result)` sees each finished single-prompt sample before its record is
+    written (validate.failures: the inspect page of a failed sample, from the kept indices the run already has)."""
     from validate.multiquery import run_context
 
     records = []
@@ -82,6 +84,8 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
                 want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)
                 record.update({"reference_answer": want.text[0], "reference_score": suite.score(sample, want.text[0]),
                                "reference_seconds": round(time.perf_counter() - t1, 4), **compare_one(got, want)})
+            if on_result is not None:
+                on_result(sample, record, got)
             _append(f, record)
             records.append(record)
             if progress:
