@@ -207,7 +207,8 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
     with bar:
         update(finished, len(samples))
         run_samples(samples, spec, engine, ref, samples_file, done,
-                    progress=lambda k, n: update(finished + k, len(samples)), on_result=pages)
+                    progress=lambda k, n: update(finished + k, len(samples)), on_result=pages,
+                    generate_options=pages.generate_options if pages else None)
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
     if pages is not None:  # a resumed run: pages for the failures of its earlier part
         pages.fill_missing(samples, records)

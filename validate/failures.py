@@ -41,6 +41,9 @@ class FailurePages:
 
     def __init__(self, run_dir: Path, engine, model: str, engine_name: str):
         self.run_dir, self.engine, self.model, self.engine_name = Path(run_dir), engine, model, engine_name
+        # what the runner adds to each generation: the reference's scores, so a page can say how far below the cut
+        # the needle scored (the tokens and kept sets do not change)
+        self.generate_options = {"return_scores": True} if getattr(engine, "records_scores", False) else {}
 
     def __call__(self, sample, record: dict[str, Any], result) -> None:
         if failed(record):
@@ -68,7 +71,7 @@ class FailurePages:
                 if failed(r) and r["id"] in by_id and not (self.run_dir / page_path(r["id"])).is_file()]
         for record in todo:
             sample = by_id[record["id"]]
-            result = self.engine.generate([sample.ids], 1, return_indices=True)
+            result = self.engine.generate([sample.ids], 1, return_indices=True, **self.generate_options)
             self.write(sample, record, result)
         return len(todo)
 

@@ -171,7 +171,7 @@ def inspect_data(result, tokens: list[str], mark: Mark | None, ids: list[int], p
     q = len(ids)
     kept = [[[int(p) for p in row if p >= 0] for row in layer[0].tolist()] for layer in result.kept_indices]
     scores = None
-    if result.scores is not None:
+    if result.scores is not None and any(s is not None for s in result.scores):
         scores = [None if s is None else s[0, :, :q].float().numpy() for s in result.scores]
     plan = make_plan(spec, policy, q, dtype=dtype)
     nbytes = DTYPE_BYTES[dtype] * spec.head_dim * 2  # K and V of one (head, token)

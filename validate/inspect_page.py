@@ -233,7 +233,8 @@ tokens.forEach((t,i)=>{t.dataset.i=i;});
 prompt.addEventListener('mouseover',e=>{const t=e.target.closest('.t');if(!t||!prompt.contains(t))return;
  const p=+t.dataset.i;let total=0,per=[];
  for(let l=0;l<L;l++){total+=C[l*Q+p];per.push('L'+l+' '+C[l*Q+p]+'/'+H);}
- show(e,'position '+p+' '+JSON.stringify(t.textContent)+': kept by '+total+' of '+(L*H)+' (layer, head) pairs\\n'
+ const text=t.textContent?JSON.stringify(t.textContent):'(the first bytes of the next character)';
+ show(e,'position '+p+' '+text+': kept by '+total+' of '+(L*H)+' (layer, head) pairs\\n'
   +per.join('  '));});
 prompt.addEventListener('mouseout',hide);
 document.body.dataset.ready='1';

@@ -177,7 +177,8 @@ def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None, inspe
     atomic_write_text(cell_dir / "run.json", json.dumps(run, indent=2, ensure_ascii=False))
     done = {r["id"] for r in read_records(samples_file, repair=True)}
     pages = FailurePages(cell_dir, engine, model, run["engine"]) if inspect_failures else None
-    run_samples(samples, suite, engine, None, samples_file, done, progress, on_result=pages)
+    run_samples(samples, suite, engine, None, samples_file, done, progress, on_result=pages,
+                generate_options=pages.generate_options if pages else None)
     wanted = {rid for s in samples for rid in record_ids(s)}
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
     if pages is not None:
