@@ -176,8 +176,9 @@ def recording_scores(state: Any) -> bool:
 
 
 def record_scores(state: Any, layer: int, scores: torch.Tensor) -> None:
-    """Layer `layer`'s scores, as the method ranked its prompt tokens: [B, Hc, q] float32, right-aligned (position p
-    is the row's p-th real token); NaN where the method gives a token no score, -inf where it cannot pick it."""
+    """The ranking that decided what layer `layer` keeps: [B, Hc, q] float32, right-aligned (position p is the
+    row's p-th real token); NaN where the method gives a token no score, -inf (or +inf) where the token was not a
+    candidate (kept or dropped whatever its score: sinks, window)."""
     if recording_scores(state):
         state.scores[layer] = scores.detach().float()
 

@@ -94,8 +94,13 @@ class PyramidInferPolicy(KVPolicy):
         state.shared[("pyramidinfer", layer)] = {"rows": by_slot * (slots >= 0)[:, None, :], "past": alive.sum(-1),
                                                  "recent": recent}
         scores = weighted_rows(rows, recent, self.distance_weight)
-        if recording_scores(state):  # the ranking of what goes on to layer + 1, over the tokens this layer saw
-            record_scores(state, layer, scores.masked_fill(~alive, float("nan"))[:, None].expand(-1, key.shape[1], -1))
+        if recording_scores(state) and layer + 1 < state.num_layers:
+            # the ranking that decides what layer + 1 keeps of this layer's context: NaN for the tokens this layer
+            # did not see, -inf for the sinks and the recent window (kept whatever their scores)
+            pos = torch.arange(scores.shape[1])[None, :]
+            candidate = alive & (pos >= self.sinks) & (pos < (lengths - 1 - recent)[:, None])
+            ranked = torch.where(candidate, scores, torch.where(alive, float("-inf"), float("nan")))
+            record_scores(state, layer + 1, ranked[:, None].expand(-1, key.shape[1], -1))
         alive = next_alive(scores, alive, lengths, layer, state.num_layers, self.recent_ratio, self.decay,
                            self.decay_schedule, self.min_context, self.sinks)
         state.visible = left_aligned(alive, mask)

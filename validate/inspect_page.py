@@ -122,7 +122,7 @@ def _score_note(d: InspectData, layer: int, head: int) -> str:
     if not len(span) or not len(kept):
         return ""
     best, cut = float(span.max()), float(kept.min())
-    return f" ({best:.3g} {'<' if best < cut else '&ge;'} {cut:.3g})"
+    return f" ({best:.3g} {'&lt;' if best < cut else '&ge;'} {cut:.3g})"
 
 
 def _prompt(d: InspectData, share: np.ndarray) -> str:

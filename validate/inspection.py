@@ -102,8 +102,11 @@ def kept_png(d: InspectData, path: Path) -> Path:
     filled = np.zeros(cols * b)
     filled[:q] = 1
     share = counts.reshape(d.num_layers, cols, b).sum(-1) / (filled.reshape(cols, b).sum(-1) * max(1, d.num_heads))
-    fig = new_figure(11, 1.6 + 0.22 * d.num_layers)
-    ax = fig.subplots()
+    fig = new_figure(11, 1.6 + 0.22 * d.num_layers, layout=None)  # fixed axes: a constrained layout costs more
+    height = fig.get_figheight()
+    bottom, top = 0.55 / height, 1 - 0.4 / height  # inches of labels below and title above, as fractions
+    ax = fig.add_axes((0.06, bottom, 0.84, top - bottom))
+    cax = fig.add_axes((0.92, bottom, 0.015, top - bottom))
     image = ax.imshow(share, cmap=colormaps["Blues"], norm=Normalize(0, 1), aspect="auto", interpolation="nearest",
                       extent=(0, q, d.num_layers - 0.5, -0.5))
     for start, end, colour, label in ((0, d.sinks, "#e08214", "sinks"), (q - d.window, q, "#1a9850", "window")):
@@ -118,5 +121,5 @@ def kept_png(d: InspectData, path: Path) -> Path:
     ax.set_title(f"{d.policy} on {d.model}: share of each layer's {d.num_heads} heads keeping each token", fontsize=10)
     if d.sinks or d.window or d.mark is not None:
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
-    fig.colorbar(image, ax=ax, label="heads keeping it", fraction=0.03)
+    fig.colorbar(image, cax=cax, label="share of heads keeping it")
     return save_figure(fig, path)
