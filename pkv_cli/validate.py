@@ -191,6 +191,7 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records, record_ids, run_samples
 
+    pages = FailurePages(out, engine, engine_model(engine), run["engine"]) if inspect_failures else None
     out.mkdir(parents=True, exist_ok=True)
     samples_file, run_file = out / SAMPLES_FILE, out / "run.json"
     identity = {k: run[k] for k in IDENTITY}
@@ -202,7 +203,6 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
     done = {r["id"] for r in read_records(samples_file, repair=True)}
     wanted = {rid for s in samples for rid in record_ids(s)}
     finished = sum(all(r in done for r in record_ids(s)) for s in samples)  # a resumed bar starts where it stopped
-    pages = FailurePages(out, engine, engine_model(engine), run["engine"]) if inspect_failures else None
     bar, update = progress_bar(f"{suite} {index}/{count}", len(samples), lines=True)
     with bar:
         update(finished, len(samples))

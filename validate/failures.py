@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pkv_core.errors import UserInputError
-from validate.inspection import PAGE, data_from_result, write_inspect_dir
+from validate.inspection import PAGE, check_engine, data_from_result, write_inspect_dir
 
 INSPECT_DIR = "inspect"
 
@@ -40,6 +40,7 @@ class FailurePages:
     """The runner's hook (`run_samples(..., on_result=...)`): a page for each failed sample as it finishes."""
 
     def __init__(self, run_dir: Path, engine, model: str, engine_name: str):
+        check_engine(engine, engine_name)  # before the first sample, not after it
         self.run_dir, self.engine, self.model, self.engine_name = Path(run_dir), engine, model, engine_name
         # what the runner adds to each generation: the reference's scores, so a page can say how far below the cut
         # the needle scored (the tokens and kept sets do not change)

@@ -33,11 +33,17 @@ def test_failure_is_below_the_reference_or_below_one():
 
 def test_validate_writes_and_links_a_page_per_failed_sample(tmp_path):
     """The random tiny model misses every needle: without a reference each sample fails and gets its page, whose
-    kept sets are what the engine holds for that very prompt; a resumed run makes a page it lacks."""
-    out = tmp_path / "run"
-    r = invoke("validate", *TINY, *GRID, "--reference", "none", "--inspect-failures", "--out", out)
-    assert r.exit_code == 0, r.output
+    kept sets are what the engine holds for that very prompt. Two shards merge with their pages; a resumed run
+    makes a page it lacks."""
     ids = ["niah-L320-D0", "niah-L320-D100"]
+    for shard in (0, 1):
+        r = invoke("validate", *TINY, *GRID, "--reference", "none", "--inspect-failures", "--shard", f"{shard}/2",
+                   "--out", tmp_path / f"s{shard}")
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / f"s{shard}" / page_path(ids[shard])).is_file()
+    out = tmp_path / "merged"
+    r = invoke("validate", "--merge", tmp_path / "s0", "--merge", tmp_path / "s1", "--out", out)
+    assert r.exit_code == 0, r.output
     report = (out / "report.md").read_text()
     for sid in ids:
         assert f"[{sid}]({page_path(sid)})" in report
@@ -55,11 +61,13 @@ def test_validate_writes_and_links_a_page_per_failed_sample(tmp_path):
     assert [[h["kept"] for h in layer["heads"]] for layer in kept["layers"]] == [
         [[p for p in row if p >= 0] for row in k[0].tolist()] for k in held]
     # Resume: a page lost since is made again, from a prefill of its sample.
-    shutil.rmtree((out / page_path(ids[1])).parent)
-    r = invoke("validate", *TINY, *GRID, "--reference", "none", "--inspect-failures", "--resume", "--out", out)
+    run = tmp_path / "s1"
+    shutil.rmtree((run / page_path(ids[1])).parent)
+    r = invoke("validate", *TINY, *GRID, "--reference", "none", "--inspect-failures", "--shard", "1/2", "--resume",
+               "--out", run)
     assert r.exit_code == 0, r.output
-    assert (out / page_path(ids[1])).is_file()
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    assert (run / page_path(ids[1])).is_file() and f"]({page_path(ids[1])})" in (run / "report.md").read_text()
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow
