@@ -20,6 +20,7 @@ import numpy as np
 from exporter.plan import human_bytes
 from validate.inspect_data import InspectData
 
+DENSE = ' class="dense"'  # many layers: thinner bars
 MAX_COLUMNS = 1024  # map columns at most: longer prompts are binned
 LEVELS = 10  # shades of the prompt's tokens (share of pairs keeping them, in tenths)
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -80,7 +81,7 @@ def _budgets(d: InspectData) -> str:
             f'</span><span class="num">{spread} of {d.prompt_len} kept (plan {planned})</span></div>')
     return (f'<section><h2>Per-layer budgets</h2><p class="hint">Tokens each layer keeps per head (bar: the mean over '
             f'heads; a range where heads differ); the tick is what <code>pkv-export plan</code> budgets.</p>'
-            f'<div id="budgets">{"".join(rows)}</div></section>')
+            f'<div id="budgets"{DENSE if d.num_layers > 16 else ""}>{"".join(rows)}</div></section>')
 
 
 def _mark_report(d: InspectData) -> str:
@@ -166,6 +167,7 @@ h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.4em}code{font-size:.95em}
 .bar{position:absolute;left:0;top:0;bottom:0;background:#2166ac;border-radius:2px}
 .plan{position:absolute;top:-2px;bottom:-2px;width:2px;background:#d6604d}
 .num{color:#444}
+.dense .budget{height:11px;margin:1px 0;font-size:10px}.dense .track{height:8px}
 #mapbox{position:relative;overflow-x:auto}
 #map{image-rendering:pixelated;border:1px solid #ccc;cursor:crosshair}
 #tip{position:fixed;display:none;pointer-events:none;background:#fff;border:1px solid #888;padding:4px 7px;
