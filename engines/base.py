@@ -22,6 +22,9 @@ class GenerationResult:
         prefill, per cache head; -1 marks a slot holding padding, or one a prompt with a smaller budget than
         the batch's largest leaves unused. Present when requested.
     selected[b][l]: prefix tokens layer l selected for prompt b (None when the whole prompts were kept).
+    scores[l]: [B, Hc, q] float32, the scores layer l's selection ranked the prompt by (right-aligned: position p
+        is the row's p-th real token; NaN: no score; -inf: not a candidate), or None for a layer without;
+        only the reference records them, and only when asked (`return_scores`).
     """
 
     tokens: list[list[int]]
@@ -31,6 +34,7 @@ class GenerationResult:
     kept_indices: list[torch.Tensor] | None = None
     selected: list[list[int]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    scores: list[torch.Tensor | None] | None = None
 
     def to_json(self) -> dict:
         out = {

@@ -53,6 +53,8 @@ class PrefillRun:
 
 class ReferenceEngine:
     name = "torch-reference"
+    reports_kept_indices = True  # generate(return_indices=True) returns what every layer kept
+    records_scores = True  # generate(return_scores=True) returns what each layer's selection ranked by
 
     def __init__(self, loaded: LoadedModel, policy: KVPolicy, dtype: torch.dtype = torch.float32):
         self.loaded, self.policy, self.dtype = loaded, policy, dtype
@@ -76,12 +78,17 @@ class ReferenceEngine:
         return_logits: bool = False,
         return_indices: bool = False,
         progress: ProgressFn | None = None,
+        return_scores: bool = False,
     ) -> GenerationResult:
+        """`return_scores`: also the scores each layer's selection ranked the prompt by (GenerationResult.scores),
+        where the method has them; they cost the selection's scoring once more."""
         input_ids, mask, positions = encode_batch(self.tokenizer, prompts, self.pad_id, self.max_input_len,
                                                   max_new_tokens, max_positions=self.spec.max_position_embeddings)
         lengths = [int(n) for n in mask.sum(-1)]
         selected = self.policy.batch_selected(self.spec.num_layers, lengths)  # [L, B] or None
         state = self._state(selected, mask)
+        if return_scores:
+            state.scores = {}
 
         t0 = time.perf_counter()
         out = self.model(
@@ -106,7 +113,10 @@ class ReferenceEngine:
             layers = range(self.spec.num_layers)
             per_prompt = [[int((state.layers[i].kept[b] >= 0).sum(-1).max() - window[b]) for i in layers]
                           for b in range(len(window))]
-        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
+        result = finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, per_prompt, timings)
+        if return_scores:
+            result.scores = [state.scores.get(i) for i in range(self.spec.num_layers)]
+        return result
 
     def _state(self, selected: torch.Tensor | None, mask: torch.Tensor) -> CompressedKVState:
         """A generation's state for left-padded prompts, mask [B, q]."""

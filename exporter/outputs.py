@@ -40,6 +40,7 @@ OUTPUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "validation-run": ("a pkv-export validation run", lambda d: (d / "run.json").is_file()
                        or (d / "samples.jsonl").is_file()),
     "sweep": ("a pkv-export sweep", _has_file("sweep-config.json")),
+    "inspect-page": ("a pkv-export inspect page", _has_file("kept.json")),
 }
 
 

@@ -70,6 +70,12 @@ class ChunkKVPolicy(BudgetedPolicy):
             shared[("chunkkv", layer)] = scores
         return idx, k, v
 
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        """Each token scores its chunk's score (+inf: the window's chunks); every KV head shares them."""
+        chunks = shared[("chunkkv", self.scores_from(layer))]  # [B, C]
+        q = keys.shape[2]
+        return chunks.repeat_interleave(self.chunk_size, dim=1)[:, None, :q].expand(-1, keys.shape[1], -1)
+
     def graph_layer(self, pg, layer, q, k4, v4):
         leader = self.scores_from(layer) == layer
         # A group leader also hands its chunk scores [B, C] to the group (zeros when nothing is compressed).

@@ -204,11 +204,12 @@ def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_j
 
 def _register_engine_commands() -> None:
     from pkv_cli.engine import build, compare
+    from pkv_cli.inspection import inspect
     from pkv_cli.sweep import sweep
     from pkv_cli.triton import client, serve, triton
     from pkv_cli.validate import validate
 
-    for command in (build, compare, validate, sweep, triton, serve, client):
+    for command in (build, compare, inspect, validate, sweep, triton, serve, client):
         main.add_command(command)
 
 
