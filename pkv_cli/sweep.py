@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from exporter.specs import DEFAULT_MODEL
-from pkv_cli.common import check_run_counts, emit_json, progress_bar
+from pkv_cli.common import check_positions, check_run_counts, emit_json, progress_bar
 from pkv_core.errors import UserInputError
 
 
@@ -60,7 +60,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         raise UserInputError("--resume continues a sweep, --force replaces it: give one of them")
     check_run_counts(limit, max_new_tokens)
     cells = parse_cells(policies, budgets, window)
-    inputs = [data, config_dir]
+    inputs = [data, config_dir, model if Path(model).exists() else None]
     if out.exists() and resume:
         if not (out / CONFIG_FILE).is_file():
             raise UserInputError(f"{out} holds no sweep to resume")
@@ -82,6 +82,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
     samples, bad = suite_spec.samples(loaded.tokenizer(), max_input_len, limit, skip_bad)
     if not samples:
         raise UserInputError("no samples to run")
+    check_positions(samples, spec.max_position_embeddings)  # before anything under --out is written
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     config = {"model": loaded.source, "suite": suite, "engine_backend": engine_backend, "dtype": dtype,

@@ -39,8 +39,13 @@ def _add_bias(t):
 
 
 CASES = {
-    "more layers in config": (_set(num_hidden_layers=5), None, "'model.layers.4.self_attn.q_proj.weight' is missing"),
-    "fewer layers in config": (_set(num_hidden_layers=3), None, "model.layers.3."),
+    "more layers in config": (_set(num_hidden_layers=5), None, "num_hidden_layers = 5, the checkpoint holds 4 layers"),
+    "fewer layers in config": (_set(num_hidden_layers=3), None, "num_hidden_layers = 3, the checkpoint holds 4 layers"),
+    # issue 31 case 5: absurd sizes are refused before anything is sized by them (they made plan OOM, build grow
+    # to 6.4 GB, generate hang)
+    "a billion layers": (_set(num_hidden_layers=10**9), None, "num_layers = 1000000000: must be at most 1024"),
+    "absurd positions": (_set(max_position_embeddings=10**15), None, "max_position_embeddings"),
+    "infinite rms eps": (_set(rms_norm_eps=float("inf")), None, "rms_norm_eps"),
     "bias tensor in weights": (None, _add_bias, "q_proj.bias' is not used"),
     "attention_bias in config": (_set(attention_bias=True), None, "attention_bias"),
     "mlp_bias in config": (_set(mlp_bias=True), None, "mlp_bias"),
