@@ -88,3 +88,13 @@ def test_bf16_and_fp16_checkpoints_still_load(tmp_path, tiny_llama_dir):
         d = edit(tmp_path, tiny_llama_dir, tensors=lambda t, dt=dtype: t.update({k: v.to(dt) for k, v in t.items()}))
         assert load_model(str(d)).weights.get("model.norm.weight").dtype == dtype
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("layers,fragment", [(10**9, "must be at most 1024"), (900, "the checkpoint holds 4 layers")])
+def test_plan_of_a_checkpoint_refuses_a_config_its_weights_cannot_be(tmp_path, tiny_llama_dir, layers, fragment):
+    """Issue 31 case 5: `plan --model DIR` with num_hidden_layers 1e9 was OOM-killed after 153 s building its
+    tables; presets still plan without weights (tests/pkv_cli/test_cli.py plans llama3-70b)."""
+    d = edit(tmp_path, tiny_llama_dir, _set(num_hidden_layers=layers))
+    r = CliRunner().invoke(main, ["plan", "--model", str(d), "--context", "1000"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
