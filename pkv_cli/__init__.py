@@ -13,7 +13,6 @@ from pkv_cli.common import (
     PolicyCommand,
     check_text,
     emit_json,
-    given_options,
     parse_size,
     policy_from_options,
     policy_option_names,
@@ -21,6 +20,7 @@ from pkv_cli.common import (
     printable,
     progress_bar,
     read_prompts,
+    refuse_with_engine,
     weight_options,
     weights_from_options,
 )
@@ -186,11 +186,7 @@ def check_engine_options(ctx: click.Context, engine_dir: str | None, device: str
     were fixed when it was built (they are not silently replaced by the reference's defaults or ignored), and the
     PyTorch reference runs on the CPU (--device picks onnxruntime's provider for --engine)."""
     if engine_dir is not None:
-        fixed = given_options(ctx, ["model", "dtype", "random_weights", *policy_option_names()])
-        if fixed:
-            raise UserInputError(f"{', '.join(fixed)} cannot be given with --engine: the engine's model, dtype and KV "
-                                 "method were fixed when it was built (see its pkv-engine.json); rebuild it to change "
-                                 "them, or run the reference with --model")
+        refuse_with_engine(ctx, ["model", "dtype", "random_weights", *policy_option_names()])
     elif device == "cuda":
         raise UserInputError("--device cuda applies to --engine (onnxruntime's CUDA provider); without --engine, "
                              "generate runs the PyTorch reference, which runs on the CPU here")

@@ -144,6 +144,16 @@ def policy_option_names() -> list[str]:
     return ["policy", *(o.name for o in cli_options(POLICIES))]
 
 
+def refuse_with_engine(ctx: click.Context, names: list[str]) -> None:
+    """With --engine, the options among `names` the user set are refused: the engine's model, dtype and KV method
+    were fixed when it was built, and are never silently replaced by its own (nor checked against defaults)."""
+    fixed = given_options(ctx, names)
+    if fixed:
+        raise UserInputError(f"{', '.join(fixed)} cannot be given with --engine: the engine's model, dtype and KV "
+                             "method were fixed when it was built (see its pkv-engine.json); rebuild it to change "
+                             "them, or run the reference with --model")
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 

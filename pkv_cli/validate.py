@@ -15,8 +15,10 @@ from pkv_cli.common import (
     check_text,
     emit_json,
     policy_from_options,
+    policy_option_names,
     policy_options,
     progress_bar,
+    refuse_with_engine,
 )
 from pkv_core.errors import JobError, UserInputError
 
@@ -110,6 +112,8 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     from validate.suites import LongBenchSuite, NiahSuite, parse_shard
     from validate.suites import shard as take_shard
 
+    if engine_dir is not None:  # the engine's method was fixed when it was built: its options are not ignored
+        refuse_with_engine(click.get_current_context(), policy_option_names())
     policy = policy_from_options(kwargs)
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise UserInputError("--min-agreement must be in [0, 1]")

@@ -181,10 +181,17 @@ def test_chat_without_a_template_is_one_line(tmp_path):
     (["--kv-budget", "8"], "--kv-budget"),  # was checked against the default window, not the engine's
     (["--model", "tiny-mistral", "--dtype", "fp16"], "--model, --dtype"),
 ])
-def test_engine_options_fixed_at_build_time_are_refused(engine, args, flags):
-    """Case 7: generate --engine ran the engine's own method and budget whatever --policy / --kv-budget said."""
+def test_engine_options_fixed_at_build_time_are_refused(engine, args, flags, tmp_path):
+    """Case 7: generate --engine ran the engine's own method and budget whatever --policy / --kv-budget said
+    (validate --engine too)."""
     r = invoke("generate", "--engine", str(engine), *args, "--prompt", "hi")
-    assert assert_one_line(r, 2, f"{flags} cannot be given with --engine")
+    assert_one_line(r, 2, f"{flags} cannot be given with --engine")
+    method_options = [a for a in args if a not in ("--model", "tiny-mistral", "--dtype", "fp16")]
+    if method_options:
+        out = str(tmp_path / "r")
+        r = invoke("validate", "--engine", str(engine), *method_options, "--suite", "niah", "--out", out)
+        assert_one_line(r, 2, "cannot be given with --engine")
+        assert not (tmp_path / "r").exists()
 
 
 def test_reference_on_cuda_is_refused():
