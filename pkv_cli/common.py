@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from exporter.plan import human_bytes
+from exporter.specs import DEFAULT_MODEL
 from methods import POLICIES, KVPolicy, make_policy
 from methods.options import cli_options, flag
 from pkv_core.errors import JobError, UserInputError
@@ -112,6 +113,17 @@ class PolicyCommand(click.Command):
         return cls._generated[1]
 
 
+MODEL_ENV = "PKV_EXPORT_MODEL"
+MODEL_HELP = ("Preset name (`pkv-export presets`), local Hugging Face checkpoint directory, GGUF file (or a directory "
+              "holding one), or hub id in the local HF cache.")
+
+
+def model_option(fn: Callable) -> Callable:
+    """--model, defaulting to $PKV_EXPORT_MODEL or the real default model (SmolLM2-135M-Instruct)."""
+    return click.option("--model", default=DEFAULT_MODEL, envvar=MODEL_ENV, show_default=True, show_envvar=True,
+                        help=MODEL_HELP)(fn)
+
+
 def policy_options(fn: Callable) -> Callable:
     """--policy (the command must be a PolicyCommand: it adds every method's options after it). Unset options fall
     back to the chosen policy's own defaults; an option the chosen policy does not have is refused."""
@@ -127,16 +139,12 @@ def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
 
 
 def given_options(ctx: click.Context, names: list[str]) -> list[str]:
-    """The flags of the options among `names` (parameter names) that the user set, on the command line or in the
-    environment, as opposed to left at their defaults."""
+    """The flags of the options among `names` (parameter names) given on the command line (not defaults, and not
+    the environment: $PKV_EXPORT_MODEL set in a shell is no request aimed at this command)."""
     from click.core import ParameterSource
 
-    given = []
-    for param in ctx.command.get_params(ctx):
-        if param.name in names and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT,
-                                                                                ParameterSource.DEFAULT_MAP):
-            given.append(param.opts[0])
-    return given
+    return [param.opts[0] for param in ctx.command.get_params(ctx)
+            if param.name in names and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
 
 
 def policy_option_names() -> list[str]:
