@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pkv_cli.common import check_run_counts, emit_json, model_option, progress_bar
+from pkv_cli.common import check_positions, check_run_counts, emit_json, model_option, progress_bar
 from pkv_core.errors import UserInputError
 
 
@@ -66,7 +66,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
 
         check_suite(suite, False)
     cells = parse_cells(policies, budgets, window)
-    inputs = [data, config_dir]
+    inputs = [data, config_dir, model if Path(model).exists() else None]
     if out.exists() and resume:
         if not (out / CONFIG_FILE).is_file():
             raise UserInputError(f"{out} holds no sweep to resume")
@@ -88,6 +88,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
     samples, bad = suite_spec.samples(loaded.tokenizer(), max_input_len, limit, skip_bad)
     if not samples:
         raise UserInputError("no samples to run")
+    check_positions(samples, spec.max_position_embeddings)  # before anything under --out is written
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     config = {"model": loaded.source, "suite": suite, "engine_backend": engine_backend, "dtype": dtype,

@@ -10,12 +10,15 @@ import click
 from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
 from pkv_cli.common import (
     PolicyCommand,
+    check_positions,
     check_run_counts,
     check_text,
     emit_json,
     policy_from_options,
+    policy_option_names,
     policy_options,
     progress_bar,
+    refuse_with_engine,
 )
 from pkv_core.errors import JobError, UserInputError
 
@@ -113,6 +116,8 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     from validate.suites import LongBenchSuite, NiahSuite, parse_shard
     from validate.suites import shard as take_shard
 
+    if engine_dir is not None:  # the engine's method was fixed when it was built: its options are not ignored
+        refuse_with_engine(click.get_current_context(), policy_option_names())
     policy = policy_from_options(kwargs)
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise UserInputError("--min-agreement must be in [0, 1]")
@@ -134,7 +139,7 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     check_run_counts(limit, max_new_tokens)
     index, count = parse_shard(shard)
     # Every input is checked (and the engine opened and verified) before anything under --out is touched.
-    inputs = [engine_dir, data, haystack, config_dir]
+    inputs = [engine_dir, data, haystack, config_dir, model if model and Path(model).exists() else None]
     _check_run_output(out, force, resume, inputs)
     if suite == "niah":
         spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
@@ -151,6 +156,7 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     samples = take_shard(samples, index, count)
     if not samples:
         raise UserInputError(f"shard {index}/{count} holds no samples (there are fewer samples than shards)")
+    check_positions(samples, engine.spec.max_position_embeddings)  # before anything under --out is written
     run = {**description, "shard": f"{index}/{count}", "skipped_bad": bad,
            "config": {"suite": suite, "limit": limit, "lengths": lengths, "depths": depths, "datasets": datasets,
                       "chat": chat, "max_new_tokens": max_new_tokens, "multi_query": multi_query,
