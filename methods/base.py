@@ -5,7 +5,8 @@ where it runs and what its plan means, and its methods answer what the rest of t
 points, so no engine, graph writer, runner or report tests a method's name or kind:
 
 budgets      `layer_selected`, `kept_prefix`, `compresses_prompt` (the one answer to "is this prompt long enough
-             to compress?"), `batch_selected`, `regime`: `plan`, the slot planner and every engine's per-prompt budgets
+             to compress?"), `batch_selected`, `largest_selected` (what static widths are sized by), `regime`:
+             `plan`, the slot planner, the TensorRT build and every engine's per-prompt budgets
 reference    `reference_layer` (after a layer's prefill attention: that layer's cache), `reference_after_prefill`
              (after the whole prefill), `reference_decode` (per decode step): engines.compressed_cache / reference
 ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_between_layers` (after a whole
@@ -103,6 +104,12 @@ class KVPolicy:
         """[L, B] int64 per-layer, per-prompt budgets for methods that select layer by layer after each layer's
         attention; None when the prefill keeps everything (FullKV, a batch too short, or a method that decides
         elsewhere)."""
+        return None
+
+    def largest_selected(self, num_layers: int, max_input_len: int) -> list[int] | None:
+        """Per layer, the most prefix tokens its selection is asked to keep for any batch of prompts of
+        1..max_input_len tokens (what a static output width or cache capacity must hold); None when the method does
+        not select layer by layer with `batch_selected`'s budgets, or no such prompt is compressed."""
         return None
 
     def regime(self, selected: list[int] | None) -> str:

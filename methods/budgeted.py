@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from methods.base import KVPolicy, keep_all, record_scores, recording_scores
@@ -49,6 +50,23 @@ class BudgetedPolicy(KVPolicy):
             sel = self.layer_selected(num_layers, n)
             rows.append(sel if sel is not None else [max(n - self.window, 0)] * num_layers)
         return torch.tensor(rows, dtype=torch.long).T.contiguous()
+
+    def largest_selected(self, num_layers: int, max_input_len: int) -> list[int] | None:
+        """The largest of `batch_selected`'s budgets per layer over every prompt length 1..max_input_len: each
+        compressed prompt's own budget, and max(q - w, 0) for a shorter one batched with it. Not the budget at
+        max_input_len: PyramidKV's deep layers keep C - w of a prompt in its uniform regime (C <= q < 2(C - w))
+        and fewer of a long one (C = 128, w = 8, 32 layers: layer 31 keeps 120 at q = 200, 17 at q = 8000). A
+        loop over every length, exact for any budget rule (under a second at 128k tokens and 80 layers)."""
+        best = np.zeros(num_layers, np.int64)
+        compressed = False
+        for q in range(1, max_input_len + 1):
+            selected = self.layer_selected(num_layers, q)
+            if selected is None:  # kept whole alone; batched with a compressed prompt it is asked for q - w
+                np.maximum(best, max(q - self.window, 0), out=best)
+            else:
+                compressed = True
+                np.maximum(best, selected, out=best)
+        return best.tolist() if compressed else None
 
     def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                selected: int | torch.Tensor, layer: int = 0, shared: dict | None = None

@@ -3,9 +3,9 @@
 The ONNX graphs of the tensorrt target (standard ops, `Attention`, `TensorScatter`, selection nodes naming the
 `pkv` plugins) are built first, in a temporary directory, then parsed by TensorRT with the plugins registered and
 built into plans with one optimization profile each: batch 1..`max_batch`, prompts 1..`max_input_len`, and for
-decode every layer's own cache capacity (its largest kept length plus `max_new_tokens`). The plans embed the
-weights; the ONNX graphs are not kept. Same engine directory rules as every build (staged, renamed at the end,
-manifest last, `--force` only over an engine).
+decode every layer's own cache capacity (its largest kept length over every prompt length plus `max_new_tokens`,
+recorded in the manifest's `tensorrt.capacities`). The plans embed the weights; the ONNX graphs are not kept. Same
+engine directory rules as every build (staged, renamed at the end, manifest last, `--force` only over an engine).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from exporter.checkpoint import LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.outputs import check_output, staging_dir
+from exporter.slot_plan import largest_kept
 from exporter.tensorrt.graphs import parser_input
 from methods import KVPolicy
 from methods.backends import TENSORRT
@@ -39,12 +40,23 @@ def require_tensorrt():
     return trt
 
 
+def layer_kept(policy: KVPolicy, num_layers: int, max_input_len: int) -> list[int]:
+    """Per layer, the longest kept prompt the prefill can hand to decode for any batch of prompts of
+    1..max_input_len tokens: a whole prompt too short to compress (`largest_kept`: over every length, not the value
+    at max_input_len, which PyramidKV's deep layers undercut), and never less than the selection plugins' static
+    output width, the layer's largest budget over every length plus the window (`KVPolicy.largest_selected`,
+    what `GraphConfig.max_selected` gives the plugins)."""
+    kept = largest_kept(policy, num_layers, max_input_len)
+    widest = policy.largest_selected(num_layers, max_input_len)
+    if widest is None:
+        return kept
+    return [max(k, s + min(policy.window, max_input_len)) for k, s in zip(kept, widest, strict=True)]
+
+
 def layer_capacities(policy: KVPolicy, num_layers: int, max_input_len: int, max_new_tokens: int) -> list[int]:
-    """Largest cache a layer holds during generation: its largest kept prompt plus every generated token."""
-    selected = policy.layer_selected(num_layers, max_input_len) if policy.compresses else None
-    kept = [max_input_len] * num_layers if selected is None else [s + min(policy.window, max_input_len)
-                                                                   for s in selected]
-    return [k + max_new_tokens for k in kept]
+    """Largest cache a layer holds during generation: its longest kept prompt (`layer_kept`) plus every generated
+    token. The decode plan's profile and the manifest's `tensorrt.capacities`."""
+    return [k + max_new_tokens for k in layer_kept(policy, num_layers, max_input_len)]
 
 
 def profile_shapes(name: str, shape: tuple, max_batch: int, max_input_len: int, capacities: list[int],
