@@ -69,9 +69,12 @@ def _niah(keys: int, values: int, queries: int):
     return lambda rng, size, setup: text.niah(rng, setup.sentences.first(size), keys, values, queries)
 
 
+def _fwe_vocab_size(setup: Setup) -> int:
+    return max(5, (setup.length - setup.room) // 50)  # RULER: the length less the generation, over 50
+
+
 def _fwe(rng: random.Random, size: int, setup: Setup) -> text.TaskText:
-    vocab = text.fwe_vocabulary(rng, max(5, (setup.length - setup.room) // 50))  # RULER: vocab_size = L // 50
-    return text.fwe(rng, size, vocab)
+    return text.fwe(rng, size, text.fwe_vocabulary(rng, _fwe_vocab_size(setup)))
 
 
 TASKS = {t.name: t for t in (
@@ -232,7 +235,7 @@ def _vt_example(tokenizer: Any, sentences: _Sentences, length: int, seed: int) -
 
 
 def _check_fwe(size: int, setup: Setup) -> None:
-    counts = text.fwe_counts(size, max(5, (setup.length - setup.room) // 50))
+    counts = text.fwe_counts(size, _fwe_vocab_size(setup))
     if min(counts[1:4]) <= max(counts[4:]):
         raise UserInputError(f"RULER fwe: length {setup.length} is too small for three words more frequent than the "
                              f"others ({size} words fit)")
