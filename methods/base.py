@@ -12,6 +12,8 @@ ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_be
              layer), `graph_end` (after the decoder), `graph_functions`, `graph_decode_layer`, `extra_graphs`:
              exporter.onnx; `onnxruntime_stage` (per decode step of the onnxruntime engine)
 backends     `runs_on` (a positive list, methods.backends) and `check_backend`
+inspect      `always_kept` (the sinks and the window a page shows as such); a reference hook records the scores its
+             selection ranked by (`record_scores`) when the caller asks for them (`pkv-export inspect`)
 
 `pg` below is the prefill graph writer's view (exporter.onnx.prefill.PrefillGraph) and `lay` its transformer
 body (exporter.onnx.layers.Layers); `state` is the reference's CompressedKVState (engines.compressed_cache).
@@ -111,6 +113,11 @@ class KVPolicy:
             return "no-compression (context too short)"
         return "uniform" if len(set(selected)) == 1 else "pyramid"
 
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        """(first, last): how many of a `prompt_len`-token prompt's first tokens (attention sinks) and last tokens
+        (the observation or recent window) the method keeps whatever their scores."""
+        return 0, min(self.window, prompt_len)
+
     # --- the PyTorch reference ------------------------------------------------------------------------------------
     def reference_layer(self, state: Any, layer: int, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor) -> LayerCache:
@@ -160,6 +167,20 @@ class KVPolicy:
         """The onnxruntime engine's per-step hook (`record(outputs, positions)`, `evict_if_due()`, `lengths`,
         `cache_positions()`, `copy(cache)`), or None."""
         return None
+
+
+def recording_scores(state: Any) -> bool:
+    """Whether the reference's caller asked for the selection's scores (state.scores is a dict: `inspect`). They
+    are extra work, so a method computes them only then; the selection itself never reads them."""
+    return getattr(state, "scores", None) is not None
+
+
+def record_scores(state: Any, layer: int, scores: torch.Tensor) -> None:
+    """The ranking that decided what layer `layer` keeps: [B, Hc, q] float32, right-aligned (position p is the
+    row's p-th real token); NaN where the method gives a token no score, -inf (or +inf) where the token was not a
+    candidate (kept or dropped whatever its score: sinks, window)."""
+    if recording_scores(state):
+        state.scores[layer] = scores.detach().float()
 
 
 def keep_all(state: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from methods.base import KVPolicy, keep_all
+from methods.base import KVPolicy, keep_all, record_scores, recording_scores
 from methods.budgets import uniform_selected
 from methods.cache import LayerCache, right_aligned
 from methods.options import option, positive
@@ -71,9 +71,20 @@ class BudgetedPolicy(KVPolicy):
         # The op works on right-padded rows (as fused attention and the ONNX engine do): shift each row first.
         mask = state.key_mask
         queries = right_aligned(query, mask).transpose(1, 2)  # [B, q, H, d]
-        idx, k, v = self.select(queries, right_aligned(key, mask), right_aligned(value, mask), mask.sum(-1),
-                                state.selected[layer], layer, state.shared)
+        keys, lengths = right_aligned(key, mask), mask.sum(-1)
+        idx, k, v = self.select(queries, keys, right_aligned(value, mask), lengths, state.selected[layer], layer,
+                                state.shared)
+        if recording_scores(state):
+            scores = self.selection_scores(queries, keys, lengths, layer, state.shared)
+            if scores is not None:
+                record_scores(state, layer, scores)
         return LayerCache.from_selection(idx, k, v)
+
+    def selection_scores(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, layer: int,
+                         shared: dict) -> torch.Tensor | None:
+        """What `select` ranked the prefix by, for `inspect` (arguments as `select`'s, after it ran): [B, Hc, q]
+        float32, or None for a method without scores (StreamingLLM's are positions)."""
+        return None
 
     def graph_layer(self, pg: Any, layer: int, q: str, k4: str, v4: str) -> tuple[str, str, str]:
         return pg.select_when_long(layer, k4, v4, lambda lay, selected: self.graph_select(

@@ -11,7 +11,7 @@ from methods import backends
 from methods.budgeted import BudgetedPolicy
 from methods.options import option, positive_odd
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN
-from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select
+from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select, selection_scores
 
 POOLINGS = ("max", "avg")
 
@@ -43,6 +43,10 @@ class SnapKVPolicy(BudgetedPolicy):
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return pyramidkv_select(queries, keys, values, lengths, selected, self.window, self.kernel,
                                 self.pooling_op(), self.granularity, self.observe)
+
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        return selection_scores(queries, keys, lengths, self.window, self.kernel, self.pooling_op(), self.granularity,
+                                self.observe)
 
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         s, attrs = lay.s, lay.target.select_attributes()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pkv_cli.common import check_run_counts, emit_json, model_option, progress_bar
+from pkv_cli.common import check_positions, check_run_counts, emit_json, model_option, progress_bar
 from pkv_core.errors import UserInputError
 
 
@@ -42,12 +42,16 @@ from pkv_core.errors import UserInputError
               help="LongBench prompt/length config directory [the official ones, embedded].")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Use the model's chat template.")
 @click.option("--skip-bad", is_flag=True, help="Count and skip malformed data lines instead of stopping.")
+@click.option("--inspect-failures", is_flag=True,
+              help="NIAH: an inspect page (needle marked) for every sample a cell scores below 1, under "
+                   "OUT/cells/<cell>/inspect/, linked per cell from report.md.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Sweep directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out (finished samples are kept).")
 @click.option("--force", is_flag=True, help="Replace an existing sweep in --out once the new one is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json.")
 def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_input_len, limit, lengths, depths,
-          max_new_tokens, tasks, seed, data, datasets, config_dir, chat, skip_bad, out, resume, force, as_json) -> None:
+          max_new_tokens, tasks, seed, data, datasets, config_dir, chat, skip_bad, inspect_failures, out, resume,
+          force, as_json) -> None:
     """Validate every (policy, budget) cell on the same samples; report score against KV bytes.
 
     OUT/sweep.json and OUT/report.md give the score per cell (per LongBench category, NIAH context length or RULER
@@ -65,8 +69,12 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         raise UserInputError("--resume continues a sweep, --force replaces it: give one of them")
     check_run_counts(limit, max_new_tokens)
     check_suite_options(suite, tasks=tasks, seed=seed, depths=depths)
+    if inspect_failures:
+        from validate.failures import check_suite
+
+        check_suite(suite, False)
     cells = parse_cells(policies, budgets, window)
-    inputs = [data, config_dir]
+    inputs = [data, config_dir, model if Path(model).exists() else None]
     if out.exists() and resume:
         if not (out / CONFIG_FILE).is_file():
             raise UserInputError(f"{out} holds no sweep to resume")
@@ -93,6 +101,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
     samples, bad = suite_spec.samples(loaded.tokenizer(), max_input_len, limit, skip_bad)
     if not samples:
         raise UserInputError("no samples to run")
+    check_positions(samples, spec.max_position_embeddings)  # before anything under --out is written
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     config = {"model": loaded.source, "suite": suite, "engine_backend": engine_backend, "dtype": dtype,
@@ -102,7 +111,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
                           "datasets": datasets, "chat": chat}}
     if suite == "ruler":  # (only here: the sweeps of other suites keep the settings they had)
         config["options"].update(tasks=suite_spec.tasks, seed=suite_spec.seed)
-    args = (cells, loaded, suite_spec, samples, config, engine_backend, dtype, max_input_len)
+    args = (cells, loaded, suite_spec, samples, config, engine_backend, dtype, max_input_len, inspect_failures)
     if force and out.exists():
         with staging_dir(out, "sweep", force, inputs) as tmp:  # the old sweep stays until the new one is complete
             summary = _run(tmp, *args, resume=False)
@@ -117,8 +126,9 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         click.echo(markdown(summary), nl=False)
 
 
-def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, resume) -> dict:
-    from validate.sweep import cell_summary, check_config, open_cell_engine, run_cell, write_sweep
+def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, inspect_failures,
+         resume) -> dict:
+    from validate.sweep import cell_summary, check_config, failure_links, open_cell_engine, run_cell, write_sweep
 
     check_config(out, config, resume)
     rows = []
@@ -127,8 +137,12 @@ def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, 
         engine = open_cell_engine(out, cell, loaded, backend, dtype, max_input_len)
         with bar:
             records = run_cell(out, cell, engine, samples, suite_spec,
-                               progress=lambda i, n, update=update: update(len(samples) - n + i, len(samples)))
+                               progress=lambda i, n, update=update: update(len(samples) - n + i, len(samples)),
+                               inspect_failures=inspect_failures, model=loaded.source)
         del engine
         rows.append(cell_summary(cell, records, loaded.spec, dtype, suite_spec.name))
+        links = failure_links(out, cell, records)
+        if links:
+            rows[-1]["inspect_pages"] = links
         summary = write_sweep(out, config, rows, suite_spec.name, complete=k == len(cells) - 1)
     return summary

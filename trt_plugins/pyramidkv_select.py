@@ -194,15 +194,26 @@ def pyramidkv_select(
     if h % hkv or keys.shape[2] != q or window < 1:
         raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
     lengths, budgets = row_budgets(lengths, selected, window, q)
+    scores = selection_scores(queries, keys, lengths, window, kernel, pooling, granularity, observe)
+    if granularity == "query-head":
+        keys = keys.repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
+        values = values.repeat_interleave(h // hkv, dim=1)
+    prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
+    return gather_kept(keys, values, prefix_idx, lengths, window)
+
+
+def selection_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, window: int,
+                     kernel: int = 7, pooling: str = "max", granularity: str = "kv-head", observe: str = "window"
+                     ) -> torch.Tensor:
+    """What `pyramidkv_select` ranks the prefix by (arguments as there): [B, Hc, q] float32, pooled, -inf outside
+    each row's prefix [0, lengths[b] - min(window, lengths[b]))."""
+    b, q, h, _ = queries.shape
+    hkv = keys.shape[1]
+    lengths = lengths.to(torch.long).reshape(-1)
     scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
     if granularity == "kv-head":
         scores = scores.view(b, hkv, h // hkv, q).mean(dim=2)  # [B, Hkv, q]
-    else:
-        keys = keys.repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
-        values = values.repeat_interleave(h // hkv, dim=1)
     positions = torch.arange(q, device=keys.device)
     in_prefix = (positions[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
     scores = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
-    scores = scores.masked_fill(~in_prefix, float("-inf"))
-    prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
-    return gather_kept(keys, values, prefix_idx, lengths, window)
+    return scores.masked_fill(~in_prefix, float("-inf"))

@@ -114,11 +114,22 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(str(g.get(c)) for c in cols) + " |")
     if summary["suite"] == "niah":
         lines += ["", "![NIAH heatmap](niah_heatmap.png)"]
+    if summary.get("inspect_pages"):
+        lines += ["", "## Failed samples: what the cache kept", "",
+                  "Each page shows which layers and heads kept or dropped the needle (`--inspect-failures`).", ""]
+        for p in summary["inspect_pages"]:
+            ref = "" if p["reference_score"] is None else f", reference {p['reference_score']}"
+            lines.append(f"- [{p['id']}]({p['page']}): engine {p['engine_score']}{ref}")
     return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
+    from validate.failures import pages
+
     summary = summarize(records, suite, run)
+    failed_pages = pages(out_dir, records)
+    if failed_pages:
+        summary["inspect_pages"] = failed_pages
     if suite == "niah" and records:
         from validate.plots import niah_heatmaps
 

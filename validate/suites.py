@@ -57,7 +57,7 @@ class NiahSuite:
         for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
             out.append(ValidationSample(s.id, f"L{s.context_len}-D{s.depth_percent:g}", s.ids, room,
                                         {"context_len": s.context_len, "depth_percent": s.depth_percent,
-                                         "answer": s.answer}))
+                                         "answer": s.answer, "needle": needle.needle}))
         return out[:limit] if limit else out, []
 
     def _multi_query_samples(self, tokenizer, lengths, depths, limit, custom_needle: bool) -> list[ValidationSample]:

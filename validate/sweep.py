@@ -108,6 +108,13 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
     return row
 
 
+def failure_links(out: Path, cell: Cell, records: list[dict]) -> list[dict]:
+    """The cell's inspect pages of failed samples (validate.failures), with paths relative to the sweep."""
+    from validate.failures import pages
+
+    return [{**p, "page": f"cells/{cell.name}/{p['page']}"} for p in pages(out / "cells" / cell.name, records)]
+
+
 def category_scores(groups: list[dict]) -> dict[str, float]:
     """Mean of the dataset scores per LongBench category (datasets outside the six categories: 'other')."""
     by: dict[str, list[float]] = {}
@@ -156,8 +163,11 @@ def open_cell_engine(out: Path, cell: Cell, loaded, backend: str, dtype: str, ma
     return OrtEngine(path)
 
 
-def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None) -> list[dict]:
-    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped)."""
+def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None, inspect_failures: bool = False,
+             model: str = "") -> list[dict]:
+    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped); with
+    `inspect_failures`, an inspect page for each sample it scores below 1 (validate.failures)."""
+    from validate.failures import FailurePages
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records, record_ids, run_samples
 
@@ -168,9 +178,13 @@ def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None) -> li
            "config": {"suite": suite.name, "policy": cell.policy.describe()}}
     atomic_write_text(cell_dir / "run.json", json.dumps(run, indent=2, ensure_ascii=False))
     done = {r["id"] for r in read_records(samples_file, repair=True)}
-    run_samples(samples, suite, engine, None, samples_file, done, progress)
+    pages = FailurePages(cell_dir, engine, model, run["engine"]) if inspect_failures else None
+    run_samples(samples, suite, engine, None, samples_file, done, progress, on_result=pages,
+                generate_options=pages.generate_options if pages else None)
     wanted = {rid for s in samples for rid in record_ids(s)}
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
+    if pages is not None:
+        pages.fill_missing(samples, records)
     write_report(cell_dir, records, suite.name, run)
     return records
 

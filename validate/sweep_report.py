@@ -48,6 +48,12 @@ def markdown(summary: dict[str, Any]) -> str:
               "kv_matches_plan: equal to `pkv-export plan` for every sample (ChunkKV: at most); kv_span_over_held: "
               "bytes the cache layout spans (each layer as wide as its longest head) over the kept pairs' bytes "
               "(above 1 for KVzip's per-head lengths)."]
+    failed = [r for r in rows if r.get("inspect_pages")]
+    if failed:
+        lines += ["", "## Failed samples: what each cell's cache kept", ""]
+        for r in failed:
+            links = ", ".join(f"[{p['id']}]({p['page']})" for p in r["inspect_pages"])
+            lines.append(f"- `{r['cell']}` ({len(r['inspect_pages'])}): {links}")
     if summary.get("plots"):
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]]
     return "\n".join(lines) + "\n"

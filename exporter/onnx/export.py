@@ -18,6 +18,7 @@ from exporter.onnx.prefill import build_prefill
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
+from exporter.plan import human_bytes
 from exporter.quantize import WeightQuant
 from methods import KVPolicy
 from methods.backends import build_backend
@@ -59,7 +60,7 @@ def check_disk(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed * 1.05 > free:
         raise UserInputError(f"not enough disk space under {where.parent}: the engine needs about "
-                             f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+                             f"{human_bytes(needed)}, {human_bytes(free)} free")
 
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",

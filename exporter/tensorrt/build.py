@@ -103,7 +103,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
     from exporter.onnx.export import build_onnx_engine
 
     trt = require_tensorrt()
-    from trt_plugins.trt_plugin import register_plugins
+    from trt_plugins.trt_plugin import plugin_names, register_plugins
 
     if max_batch < 1 or max_new_tokens < 1:
         raise UserInputError("--max-batch and --max-new-tokens must be at least 1")
@@ -133,7 +133,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
                 "backend": "tensorrt", **keep, "tokenizer": "tokenizer",
                 "tensorrt": {"version": trt.__version__, "plans": ["prefill.plan", "decode.plan"],
                              "max_batch": max_batch, "max_new_tokens": max_new_tokens,
-                             "capacities": capacities, "plugins": ["pkv::PyramidKVSelect", "pkv::StreamingLLMSelect"],
+                             "capacities": capacities, "plugins": plugin_names(),
                              "onnx": source["onnx"]},
                 "tools": {**tool_versions(), "tensorrt": trt.__version__},
             })
