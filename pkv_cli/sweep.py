@@ -17,7 +17,7 @@ from pkv_core.errors import UserInputError
 @click.option("--budgets", default="64,128,256,512", show_default=True,
               help="Comma-separated KV budgets C (average per-layer cache length, window included).")
 @click.option("--window", type=int, default=8, show_default=True, help="Observation window w of every policy.")
-@click.option("--suite", type=click.Choice(["niah", "longbench"]), required=True, help="Benchmark to run.")
+@click.option("--suite", type=click.Choice(["niah", "longbench", "ruler"]), required=True, help="Benchmark to run.")
 @click.option("--engine-backend", type=click.Choice(["onnx", "reference"]), default="onnx", show_default=True,
               help="What runs the cells: the ONNX engine (built per cell, cached in OUT/engines) or the PyTorch "
                    "reference.")
@@ -25,11 +25,17 @@ from pkv_core.errors import UserInputError
               help="Engine / reference dtype (also the dtype of the KV bytes reported).")
 @click.option("--max-input-len", type=int, default=None,
               help="Longest prompt of the engines and of NIAH's default grid [the model's maximum].")
-@click.option("--limit", type=int, default=None, help="At most N samples (per dataset for LongBench).")
-@click.option("--lengths", default=None, help="NIAH context lengths, e.g. 512,1024 [sized for --max-input-len].")
+@click.option("--limit", type=int, default=None,
+              help="At most N samples (per dataset for LongBench; RULER: N per task and length, default 10).")
+@click.option("--lengths", default=None,
+              help="NIAH / RULER context lengths, e.g. 512,1024 [sized for --max-input-len].")
 @click.option("--depths", default=None, help="NIAH needle depths in percent [0,25,50,75,100].")
 @click.option("--max-new-tokens", type=int, default=None,
-              help="NIAH answer length [the answer's tokens + 16, at least 32].")
+              help="NIAH answer length [the answer's tokens + 16, at least 32]; RULER: every task's [each task's "
+                   "own].")
+@click.option("--tasks", default=None,
+              help="RULER tasks, comma-separated [niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe].")
+@click.option("--seed", type=int, default=None, help="RULER: seed of the generated samples [42, RULER's].")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="LongBench: directory of JSONL files.")
 @click.option("--datasets", default=None, help="LongBench datasets, comma-separated [every file in --data].")
 @click.option("--config-dir", type=click.Path(path_type=Path), default=None,
@@ -44,23 +50,25 @@ from pkv_core.errors import UserInputError
 @click.option("--force", is_flag=True, help="Replace an existing sweep in --out once the new one is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json.")
 def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_input_len, limit, lengths, depths,
-          max_new_tokens, data, datasets, config_dir, chat, skip_bad, inspect_failures, out, resume, force,
-          as_json) -> None:
+          max_new_tokens, tasks, seed, data, datasets, config_dir, chat, skip_bad, inspect_failures, out, resume,
+          force, as_json) -> None:
     """Validate every (policy, budget) cell on the same samples; report score against KV bytes.
 
-    OUT/sweep.json and OUT/report.md give the score per cell (per LongBench category, per NIAH context length),
+    OUT/sweep.json and OUT/report.md give the score per cell (per LongBench category, NIAH context length or RULER
+    task),
     the KV bytes each cell held (checked against `plan`) and its ratio and score delta to FullKV; OUT/*.png plot
     them. Every cell is a resumable validation run under OUT/cells.
     """
     from exporter.checkpoint import load_model
     from exporter.outputs import check_output, staging_dir
     from validate.niah import parse_grid_list
-    from validate.suites import LongBenchSuite, NiahSuite
+    from validate.suites import LongBenchSuite, NiahSuite, RulerSuite, check_suite_options
     from validate.sweep import CONFIG_FILE, parse_cells
 
     if resume and force:
         raise UserInputError("--resume continues a sweep, --force replaces it: give one of them")
     check_run_counts(limit, max_new_tokens)
+    check_suite_options(suite, tasks=tasks, seed=seed, depths=depths)
     if inspect_failures:
         from validate.failures import check_suite
 
@@ -79,7 +87,12 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
         max_input_len = spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
-    if suite == "niah":
+    if suite == "ruler":
+        from validate.ruler import parse_tasks
+
+        suite_spec = RulerSuite(parse_grid_list(lengths, int) if lengths else None, parse_tasks(tasks), None,
+                                max_new_tokens, chat, 42 if seed is None else seed)
+    elif suite == "niah":
         suite_spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
                                parse_grid_list(depths, float) if depths else None, None, None, None, None,
                                max_new_tokens, chat)
@@ -96,6 +109,8 @@ def sweep(model, policies, budgets, window, suite, engine_backend, dtype, max_in
               "samples": len(samples), "sample_ids_head": [s.id for s in samples[:3]],
               "options": {"limit": limit, "lengths": lengths, "depths": depths, "max_new_tokens": max_new_tokens,
                           "datasets": datasets, "chat": chat}}
+    if suite == "ruler":  # (only here: the sweeps of other suites keep the settings they had)
+        config["options"].update(tasks=suite_spec.tasks, seed=suite_spec.seed)
     args = (cells, loaded, suite_spec, samples, config, engine_backend, dtype, max_input_len, inspect_failures)
     if force and out.exists():
         with staging_dir(out, "sweep", force, inputs) as tmp:  # the old sweep stays until the new one is complete

@@ -4,7 +4,7 @@ Layout of a sweep directory:
   sweep-config.json   what was asked (model, suite, cells, backend): a resumed sweep must ask the same
   cells/<cell>/       one validation run per cell (samples.jsonl written as each sample finishes, summary.json)
   engines/<cell>/     the ONNX engine of each cell (`--engine-backend onnx`), built once and reused on resume
-  sweep.json          score per cell, per group and per LongBench category; KV bytes held against `plan`'s
+  sweep.json          score per cell, per group, per LongBench category / RULER task; KV bytes held against plan's
   report.md           the same as tables; plots: score_vs_kv.png and, for NIAH, niah_cells.png
 
 FullKV does not depend on the budget, so it is one cell (`full`) however many budgets are swept.
@@ -103,6 +103,8 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
     }
     if suite == "longbench":
         row["categories"] = category_scores(summary["groups"])
+    if suite == "ruler":  # each task's score over its lengths
+        row["tasks"] = {t["task"]: t["engine_score"] for t in summary["tasks"]}
     return row
 
 
