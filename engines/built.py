@@ -15,6 +15,7 @@ from pkv_core.errors import UserInputError
 
 class BuiltEngine:
     backend = ""  # the manifest's backend this runner serves
+    reports_kept_indices = True  # generate(return_indices=True) returns what every layer kept (the graphs' outputs)
 
     def __init__(self, engine_dir: Path, manifest: dict | None = None):
         from transformers import AutoTokenizer

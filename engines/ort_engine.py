@@ -28,6 +28,7 @@ from engines.base import (
     question_ids,
 )
 from engines.built import BuiltEngine
+from engines.graph_io import check_graph_io
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
 from pkv_core.errors import UserInputError
@@ -88,6 +89,8 @@ class OrtEngine(BuiltEngine):
                            for name in self.manifest["onnx"]["graphs"] if name not in ("prefill.onnx", "decode.onnx")}
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
+        check_graph_io(self.dir, self.spec, int(self.manifest["cache_heads"]), self.windowed,
+                       {"prefill.onnx": self.prefill, "decode.onnx": self.decode})
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         from exporter.onnx.targets import TARGETS
 
@@ -236,8 +239,7 @@ class OrtEngine(BuiltEngine):
         kept_raw = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
         kv_lengths = [outputs[f"kv_lengths.{i}"].numpy() for i in layers]  # [B] valid slots per layer
         kept = [torch.from_numpy(kept_raw[f"kept_indices.{i}"].numpy()) for i in layers] if return_indices else None
-        timings["kv_bytes_after_prefill"] = self.cache_bytes(kept_raw)
-        timings["kv_bytes_ideal"] = self.ideal_bytes(kept_raw)
+        kv_bytes = (self.cache_bytes(kept_raw), self.ideal_bytes(kept_raw))
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
         stage = policy.onnxruntime_stage(self, outputs, cache)
@@ -248,7 +250,8 @@ class OrtEngine(BuiltEngine):
             first, lengths, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
         selected = self.selected_per_prompt(lengths.numpy(), kv_lengths, policy)
-        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings,
+                             kv_bytes)
 
     def _stepper(self, cache: dict, kept: dict, stage, base: list[np.ndarray]):
         """The greedy loop's step over bound caches: token [B] or [B, S], position alike -> logits [B, V]. The

@@ -29,6 +29,7 @@ class OrtSharedPrefill:
     per cell (batch 1), for the cell policies given at construction."""
 
     name = OrtEngine.name
+    records_scores = False  # the graphs output no selection scores (as OrtEngine's)
 
     def __init__(self, engine: OrtEngine, policies: list[KVPolicy]):
         import onnxruntime as ort

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from methods.base import KVPolicy, keep_all
+from methods.base import KVPolicy, keep_all, record_scores, recording_scores
 from methods.budgets import uniform_selected
 from methods.cache import LayerCache, right_aligned
 from methods.options import option, positive
@@ -55,6 +56,23 @@ class BudgetedPolicy(KVPolicy):
             sel = self.layer_selected(num_layers, n)
             rows.append(sel if sel is not None else [max(n - self.window, 0)] * num_layers)
         return torch.tensor(rows, dtype=torch.long).T.contiguous()
+
+    def largest_selected(self, num_layers: int, max_input_len: int) -> list[int] | None:
+        """The largest of `batch_selected`'s budgets per layer over every prompt length 1..max_input_len: each
+        compressed prompt's own budget, and max(q - w, 0) for a shorter one batched with it. Not the budget at
+        max_input_len: PyramidKV's deep layers keep C - w of a prompt in its uniform regime (C <= q < 2(C - w))
+        and fewer of a long one (C = 128, w = 8, 32 layers: layer 31 keeps 120 at q = 200, 17 at q = 8000). A
+        loop over every length, exact for any budget rule (under a second at 128k tokens and 80 layers)."""
+        best = np.zeros(num_layers, np.int64)
+        compressed = False
+        for q in range(1, max_input_len + 1):
+            selected = self.layer_selected(num_layers, q)
+            if selected is None:  # kept whole alone; batched with a compressed prompt it is asked for q - w
+                np.maximum(best, max(q - self.window, 0), out=best)
+            else:
+                compressed = True
+                np.maximum(best, selected, out=best)
+        return best.tolist() if compressed else None
 
     def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                selected: int | torch.Tensor, layer: int = 0, shared: dict | None = None
@@ -95,9 +113,20 @@ class BudgetedPolicy(KVPolicy):
         # The op works on right-padded rows (as fused attention and the ONNX engine do): shift each row first.
         mask = state.key_mask
         queries = right_aligned(query, mask).transpose(1, 2)  # [B, q, H, d]
-        idx, k, v = self.select(queries, right_aligned(key, mask), right_aligned(value, mask), mask.sum(-1),
-                                state.selected[layer], layer, state.shared)
+        keys, lengths = right_aligned(key, mask), mask.sum(-1)
+        idx, k, v = self.select(queries, keys, right_aligned(value, mask), lengths, state.selected[layer], layer,
+                                state.shared)
+        if recording_scores(state):
+            scores = self.selection_scores(queries, keys, lengths, layer, state.shared)
+            if scores is not None:
+                record_scores(state, layer, scores)
         return LayerCache.from_selection(idx, k, v)
+
+    def selection_scores(self, queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, layer: int,
+                         shared: dict) -> torch.Tensor | None:
+        """What `select` ranked the prefix by, for `inspect` (arguments as `select`'s, after it ran): [B, Hc, q]
+        float32, or None for a method without scores (StreamingLLM's are positions)."""
+        return None
 
     def reference_layer_scored(self, state: Any, layer: int, key: torch.Tensor, value: torch.Tensor,
                                scores: dict) -> LayerCache:
@@ -106,10 +135,20 @@ class BudgetedPolicy(KVPolicy):
         if state.selected is None:  # every prompt of the batch is too short
             return keep_all(state, None, key, value)
         mask = state.key_mask
-        idx, k, v = self.select_scored(scores.get(self.score_kind()), right_aligned(key, mask),
-                                       right_aligned(value, mask), mask.sum(-1), state.selected[layer], layer,
-                                       state.shared)
+        observed, keys, lengths = scores.get(self.score_kind()), right_aligned(key, mask), mask.sum(-1)
+        idx, k, v = self.select_scored(observed, keys, right_aligned(value, mask), lengths, state.selected[layer],
+                                       layer, state.shared)
+        if recording_scores(state):
+            ranked = self.selection_scores_from(observed, keys, lengths, layer, state.shared)
+            if ranked is not None:
+                record_scores(state, layer, ranked)
         return LayerCache.from_selection(idx, k, v)
+
+    def selection_scores_from(self, scores: torch.Tensor | None, keys: torch.Tensor, lengths: torch.Tensor,
+                              layer: int, shared: dict) -> torch.Tensor | None:
+        """`selection_scores` from the observation scores of `score_kind` instead of the queries (a shared
+        prefill's); a method whose `selection_scores` reads no queries need not override it."""
+        return self.selection_scores(None, keys, lengths, layer, shared)
 
     def graph_layer(self, pg: Any, layer: int, q: str, k4: str, v4: str) -> tuple[str, str, str]:
         return self.graph_layer_with(pg, layer, k4, v4, lambda lay, selected: self.graph_select(

@@ -84,6 +84,12 @@ class ChunkKVPolicy(BudgetedPolicy):
             shared[("chunkkv", layer)] = chunks
         return idx, k, v
 
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        """Each token scores its chunk's score (+inf: the window's chunks); every KV head shares them."""
+        chunks = shared[("chunkkv", self.scores_from(layer))]  # [B, C]
+        q = keys.shape[2]
+        return chunks.repeat_interleave(self.chunk_size, dim=1)[:, None, :q].expand(-1, keys.shape[1], -1)
+
     def graph_layer_with(self, pg, layer, k4, v4, select):
         leader = self.scores_from(layer) == layer
         # A group leader also hands its chunk scores [B, C] to the group (zeros when nothing is compressed).
@@ -96,12 +102,19 @@ class ChunkKVPolicy(BudgetedPolicy):
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         g, s = lay.g, lay.s
         source = self.scores_from(layer)
+        attrs = lay.target.select_attributes()
+        if attrs:  # the tensorrt target: the node becomes the ChunkKV kernel chain (trt_plugins.trt_chain)
+            attrs |= {"num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                      "max_selected": lay.cfg.max_selected(layer)}
         if source != layer:
             return g.op("ChunkKVGather", shared[("chunkkv", source)], k4, v4, lengths, selected, outputs=3,
-                        domain=CUSTOM_DOMAIN, window=self.window, chunk_size=self.chunk_size)
+                        domain=CUSTOM_DOMAIN, window=self.window, chunk_size=self.chunk_size, **attrs)
         q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))
+        if attrs:
+            attrs["num_heads"] = s.num_heads
         return g.op("ChunkKVSelect", q4, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
-                    window=self.window, chunk_size=self.chunk_size, kernel=self.kernel, pooling=self.pooling)
+                    window=self.window, chunk_size=self.chunk_size, kernel=self.kernel, pooling=self.pooling,
+                    **attrs)
 
     def graph_select_scored(self, lay, layer, scores, k4, v4, lengths, selected, shared):
         source = self.scores_from(layer)

@@ -11,7 +11,13 @@ from methods import backends
 from methods.budgeted import BudgetedPolicy
 from methods.options import option, positive_odd
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN
-from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select, select_from_scores
+from trt_plugins.pyramidkv_select import (
+    GRANULARITIES,
+    pyramidkv_select,
+    ranking_scores,
+    select_from_scores,
+    selection_scores,
+)
 
 POOLINGS = ("max", "avg")
 
@@ -50,6 +56,14 @@ class SnapKVPolicy(BudgetedPolicy):
     def select_scored(self, scores, keys, values, lengths, selected, layer=0, shared=None):
         return select_from_scores(scores, keys, values, lengths, selected, self.window, self.kernel,
                                   self.pooling_op(), self.granularity)
+
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        return selection_scores(queries, keys, lengths, self.window, self.kernel, self.pooling_op(), self.granularity,
+                                self.observe)
+
+    def selection_scores_from(self, scores, keys, lengths, layer, shared):
+        return ranking_scores(scores, keys.shape[1], lengths, self.window, self.kernel, self.pooling_op(),
+                              self.granularity)
 
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         s, attrs = lay.s, lay.target.select_attributes()

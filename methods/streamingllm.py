@@ -31,6 +31,9 @@ class StreamingLLMPolicy(BudgetedPolicy):
         if self.sinks > self.kv_budget - self.window:
             raise UserInputError(f"--sinks must be in [0, kv_budget - window] (got {self.sinks})")
 
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        return min(self.sinks, prompt_len), min(self.window, prompt_len)
+
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return streaming_select(keys, values, lengths, selected, self.window, self.sinks)
 

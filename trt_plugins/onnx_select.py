@@ -238,7 +238,10 @@ def _chunk_picks(g: GraphBuilder, chunk_scores: str, selected: str, lengths: str
     return g.op("Expand", picks, g.concat(g.dim(chunk_scores, 0), g.const([heads]), g.dim(picks, 2)))
 
 
-CHUNKKV_ATTRIBUTES = ["window", "chunk_size", "kernel", "pooling"]
+# The shape ones and max_selected ride along on the tensorrt target (its nodes become kernel chains: trt_chain).
+CHUNKKV_ATTRIBUTES = ["window", "chunk_size", "kernel", "pooling", "num_heads", "num_kv_heads", "head_dim",
+                      "max_selected"]
+CHUNKKV_GATHER_ATTRIBUTES = ["window", "chunk_size", "num_kv_heads", "head_dim", "max_selected"]
 
 
 def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -312,4 +315,4 @@ def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, hea
     picks = _chunk_picks(g, scores, selected, lengths, q, num_kv_heads, chunk_size, window)
     sort_with_window(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)
     return g.make_function("ChunkKVGather", CHUNKKV_GATHER_INPUTS, SELECT_OUTPUTS,
-                           attributes=["window", "chunk_size"])
+                           attributes=CHUNKKV_GATHER_ATTRIBUTES)

@@ -50,8 +50,12 @@ def compare_one(engine_result, reference_result) -> dict[str, Any]:
 
 
 def run_samples(samples: list[ValidationSample], suite, engine, reference, out_file: Path,
-                done_ids: set[str], progress=None) -> list[dict[str, Any]]:
-    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished."""
+                done_ids: set[str], progress=None, on_result=None,
+                generate_options: dict | None = None) -> list[dict[str, Any]]:
+    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished.
+    `on_result(sample, record, engine result)` sees each finished single-prompt sample before its record is
+    written (validate.failures: the inspect page of a failed sample, from the kept indices the run already has);
+    `generate_options` go to the engine's generate (its scores, for those pages)."""
     from validate.multiquery import run_context
 
     records = []
@@ -67,13 +71,15 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
                     progress(k + 1, len(todo))
                 continue
             t0 = time.perf_counter()
-            got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True)
+            got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True, **(generate_options or {}))
             record = sample_record(sample, suite, got, time.perf_counter() - t0)
             if reference is not None:
                 t1 = time.perf_counter()
                 want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)
                 record.update({"reference_answer": want.text[0], "reference_score": suite.score(sample, want.text[0]),
                                "reference_seconds": round(time.perf_counter() - t1, 4), **compare_one(got, want)})
+            if on_result is not None:
+                on_result(sample, record, got)
             append_record(f, record)
             records.append(record)
             if progress:

@@ -5,7 +5,7 @@ Layout of a sweep directory:
   cells/<cell>/       one validation run per cell (samples.jsonl written as each sample finishes, summary.json)
   engines/<cell>/     the ONNX engine of each cell run on its own (`--engine-backend onnx`), built once, reused on
                       resume; engines/shared-prefill/: the engine of the shared prefill (validate.sweep_shared)
-  sweep.json          score per cell, per group and per LongBench category; KV bytes held against `plan`'s
+  sweep.json          score per cell, per group, per LongBench category / RULER task; KV bytes held against plan's
   report.md           the same as tables; plots: score_vs_kv.png and, for NIAH, niah_cells.png
 
 FullKV does not depend on the budget, so it is one cell (`full`) however many budgets are swept. The cells of the
@@ -106,7 +106,16 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
     }
     if suite == "longbench":
         row["categories"] = category_scores(summary["groups"])
+    if suite == "ruler":  # each task's score over its lengths
+        row["tasks"] = {t["task"]: t["engine_score"] for t in summary["tasks"]}
     return row
+
+
+def failure_links(out: Path, cell: Cell, records: list[dict]) -> list[dict]:
+    """The cell's inspect pages of failed samples (validate.failures), with paths relative to the sweep."""
+    from validate.failures import pages
+
+    return [{**p, "page": f"cells/{cell.name}/{p['page']}"} for p in pages(out / "cells" / cell.name, records)]
 
 
 def category_scores(groups: list[dict]) -> dict[str, float]:
@@ -157,13 +166,17 @@ def open_cell_engine(out: Path, cell: Cell, loaded, backend: str, dtype: str, ma
     return OrtEngine(path)
 
 
-def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None) -> list[dict]:
-    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped)."""
+def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None, inspect_failures: bool = False,
+             model: str = "") -> list[dict]:
+    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped); with
+    `inspect_failures`, an inspect page for each sample it scores below 1 (validate.failures)."""
     from validate.runner import SAMPLES_FILE, run_samples
 
     cell_dir, run, done = start_cell(out, cell, engine.name, suite)
-    run_samples(samples, suite, engine, None, cell_dir / SAMPLES_FILE, done, progress)
-    return finish_cell(cell_dir, run, samples, suite)
+    pages = failure_pages(cell_dir, run, engine, model) if inspect_failures else None
+    run_samples(samples, suite, engine, None, cell_dir / SAMPLES_FILE, done, progress, on_result=pages,
+                generate_options=pages.generate_options if pages else None)
+    return finish_cell(cell_dir, run, samples, suite, pages)
 
 
 def start_cell(out: Path, cell: Cell, engine_name: str, suite) -> tuple[Path, dict, set[str]]:
@@ -178,13 +191,22 @@ def start_cell(out: Path, cell: Cell, engine_name: str, suite) -> tuple[Path, di
     return cell_dir, run, {r["id"] for r in read_records(cell_dir / SAMPLES_FILE, repair=True)}
 
 
-def finish_cell(cell_dir: Path, run: dict, samples, suite) -> list[dict]:
-    """The cell's records of these samples, and its report."""
+def failure_pages(cell_dir: Path, run: dict, engine, model: str):
+    """The runner's hook writing the inspect page of each failed sample (validate.failures.FailurePages)."""
+    from validate.failures import FailurePages
+
+    return FailurePages(cell_dir, engine, model, run["engine"])
+
+
+def finish_cell(cell_dir: Path, run: dict, samples, suite, pages=None) -> list[dict]:
+    """The cell's records of these samples (and the inspect pages a resumed run lacks), and its report."""
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records, record_ids
 
     wanted = {rid for s in samples for rid in record_ids(s)}
     records = [r for r in read_records(cell_dir / SAMPLES_FILE) if r["id"] in wanted]
+    if pages is not None:
+        pages.fill_missing(samples, records)
     write_report(cell_dir, records, suite.name, run)
     return records
 

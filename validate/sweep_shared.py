@@ -16,7 +16,7 @@ from pathlib import Path
 
 from methods import make_policy
 from methods.shared_prefill import score_kinds
-from validate.sweep import Cell, finish_cell, start_cell
+from validate.sweep import Cell, failure_pages, finish_cell, start_cell
 
 ENGINE_DIR = "shared-prefill"  # under OUT/engines: the FullKV engine with the capture graph (--engine-backend onnx)
 
@@ -42,12 +42,38 @@ def open_shared_runner(out: Path, cells: list[Cell], loaded, backend: str, dtype
     return OrtSharedPrefill(OrtEngine(path), policies)
 
 
-def run_shared_cells(out: Path, cells: list[Cell], runner, samples, suite, progress=None) -> dict[str, list[dict]]:
+class CellEngine:
+    """One cell of a shared prefill seen as an engine, for what reads a cell's engine (`--inspect-failures`'s pages,
+    validate.failures): the runner's model, tokenizer and dtype with the cell's policy; `generate` of one prompt
+    prefills it for this cell alone (a resumed run's missing pages)."""
+
+    reports_kept_indices = True
+
+    def __init__(self, runner, policy):
+        engine = getattr(runner, "engine", runner)  # the onnxruntime runner wraps its OrtEngine
+        self.runner, self.policy, self.name = runner, policy, runner.name
+        self.records_scores = getattr(runner, "records_scores", False)
+        self.tokenizer, self.spec = engine.tokenizer, engine.spec
+        for name in ("manifest", "dtype", "loaded"):  # what validate.inspection reads of a built engine / reference
+            if hasattr(engine, name):
+                setattr(self, name, getattr(engine, name))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, **options):
+        (ids,) = prompts
+        shared = self.runner.shared_prefill(ids, [self.policy], max_new_tokens)
+        return self.runner.generate_shared(shared, self.policy, max_new_tokens, **options)
+
+
+def run_shared_cells(out: Path, cells: list[Cell], runner, samples, suite, progress=None,
+                     inspect_failures: bool = False, model: str = "") -> dict[str, list[dict]]:
     """Every sample that some cell lacks: one prefill, then each such cell's selection and decode, its record
-    appended to cells/<cell>/samples.jsonl. Returns each cell's records of these samples."""
+    appended to cells/<cell>/samples.jsonl. Returns each cell's records of these samples. `inspect_failures`: each
+    cell's inspect page of a failed sample, as `validate.sweep.run_cell` writes it."""
     from validate.runner import SAMPLES_FILE, append_record, sample_record
 
     started = {c.name: start_cell(out, c, runner.name, suite) for c in cells}
+    pages = {c.name: failure_pages(started[c.name][0], started[c.name][1], CellEngine(runner, c.policy), model)
+             for c in cells} if inspect_failures else {}
     todo = [s for s in samples if any(s.id not in started[c.name][2] for c in cells)]
     with ExitStack() as stack:
         files = {name: stack.enter_context((cell_dir / SAMPLES_FILE).open("a", encoding="utf-8"))
@@ -59,10 +85,16 @@ def run_shared_cells(out: Path, cells: list[Cell], runner, samples, suite, progr
             shared = runner.shared_prefill(sample.ids, [c.policy for c in waiting], sample.max_new_tokens)
             share = shared.seconds / len(waiting)
             for cell in waiting:
+                hook = pages.get(cell.name)
                 t0 = time.perf_counter()
-                got = runner.generate_shared(shared, cell.policy, sample.max_new_tokens, return_indices=True)
-                append_record(files[cell.name], sample_record(sample, suite, got, share + time.perf_counter() - t0))
+                got = runner.generate_shared(shared, cell.policy, sample.max_new_tokens, return_indices=True,
+                                             **(hook.generate_options if hook else {}))
+                record = sample_record(sample, suite, got, share + time.perf_counter() - t0)
+                if hook is not None:
+                    hook(sample, record, got)
+                append_record(files[cell.name], record)
             del shared  # the prompt's K/V and scores: freed before the next prompt's prefill
             if progress:
                 progress(k + 1, len(todo))
-    return {name: finish_cell(cell_dir, run, samples, suite) for name, (cell_dir, run, _) in started.items()}
+    return {name: finish_cell(cell_dir, run, samples, suite, pages.get(name))
+            for name, (cell_dir, run, _) in started.items()}

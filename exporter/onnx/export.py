@@ -18,6 +18,7 @@ from exporter.onnx.prefill import build_prefill
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
+from exporter.plan import human_bytes
 from exporter.quantize import WeightQuant
 from methods import KVPolicy
 from methods.backends import build_backend
@@ -59,7 +60,7 @@ def check_disk(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed * 1.05 > free:
         raise UserInputError(f"not enough disk space under {where.parent}: the engine needs about "
-                             f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+                             f"{human_bytes(needed)}, {human_bytes(free)} free")
 
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
@@ -81,13 +82,14 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     policy.check_backend(build_backend("onnx", target))
     check_output(Path(out), "engine", force, [loaded.input_path])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
-    notes = []
-    if selected and max(selected) + policy.window > TRT_TOPK_MAX:
-        notes.append(f"layer budget {max(selected)} + window {policy.window} exceeds TensorRT's TopK limit "
-                     f"{TRT_TOPK_MAX}: "
-                     "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer, weights)
+    largest = cfg.largest_selected  # per layer over every prompt length: the plugins' widths less the window
+    notes = []
+    if largest and max(largest) + policy.window > TRT_TOPK_MAX:
+        notes.append(f"layer budget {max(largest)} + window {policy.window} exceeds TensorRT's TopK limit "
+                     f"{TRT_TOPK_MAX}: "
+                     "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     with staging_dir(Path(out), "engine", force, [loaded.input_path]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize, cfg.weights))
         weights = ExternalWeights(tmp, np_dtype)
@@ -122,7 +124,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "tokenizer": "tokenizer",
             "policy": {"name": policy.name, **policy.hyperparameters()},
             "budgets": {"rule": "methods.budgets, evaluated in-graph from the prompt length",
-                        "selected_at_max_input_len": selected},
+                        "selected_at_max_input_len": selected, "largest_selected": largest},
             "dtype": dtype,
             "weights": cfg.weights.record() if cfg.weights else {"format": "fp"},
             "max_input_len": max_input_len,
