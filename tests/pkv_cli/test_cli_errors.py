@@ -37,7 +37,7 @@ def assert_one_line(r, code=2, fragment=""):
     (["plan", "--context", "many"], "not a valid integer"),
     (["build", "--dtype", "fp8", "--out", "x"], "'fp8' is not one of"),
     (["generate", "--device", "tpu", "--prompt", "x"], "--device"),
-    (["validate", "--suite", "ruler", "--out", "x"], "--suite"),
+    (["validate", "--suite", "bogus", "--out", "x"], "--suite"),
     (["serve", "--http-port", "0"], "--http-port"),
     (["frobnicate"], "No such command"),
     (["compare"], "--engine"),
