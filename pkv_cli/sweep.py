@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from methods import POLICIES
-from pkv_cli.common import check_positions, check_run_counts, emit_json, model_option, progress_bar
+from pkv_cli.common import (
+    check_positions,
+    check_run_counts,
+    emit_json,
+    model_option,
+    progress_bar,
+    weights_from_options,
+)
 from pkv_core.errors import UserInputError
 
 # The methods whose cells share a sweep's prefill (KVPolicy.shares_prefill, with their defaults)
@@ -31,6 +38,11 @@ SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
                    "which --no-shared-prefill does).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Engine / reference dtype (also the dtype of the KV bytes reported).")
+@click.option("--weights", "weight_format", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
+              help="Run every cell on the decoder's linear layers quantized and dequantized exactly as `build "
+                   "--weights int8|int4` (symmetric, --block-size) stores them: the accuracy of such engines.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="--weights int8/int4: input rows sharing one scale [32].")
 @click.option("--max-input-len", type=int, default=None,
               help="Longest prompt of the engines and of NIAH's default grid [the model's maximum].")
 @click.option("--limit", type=int, default=None,
@@ -57,9 +69,9 @@ SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out (finished samples are kept).")
 @click.option("--force", is_flag=True, help="Replace an existing sweep in --out once the new one is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json.")
-def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefill, dtype, max_input_len, limit,
-          lengths, depths, max_new_tokens, tasks, seed, data, datasets, config_dir, chat, skip_bad, inspect_failures,
-          out, resume, force, as_json) -> None:
+def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefill, dtype, weight_format, block_size,
+          max_input_len, limit, lengths, depths, max_new_tokens, tasks, seed, data, datasets, config_dir, chat,
+          skip_bad, inspect_failures, out, resume, force, as_json) -> None:
     """Validate every (policy, budget) cell on the same samples; report score against KV bytes.
 
     OUT/sweep.json and OUT/report.md give the score per cell (per LongBench category, NIAH context length or RULER
@@ -84,6 +96,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
 
         check_suite(suite, False)
     cells = parse_cells(policies, budgets, window)
+    quant = weights_from_options(weight_format, block_size, True, None)
     inputs = [data, config_dir, model if Path(model).exists() else None]
     if out.exists() and resume:
         if not (out / CONFIG_FILE).is_file():
@@ -92,6 +105,16 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
     else:
         check_output(out, "sweep", force, inputs)
     loaded = load_model(model)
+    if quant is not None:
+        import dataclasses
+
+        import torch
+
+        from exporter.quantize import DequantizedWeights
+
+        engine_dtype = torch.float16 if dtype == "fp16" else torch.float32
+        loaded = dataclasses.replace(loaded, weights=DequantizedWeights(loaded.weights, quant, engine_dtype),
+                                     source=f"{loaded.source} ({weight_format} weights, block {quant.block_size})")
     spec = loaded.spec
     if max_input_len is None:  # 0 is a mistake to report, not a request for the default
         max_input_len = spec.max_position_embeddings
@@ -115,6 +138,7 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     config = {"model": loaded.source, "suite": suite, "engine_backend": engine_backend, "dtype": dtype,
+              **({"weights": quant.record()} if quant is not None else {}),
               "window": window, "policies": policies, "budgets": budgets, "max_input_len": max_input_len,
               "samples": len(samples), "sample_ids_head": [s.id for s in samples[:3]],
               "options": {"limit": limit, "lengths": lengths, "depths": depths, "max_new_tokens": max_new_tokens,

@@ -194,3 +194,28 @@ def test_chunkkv_cells_hold_at_most_plan(tmp_path):
     assert r.exit_code == 0, r.output
     cell = cells_of(out)["chunkkv-C128"]
     assert cell["kv_matches_plan"] and cell["kv_bytes_held"] < cell["kv_bytes_plan"]
+
+
+def test_int4_sweep_answers_as_the_int4_engine(tmp_path):
+    """`sweep --weights int4` runs the cells on the weights `build --weights int4` stores: the reference's answers
+    on them equal an int4 (MatMulNBits) engine's, token for token, and differ from the fp weights' logits."""
+    from engines.ort_engine import OrtEngine
+    from exporter.checkpoint import load_model
+    from validate.suites import NiahSuite
+
+    args = ("sweep", "--model", "tiny-llama3", "--policies", "pyramidkv", "--budgets", "32", "--window", "4",
+            "--suite", "niah", "--lengths", "320", "--depths", "0,100", "--max-new-tokens", "6",
+            "--engine-backend", "reference", "--weights", "int4")
+    r = run(*args, "--out", str(tmp_path / "sweep"))
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "sweep" / "sweep-config.json").read_text())
+    assert config["weights"]["format"] == "int4" and config["weights"]["block_size"] == 32
+    engine = tmp_path / "int4"
+    r = run("build", "--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "32", "--window", "4",
+            "--weights", "int4", "--max-input-len", "512", "--out", str(engine))
+    assert r.exit_code == 0, r.output
+    samples, _ = NiahSuite([320], [0.0, 100.0], max_new_tokens=6).samples(load_model("tiny-llama3").tokenizer(),
+                                                                             512, None)
+    records = [json.loads(line) for line in (tmp_path / "sweep" / "cells" / "pyramidkv-C32" / "samples.jsonl").open()]
+    got = OrtEngine(engine).generate([s.ids for s in samples], 6)
+    assert [r["engine_answer"] for r in records] == got.text
