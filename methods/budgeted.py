@@ -31,7 +31,8 @@ from pkv_core.errors import UserInputError
 class BudgetedPolicy(KVPolicy):
     kv_budget: int = option(128, "average per-layer cache length C including the window (the PyramidKV paper's "
                                  "KV size)", check=positive)
-    window: int = option(8, "observation window w: the last prompt tokens, always kept", check=positive)
+    window: int = option(32, "observation window w: the last prompt tokens, always kept (the question of a chat "
+                                "prompt and its template tail: docs/study.md)", check=positive)
 
     def validate(self) -> None:
         if self.kv_budget <= self.window:

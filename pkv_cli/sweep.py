@@ -27,7 +27,7 @@ SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
               help="Comma-separated policies; each runs at every budget (full once).")
 @click.option("--budgets", default="64,128,256,512", show_default=True,
               help="Comma-separated KV budgets C (average per-layer cache length, window included).")
-@click.option("--window", type=int, default=8, show_default=True, help="Observation window w of every policy.")
+@click.option("--window", type=int, default=32, show_default=True, help="Observation window w of every policy.")
 @click.option("--suite", type=click.Choice(["niah", "longbench", "ruler"]), required=True, help="Benchmark to run.")
 @click.option("--engine-backend", type=click.Choice(["onnx", "reference"]), default="onnx", show_default=True,
               help="What runs the cells: the ONNX engine (built per cell, or one for the cells sharing a prefill; "

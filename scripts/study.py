@@ -1,0 +1,201 @@
+"""The accuracy-versus-compression study on the real model (SmolLM2-135M-Instruct, the `smollm2-135m` preset): one
+command that runs every sweep, then writes the tables and plots of docs/study.md's results.
+
+    python scripts/study.py --out runs/study            # the whole study (sized to finish within 90 min on 2 cores)
+    python scripts/study.py --out runs/study --quick    # a few minutes: the same steps on a tiny grid
+
+Steps (each a `pkv-export sweep` run in a process of its own, resumed if its directory exists):
+  niah        NIAH at 1k/2k/4k tokens x depths 0-100, every method, budgets 64-1024 (fp32 weights)
+  ruler       RULER's six tasks at 2k tokens, every method, the same budgets
+  niah-int4   the NIAH sweep again on int4 weights (as `build --weights int4` stores them)
+  window-W    SnapKV and PyramidKV at C = 64/128/256 on NIAH 1k/2k with observation windows W = 8, 16, 32, 64
+Then: docs/study-results.md (generated tables: score per method and budget, per length / task, int4 beside fp32,
+the ordering against the PyramidKV paper's, the window table, each step's time) and docs/img/study/*.png (the sweeps'
+heatmaps and accuracy-versus-KV-bytes plots). Prints the results as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,chunkkv,kvzip,pyramidinfer"
+# The PyramidKV paper's LongBench ordering at small budgets (its Table 1, LLaMA-3-8B-Instruct, KV size 64-128).
+PAPER_ORDER = ["full", "pyramidkv", "snapkv", "h2o", "streamingllm"]
+
+
+def steps(a: argparse.Namespace) -> dict[str, list[str]]:
+    """Step name -> sweep arguments (without --out)."""
+    common = ["--model", a.model, "--max-input-len", str(a.max_input_len), "--json"]
+    niah = ["--suite", "niah", "--lengths", a.niah_lengths, "--depths", a.depths]
+    out = {
+        "niah": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), *niah, *common],
+        "ruler": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), "--suite", "ruler",
+                  "--lengths", a.ruler_lengths, "--limit", str(a.ruler_limit), *common],
+        "niah-int4": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), *niah,
+                      "--weights", "int4", *common],
+    }
+    for w in a.windows:
+        budgets = ",".join(b for b in a.window_budgets.split(",") if int(b) > w)
+        out[f"window-{w}"] = ["--policies", "snapkv,pyramidkv", "--budgets", budgets, "--window", str(w), "--suite",
+                              "niah", "--lengths", a.window_lengths, "--depths", a.depths, *common]
+    return out
+
+
+def run_sweep(name: str, args: list[str], out: Path) -> dict:
+    where = out / name
+    command = [sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export'; main()",
+               "sweep", *args, "--out", str(where)]
+    if (where / "sweep-config.json").is_file():
+        command.append("--resume")
+    print(f"[study] {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"[study] {name} failed (exit {result.returncode}); rerun to resume it")
+    summary = json.loads(result.stdout)
+    summary["study_seconds"] = round(time.monotonic() - started, 1)
+    return summary
+
+
+def score_table(summary: dict, by: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: methods; columns: budgets (FullKV and PyramidInfer have one cell each); `by`: overall or a group key
+    prefix ('L1024', a RULER task)."""
+    cells = summary["cells"]
+    budgets = sorted({c["kv_budget"] for c in cells if c["kv_budget"] is not None})
+    rows = []
+    for method in METHODS.split(","):
+        mine = [c for c in cells if c["policy"] == method]
+        if not mine:
+            continue
+        row = [method]
+        for b in budgets:
+            cell = next((c for c in mine if c["kv_budget"] in (b, None)), None)
+            row.append("-" if cell is None else f"{pick(cell, by):.2f}")
+        ratio = [c["kv_ratio"] for c in mine if c["kv_ratio"] is not None]
+        row.append(f"{min(ratio):.3f}-{max(ratio):.3f}" if ratio else "-")
+        rows.append(row)
+    return ["method", *[f"C={b}" for b in budgets], "KV vs FullKV"], rows
+
+
+def pick(cell: dict, by: str) -> float:
+    if by == "overall":
+        return cell["score"]
+    values = [v for k, v in cell["groups"].items() if k.startswith(by)]
+    return sum(values) / len(values)
+
+
+def markdown(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def ordering(summary: dict, budget: int) -> dict:
+    """Each relation of the paper's chain at one budget: held (>= for the first two, > after) or not."""
+    score = {c["policy"]: c["score"] for c in summary["cells"] if c["kv_budget"] in (budget, None)}
+    out = {}
+    for i, (a, b) in enumerate(zip(PAPER_ORDER, PAPER_ORDER[1:], strict=False)):
+        if a in score and b in score:
+            strict = i >= 2
+            held = score[a] > score[b] if strict else score[a] >= score[b]
+            out[f"{a} {'>' if strict else '>='} {b}"] = {"held": held, a: score[a], b: score[b]}
+    return out
+
+
+def groups_of(summary: dict) -> list[str]:
+    keys = sorted({k.split("-")[0] if summary["suite"] == "niah" else k.split("/")[0]
+                   for c in summary["cells"] for k in c["groups"]},
+                  key=lambda k: (len(k), k))
+    return keys
+
+
+def write_results(results: dict[str, dict], a: argparse.Namespace, doc: Path, images: Path) -> None:
+    images.mkdir(parents=True, exist_ok=True)
+    parts = ["# Study results (generated by `python scripts/study.py`)\n",
+             f"Command: `python scripts/study.py {' '.join(sys.argv[1:])}`; model `{a.model}`; observation window "
+             f"{a.window} for the main sweeps. Scores are the suites' own (NIAH: fraction of the answer's words "
+             "recovered, 0-1; RULER: string_match_all, 0-100). The analysis is in docs/study.md.\n"]
+    for name, summary in results.items():
+        if name.startswith("window-"):
+            continue
+        parts.append(f"## {name}: {summary['samples']} samples, {summary['study_seconds'] / 60:.1f} min\n")
+        parts.append(markdown(*score_table(summary, "overall")))
+        for group in groups_of(summary):
+            parts.append(f"\n{group}:\n\n" + markdown(*score_table(summary, group)))
+        for plot in summary.get("plots", []):
+            target = images / f"{name}-{plot}"
+            shutil.copy(Path(a.out) / name / plot, target)
+            parts.append(f"\n![{name} {plot}](img/study/{target.name})\n")
+        for budget in (64, 128):
+            rel = ordering(summary, budget)
+            if rel:
+                said = "; ".join(f"{k}: {'yes' if v['held'] else 'NO'}" for k, v in rel.items())
+                parts.append(f"\nPaper's ordering at C={budget}: {said}\n")
+    if "niah" in results and "niah-int4" in results:
+        parts.append("## int4 weights beside fp32 (NIAH, overall score)\n")
+        fp, q4 = (score_table(results[n], "overall") for n in ("niah", "niah-int4"))
+        rows = [[r[0], *[f"{x} / {y}" for x, y in zip(r[1:-1], s[1:-1], strict=True)]]
+                for r, s in zip(fp[1], q4[1], strict=True)]
+        parts.append(markdown(["method (fp32 / int4)", *fp[0][1:-1]], rows))
+    windows = {n: s for n, s in results.items() if n.startswith("window-")}
+    if windows:
+        parts.append("## Observation window (NIAH, SnapKV and PyramidKV)\n")
+        cells = sorted({c["cell"] for s in windows.values() for c in s["cells"]},
+                       key=lambda c: (c.split("-C")[0], int(c.split("-C")[1])))
+        rows = []
+        for name, s in sorted(windows.items(), key=lambda kv: int(kv[0].split("-")[1])):
+            score = {c["cell"]: c["score"] for c in s["cells"]}
+            rows.append([name.removeprefix("window-"), *[f"{score[c]:.2f}" if c in score else "-" for c in cells]])
+        parts.append(markdown(["window", *cells], rows))
+    parts.append("## Time per step\n")
+    parts.append(markdown(["step", "samples", "minutes"],
+                          [[n, str(s["samples"]), f"{s['study_seconds'] / 60:.1f}"] for n, s in results.items()]))
+    total = sum(s["study_seconds"] for s in results.values()) / 60
+    parts.append(f"\nTotal: {total:.1f} min.\n")
+    doc.write_text("\n".join(parts))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="directory of the sweeps (resumed when rerun)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budgets", default="64,128,256,512,1024")
+    p.add_argument("--window", type=int, default=32, help="observation window of the main sweeps")
+    p.add_argument("--niah-lengths", default="1024,2048,4096")
+    p.add_argument("--depths", default="0,25,50,75,100")
+    p.add_argument("--ruler-lengths", default="2048")
+    p.add_argument("--ruler-limit", type=int, default=2, help="RULER samples per task and length")
+    p.add_argument("--windows", type=int, nargs="*", default=[8, 16, 32, 64])
+    p.add_argument("--window-budgets", default="64,128,256")
+    p.add_argument("--window-lengths", default="1024,2048")
+    p.add_argument("--max-input-len", type=int, default=4096)
+    p.add_argument("--steps", nargs="*", default=None, help="run only these steps (names as above)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid: checks the pipeline in minutes")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "study-results.md")
+    p.add_argument("--no-doc", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.budgets, a.niah_lengths, a.depths, a.ruler_lengths, a.ruler_limit = "64,128", "1024", "50", "1024", 1
+        a.windows, a.window_budgets, a.window_lengths = [8, 32], "64,128", "1024"
+    a.out.mkdir(parents=True, exist_ok=True)
+    plan = steps(a)
+    results = {}
+    for name in a.steps or plan:
+        if name not in plan:
+            raise SystemExit(f"unknown step {name!r} (steps: {', '.join(plan)})")
+        results[name] = run_sweep(name, plan[name], a.out)
+    print(json.dumps({n: {"seconds": s["study_seconds"], "cells": {c["cell"]: c["score"] for c in s["cells"]}}
+                      for n, s in results.items()}, indent=2))
+    if not a.no_doc:
+        write_results(results, a, a.doc, a.doc.parent / "img" / "study")
+        print(f"[study] wrote {a.doc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
