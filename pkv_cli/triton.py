@@ -20,7 +20,7 @@ BATCHING_HELP = ("inflight: the model's own scheduler keeps every sequence in a 
 
 def batching_options(fn):
     """--batching, --kv-memory, --max-new-tokens: how a repository's models batch (shared by triton and serve)."""
-    fn = click.option("--max-new-tokens", "slot_new_tokens", type=int, default=512, show_default=True,
+    fn = click.option("--max-new-tokens", "slot_new_tokens", type=click.IntRange(min=1), default=512, show_default=True,
                       help="In-flight: the most new tokens a request may ask for (every KV slot is sized for it).")(fn)
     fn = click.option("--kv-memory", default="1GiB", show_default=True,
                       help="In-flight: bytes the KV slots may hold (e.g. 2GiB, 512MiB); admission waits while "
@@ -35,9 +35,10 @@ def batching_options(fn):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to create.")
 @click.option("--model-name", "names", multiple=True,
               help="Triton model name per --engine [pkv, then pkv-2, ...].")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (CPU).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Dynamic batching limit.")
-@click.option("--default-max-new-tokens", type=int, default=32, show_default=True,
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances (CPU).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Dynamic batching limit.")
+@click.option("--default-max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated when a request does not say.")
 @click.option("--force", is_flag=True,
               help="Replace --out if it is a pkv-export repository (once the new one is ready).")
@@ -76,8 +77,10 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
               help="Prometheus metrics port.")
-@click.option("--instances", type=int, default=1, show_default=True, help="With --engine: model instances.")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="With --engine: batching limit.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --engine: model instances.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --engine: batching limit.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="tritonserver's log [temporary].")
 @batching_options
 @click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
@@ -86,7 +89,7 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
 def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file, batching,
           kv_memory, slot_new_tokens, openai_port, openai_host) -> None:
     """Run a real tritonserver on a model repository until Ctrl-C / SIGTERM (needs the 'triton' extra)."""
-    from engines.triton_server import TritonServer, port_free, pytriton_dir
+    from engines.triton_server import port_free, pytriton_dir
 
     if bool(engines) == (repo is not None):
         raise UserInputError("give either --engine DIR (repeatable) or --repo REPO")
@@ -94,21 +97,78 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 
     pytriton_dir()  # fail fast, before writing anything, when the extra is missing
     memory = parse_size(kv_memory)
+    _check_ports({"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                  "--openai-port": openai_port})
     if openai_port is not None:
         _require_openai_packages()
-        if openai_port in (http_port, grpc_port, metrics_port) or not port_free(openai_host, openai_port):
+        if not port_free(openai_host, openai_port):
             raise UserInputError(f"--openai-port {openai_port} on {openai_host} is already in use")
+    if repo is not None:
+        _check_repo(repo)
     tmp = None
     if engines:
         tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
-        try:
+    try:
+        if engines:
             repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False,
                                batching=batching, kv_memory=memory, max_new_tokens=slot_new_tokens)
-        except BaseException:
+        _check_kv_memory(repo, kv_memory if engines else None)
+        _serve(repo, host, http_port, grpc_port, metrics_port, log_file, openai_port, openai_host)
+    finally:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    elif not (repo / ".").is_dir():
-        raise UserInputError(f"{repo}: no such model repository")
+    click.echo("stopped", err=True)
+
+
+def _check_ports(ports: dict[str, int | None]) -> None:
+    """Every server its own port (tritonserver would print its usage text; the OpenAI API would not start)."""
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port is None:
+            continue
+        if port in seen:
+            raise UserInputError(f"{seen[port]} and {option} are both {port}: give each server its own port")
+        seen[port] = option
+
+
+def _check_repo(repo: Path) -> None:
+    """`--repo` is a model repository whose pkv-export engines are intact: one line naming the model, the engine and
+    the file otherwise, before tritonserver starts (it would print the model's Python frames instead)."""
+    from exporter.engine_dir import read_manifest
+    from exporter.triton.repo import MARKER, check_repository
+
+    check_repository(repo)
+    if not (repo / MARKER).is_file():
+        return  # not written by pkv-export: tritonserver loads it, and says why not in one line per model
+    for name, engine in _served_engines(repo).items():
+        try:
+            read_manifest(engine)
+        except UserInputError as e:
+            raise UserInputError(f"model '{name}' of {repo}: {e}") from None
+
+
+def _check_kv_memory(repo: Path, given: str | None) -> None:
+    """The in-flight models' KV slots are allocated when the server loads them: refuse, up front, more than this
+    machine has available (it would fail with a MemoryError, or start and be killed when the slots fill)."""
+    from engines.triton_server import available_memory
+    from exporter.plan import human_bytes
+    from exporter.triton.repo import inflight_kv_memory
+
+    models = inflight_kv_memory(repo)
+    total, free = sum(models.values()), available_memory()
+    if not total or free is None or total <= free:
+        return
+    what = (f"--kv-memory {given}" + (f" for each of {len(models)} in-flight models" if len(models) > 1 else "")
+            if given is not None else f"the KV memory of the in-flight models of {repo} (kv_memory in config.pbtxt)")
+    raise UserInputError(f"{what}: {human_bytes(total)} is more than this machine's available memory "
+                         f"({human_bytes(free)})")
+
+
+def _serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log_file: Path | None,
+           openai_port: int | None, openai_host: str) -> None:
+    """Start tritonserver (and the OpenAI API) on `repo` and keep them up until Ctrl-C / SIGTERM."""
+    from engines.triton_server import TritonServer
+
     served = _served_engines(repo) if openai_port is not None else {}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,9 +192,6 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
         if api is not None:
             api.stop()
         server.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    click.echo("stopped", err=True)
 
 
 def _require_openai_packages() -> None:
@@ -195,19 +252,23 @@ def _start_openai(grpc_url: str, engines: dict[str, Path], host: str, port: int)
               help="Protocol of --url (gRPC is usually port 8001).")
 @click.option("--model-name", default="pkv", show_default=True, help="Triton model to ask.")
 @click.option("--prompt", required=True, help="Prompt text.", callback=lambda c, p, v: check_text(v, "--prompt"))
-@click.option("--max-new-tokens", type=int, default=None, help="[the model's default]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="[the model's default]")
 @click.option("--stop", default=None, help="Cut the answer before this string.")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds to wait for the answer.")
 @click.option("--context-id", default=None,
               help="Ask about the context stored under this id (or, with --store-context, store --prompt as it).")
 @click.option("--store-context", is_flag=True, help="With --context-id: compress --prompt once and keep it.")
-@click.option("--room", type=int, default=None,
+@click.option("--room", type=click.IntRange(min=1), default=None,
               help="With --store-context: question + answer tokens each later question may add [512].")
 @click.option("--stream", is_flag=True, help="Print the answer piece by piece as it is generated (in-flight models).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (text, token ids, timing).")
 def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, context_id, store_context, room,
            stream, as_json) -> None:
-    """Send one prompt to a served engine with tritonclient and print the answer."""
+    """Send one prompt to a served engine with tritonclient and print the answer.
+
+    Exit codes: 0 answered, 2 the server refused the request (its reason is printed), 1 the server failed or
+    cannot be reached."""
     from engines.triton_client import TritonTextClient
 
     if (store_context or room is not None) and context_id is None:
