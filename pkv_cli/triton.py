@@ -20,7 +20,7 @@ BATCHING_HELP = ("inflight: the model's own scheduler keeps every sequence in a 
 
 def batching_options(fn):
     """--batching, --kv-memory, --max-new-tokens: how a repository's models batch (shared by triton and serve)."""
-    fn = click.option("--max-new-tokens", "slot_new_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+    fn = click.option("--max-new-tokens", "slot_new_tokens", type=int, default=512, show_default=True,
                       help="In-flight: the most new tokens a request may ask for (every KV slot is sized for it).")(fn)
     fn = click.option("--kv-memory", default="1GiB", show_default=True,
                       help="In-flight: bytes the KV slots may hold (e.g. 2GiB, 512MiB); admission waits while "
@@ -89,7 +89,7 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
 def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file, batching,
           kv_memory, slot_new_tokens, openai_port, openai_host) -> None:
     """Run a real tritonserver on a model repository until Ctrl-C / SIGTERM (needs the 'triton' extra)."""
-    from engines.triton_server import port_free, pytriton_dir
+    from engines.triton_server import TritonServer, port_free, pytriton_dir
 
     if bool(engines) == (repo is not None):
         raise UserInputError("give either --engine DIR (repeatable) or --repo REPO")
@@ -99,76 +99,28 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
     memory = parse_size(kv_memory)
     _check_ports({"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
                   "--openai-port": openai_port})
+    if slot_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be at least 1")
     if openai_port is not None:
         _require_openai_packages()
         if not port_free(openai_host, openai_port):
             raise UserInputError(f"--openai-port {openai_port} on {openai_host} is already in use")
-    if repo is not None:
+    if engines:  # everything is checked before the temporary repository is written
+        _check_kv_memory(memory * _inflight_count(engines, batching), f"--kv-memory {kv_memory}"
+                         + (f" for each of {len(engines)} engines" if len(engines) > 1 else ""))
+    else:
         _check_repo(repo)
     tmp = None
     if engines:
         tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
-    try:
-        if engines:
+        try:
             repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False,
                                batching=batching, kv_memory=memory, max_new_tokens=slot_new_tokens)
-        _check_kv_memory(repo, kv_memory if engines else None)
-        _serve(repo, host, http_port, grpc_port, metrics_port, log_file, openai_port, openai_host)
-    finally:
-        if tmp is not None:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    click.echo("stopped", err=True)
-
-
-def _check_ports(ports: dict[str, int | None]) -> None:
-    """Every server its own port (tritonserver would print its usage text; the OpenAI API would not start)."""
-    seen: dict[int, str] = {}
-    for option, port in ports.items():
-        if port is None:
-            continue
-        if port in seen:
-            raise UserInputError(f"{seen[port]} and {option} are both {port}: give each server its own port")
-        seen[port] = option
-
-
-def _check_repo(repo: Path) -> None:
-    """`--repo` is a model repository whose pkv-export engines are intact: one line naming the model, the engine and
-    the file otherwise, before tritonserver starts (it would print the model's Python frames instead)."""
-    from exporter.engine_dir import read_manifest
-    from exporter.triton.repo import MARKER, check_repository
-
-    check_repository(repo)
-    if not (repo / MARKER).is_file():
-        return  # not written by pkv-export: tritonserver loads it, and says why not in one line per model
-    for name, engine in _served_engines(repo).items():
-        try:
-            read_manifest(engine)
-        except UserInputError as e:
-            raise UserInputError(f"model '{name}' of {repo}: {e}") from None
-
-
-def _check_kv_memory(repo: Path, given: str | None) -> None:
-    """The in-flight models' KV slots are allocated when the server loads them: refuse, up front, more than this
-    machine has available (it would fail with a MemoryError, or start and be killed when the slots fill)."""
-    from engines.triton_server import available_memory
-    from exporter.plan import human_bytes
-    from exporter.triton.repo import inflight_kv_memory
-
-    models = inflight_kv_memory(repo)
-    total, free = sum(models.values()), available_memory()
-    if not total or free is None or total <= free:
-        return
-    what = (f"--kv-memory {given}" + (f" for each of {len(models)} in-flight models" if len(models) > 1 else "")
-            if given is not None else f"the KV memory of the in-flight models of {repo} (kv_memory in config.pbtxt)")
-    raise UserInputError(f"{what}: {human_bytes(total)} is more than this machine's available memory "
-                         f"({human_bytes(free)})")
-
-
-def _serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log_file: Path | None,
-           openai_port: int | None, openai_host: str) -> None:
-    """Start tritonserver (and the OpenAI API) on `repo` and keep them up until Ctrl-C / SIGTERM."""
-    from engines.triton_server import TritonServer
-
+            raise
+    elif not (repo / ".").is_dir():
+        raise UserInputError(f"{repo}: no such model repository")
     served = _served_engines(repo) if openai_port is not None else {}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,6 +144,58 @@ def _serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: 
         if api is not None:
             api.stop()
         server.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    click.echo("stopped", err=True)
+
+
+def _check_ports(ports: dict[str, int | None]) -> None:
+    """Every server its own port (tritonserver would print its usage text; the OpenAI API would not start)."""
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port is None:
+            continue
+        if port in seen:
+            raise UserInputError(f"{seen[port]} and {option} are both {port}: give each server its own port")
+        seen[port] = option
+
+
+def _check_repo(repo: Path) -> None:
+    """`--repo` is a model repository whose pkv-export engines are intact: one line naming the model, the engine and
+    the file otherwise, before tritonserver starts (it would print the model's Python frames instead)."""
+    from exporter.engine_dir import read_manifest
+    from exporter.triton.repo import MARKER, check_repository, inflight_kv_memory
+
+    check_repository(repo)
+    _check_kv_memory(sum(inflight_kv_memory(repo).values()),
+                     f"the KV memory of the in-flight models of {repo} (kv_memory in config.pbtxt)")
+    if not (repo / MARKER).is_file():
+        return  # not written by pkv-export: tritonserver loads it, and says why not in one line per model
+    for name, engine in _served_engines(repo).items():
+        try:
+            read_manifest(engine)
+        except UserInputError as e:
+            raise UserInputError(f"model '{name}' of {repo}: {e}") from None
+
+
+def _inflight_count(engines: tuple[Path, ...], batching: str) -> int:
+    """How many of `engines` run in-flight (each holds --kv-memory of slots) with this --batching."""
+    from exporter.engine_dir import read_manifest
+    from exporter.triton.repo import choose_batching
+
+    return sum(choose_batching(read_manifest(engine), batching) == "inflight" for engine in engines)
+
+
+def _check_kv_memory(total: int, what: str) -> None:
+    """In-flight models allocate their KV slots when the server loads them: refuse, up front, more than this machine
+    has available (it would fail with a MemoryError, or start and be killed once the slots fill)."""
+    from engines.triton_server import available_memory
+    from exporter.plan import human_bytes
+
+    free = available_memory()
+    if total and free is not None and total > free:
+        raise UserInputError(f"{what}: {human_bytes(total)} is more than this machine's available memory "
+                             f"({human_bytes(free)})")
 
 
 def _require_openai_packages() -> None:

@@ -233,7 +233,7 @@ def test_serve_refuses_what_it_cannot_serve_up_front(tmp_path, engine_dir):
          "--http-port and --grpc-port are both 8123: give each server its own port"),
         (["--engine", str(engine_dir), "--metrics-port", "8124", "--openai-port", "8124"],
          "--metrics-port and --openai-port are both 8124"),
-        (["--engine", str(engine_dir), "--max-new-tokens", "0"], "'--max-new-tokens': 0 is not in the range x>=1"),
+        (["--engine", str(engine_dir), "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ]
     before = sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("pkv-"))
     for args, fragment in cases:
