@@ -86,6 +86,18 @@ def available_memory() -> int | None:
     return None
 
 
+def free_ports(host: str, count: int, taken: set = frozenset()) -> list[int]:
+    """`count` distinct ports free now (sockets held together while they are chosen), none of them in `taken`."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+        return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -125,9 +137,11 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None, log_file: Path | None = None,
                  die_with_parent: bool = True):
         self.repo, self.host = Path(repo).resolve(), host
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        # Ports left to choose are taken together: one free_port() after another may hand out the same port twice,
+        # and tritonserver answers two servers on one port with its usage text.
+        given = (http_port, grpc_port, metrics_port)
+        spare = iter(free_ports(host, sum(not p for p in given), set(given)))
+        self.http_port, self.grpc_port, self.metrics_port = (p or next(spare) for p in given)
         self.log_file = log_file
         self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
@@ -144,7 +158,11 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         root = pytriton_dir()
         check_numpy()
-        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+        ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if len(set(ports.values())) < len(ports):
+            given = ", ".join(map(str, ports.values()))
+            raise UserInputError(f"the HTTP, gRPC and metrics ports must differ (got {given})")
+        for name, port in ports.items():
             if not port_free(self.host, port):
                 raise UserInputError(f"{name} port {port} on {self.host} is already in use")
         reap_orphans(lambda message: print(f"note: {message}", file=sys.stderr))  # before their directories go

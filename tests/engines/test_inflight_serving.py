@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
-from engines.triton_server import TritonServer, free_port, pytriton_dir
+from engines.triton_server import TritonServer, free_port, free_ports, pytriton_dir
 from exporter.triton.repo import write_repository
 from pkv_cli import main
 from pkv_core.errors import JobError, UserInputError
@@ -329,7 +329,7 @@ def test_openai_chat_streams_with_the_template(tmp_path):
     r = CliRunner().invoke(main, ["build", "--model", "tiny-retriever", "--policy", "pyramidkv", "--kv-budget", "64",
                                   "--window", "8", "--max-input-len", "512", "--out", str(engine)])
     assert r.exit_code == 0, r.output
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports("127.0.0.1", 4)  # distinct: one free_port() after another may repeat
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export';"
                              " main()", "serve", "--engine", str(engine), "--http-port", str(ports[0]), "--grpc-port",
                              str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3]),

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
-from engines.triton_server import TritonServer, free_port, pytriton_dir
+from engines.triton_server import TritonServer, free_port, free_ports, pytriton_dir
 from exporter.triton.repo import write_repository
 from pkv_cli import main
 from pkv_core.errors import JobError, UserInputError
@@ -219,7 +219,8 @@ def test_serve_refuses_what_it_cannot_serve_up_front(tmp_path, engine_dir):
                                      "100TiB"]).exit_code == 0  # a repository for a bigger machine is fine to write
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes" / "drafts").mkdir(parents=True)
-    ports = ["--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = [a for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports("127.0.0.1", 3),
+                                       strict=True) for a in (option, str(port))]
     cases = [
         (["--engine", str(engine_dir), "--kv-memory", "100TiB"], "--kv-memory 100TiB: 100.0 TiB is more than this "
                                                                  "machine's available memory"),

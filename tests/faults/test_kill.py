@@ -132,12 +132,12 @@ def test_killed_serve_takes_its_server_down_and_the_next_start_cleans_up(tmp_pat
     for minutes, issue 31 case 27): the stubs exit by themselves; the next start removes the temporary files and
     kills what a dead server left (a stand-in stub here), and nothing whose owner lives."""
     pytest.importorskip("pytriton", reason="the 'triton' extra is not installed")
-    from engines.triton_server import free_port
+    from engines.triton_server import free_ports
 
     engine = tmp_path / "eng"
     assert cli("build", "--model", "tiny-llama3", "--kv-budget", "24", "--window", "4", "--max-input-len", "256",
                "--out", str(engine)).returncode == 0
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports("127.0.0.1", 3)
     args = ["serve", "--engine", str(engine), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
             "--metrics-port", str(ports[2])]
     proc = start_cli(*args)
