@@ -34,27 +34,41 @@ def gone(pid: int, timeout: float = 30) -> bool:
 
 
 def test_a_stub_exits_when_its_server_is_killed():
-    """The parent (tritonserver's stand-in) starts a child that calls die_with_server and then keeps a thread busy,
-    as the in-flight scheduler does; SIGKILL of the parent makes the child exit by itself."""
+    """The parent (tritonserver's stand-in) starts a child that calls die_with_server, then holds the interpreter's
+    lock in a thread for good, as a stub does that sends a response to a dead server; SIGKILL of the parent makes
+    the child exit all the same (its watcher is a process of its own), and the watcher exits with it."""
     child = ("import sys, threading; sys.path.insert(0, sys.argv[1])\n"
              "from engines.triton_stub import die_with_server\n"
-             "die_with_server()\n"
-             "threading.Thread(target=lambda: [sum(range(1000)) for _ in iter(int, 1)]).start()\n"
-             "print('ready', flush=True)\n")
+             "print(die_with_server().pid, flush=True)\n"
+             "threading.Thread(target=lambda: sum(range(10 ** 15))).start()  # C code: never gives up the lock\n")
     parent = ("import subprocess, sys\n"
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}, sys.argv[1]], stdout=subprocess.PIPE)\n"
               "print(p.pid, p.stdout.readline().decode().strip(), flush=True)\n"
               "p.wait()\n")
     proc = subprocess.Popen([sys.executable, "-c", parent, str(ROOT)], stdout=subprocess.PIPE, text=True)
-    pid, state = proc.stdout.readline().split()
-    assert state == "ready"
+    stub, watcher = (int(x) for x in proc.stdout.readline().split())
+    time.sleep(0.2)  # let the child's thread take the lock
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     try:
-        assert gone(int(pid)), "the stub outlived its server"
+        assert gone(stub), "the stub outlived its server"
+        assert gone(watcher), "the watcher outlived the stub"
     finally:
-        if not gone(int(pid), 0):
-            os.kill(int(pid), signal.SIGKILL)
+        for pid in (stub, watcher):
+            if not gone(pid, 0):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_watcher_leaves_a_stub_whose_server_lives_and_ends_with_it():
+    """A stub that exits on its own (a server shutting down cleanly) takes its watcher with it."""
+    child = ("import sys, time; sys.path.insert(0, sys.argv[1])\n"
+             "from engines.triton_stub import die_with_server\n"
+             "w = die_with_server(); assert die_with_server() is None  # one watcher per stub\n"
+             "print(w.pid, flush=True); time.sleep(1.5)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    watcher = int(proc.stdout.readline())
+    assert proc.wait() == 0  # alive for 1.5 s: three of the watcher's checks passed it by
+    assert gone(watcher), "the watcher outlived its stub"
 
 
 def fake_stub(owner: int, name: str) -> subprocess.Popen:

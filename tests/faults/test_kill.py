@@ -120,6 +120,16 @@ def _fake_stub(owner: int, name: str) -> subprocess.Popen:
     return subprocess.Popen([str(path / "triton_python_backend_stub"), "600"])
 
 
+def _describe(pid: int) -> str:
+    """pid, state, parent and command line of a process (what a failed assertion shows)."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} state {fields[0]} ppid {fields[1]}: {cmdline[:160]}"
+
+
 def _program(pid: int) -> str:
     try:
         return os.path.basename((Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode())
@@ -152,7 +162,8 @@ def test_killed_serve_takes_its_server_down_and_the_next_start_cleans_up(tmp_pat
     for pid in server:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert wait_for(lambda: not _processes_mentioning(marker), 30), "tritonserver or a stub outlived serve"
+    assert wait_for(lambda: not _processes_mentioning(marker), 30), \
+        f"tritonserver or a stub outlived serve: {[_describe(pid) for pid in _processes_mentioning(marker)]}"
     client.stop_stream(cancel_requests=True)
     client.close()
     assert wait_for(lambda: not _ready(ports[0]), 10)
