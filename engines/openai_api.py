@@ -1,8 +1,11 @@
 """An OpenAI-compatible endpoint in front of the Triton server (`pkv-export serve --openai-port N`).
 
 A small FastAPI application (run by uvicorn) that turns `/v1/completions` and `/v1/chat/completions` requests
-into streamed gRPC requests to the in-flight Triton models (tritonclient's asyncio client), and their responses
-back into OpenAI's JSON or server-sent events (`stream: true`, ending with `data: [DONE]`). Chat messages are
+into streamed gRPC requests to the in-flight Triton models (tritonclient's asyncio client), or one gRPC request to
+a static model (Triton's dynamic batcher: KVzip, PyramidInfer, TensorRT engines; its answer then comes as one
+piece), and their responses back into OpenAI's JSON or server-sent events (`stream: true`, ending with
+`data: [DONE]`; a request refused before its first piece is an HTTP error, a failure after it an `error` event
+before `[DONE]`). Chat messages are
 rendered with the engine's own chat template (refused when it has none). Decoding is greedy: sampling
 parameters (temperature, top_p, ...) are accepted and ignored; `n` > 1, `logprobs` and `echo` are refused.
 `stop` takes a string or up to 4; the answer ends before the first one produced. A client that disconnects
@@ -17,10 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from engines.triton_request import MAX_STOPS, is_failure
 from pkv_core.errors import UserInputError
-
-MAX_STOPS = 4
-SERVER_FAILURES = ("prefill failed", "decode failed", "scheduler error", "generation failed")
 
 
 class ApiError(Exception):
@@ -73,14 +74,73 @@ class Models:
         return self.tokenizers[name]
 
 
-async def _generate(url: str, model: str, prompt: str, params: dict):
+def _api_error(message: str) -> ApiError:
+    """A Triton error as the API's: the model's failures are the server's (500), the rest refusals (400)."""
+    failed = is_failure(message)
+    return ApiError(message, 500 if failed else 400, "server_error" if failed else "invalid_request_error")
+
+
+def _first(result, name: str):
+    value = result.as_numpy(name)
+    return None if value is None or not value.size else value.reshape(-1)[0]
+
+
+async def _decoupled(client, model: str, cache: dict) -> bool:
+    """Whether the Triton model streams (in-flight) or answers once (static); asked once per model."""
+    if model not in cache:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            config = await client.get_model_config(model)
+        except InferenceServerException as e:
+            raise _api_error(e.message()) from None
+        cache[model] = bool(config.config.model_transaction_policy.decoupled)
+    return cache[model]
+
+
+async def _generate_once(client, model: str, prompt: str, params: dict):
+    """A static model's one answer as the stream's only item: (text, final)."""
+    import numpy as np
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    text_input = grpcclient.InferInput("text_input", [1, 1], "BYTES")  # the batch dimension of a batching model
+    text_input.set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=np.object_))
+    static = {k: v for k, v in params.items() if k != "stream"}
+    try:
+        result = await client.infer(model, [text_input], parameters=static)
+    except InferenceServerException as e:
+        raise _api_error(e.message()) from None
+    ids = result.as_numpy("output_ids")
+    completion = int(ids.size) if ids is not None else 0
+    reason, prompt_tokens = _first(result, "finish_reason"), _first(result, "prompt_tokens")
+    if reason is None:  # a repository written before static models said why they stopped
+        reason = b"length" if completion >= params["max_new_tokens"] else b"stop"
+    final = {"finish_reason": reason.decode(), "completion_tokens": completion,
+             "prompt_tokens": None if prompt_tokens is None else int(prompt_tokens)}
+    yield _first(result, "text_output").decode("utf-8"), final
+
+
+async def _generate(url: str, model: str, prompt: str, params: dict, modes: dict):
     """Yield (text piece, final) from the Triton model's stream; final = {finish_reason, prompt_tokens,
     completion_tokens} on the last response. Leaving the generator early (client gone, stop found) closes the
-    stream, which cancels the request on the server."""
+    stream, which cancels the request on the server. `modes` caches which models are decoupled."""
     import numpy as np
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    try:
+        static = not await _decoupled(client, model, modes)
+    except BaseException:
+        await client.close()
+        raise
+    if static:
+        try:
+            async for item in _generate_once(client, model, prompt, params):
+                yield item
+        finally:
+            await client.close()
+        return
     text_input = grpcclient.InferInput("text_input", [1], "BYTES")
     text_input.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=np.object_))
 
@@ -92,9 +152,7 @@ async def _generate(url: str, model: str, prompt: str, params: dict):
     try:
         async for result, error in stream:
             if error is not None:
-                message = error.message() if hasattr(error, "message") else str(error)
-                failed = message.startswith(SERVER_FAILURES)  # the model's own failures; the rest are refusals
-                raise ApiError(message, 500 if failed else 400, "server_error" if failed else "invalid_request_error")
+                raise _api_error(error.message() if hasattr(error, "message") else str(error))
             piece = result.as_numpy("text_output")
             text = piece.reshape(-1)[0].decode("utf-8") if piece is not None and piece.size else ""
             reason = result.as_numpy("finish_reason")
@@ -126,6 +184,7 @@ def make_app(grpc_url: str, engines: dict[str, Path], default_max_tokens: int = 
         raise UserInputError("the OpenAI endpoint needs fastapi and uvicorn: pip install 'pkv-export[triton]'") \
             from None
     models = Models(engines)
+    modes: dict[str, bool] = {}  # model -> decoupled (in-flight), asked from the server at its first request
     app = FastAPI(title="pkv-export OpenAI-compatible endpoint")
 
     @app.exception_handler(ApiError)
@@ -168,22 +227,38 @@ def make_app(grpc_url: str, engines: dict[str, Path], default_max_tokens: int = 
                     "choices": [choice]}
 
         def pieces():
-            return _generate(grpc_url, model, prompt, params)
+            return _generate(grpc_url, model, prompt, params, modes)
 
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = pieces()
+            try:  # a refusal before the first piece is an HTTP error, not a 200 with an empty stream
+                head = await stream.__anext__()
+            except StopAsyncIteration:
+                head = None
+
+            async def rest():
+                if head is not None:
+                    yield head
+                async for item in stream:
+                    yield item
 
             async def events():
                 first = True
-                async for text, final in pieces():
-                    if text or first:
-                        yield f"data: {json.dumps(chunk(text, None, first))}\n\n"
-                        first = False
-                    if final is not None:
-                        yield f"data: {json.dumps(chunk('', _finish_reason(final['finish_reason'])))}\n\n"
-                        if include_usage:
-                            usage = _usage(final)
-                            yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage})}\n\n"
+                try:
+                    async for text, final in rest():
+                        if text or first:
+                            yield f"data: {json.dumps(chunk(text, None, first))}\n\n"
+                            first = False
+                        if final is not None:
+                            yield f"data: {json.dumps(chunk('', _finish_reason(final['finish_reason'])))}\n\n"
+                            if include_usage:
+                                usage = _usage(final)
+                                yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage})}\n\n"
+                except ApiError as e:  # after the headers went out: an error event, as OpenAI's streams end
+                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
+                finally:
+                    await stream.aclose()
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")

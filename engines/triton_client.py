@@ -4,6 +4,10 @@ Static models (Triton's dynamic batcher) answer one request with one response (`
 decoupled: over gRPC the client opens a stream and reads responses until the final one; over HTTP it reads
 Triton's `generate_stream` endpoint (server-sent events). Either way `generate` returns the whole answer, and
 `on_piece` sees each text piece as it arrives when streaming was asked for.
+
+Errors carry the server's own message: a request the server refused (a bad parameter, a prompt too long, an
+unknown model or context id) is a UserInputError (exit 2), a model that failed or a server that cannot be reached
+a JobError (exit 1); the models' failure messages say which (engines/triton_request.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from engines.triton_request import is_failure
 from pkv_core.errors import JobError, UserInputError
+
+
+def server_error(message: str) -> Exception:
+    """The error a server's answer means: the model failed (JobError), or the request was refused (UserInputError)."""
+    if is_failure(message):
+        return JobError(f"server error: {message}")
+    return UserInputError(f"the server refused the request: {message}")
 
 
 def check_url(url: str) -> None:
@@ -58,7 +70,7 @@ class TritonTextClient:
             try:
                 config = self._client.get_model_config(model)
             except InferenceServerException as e:
-                raise JobError(f"server error: {e.message()}") from None
+                raise _exception(e) from None
             except OSError as e:
                 raise JobError(f"cannot reach the server: {e}") from None
             if self.protocol == "http":
@@ -111,7 +123,7 @@ class TritonTextClient:
             kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
             result = self._client.infer(model, [inp], outputs=outputs, parameters=params or None, **kwargs)
         except InferenceServerException as e:
-            raise JobError(f"server error: {e.message()}") from None
+            raise _exception(e) from None
         except OSError as e:
             raise JobError(f"cannot reach the server: {e}") from None
         text = result.as_numpy("text_output").reshape(-1)[0]
@@ -120,8 +132,6 @@ class TritonTextClient:
                 "seconds": round(time.perf_counter() - t0, 4)}
 
     def _stream_grpc(self, model: str, prompt: str, params: dict, on_piece) -> dict:
-        from tritonclient.utils import InferenceServerException
-
         responses: queue.Queue = queue.Queue()
         data = np.array([prompt.encode("utf-8")], dtype=np.object_)
         inp = self.tc.InferInput("text_input", [1], "BYTES")
@@ -137,8 +147,7 @@ class TritonTextClient:
                 except queue.Empty:
                     raise JobError(f"no answer within {self.timeout:.0f} s") from None
                 if error is not None:
-                    message = error.message() if isinstance(error, InferenceServerException) else str(error)
-                    raise JobError(f"server error: {message}")
+                    raise _exception(error)
                 final = result.get_response().parameters.get("triton_final_response")
                 pieces.add(_text(result.as_numpy("text_output")), result.as_numpy("output_ids"),
                            result.as_numpy("finish_reason"), result.as_numpy("prompt_tokens"),
@@ -164,18 +173,44 @@ class TritonTextClient:
                         continue
                     event = json.loads(line[5:])
                     if "error" in event:
-                        raise JobError(f"server error: {event['error']}")
+                        raise server_error(str(event["error"]))
                     pieces.add(event.get("text_output", ""), event.get("output_ids"), event.get("finish_reason"),
                                event.get("prompt_tokens"), event.get("completion_tokens"))
         except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read()).get("error", str(e))
-            except ValueError:
-                message = str(e)
-            raise JobError(f"server error: {message}") from None
+            raise server_error(_http_message(e)) from None
         except OSError as e:
             raise JobError(f"cannot reach the server: {e}") from None
         return pieces.result()
+
+
+def _exception(error) -> Exception:
+    """tritonclient's InferenceServerException (or any error a stream callback got) as ours."""
+    from tritonclient.utils import InferenceServerException
+
+    known = isinstance(error, InferenceServerException)
+    message = error.message() if known else str(error)
+    status = str(error.status()) if known else ""
+    if status.endswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")) or "failed to connect" in message:
+        return JobError(f"cannot reach the server: {message}")  # (gRPC; over HTTP that is an OSError)
+    return server_error(message)
+
+
+def _http_message(e: urllib.error.HTTPError) -> str:
+    """The server's reason in an HTTP error: Triton's JSON {"error": ...}, or the first server-sent event of a
+    refused generate_stream (`data: {"error": ...}`); the status line only when the body says nothing."""
+    try:
+        body = e.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        body = ""
+    for line in [body, *body.splitlines()]:
+        line = line.removeprefix("data:").strip()
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "error" in event:
+            return str(event["error"])
+    return f"HTTP {e.code} {e.reason}"
 
 
 def _text(value) -> str:

@@ -28,7 +28,8 @@ import numpy as np
 
 from engines.scheduler import InflightScheduler, RequestRefused, StopGeneration
 from engines.text_stream import TextStream
-from engines.triton_request import max_new_tokens, prompt_text
+from engines.triton_request import error, flag, max_new_tokens, parameters, prompt_text, stop_strings
+from engines.triton_stub import die_with_server
 
 try:  # only importable inside Triton's python backend
     import triton_python_backend_utils as pb_utils
@@ -70,6 +71,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from engines.registry import open_engine
 
+        die_with_server()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         engine_dir = Path(params.get("engine_dir", "engine"))
@@ -93,27 +95,14 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ requests
 
     def _parse(self, request) -> tuple[list[int], int, list[str] | None, bool, dict]:
-        params = json.loads(request.parameters() or "{}")
-        if params.get("status") is True:
+        params = parameters(request, BadRequest)
+        if flag(params, "status", False, BadRequest):
             return [], 0, None, False, params
         text = prompt_text(request, BadRequest)
         new_tokens = max_new_tokens(params, self.default_new_tokens, self.scheduler.plan.max_new_tokens, BadRequest)
-        stop = params.get("stop")
-        if isinstance(stop, str) and stop.startswith("[") and stop.endswith("]"):
-            try:  # several stop strings travel as a JSON list (request parameters are scalars)
-                stop = json.loads(stop)
-            except json.JSONDecodeError:
-                pass
-        stops = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (not isinstance(stops, list) or not stops or len(stops) > 4
-                                 or not all(isinstance(s, str) and s for s in stops)):
-            raise BadRequest("stop must be a non-empty string or a JSON list of at most 4 of them")
-        special = params.get("add_special_tokens", True)
-        if not isinstance(special, bool):
-            raise BadRequest("add_special_tokens must be true or false")
-        stream = params.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("stream must be true or false")
+        stops = stop_strings(params, BadRequest)
+        special = flag(params, "add_special_tokens", True, BadRequest)
+        stream = flag(params, "stream", False, BadRequest)
         if "context_id" in params:
             raise BadRequest("compressed contexts (context_id) are served by --batching static models")
         return self.engine.tokenizer(text, add_special_tokens=special)["input_ids"], new_tokens, stops, stream, params
@@ -122,7 +111,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 ids, new_tokens, stop, stream, params = self._parse(request)
-            except (BadRequest, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except BadRequest as e:
                 self._fail(request.get_response_sender(), str(e))
                 continue
             if params.get("status") is True:
@@ -169,7 +158,8 @@ class TritonPythonModel:
 
     @staticmethod
     def _fail(sender, message: str) -> None:
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        """The request's final response: an error, a refusal or a failure by its message (triton_request.error)."""
+        sender.send(pb_utils.InferenceResponse(error=error(message)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     # ------------------------------------------------------------------ housekeeping

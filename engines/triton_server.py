@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,10 +22,22 @@ import time
 import urllib.request
 from pathlib import Path
 
+from engines.triton_stub import reap_orphans
 from exporter.outputs import owned_tempdir
 from pkv_core.errors import JobError, UserInputError
 
 EXTRA_HINT = "pip install 'pkv-export[triton]'"
+# tritonserver's log lines that say nothing about the failure on a machine without a GPU
+NOISE = ("NVML", "DCGM")
+LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n\\nAt:|\"$)")
+
+
+def load_reason(reason: str) -> str:
+    """A model's load failure in one line: without the Python frames ("At: ...") Triton appends, the error class of
+    pkv-export's own one-line errors, or Triton's "Internal:" prefix."""
+    reason = re.split(r"\n\s*\n?At:|\\n\\nAt:", reason, maxsplit=1)[0].strip()
+    reason = re.sub(r"^(Internal|Unknown): ", "", reason)
+    return re.sub(r"^(UserInputError|JobError|RequestRefused): ", "", reason).replace("\\n", " ").strip()
 
 
 def pytriton_dir() -> Path:
@@ -62,6 +75,29 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give processes without swapping (Linux MemAvailable), None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def free_ports(host: str, count: int, taken: set = frozenset()) -> list[int]:
+    """`count` distinct ports free now (sockets held together while they are chosen), none of them in `taken`."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+        return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -90,6 +126,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _could_not_load(failed: dict[str, str]) -> str:
+    return "tritonserver could not load " + "; ".join(f"model '{n}': {r}" for n, r in failed.items())
+
+
 class TritonServer:
     """A tritonserver child process on `host` (127.0.0.1 by default). Use as a context manager."""
 
@@ -97,9 +137,11 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None, log_file: Path | None = None,
                  die_with_parent: bool = True):
         self.repo, self.host = Path(repo).resolve(), host
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        # Ports left to choose are taken together: one free_port() after another may hand out the same port twice,
+        # and tritonserver answers two servers on one port with its usage text.
+        given = (http_port, grpc_port, metrics_port)
+        spare = iter(free_ports(host, sum(not p for p in given), set(given)))
+        self.http_port, self.grpc_port, self.metrics_port = (p or next(spare) for p in given)
         self.log_file = log_file
         self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
@@ -116,9 +158,14 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         root = pytriton_dir()
         check_numpy()
-        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+        ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if len(set(ports.values())) < len(ports):
+            given = ", ".join(map(str, ports.values()))
+            raise UserInputError(f"the HTTP, gRPC and metrics ports must differ (got {given})")
+        for name, port in ports.items():
             if not port_free(self.host, port):
                 raise UserInputError(f"{name} port {port} on {self.host} is already in use")
+        reap_orphans(lambda message: print(f"note: {message}", file=sys.stderr))  # before their directories go
         self._workdir = owned_tempdir("pkv-triton")
         backends = _backend_dir(root, self._workdir)
         env = dict(os.environ)
@@ -131,6 +178,8 @@ class TritonServer:
         # environment's packages (numpy<2 above all) instead of the base interpreter's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PKV_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+        # The models run the pkv-export that starts the server (a checkout on PYTHONPATH too: the stub ignores it).
+        env["PKV_SOURCE_ROOT"] = str(Path(__file__).resolve().parent.parent)
         log = self.log_file or (self._workdir / "tritonserver.log")
         args = [str(root / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                 f"--backend-directory={backends}", f"--http-address={self.host}", f"--http-port={self.http_port}",
@@ -150,15 +199,17 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = self.log_tail()
+                failed, tail = self.load_failures(), self.log_tail()
                 self.stop()
+                if failed:
+                    raise JobError(_could_not_load(failed))
                 raise JobError(f"tritonserver exited with code {self.process.returncode}: {tail}")
             if self.ready():
                 return
             failed = self.unavailable_models()
             if failed:
                 self.stop()
-                raise JobError("tritonserver could not load " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
+                raise JobError(_could_not_load(failed))
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
@@ -179,13 +230,22 @@ class TritonServer:
                 index = json.loads(r.read())
         except (OSError, ValueError):
             return {}
-        return {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
+        return {m["name"]: load_reason(m.get("reason", "")) for m in index if m.get("state") == "UNAVAILABLE"}
 
-    def log_tail(self, lines: int = 5) -> str:
+    def _log_lines(self) -> list[str]:
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
+            return []
+        return [line for line in text if not any(word in line for word in NOISE)]
+
+    def load_failures(self) -> dict[str, str]:
+        """Models the log says failed to load, with the reason in one line."""
+        return {m.group(1): load_reason(m.group(2)) for line in self._log_lines()
+                for m in [LOAD_FAILURE.search(line)] if m}
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = self._log_lines()
         errors = [line for line in text if " E" in line[:3] or "error" in line.lower()]
         return " | ".join((errors or text)[-lines:])
 

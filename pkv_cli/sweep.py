@@ -131,7 +131,8 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
                                max_new_tokens, chat)
     else:
         suite_spec = LongBenchSuite(data, False, datasets.split(",") if datasets else None, config_dir, chat)
-    samples, bad = suite_spec.samples(loaded.tokenizer(), max_input_len, limit, skip_bad)
+    samples, bad = suite_spec.samples(loaded.tokenizer(), max_input_len, limit, skip_bad,
+                                      max_positions=spec.max_position_embeddings)
     if not samples:
         raise UserInputError("no samples to run")
     check_positions(samples, spec.max_position_embeddings)  # before anything under --out is written

@@ -35,9 +35,10 @@ def batching_options(fn):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to create.")
 @click.option("--model-name", "names", multiple=True,
               help="Triton model name per --engine [pkv, then pkv-2, ...].")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (CPU).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="Dynamic batching limit.")
-@click.option("--default-max-new-tokens", type=int, default=32, show_default=True,
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances (CPU).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Dynamic batching limit.")
+@click.option("--default-max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated when a request does not say.")
 @click.option("--force", is_flag=True,
               help="Replace --out if it is a pkv-export repository (once the new one is ready).")
@@ -76,8 +77,10 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
               help="Prometheus metrics port.")
-@click.option("--instances", type=int, default=1, show_default=True, help="With --engine: model instances.")
-@click.option("--max-batch-size", type=int, default=8, show_default=True, help="With --engine: batching limit.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --engine: model instances.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --engine: batching limit.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="tritonserver's log [temporary].")
 @batching_options
 @click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
@@ -94,10 +97,19 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
 
     pytriton_dir()  # fail fast, before writing anything, when the extra is missing
     memory = parse_size(kv_memory)
+    _check_ports({"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                  "--openai-port": openai_port})
+    if slot_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be at least 1")
     if openai_port is not None:
         _require_openai_packages()
-        if openai_port in (http_port, grpc_port, metrics_port) or not port_free(openai_host, openai_port):
+        if not port_free(openai_host, openai_port):
             raise UserInputError(f"--openai-port {openai_port} on {openai_host} is already in use")
+    if engines:  # everything is checked before the temporary repository is written
+        _check_kv_memory(memory * _inflight_count(engines, batching), f"--kv-memory {kv_memory}"
+                         + (f" for each of {len(engines)} engines" if len(engines) > 1 else ""))
+    else:
+        _check_repo(repo)
     tmp = None
     if engines:
         tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
@@ -135,6 +147,55 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     click.echo("stopped", err=True)
+
+
+def _check_ports(ports: dict[str, int | None]) -> None:
+    """Every server its own port (tritonserver would print its usage text; the OpenAI API would not start)."""
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port is None:
+            continue
+        if port in seen:
+            raise UserInputError(f"{seen[port]} and {option} are both {port}: give each server its own port")
+        seen[port] = option
+
+
+def _check_repo(repo: Path) -> None:
+    """`--repo` is a model repository whose pkv-export engines are intact: one line naming the model, the engine and
+    the file otherwise, before tritonserver starts (it would print the model's Python frames instead)."""
+    from exporter.engine_dir import read_manifest
+    from exporter.triton.repo import MARKER, check_repository, inflight_kv_memory
+
+    check_repository(repo)
+    _check_kv_memory(sum(inflight_kv_memory(repo).values()),
+                     f"the KV memory of the in-flight models of {repo} (kv_memory in config.pbtxt)")
+    if not (repo / MARKER).is_file():
+        return  # not written by pkv-export: tritonserver loads it, and says why not in one line per model
+    for name, engine in _served_engines(repo).items():
+        try:
+            read_manifest(engine)
+        except UserInputError as e:
+            raise UserInputError(f"model '{name}' of {repo}: {e}") from None
+
+
+def _inflight_count(engines: tuple[Path, ...], batching: str) -> int:
+    """How many of `engines` run in-flight (each holds --kv-memory of slots) with this --batching."""
+    from exporter.engine_dir import read_manifest
+    from exporter.triton.repo import choose_batching
+
+    return sum(choose_batching(read_manifest(engine), batching) == "inflight" for engine in engines)
+
+
+def _check_kv_memory(total: int, what: str) -> None:
+    """In-flight models allocate their KV slots when the server loads them: refuse, up front, more than this machine
+    has available (it would fail with a MemoryError, or start and be killed once the slots fill)."""
+    from engines.triton_server import available_memory
+    from exporter.plan import human_bytes
+
+    free = available_memory()
+    if total and free is not None and total > free:
+        raise UserInputError(f"{what}: {human_bytes(total)} is more than this machine's available memory "
+                             f"({human_bytes(free)})")
 
 
 def _require_openai_packages() -> None:
@@ -195,19 +256,23 @@ def _start_openai(grpc_url: str, engines: dict[str, Path], host: str, port: int)
               help="Protocol of --url (gRPC is usually port 8001).")
 @click.option("--model-name", default="pkv", show_default=True, help="Triton model to ask.")
 @click.option("--prompt", required=True, help="Prompt text.", callback=lambda c, p, v: check_text(v, "--prompt"))
-@click.option("--max-new-tokens", type=int, default=None, help="[the model's default]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="[the model's default]")
 @click.option("--stop", default=None, help="Cut the answer before this string.")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds to wait for the answer.")
 @click.option("--context-id", default=None,
               help="Ask about the context stored under this id (or, with --store-context, store --prompt as it).")
 @click.option("--store-context", is_flag=True, help="With --context-id: compress --prompt once and keep it.")
-@click.option("--room", type=int, default=None,
+@click.option("--room", type=click.IntRange(min=1), default=None,
               help="With --store-context: question + answer tokens each later question may add [512].")
 @click.option("--stream", is_flag=True, help="Print the answer piece by piece as it is generated (in-flight models).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (text, token ids, timing).")
 def client(url, protocol, model_name, prompt, max_new_tokens, stop, timeout, context_id, store_context, room,
            stream, as_json) -> None:
-    """Send one prompt to a served engine with tritonclient and print the answer."""
+    """Send one prompt to a served engine with tritonclient and print the answer.
+
+    Exit codes: 0 answered, 2 the server refused the request (its reason is printed), 1 the server failed or
+    cannot be reached."""
     from engines.triton_client import TritonTextClient
 
     if (store_context or room is not None) and context_id is None:

@@ -164,7 +164,8 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
         spec = LongBenchSuite(data, hub, datasets.split(",") if datasets else None, config_dir, chat,
                               multi_query=multi_query)
     engine, ref, description = _engines(engine_dir, model, policy, reference, reference_policy)
-    samples, bad = spec.samples(engine.tokenizer, engine.max_input_len, limit, skip_bad)
+    samples, bad = spec.samples(engine.tokenizer, engine.max_input_len, limit, skip_bad,
+                                max_positions=engine.spec.max_position_embeddings)
     if not samples:
         raise UserInputError(f"no samples to run ({len(bad)} bad lines skipped)" if bad else
                              "no samples to run: the data holds no rows for the chosen datasets")
@@ -178,6 +179,8 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
                       "reference": reference, "reference_policy": reference_policy}}
     if suite == "ruler":  # (only here: the runs of other suites keep the identity they had)
         run["config"].update(tasks=spec.tasks, seed=spec.seed)
+    if suite == "niah":  # what was hidden and asked: the default needle too, so a report says what it scored
+        run["config"]["needles"] = spec.needles()
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     if force and out.exists():
@@ -222,9 +225,10 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
         before = _read_json(run_file)
         if {k: before.get(k) for k in IDENTITY} != identity:
             raise UserInputError(f"{out} holds a different run (engine, suite, shard or options differ); use --force")
+    wanted = {rid for s in samples for rid in record_ids(s)}
+    run = {**run, "records": len(wanted)}  # what a complete run holds: `--merge` checks every shard against it
     atomic_write_text(run_file, json.dumps(run, indent=2, ensure_ascii=False))
     done = {r["id"] for r in read_records(samples_file, repair=True)}
-    wanted = {rid for s in samples for rid in record_ids(s)}
     finished = sum(all(r in done for r in record_ids(s)) for s in samples)  # a resumed bar starts where it stopped
     bar, update = progress_bar(f"{suite} {index}/{count}", len(samples), lines=True)
     with bar:
@@ -261,18 +265,21 @@ def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
         if not (d / SAMPLES_FILE).is_file() or not (d / "run.json").is_file():
             raise UserInputError(f"{d}: not a validation run directory (no {SAMPLES_FILE} / run.json)")
         runs.append(_read_json(d / "run.json"))
-        for r in read_records(d / SAMPLES_FILE):
-            if r["id"] not in seen:
-                seen.add(r["id"])
+        mine = {r["id"]: r for r in read_records(d / SAMPLES_FILE)}
+        _check_complete(d, runs[-1], len(mine))
+        for rid, r in mine.items():
+            if rid not in seen:
+                seen.add(rid)
                 records.append(r)
+    _check_shards(dirs, runs)
     first = runs[0]
     for r in runs[1:]:
         if (r.get("engine"), r.get("reference"), r.get("config")) != (first.get("engine"), first.get("reference"),
                                                                       first.get("config")):
             raise UserInputError("the runs to merge differ in engine, reference or options")
     skipped = list(dict.fromkeys(line for r in runs for line in r.get("skipped_bad", [])))
-    run = {**{k: v for k, v in first.items() if k not in ("shard", "skipped_bad")}, "shard": "merged",
-           "merged_from": [str(d) for d in dirs], "skipped_bad": skipped}
+    run = {**{k: v for k, v in first.items() if k not in ("shard", "skipped_bad", "records")}, "shard": "merged",
+           "merged_from": [str(d) for d in dirs], "skipped_bad": skipped, "records": len(records)}
     with staging_dir(out, "validation-run", force, dirs) as tmp:
         for d in dirs:  # the shards' inspect pages (validate --inspect-failures), so the merged report links them
             if (d / INSPECT_DIR).is_dir():
@@ -283,6 +290,42 @@ def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
         atomic_write_text(tmp / "run.json", json.dumps(run, indent=2, ensure_ascii=False))
         summary = write_report(tmp, records, first["config"]["suite"], run)
     return summary
+
+
+def _check_complete(d: Path, run: dict, held: int) -> None:
+    """A shard to merge finished: it holds every record it was started for (run.json's `records`; a run written
+    before that field existed counts as finished when it has its summary.json, which is written at the end)."""
+    expected = run.get("records")
+    if expected is None and not (d / "summary.json").is_file():
+        expected = "more"
+    if expected is not None and held != expected:
+        raise UserInputError(f"{d}: incomplete run ({held} of {expected} samples); finish it with --resume first")
+
+
+def _check_shards(dirs: tuple[Path, ...], runs: list[dict]) -> None:
+    """The runs to merge are the shards I/N of one N, each once, none missing."""
+    from validate.suites import parse_shard
+
+    shards = []
+    for d, run in zip(dirs, runs, strict=True):
+        shard = run.get("shard")
+        try:
+            shards.append(parse_shard(shard if isinstance(shard, str) else ""))
+        except UserInputError:
+            raise UserInputError(f"{d}: not a shard run (shard {shard!r}); merge the runs of --shard I/N") from None
+    counts = sorted({count for _, count in shards})
+    if len(counts) > 1:
+        raise UserInputError(f"the runs are shards of different splits (/{', /'.join(map(str, counts))})")
+    count = counts[0]
+    where: dict[int, Path] = {}
+    for d, (index, _) in zip(dirs, shards, strict=True):
+        if index in where:
+            raise UserInputError(f"shard {index}/{count} is given twice ({where[index]} and {d})")
+        where[index] = d
+    missing = [f"{i}/{count}" for i in range(count) if i not in where]
+    if missing:
+        raise UserInputError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing: "
+                             f"merge all {count} shards of the run")
 
 
 def _finish(summary: dict, as_json: bool, min_agreement: float | None, markdown) -> None:

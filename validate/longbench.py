@@ -83,6 +83,8 @@ def _parse_row(row: Any, *, dataset: str, default_id: str) -> LongBenchSample:
     answers = row["answers"]
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError("field 'answers' must be a list of strings")
+    if not answers:  # every official metric takes the best over the answers: none would score 0 whatever is said
+        raise ValueError("field 'answers' is empty: there is nothing to score the answer against")
     ds = row.get("dataset") or dataset
     if not isinstance(ds, str):
         raise ValueError("field 'dataset' must be a string")
@@ -125,15 +127,29 @@ def _parse_line(line: bytes, *, dataset: str, default_id: str) -> LongBenchSampl
     return _parse_row(row, dataset=dataset, default_id=default_id)
 
 
+def _check_unique(sample: LongBenchSample, where: str, seen: dict[tuple[str, str], str] | None) -> None:
+    """A sample is keyed by (dataset, _id) in the run's records: a second row with the same key would be one
+    sample to `--resume` and two to a fresh run, so it is refused (ValueError, the caller adds file:line)."""
+    if seen is None:
+        return
+    key = (sample.dataset, sample.id)
+    if key in seen:
+        raise ValueError(f"duplicate _id {sample.id!r} in dataset {sample.dataset!r} (first at {seen[key]})")
+    seen[key] = where
+
+
 def load_jsonl(
-    path: str | Path, *, dataset: str | None = None, skip_bad: bool = False
+    path: str | Path, *, dataset: str | None = None, skip_bad: bool = False,
+    seen: dict[tuple[str, str], str] | None = None,
 ) -> tuple[list[LongBenchSample], list[str]]:
     """Read one official LongBench JSONL file into samples.
 
     `dataset` fills rows without a `dataset` field; by default it comes from the file name (`_e` dropped).
     A bad line raises UserInputError "path:line: reason"; with `skip_bad` it is skipped and its message returned
-    in the second list instead, so one broken row does not cost a whole evaluation run.
+    in the second list instead, so one broken row does not cost a whole evaluation run. A row whose (dataset,
+    `_id`) an earlier row has (in this file, or in `seen`, shared by the files of one run) is a bad line too.
     """
+    seen = {} if seen is None else seen
     path = Path(path)
     default_dataset = dataset or dataset_from_filename(path)
     try:
@@ -149,7 +165,9 @@ def load_jsonl(
         if not line.strip():
             continue
         try:
-            samples.append(_parse_line(line, dataset=default_dataset, default_id=f"{path.name}:{lineno}"))
+            sample = _parse_line(line, dataset=default_dataset, default_id=f"{path.name}:{lineno}")
+            _check_unique(sample, f"{path}:{lineno}", seen)
+            samples.append(sample)
         except ValueError as exc:
             message = f"{path}:{lineno}: {exc}"
             if not skip_bad:
@@ -182,8 +200,9 @@ def load_dir(
         selected = [files[n] for n in names]
     samples: list[LongBenchSample] = []
     errors: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
     for path in selected:
-        file_samples, file_errors = load_jsonl(path, skip_bad=skip_bad)
+        file_samples, file_errors = load_jsonl(path, skip_bad=skip_bad, seen=seen)
         samples += file_samples
         errors += file_errors
     return samples, errors
@@ -206,6 +225,7 @@ def load_hub(
         ) from None
     samples: list[LongBenchSample] = []
     errors: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
     for name in datasets:
         source = f"{repo}/{name}"
         try:
@@ -217,7 +237,9 @@ def load_hub(
             ) from None
         for index, row in enumerate(rows, start=1):
             try:
-                samples.append(_parse_row(dict(row), dataset=dataset_from_filename(name), default_id=f"{name}:{index}"))
+                sample = _parse_row(dict(row), dataset=dataset_from_filename(name), default_id=f"{name}:{index}")
+                _check_unique(sample, f"{source}:{index}", seen)
+                samples.append(sample)
             except ValueError as exc:
                 message = f"{source}:{index}: {exc}"
                 if not skip_bad:

@@ -38,7 +38,8 @@ class NiahSuite:
     multi_query: bool = False  # one context per length with a needle at every depth, each asked (validate.multiquery)
     name: str = "niah"
 
-    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False,
+                max_positions: int | None = None):
         from validate.niah import DEFAULT_NEEDLE, Needle, answer_room, default_grid, niah_samples
 
         lengths, depths = default_grid(max_input_len)
@@ -47,11 +48,14 @@ class NiahSuite:
         if too_long:
             raise UserInputError(f"context lengths {too_long} exceed the engine's max input length {max_input_len}")
         given = (self.needle, self.question, self.answer)
-        if any(given) and not all(given):
+        custom = any(x is not None for x in given)
+        if custom and any(x is None for x in given):
             raise UserInputError("--needle, --question and --answer go together")
+        if any(x is not None and not x.strip() for x in given):  # '' would otherwise mean "the default"
+            raise UserInputError("--needle, --question and --answer must not be empty")
         if self.multi_query:
-            return self._multi_query_samples(tokenizer, lengths, depths, limit, any(given)), []
-        needle = Needle(*given) if all(given) else DEFAULT_NEEDLE
+            return self._multi_query_samples(tokenizer, lengths, depths, limit, custom), []
+        needle = Needle(*given) if custom else DEFAULT_NEEDLE
         room = self.max_new_tokens or answer_room(tokenizer, [needle.answer])
         out = []
         for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
@@ -59,6 +63,17 @@ class NiahSuite:
                                         {"context_len": s.context_len, "depth_percent": s.depth_percent,
                                          "answer": s.answer, "needle": needle.needle}))
         return out[:limit] if limit else out, []
+
+    def needles(self) -> list[dict[str, str]]:
+        """The needles the run hides and asks for (recorded in run.json, part of what a resume must match)."""
+        from dataclasses import asdict
+
+        from validate.niah import DEFAULT_NEEDLE, MULTI_NEEDLES, Needle
+
+        if self.multi_query:
+            return [asdict(n) for n in MULTI_NEEDLES]
+        given = (self.needle, self.question, self.answer)
+        return [asdict(Needle(*given) if None not in given else DEFAULT_NEEDLE)]
 
     def _multi_query_samples(self, tokenizer, lengths, depths, limit, custom_needle: bool) -> list[ValidationSample]:
         from validate.niah import MULTI_NEEDLES, answer_room, multi_needle_contexts
@@ -103,7 +118,11 @@ class LongBenchSuite:
     multi_query: bool = False  # samples sharing a context asked after one compression (validate.multiquery)
     name: str = "longbench"
 
-    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False,
+                max_positions: int | None = None):
+        """The rows as samples, each prompt cut in the middle to what the engine takes: at most `max_input_len`
+        tokens and, with `max_positions` (the model's), room for the dataset's new tokens within them (as the
+        official `pred.py`'s max_length leaves it), so no sample is refused once the run has started."""
         from validate.longbench import load_dir, load_hub, load_prompt_config, max_new_tokens, prepare_prompt
 
         if self.hub:
@@ -126,10 +145,20 @@ class LongBenchSuite:
             kept.append(row)
 
         def prompt_ids(row) -> list[int]:
-            budget = max_input_len
+            longest = max_input_len
+            if max_positions is not None:  # the prompt plus the new tokens fed back must fit the positions
+                new = max_new_tokens(row.dataset, maxlens)
+                longest = min(longest, max_positions - new + 1)
+                if longest < 1:
+                    raise UserInputError(f"{row.dataset}: its {new} new tokens alone exceed the model's "
+                                         f"{max_positions} positions")
+            budget = longest
             ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
-            while len(ids) > max_input_len:  # the chat template and BOS come on top of the content budget
-                budget -= len(ids) - max_input_len
+            while len(ids) > longest:  # the chat template and BOS come on top of the content budget
+                budget -= len(ids) - longest
+                if budget < 1:
+                    raise UserInputError(f"{row.dataset}: the chat template alone takes more than the "
+                                         f"{longest} tokens a prompt may have here")
                 ids = prepare_prompt(row, tokenizer, prompts[row.dataset], budget, self.chat)
             return ids
 
@@ -197,7 +226,8 @@ class RulerSuite:
     seed: int = 42  # RULER's default random seed
     name: str = "ruler"
 
-    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False,
+                max_positions: int | None = None):
         from validate.niah import default_grid
         from validate.ruler import DEFAULT_SAMPLES, TASKS, group_name, ruler_samples
 

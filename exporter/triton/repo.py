@@ -25,11 +25,14 @@ MARKER = "pkv-triton-repo.json"
 MODEL_PY = '''"""Triton python-backend entry point written by pkv-export; the model is in the pkv-export package."""
 import os
 import site
+import sys
 
 # `pkv-export serve` points this at the environment pkv-export is installed in (the backend stub embeds the
-# system interpreter, which does not see a virtual environment on its own).
+# system interpreter, which does not see a virtual environment on its own), and at the pkv-export it runs itself.
 if os.environ.get("PKV_SITE_PACKAGES"):
     site.addsitedir(os.environ["PKV_SITE_PACKAGES"])
+if os.path.isdir(os.path.join(os.environ.get("PKV_SOURCE_ROOT", ""), "engines")):
+    sys.path.insert(0, os.environ["PKV_SOURCE_ROOT"])
 
 from engines.{module} import TritonPythonModel  # noqa: E402,F401
 '''
@@ -99,7 +102,10 @@ input [
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }}
+  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "prompt_tokens" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "completion_tokens" data_type: TYPE_INT64 dims: [ 1 ] }}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}
@@ -173,4 +179,37 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
             "models": {n: {"engine": str(Path(e).resolve()), "copied": copy, "batching": modes[n]}
                        for n, e in engines.items()},
         }, indent=2))
+    return out
+
+
+def check_repository(repo: Path) -> list[str]:
+    """The model names of a Triton model repository to serve, or one line saying why `repo` is not one (an engine
+    directory, a directory without models, a sub-directory without a config.pbtxt) before tritonserver starts."""
+    repo = Path(repo)
+    if not (repo / ".").is_dir():
+        raise UserInputError(f"{repo}: no such model repository")
+    if (repo / "pkv-engine.json").is_file():
+        raise UserInputError(f"{repo} is an engine directory, not a model repository: serve it with --engine {repo} "
+                             "(or write a repository from it with `pkv-export triton`)")
+    models = []
+    for entry in sorted(repo.iterdir()):
+        if entry.is_dir():
+            if not (entry / "config.pbtxt").is_file():
+                raise UserInputError(f"{repo} is not a Triton model repository: {entry.name}/ has no config.pbtxt "
+                                     "(one directory per model: NAME/config.pbtxt, NAME/1/model.py)")
+            models.append(entry.name)
+    if not models:
+        raise UserInputError(f"{repo} holds no model (a Triton model repository has one directory per model, "
+                             "e.g. written by `pkv-export triton`)")
+    return models
+
+
+def inflight_kv_memory(repo: Path) -> dict[str, int]:
+    """name -> the KV bytes (`kv_memory`) each in-flight model of `repo` holds once loaded, read from its config."""
+    out = {}
+    for name in check_repository(repo):
+        config = (Path(repo) / name / "config.pbtxt").read_text(errors="replace")
+        memory = re.search(r'key: "kv_memory" value: \{ string_value: "(\d+)" \}', config)
+        if memory and re.search(r'key: "batching" value: \{ string_value: "inflight" \}', config):
+            out[name] = int(memory.group(1))
     return out

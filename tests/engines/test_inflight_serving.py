@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
-from engines.triton_server import TritonServer, free_port, pytriton_dir
+from engines.triton_server import TritonServer, free_port, free_ports, pytriton_dir
 from exporter.triton.repo import write_repository
 from pkv_cli import main
 from pkv_core.errors import JobError, UserInputError
@@ -231,6 +232,95 @@ def test_openai_endpoint_with_the_official_client(server, engine_dir, direct):
     assert wait_idle(server)["slots_in_use"] == 0
 
 
+def test_openai_endpoint_on_a_static_model(server, engine_dir):
+    """KVzip, PyramidInfer and TensorRT engines are served by Triton's dynamic batcher: the endpoint answers them
+    too (the whole answer as one piece), and a refused request is an HTTP error, streamed or not, never a 200 with
+    an empty stream (issue 31, case 20)."""
+    openai = pytest.importorskip("openai", reason="the openai client (dev extra) is not installed")
+    from pkv_cli.triton import _start_openai
+
+    port = free_port()
+    api = _start_openai(server.grpc_url, {"static": engine_dir, "pkv": engine_dir}, "127.0.0.1", port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        engine = OrtEngine(engine_dir)
+        prompt = PROMPTS[4]
+        want = engine.tokenizer.decode(engine.generate([prompt], 7).tokens[0], skip_special_tokens=True)
+        r = client.completions.create(model="static", prompt=prompt, max_tokens=7)
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(engine.tokenizer(prompt)["input_ids"]), 7)
+        chunks = list(client.completions.create(model="static", prompt=prompt, max_tokens=7, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        assert chunks[-1].choices[0].finish_reason == "length"
+        chat = client.chat.completions.create(model="static", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=7)
+        from engines.chat import chat_prompt_ids
+
+        ids = engine.generate([chat_prompt_ids(engine.tokenizer, prompt)], 7).tokens[0]  # templated: no second BOS
+        assert chat.choices[0].message.content == engine.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = want[2:4]
+        stopped = client.completions.create(model="static", prompt=prompt, max_tokens=7, stop=["\x00\x01", cut])
+        assert stopped.choices[0].text == want[: want.index(cut)] and stopped.choices[0].finish_reason == "stop"
+        for model in ("static", "pkv"):
+            with pytest.raises(openai.BadRequestError, match="the engine accepts at most 256"):
+                list(client.completions.create(model=model, prompt="x" * 400, max_tokens=3, stream=True))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=b'{"model": ', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:  # the endpoint reads its JSON itself: 400, not 500
+            urllib.request.urlopen(request, timeout=30)
+        assert info.value.code == 400 and "not JSON" in info.value.read().decode()
+    finally:
+        api.stop()
+
+
+def test_the_client_prints_the_servers_reason_and_exits_2_for_a_refused_request(server):
+    """Over HTTP (generate_stream's error event) and gRPC alike: the server's own message, exit code 2; a bad value
+    the client can see itself is refused before anything is sent (issue 31, case 25)."""
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        for args, fragment in ((["--max-new-tokens", "33"], "max_new_tokens must be an integer in [1, 32] (got 33)"),
+                               (["--model-name", "nope"], "unknown model"),
+                               (["--model-name", "static", "--stop", ""], "stop must be a non-empty string")):
+            r = CliRunner().invoke(main, ["client", "--url", url, "--protocol", protocol, "--prompt", "hello", *args])
+            assert r.exit_code == 2, (protocol, args, r.output)
+            assert r.stderr.startswith("error: the server refused the request: ") and fragment in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["client", "--url", server.http_url, "--prompt", "hello", "--max-new-tokens", "0"])
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.stderr
+
+
+def test_generate_stream_answers_400_where_the_model_decides(server):
+    """Every request the models refuse is HTTP 400 with their message (a flag that is not true/false no longer runs a
+    generation), on both kinds of model. What tritonserver itself refuses before any model sees it, a body that is
+    not a JSON object or a `text_input` that is not a string, it answers 500 with its own message: documented in the
+    README, asserted here so that a Triton that changes it is noticed (issue 31, case 26)."""
+    def post(model: str, body: bytes, endpoint: str = "generate_stream") -> tuple[int, str]:
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/{endpoint}", data=body,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for model, endpoint in (("pkv", "generate_stream"), ("static", "generate")):
+        for body, fragment in ((b'{"text_input": "hi", "status": "x"}', "status must be true or false"),
+                               (b'{"text_input": "hi", "stream": 1}', "stream must be true or false"),
+                               (b'{"text_input": "hi", "add_special_tokens": "no"}', "add_special_tokens must be"),
+                               (b'{"text_input": "hi", "max_new_tokens": 1.5}', "max_new_tokens must be an integer"),
+                               (b'{"text_input": "hi", "stop": ""}', "stop must be a non-empty string"),
+                               (b'{"text_input": "   "}', "empty prompt"),
+                               (b'{"text_input": "hi", "stop": ["a"]}', "parameter 'stop' has invalid type")):
+            if model == "static" and (b'"stream"' in body or b'"status"' in body):
+                continue  # in-flight parameters: the static model answers in one piece and has no status request
+            code, text = post(model, body, endpoint)
+            assert code == 400 and fragment in text, (model, body, code, text)
+    for body, status, fragment in ((b'{"text_input": "hi", ', 500, "failed to parse the request JSON buffer"),
+                                   (b"[1, 2]", 500, "attempt to get members for non-object"),
+                                   (b'{"text_input": 5}', 500, "Unable to parse JSON bytes array"),
+                                   (b'{"text_input": "hi", "max_new_tokens": null}', 400, "has invalid type"),
+                                   (b'{"max_new_tokens": 3}', 400, "missing required input(s) ['text_input']")):
+        code, text = post("pkv", body)
+        assert code == status and fragment in text, (body, code, text)
+
+
 def test_openai_chat_streams_with_the_template(tmp_path):
     """tiny-retriever has a chat template: `serve --openai-port` end to end (a process of its own), chat streamed
     with usage, Ctrl-C stops both servers."""
@@ -239,7 +329,7 @@ def test_openai_chat_streams_with_the_template(tmp_path):
     r = CliRunner().invoke(main, ["build", "--model", "tiny-retriever", "--policy", "pyramidkv", "--kv-budget", "64",
                                   "--window", "8", "--max-input-len", "512", "--out", str(engine)])
     assert r.exit_code == 0, r.output
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports("127.0.0.1", 4)  # distinct: one free_port() after another may repeat
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export';"
                              " main()", "serve", "--engine", str(engine), "--http-port", str(ports[0]), "--grpc-port",
                              str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3]),

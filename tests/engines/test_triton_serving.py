@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from engines.ort_engine import OrtEngine
-from engines.triton_server import TritonServer, free_port, pytriton_dir
+from engines.triton_server import TritonServer, free_port, free_ports, pytriton_dir
 from exporter.triton.repo import write_repository
 from pkv_cli import main
 from pkv_core.errors import JobError, UserInputError
@@ -191,10 +192,56 @@ def _pgid(pid: str) -> int | None:
 
 
 def test_broken_model_fails_fast_with_its_error(tmp_path, engine_dir):
+    """A model that cannot load (what `serve --repo` cannot check up front: a repository it did not write) is one
+    line naming the model and the reason: no Python frames, no GPU-less noise (issue 31, case 23)."""
     repo = write_repository({"pkv": engine_dir}, tmp_path / "repo")
     (repo / "pkv" / "1" / "engine" / "pkv-engine.json").unlink()
-    with pytest.raises(JobError, match="tritonserver"):
+    (repo / "pkv-triton-repo.json").unlink()
+    with pytest.raises(JobError) as info:
         TritonServer(repo, http_port=free_port()).start(timeout=120)
+    message = str(info.value)
+    assert message == (f"tritonserver could not load model 'pkv': {repo.resolve() / 'pkv' / '1' / 'engine'}: no "
+                       "pkv-engine.json; not a finished pkv-export engine (was the build interrupted?)"), message
+
+
+def test_serve_refuses_what_it_cannot_serve_up_front(tmp_path, engine_dir):
+    """Before tritonserver starts, one line and exit code 2, nothing left behind (issue 31, cases 21-24): a KV memory
+    the machine does not have (given, or in a repository's config), a directory that is no model repository (empty,
+    an engine, a sub-directory without a config), a repository whose engine was edited (naming the model, the engine
+    and the file), two servers on one port, and --max-new-tokens 0 named as itself."""
+    tampered = write_repository({"pkv": engine_dir}, tmp_path / "tampered")
+    weights = tampered / "pkv" / "1" / "engine" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    huge = tmp_path / "huge"
+    assert CliRunner().invoke(main, ["triton", "--engine", str(engine_dir), "--out", str(huge), "--kv-memory",
+                                     "100TiB"]).exit_code == 0  # a repository for a bigger machine is fine to write
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes" / "drafts").mkdir(parents=True)
+    ports = [a for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports("127.0.0.1", 3),
+                                       strict=True) for a in (option, str(port))]
+    cases = [
+        (["--engine", str(engine_dir), "--kv-memory", "100TiB"], "--kv-memory 100TiB: 100.0 TiB is more than this "
+                                                                 "machine's available memory"),
+        (["--repo", str(huge)], "kv_memory in config.pbtxt): 100.0 TiB is more than this machine's available memory"),
+        (["--repo", str(tmp_path / "empty")], "holds no model"),
+        (["--repo", str(engine_dir)], "is an engine directory, not a model repository: serve it with --engine"),
+        (["--repo", str(tmp_path / "notes")], "drafts/ has no config.pbtxt"),
+        (["--repo", str(tampered)], f"model 'pkv' of {tampered}: {tampered}/pkv/1/engine: engine file weights.bin "
+                                    "does not match its sha256"),
+        (["--engine", str(engine_dir), "--http-port", "8123", "--grpc-port", "8123"],
+         "--http-port and --grpc-port are both 8123: give each server its own port"),
+        (["--engine", str(engine_dir), "--metrics-port", "8124", "--openai-port", "8124"],
+         "--metrics-port and --openai-port are both 8124"),
+        (["--engine", str(engine_dir), "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ]
+    before = sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("pkv-"))
+    for args, fragment in cases:
+        r = CliRunner().invoke(main, ["serve", *ports, *args])
+        assert r.exit_code == 2 and fragment in r.stderr, (args, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("pkv-")) == before
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -94,14 +95,60 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _stream_running(url: str):
+    """A long streamed gRPC request: the client, and an event set once its first piece has arrived."""
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client, first = grpcclient.InferenceServerClient(url), threading.Event()
+    client.start_stream(callback=lambda result, error: first.set())
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"the river runs past the old mill " * 6], dtype=np.object_))
+    client.async_stream_infer("pkv", [text], parameters={"max_new_tokens": 500, "stream": True})
+    return client, first
+
+
+def _fake_stub(owner: int, name: str) -> subprocess.Popen:
+    """A process laid out as a python backend stub of the server that process `owner` started (sleep, renamed)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"pkv-triton-{owner}-{name}" / "backends" / "python"
+    path.mkdir(parents=True)
+    shutil.copy2(shutil.which("sleep"), path / "triton_python_backend_stub")
+    return subprocess.Popen([str(path / "triton_python_backend_stub"), "600"])
+
+
+def _describe(pid: int) -> str:
+    """pid, state, parent and command line of a process (what a failed assertion shows)."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} state {fields[0]} ppid {fields[1]}: {cmdline[:160]}"
+
+
+def _program(pid: int) -> str:
+    try:
+        return os.path.basename((Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode())
+    except OSError:
+        return ""
+
+
 def test_killed_serve_takes_its_server_down_and_the_next_start_cleans_up(tmp_path):
+    """Killed mid-stream, with tritonserver's shutdown cut short too (SIGKILL to both: what left a 1 GB stub running
+    for minutes, issue 31 case 27): the stubs exit by themselves; the next start removes the temporary files and
+    kills what a dead server left (a stand-in stub here), and nothing whose owner lives."""
     pytest.importorskip("pytriton", reason="the 'triton' extra is not installed")
-    from engines.triton_server import free_port
+    from engines.triton_server import free_ports
 
     engine = tmp_path / "eng"
     assert cli("build", "--model", "tiny-llama3", "--kv-budget", "24", "--window", "4", "--max-input-len", "256",
                "--out", str(engine)).returncode == 0
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports("127.0.0.1", 3)
     args = ["serve", "--engine", str(engine), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
             "--metrics-port", str(ports[2])]
     proc = start_cli(*args)
@@ -109,24 +156,40 @@ def test_killed_serve_takes_its_server_down_and_the_next_start_cleans_up(tmp_pat
     assert proc.poll() is None, proc.stderr.read().decode()
     marker = f"pkv-serve-{proc.pid}-"
     assert _processes_mentioning(marker), "tritonserver runs on the generated repository"
+    client, first = _stream_running(f"127.0.0.1:{ports[1]}")
+    assert first.wait(60), "the stream never started"
+    server = [pid for pid in _processes_mentioning(marker) if _program(pid) == "tritonserver"]
     proc.send_signal(signal.SIGKILL)
+    for pid in server:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert wait_for(lambda: not _processes_mentioning(marker), 60), "tritonserver or a stub outlived serve"
+    gone = wait_for(lambda: not _processes_mentioning(marker), 30) and not time.sleep(1)
+    left = _processes_mentioning(marker)  # looked at again a second later: gone for good, not missed once
+    assert gone and not left, f"tritonserver or a stub outlived serve: {[_describe(pid) for pid in left]}"
+    client.stop_stream(cancel_requests=True)
+    client.close()
     assert wait_for(lambda: not _ready(ports[0]), 10)
     import tempfile
 
     leftovers = [p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(
         (f"pkv-serve-{proc.pid}-", f"pkv-triton-{proc.pid}-"))]
     assert leftovers, "kill -9 leaves the temporary repository; the next start must remove it"
+    orphan, alive = _fake_stub(proc.pid, "orphan"), _fake_stub(os.getpid(), "live")
     again = start_cli(*args)
     try:
         assert wait_for(lambda: _ready(ports[0]) or again.poll() is not None, 180)
         assert again.poll() is None
+        assert wait_for(lambda: orphan.poll() is not None, 10) and alive.poll() is None
     finally:
         again.send_signal(signal.SIGTERM)
         _, err = again.communicate(timeout=60)
+        for stub in (orphan, alive):
+            stub.kill()
+            stub.wait()
     assert again.returncode == 0, err.decode()
     assert all(not p.exists() for p in leftovers)
     assert all(f"removed {p}" in err.decode() for p in leftovers)
+    assert f"killed process {orphan.pid}, a Triton server process left by interrupted process {proc.pid}" in \
+        err.decode()
     # serve --engine references the engine in place: nothing of its size was copied
     assert not _processes_mentioning(f"pkv-serve-{again.pid}-")

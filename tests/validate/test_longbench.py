@@ -132,6 +132,7 @@ def test_load_jsonl_skip_bad_collects_errors_and_keeps_good_rows():
         ('{"input": "q", "context": "c", "answers": ["a"], "length": "12"}', "field 'length' must be an integer"),
         ('{"input": "q", "context": "c", "answers": ["a"], "all_classes": "x"}', "'all_classes' must be null or"),
         (b'{"input": "\xff"}', "not valid UTF-8"),
+        ('{"input": "q", "context": "c", "answers": []}', "field 'answers' is empty"),  # issue 31 case 18
     ],
 )
 def test_load_jsonl_rejects_wrong_types(tmp_path, line, reason):
@@ -141,6 +142,26 @@ def test_load_jsonl_rejects_wrong_types(tmp_path, line, reason):
     message = str(excinfo.value)
     assert message.startswith(f"{path}:3: ")
     assert reason in message
+
+
+def test_duplicate_ids_are_bad_lines_in_a_file_and_across_files(tmp_path):
+    """Samples are keyed by (dataset, _id): a repeated key would be two samples to a fresh run and one to a resumed
+    one. Refused with both places named, or skipped and counted with --skip-bad (issue 31, case 15)."""
+    rows = [json.dumps({"input": f"q{i}", "context": "c", "answers": ["a"], "_id": f"id-{i % 3}"}) for i in range(5)]
+    path = _write(tmp_path / "hotpotqa.jsonl", *rows)
+    with pytest.raises(UserInputError) as excinfo:
+        lb.load_jsonl(path)
+    assert str(excinfo.value) == f"{path}:4: duplicate _id 'id-0' in dataset 'hotpotqa' (first at {path}:1)"
+    samples, errors = lb.load_jsonl(path, skip_bad=True)
+    assert [s.input for s in samples] == ["q0", "q1", "q2"] and len(errors) == 2
+    _write(tmp_path / "hotpotqa_e.jsonl", rows[2])  # LongBench-E's file of the same dataset
+    samples, errors = lb.load_dir(tmp_path, ["hotpotqa", "hotpotqa_e"], skip_bad=True)
+    assert len(samples) == 3 and errors[-1].startswith(f"{tmp_path / 'hotpotqa_e.jsonl'}:1: duplicate _id 'id-2'")
+    other = tmp_path / "other"
+    other.mkdir()
+    _write(other / "trec.jsonl", rows[0])  # the same _id in another dataset is another sample
+    _write(other / "hotpotqa.jsonl", rows[0])
+    assert len(lb.load_dir(other)[0]) == 2
 
 
 def test_load_jsonl_missing_file(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -102,3 +103,88 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     r = run(*TINY, *NIAH, "--out", str(tmp_path / "o"))
     assert r.exit_code == 0
     assert "niah 0/1: 2/2" in r.stderr
+
+
+def test_merge_takes_every_shard_of_one_split_once_and_complete(tmp_path):
+    """A merged report is never silently partial: a missing shard, the same shard twice, shards of different splits,
+    an interrupted shard and a merged run as input are refused, and nothing is written (issue 31, case 16)."""
+    shards = {name: tmp_path / name for name in ("s0", "s1", "whole")}
+    for name, shard in (("s0", "0/2"), ("s1", "1/2"), ("whole", "0/1")):
+        r = run(*TINY, *NIAH, "--shard", shard, "--out", str(shards[name]))
+        assert r.exit_code == 0, r.output
+    torn = tmp_path / "torn"  # shard 1/2 interrupted before its sample was written
+    torn.mkdir()
+    (torn / "run.json").write_text((shards["s1"] / "run.json").read_text())
+    (torn / "samples.jsonl").write_text("")
+    out = tmp_path / "m"
+    for dirs, fragment in [
+        (["s0"], "shard 1/2 missing"),
+        (["s0", "s0"], "given twice"),
+        (["s0", "whole"], "different splits"),
+        (["s0", "torn"], "incomplete run (0 of 1 samples)"),
+    ]:
+        r = run(*[a for d in dirs for a in ("--merge", str(tmp_path / d))], "--out", str(out))
+        assert r.exit_code == 2 and fragment in r.stderr and "Traceback" not in r.stderr, (dirs, r.output)
+        assert not out.exists()
+    r = run("--merge", str(shards["s0"]), "--merge", str(shards["s1"]), "--out", str(out), "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["n"] == 2, r.output
+    again = run("--merge", str(out), "--merge", str(shards["s1"]), "--out", str(tmp_path / "m2"))
+    assert again.exit_code == 2 and "not a shard run" in again.stderr
+
+
+def test_empty_needle_question_or_answer_is_refused_and_the_needle_recorded(tmp_path):
+    """'' used to mean "the default needle", scored against its answer; run.json now records what was hidden and
+    asked, and a resume with another needle is another run (issue 31, case 17)."""
+    needle = ["--needle", "The magic number of Oslo is 4411.", "--question", "What is the magic number of Oslo?",
+              "--answer", "4411"]
+    for k in (1, 3, 5):
+        args = list(needle)
+        args[k] = "" if k != 3 else "   "
+        r = run(*TINY, *NIAH, *args, "--out", str(tmp_path / "o"))
+        assert r.exit_code == 2 and "must not be empty" in r.stderr, r.output
+        assert not (tmp_path / "o").exists()
+    r = run(*TINY, *NIAH, *needle, "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    assert config["needles"] == [{"needle": needle[1], "question": needle[3], "answer": "4411"}]
+    r = run(*TINY, *NIAH, "--out", str(tmp_path / "o"), "--resume")  # the default needle: not the same run
+    assert r.exit_code == 2 and "different run" in r.stderr
+
+
+def test_duplicate_ids_are_refused_so_resume_equals_a_fresh_run(tmp_path):
+    """Five rows, two of them repeating an _id: refused; with --skip-bad three samples, fresh and resumed alike
+    (issue 31, case 15)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"input": f"Question {i}?", "context": "Paris is the capital of France.", "answers": ["Paris"],
+                        "_id": f"hp-{i % 3}"}) for i in range(5)]
+    (data / "hotpotqa.jsonl").write_text("\n".join(rows) + "\n")
+    args = [*TINY, "--suite", "longbench", "--data", str(data), "--reference", "none"]
+    r = run(*args, "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "hotpotqa.jsonl:4: duplicate _id 'hp-0'" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run(*args, "--skip-bad", "--out", str(tmp_path / "o"), "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["n"] == 3, r.output
+    lines = (tmp_path / "o" / "samples.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "o" / "samples.jsonl").write_text(lines[0])  # interrupted after the first sample
+    r = run(*args, "--skip-bad", "--out", str(tmp_path / "o"), "--resume", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["overall"]["n"] == 3, r.output
+
+
+def test_longbench_prompts_keep_room_for_the_new_tokens(tmp_path, tiny_llama_dir):
+    """A row longer than the model's positions is cut in the middle to leave room for the dataset's new tokens
+    (hotpotqa: 32), as LongBench does, instead of being refused once the run has started (issue 31, case 19)."""
+    model = tmp_path / "model"  # tiny-llama3 with 256 positions: a default-built engine's max input
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"input": "Where is the mill?", "context": "The river runs past the old mill. " * 12, "answers": ["river"],
+           "_id": "long"}  # 400 bytes: byte tokens
+    (data / "hotpotqa.jsonl").write_text(json.dumps(row) + "\n")
+    r = run("--model", str(model), "--policy", "full", "--suite", "longbench", "--data", str(data),
+            "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "o" / "samples.jsonl").read_text())
+    assert record["prompt_tokens"] == 256 - 32 + 1
