@@ -30,9 +30,11 @@ from engines.base import (
 from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
+from exporter.onnx.chunk import CHUNK, SELECT
 from pkv_core.errors import UserInputError
 
 THREADS_ENV = "PKV_ORT_THREADS"
+CHUNK_GRAPHS = (CHUNK, SELECT)
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -93,15 +95,39 @@ class OrtEngine(BuiltEngine):
             # The method's own graphs (PyramidInfer's evict.onnx), run by its stage (`policy.onnxruntime_stage`)
             self.graphs = {name: ort.InferenceSession(str(self.dir / name), options(arena=False),
                                                       providers=self.providers)
-                           for name in self.manifest["onnx"]["graphs"] if name not in ("prefill.onnx", "decode.onnx")}
+                           for name in self.manifest["onnx"]["graphs"]
+                           if name not in ("prefill.onnx", "decode.onnx", *CHUNK_GRAPHS)}
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
+        self._options = options
+        self._chunk_sessions: dict | None = None
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         from exporter.onnx.targets import TARGETS
 
         self.in_place = TARGETS[self.manifest["onnx"]["target"]].in_place_decode
         self.prefill_outputs = [o.name for o in self.prefill.get_outputs()]
         self.decode_outputs = [o.name for o in self.decode.get_outputs()]
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether this engine can prefill a prompt in chunks (its build wrote chunk.onnx: an in-flight engine of a
+        method that chunks exactly, built by a pkv-export that knows how; engines.chunked_prefill runs them)."""
+        return self.device_type == "cpu" and CHUNK in self.manifest["onnx"]["graphs"]
+
+    def chunk_sessions(self) -> dict:
+        """{"chunk": session, "select": session or None}, loaded when first asked for (only a server chunks)."""
+        import onnxruntime as ort
+
+        if self._chunk_sessions is None:
+            names = [n for n in CHUNK_GRAPHS if n in self.manifest["onnx"]["graphs"]]
+            try:
+                loaded = {n: ort.InferenceSession(str(self.dir / n), self._options(arena=False),
+                                                  providers=self.providers) for n in names}
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise UserInputError(f"{self.dir}: onnxruntime cannot load {', '.join(names)} "
+                                     f"({str(e).splitlines()[0]})") from None
+            self._chunk_sessions = {"chunk": loaded.get(CHUNK), "select": loaded.get(SELECT)}
+        return self._chunk_sessions
 
     def run_prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, reserve: int) -> dict:
         """One prefill through I/O binding; returns {output name: OrtValue}."""

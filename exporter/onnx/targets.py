@@ -110,6 +110,18 @@ class OnnxRuntimeTarget:
         return self._gqa(lay, q, k, v, past_key, past_value, seqlens, total, hc, bias=bias, present=present,
                          rotary_positions="position_ids")[0]
 
+    def chunk_attention(self, lay, q: str, k: str, v: str, past_key: str, past_value: str, past_length: str,
+                        present: tuple[str, str]) -> str:
+        """A prompt's next chunk over its uncompressed cache (batch 1: GQA takes S > 1 with a past only there):
+        q [1, S, H*d], k / v [1, S, Hkv*d] rotated at their absolute positions; past_key / past_value
+        [1, Hkv, cap, d] holding `past_length` [1] tokens, slot = position, so the model's sliding window is the
+        op's own. The chunk's K/V are written into the buffers bound as `present` (the same ones); -> out
+        [1, S, H*d]."""
+        g = lay.g
+        total = g.op("Add", past_length, g.dim(q, 1))  # [1]
+        return self._gqa(lay, q, k, v, past_key, past_value, g.op("Sub", total, g.const([1])), total,
+                         lay.s.num_kv_heads, window=lay.s.sliding_window, present=present)[0]
+
     def select_attributes(self) -> dict:
         return {}
 
