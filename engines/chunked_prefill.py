@@ -24,8 +24,8 @@ from engines.slots import NUMPY_DTYPE
 @dataclass
 class Prefilled:
     """A prefilled prompt in the slot pool's terms (engines.slots.SlotPool.place): per layer keys / values
-    [Hc, n_l, d] (FullKV's chunks: views of the buffers they wrote), lengths n_l, kept positions [Hc, n_l] (-1 = unused), and the logits
-    [V] of the first generated token."""
+    [Hc, n_l, d] (FullKV's chunks: views of the buffers they wrote), lengths n_l, kept positions [Hc, n_l]
+    (-1 = unused), and the logits [V] of the first generated token."""
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
@@ -50,8 +50,8 @@ def staging_bytes(engine, prompt_len: int) -> int:
     FullKV, whose chunks go straight into its slot)."""
     if not engine.policy.compresses:
         return 0
-    s = engine.spec
-    return 2 * s.num_layers * s.num_kv_heads * prompt_len * s.head_dim * np.dtype(NUMPY_DTYPE[engine.manifest["dtype"]]).itemsize
+    s, itemsize = engine.spec, np.dtype(NUMPY_DTYPE[engine.manifest["dtype"]]).itemsize
+    return 2 * s.num_layers * s.num_kv_heads * prompt_len * s.head_dim * itemsize
 
 
 class ChunkedPrefill:
@@ -127,8 +127,8 @@ class ChunkedPrefill:
             feeds[f"window_queries.{layer}"] = self.outputs[f"window_queries.{layer}"].numpy()
         out = dict(zip([o.name for o in self.selector.get_outputs()], self.selector.run(None, feeds), strict=True))
         return Prefilled([out[f"present.{i}.key"][0] for i in layers], [out[f"present.{i}.value"][0] for i in layers],
-                         [int(out[f"kv_lengths.{i}"][0]) for i in layers], [out[f"kept_indices.{i}"][0] for i in layers],
-                         logits)
+                         [int(out[f"kv_lengths.{i}"][0]) for i in layers],
+                         [out[f"kept_indices.{i}"][0] for i in layers], logits)
 
 
 def prefill_in_chunks(engine, prompt: list[int], sizes: list[int]) -> Prefilled:

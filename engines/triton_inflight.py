@@ -14,8 +14,9 @@ same numbers are Prometheus gauges on the metrics port (`pkv_slots_in_use`, `pkv
 `pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, labelled by model).
 
 Config parameters (config.pbtxt, written by `pkv-export triton --batching inflight`): `engine_dir`,
-`kv_memory` (bytes the slots may hold), `max_new_tokens` (the most a request may ask for: the slots' size),
-`default_max_new_tokens`.
+`kv_memory` (bytes the slots and the chunked prefills' staging caches may hold), `max_new_tokens` (the most a
+request may ask for: the slots' size), `default_max_new_tokens`, `step_tokens` (the scheduler's per-step token
+budget; 0 prefills every prompt whole).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.scheduler import InflightScheduler, RequestRefused, StopGeneration
+from engines.scheduler import DEFAULT_STEP_TOKENS, InflightScheduler, RequestRefused, StopGeneration
 from engines.text_stream import TextStream
 from engines.triton_request import max_new_tokens, prompt_text
 
@@ -36,7 +37,8 @@ except ImportError:  # pragma: no cover - outside Triton the module is still imp
     pb_utils = None
 
 GAUGES = {"slots_in_use": "sequences holding a KV slot", "slots_total": "KV slots the memory holds",
-          "kv_bytes_held": "bytes of the slots in use", "kv_bytes_limit": "bytes all slots may hold (--kv-memory)",
+          "kv_bytes_held": "bytes of the slots in use and of the staging caches of prompts in flight",
+          "kv_bytes_limit": "bytes the slots and staging caches may hold (--kv-memory)",
           "queue_length": "requests waiting for a slot"}
 
 
@@ -76,7 +78,8 @@ class TritonPythonModel:
         if not engine_dir.is_absolute():
             engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
         self.engine = open_engine(engine_dir, device="cpu")
-        self.scheduler = InflightScheduler(self.engine, int(params["kv_memory"]), int(params["max_new_tokens"]))
+        self.scheduler = InflightScheduler(self.engine, int(params["kv_memory"]), int(params["max_new_tokens"]),
+                                           step_tokens=int(params.get("step_tokens", DEFAULT_STEP_TOKENS)))
         self.default_new_tokens = min(int(params.get("default_max_new_tokens", "32")),
                                       self.scheduler.plan.max_new_tokens)
         self.live: dict[int, Live] = {}

@@ -17,6 +17,9 @@ from methods.backends import SLOTS
 from pkv_core.errors import UserInputError
 
 ITEMSIZE = {"fp32": 4, "fp16": 2}
+# The in-flight scheduler's default token budget per step (decode tokens + prompt chunks; engines/step_budget.py):
+# a 256-token chunk keeps most of a whole prefill's speed on CPU while a step stays a fraction of a second.
+DEFAULT_STEP_TOKENS = 256
 
 
 class SlotsUnsupported(UserInputError):
