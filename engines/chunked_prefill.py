@@ -62,6 +62,7 @@ class ChunkedPrefill:
         into: FullKV's slot rows. None: staging arrays of exactly the prompt's length (compressing methods)."""
         sessions = engine.chunk_sessions()
         self.engine, self.prompt, self.done = engine, list(prompt), 0
+        self.window = engine.policy.window if engine.policy.compresses else 0  # the last chunk holds these
         self.session, self.selector = sessions["chunk"], sessions["select"]
         if cache is None:
             s = engine.spec
@@ -86,9 +87,13 @@ class ChunkedPrefill:
         return len(self.prompt) - self.done
 
     def advance(self, n: int) -> None:
-        """Run the prompt's next n tokens (1 <= n <= remaining) over the ones before them."""
+        """Run the prompt's next n tokens (1 <= n <= remaining, leaving none or at least the window) over the
+        ones before them."""
         if not 1 <= n <= self.remaining:
             raise ValueError(f"a chunk of {n} tokens with {self.remaining} left")
+        if 0 < self.remaining - n < self.window:
+            raise ValueError(f"a chunk of {n} tokens would leave {self.remaining - n}: the last chunk must hold the "
+                             f"prompt's last {self.window} tokens (its observation window)")
         binding = self.session.io_binding()
         ids = np.array([self.prompt[self.done : self.done + n]], np.int64)  # [1, S]
         binding.bind_cpu_input("input_ids", ids)
