@@ -171,14 +171,17 @@ def reference_for_manifest(manifest: dict, model: str | None = None, dequantized
     seed; checkpoints are reloaded from `model` (if given) or the directory recorded at build time. An engine with
     quantized weights (`--weights`) gets them quantized and dequantized exactly as it holds them, unless
     `dequantized` is False (the unquantized model, to measure what quantization costs)."""
-    from exporter.checkpoint import load_model
+    from exporter.checkpoint import WHEEL_PRESETS, load_model
     from exporter.quantize import DequantizedWeights, WeightQuant
     from exporter.specs import ModelSpec
     from exporter.weights import RandomWeights
 
     info = dict(manifest["model"])
+    preset = str(info.get("source", "")).removeprefix("preset:")
     if model is not None:
         loaded = load_model(model)
+    elif preset in WHEEL_PRESETS:  # its file lives in whichever environment runs this, not where it was built
+        loaded = load_model(preset)
     elif info.get("random_weights"):
         seed = info.get("weights_seed") or 0
         spec = ModelSpec.from_dict(info)

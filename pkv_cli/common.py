@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from exporter.specs import DEFAULT_MODEL
 from methods import POLICIES, KVPolicy, make_policy
 from methods.options import cli_options, flag
 from pkv_core.errors import JobError, UserInputError
@@ -109,6 +110,17 @@ class PolicyCommand(click.Command):
                                     default=None, help=o.help_text()) for o in cli_options(POLICIES)]
             PolicyCommand._generated = (key, options)
         return cls._generated[1]
+
+
+MODEL_ENV = "PKV_EXPORT_MODEL"
+MODEL_HELP = ("Preset name (`pkv-export presets`), local Hugging Face checkpoint directory, GGUF file (or a directory "
+              "holding one), or hub id in the local HF cache.")
+
+
+def model_option(fn: Callable) -> Callable:
+    """--model, defaulting to $PKV_EXPORT_MODEL or the real default model (SmolLM2-135M-Instruct)."""
+    return click.option("--model", default=DEFAULT_MODEL, envvar=MODEL_ENV, show_default=True, show_envvar=True,
+                        help=MODEL_HELP)(fn)
 
 
 def policy_options(fn: Callable) -> Callable:

@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from exporter.checkpoint import load_model
-from exporter.specs import DEFAULT_MODEL
 from methods.backends import build_backend
 from pkv_cli.common import (
     PolicyCommand,
     check_text,
     emit_json,
+    model_option,
     policy_from_options,
     policy_options,
     progress_bar,
@@ -20,8 +20,6 @@ from pkv_cli.common import (
     weights_from_options,
 )
 from pkv_core.errors import JobError, UserInputError
-
-MODEL_HELP = "Preset name, local Hugging Face checkpoint directory, or hub id in the local HF cache."
 
 
 def _build_onnx(loaded, policy, out: Path, o: dict) -> tuple[dict, str]:
@@ -79,7 +77,7 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
 
 
 @click.command(cls=PolicyCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@model_option
 @policy_options
 @click.option("--backend", type=click.Choice(list(BUILDERS)), default="onnx", show_default=True,
               help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the PyramidKVSelect "

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import click
 
-from exporter.specs import DEFAULT_MODEL
-from pkv_cli.common import check_run_counts, emit_json, progress_bar
+from pkv_cli.common import check_run_counts, emit_json, model_option, progress_bar
 from pkv_core.errors import UserInputError
 
 
 @click.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Preset name, local Hugging Face checkpoint directory, or hub id in the local cache.")
+@model_option
 @click.option("--policies", default="full,streamingllm,h2o,snapkv,pyramidkv", show_default=True,
               help="Comma-separated policies; each runs at every budget (full once).")
 @click.option("--budgets", default="64,128,256,512", show_default=True,

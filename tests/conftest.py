@@ -31,6 +31,9 @@ def pytest_configure(config):
     it starts): a starting `serve` removes what dead processes left in the temporary directory, and a test that
     kills one looks for exactly those leftovers, so no worker may sweep another's."""
     torch.set_num_threads(1)
+    # The machinery's tests run the tiny presets: without --model, every command (in-process or a subprocess)
+    # takes tiny-llama3 rather than the real default model; tests of the real model name it.
+    os.environ["PKV_EXPORT_MODEL"] = "tiny-llama3"
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["PKV_ORT_THREADS"] = "1"  # engines.ort_engine.THREADS_ENV
     worker = os.environ.get("PYTEST_XDIST_WORKER")

@@ -79,7 +79,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
     np_dtype = np.dtype(ONNX_DTYPES[dtype])
     policy.check_backend(build_backend("onnx", target))
-    check_output(Path(out), "engine", force, [loaded.directory])
+    check_output(Path(out), "engine", force, [loaded.input_path])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
     notes = []
     if selected and max(selected) + policy.window > TRT_TOPK_MAX:
@@ -88,7 +88,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
                      "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer, weights)
-    with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
+    with staging_dir(Path(out), "engine", force, [loaded.input_path]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize, cfg.weights))
         weights = ExternalWeights(tmp, np_dtype)
         try:
@@ -113,7 +113,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "backend": "onnx",
             "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights,
                       "weights_seed": getattr(loaded.weights, "seed", None),
-                      "checkpoint_dir": str(loaded.directory.resolve()) if loaded.directory else None},
+                      "checkpoint_dir": str(loaded.input_path.resolve()) if loaded.input_path else None},
             "tokenizer": "tokenizer",
             "policy": {"name": policy.name, **policy.hyperparameters()},
             "budgets": {"rule": "methods.budgets, evaluated in-graph from the prompt length",

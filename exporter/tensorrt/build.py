@@ -108,7 +108,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
     if max_batch < 1 or max_new_tokens < 1:
         raise UserInputError("--max-batch and --max-new-tokens must be at least 1")
     policy.check_backend(TENSORRT)
-    check_output(Path(out), "engine", force, [loaded.directory])
+    check_output(Path(out), "engine", force, [loaded.input_path])
     register_plugins()
     with tempfile.TemporaryDirectory(prefix=".pkv-onnx-", dir=Path(out).resolve().parent) as tmp_onnx:
         onnx_dir = Path(tmp_onnx) / "onnx"
@@ -123,7 +123,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
             return profile_shapes(name, shape, max_batch, max_len, capacities, kept)
 
         reserve = {"reserve_tokens": ((0,), (min(64, max_new_tokens),), (max_new_tokens,))}
-        with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
+        with staging_dir(Path(out), "engine", force, [loaded.input_path]) as tmp:
             build_plan(trt, onnx_dir / "prefill.onnx", tmp / "prefill.plan", shapes, reserve)
             build_plan(trt, onnx_dir / "decode.onnx", tmp / "decode.plan", shapes, {})
             shutil.copytree(onnx_dir / source["tokenizer"], tmp / "tokenizer")

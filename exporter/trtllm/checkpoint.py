@@ -161,11 +161,11 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
     max_input_len = max_input_len or spec.max_position_embeddings
     if not 1 <= max_input_len <= spec.max_position_embeddings:
         raise UserInputError(f"--max-input-len must be in [1, {spec.max_position_embeddings}] (got {max_input_len})")
-    check_output(Path(out), "engine", force, [loaded.directory])
+    check_output(Path(out), "engine", force, [loaded.input_path])
     torch_dtype = DTYPES[dtype][0]
     world = tp * pp
     layouts = [rank_layout(spec, tp, pp, r, torch_dtype, weights) for r in range(world)]  # shapes refused first
-    with staging_dir(Path(out), "engine", force, [loaded.directory]) as tmp:
+    with staging_dir(Path(out), "engine", force, [loaded.input_path]) as tmp:
         files = [StreamingSafetensors(tmp / f"rank{r}.safetensors", layouts[r]) for r in range(world)]
         try:
             _write_shards(spec, loaded.weights, files, tp, pp, torch_dtype, progress, weights)
@@ -181,7 +181,7 @@ def write_trtllm_checkpoint(loaded: LoadedModel, policy: KVPolicy, out: Path, *,
             "backend": "trtllm",
             "model": {**spec.to_dict(), "source": loaded.source, "random_weights": loaded.random_weights,
                       "weights_seed": getattr(loaded.weights, "seed", None),
-                      "checkpoint_dir": str(loaded.directory.resolve()) if loaded.directory else None},
+                      "checkpoint_dir": str(loaded.input_path.resolve()) if loaded.input_path else None},
             "tokenizer": "tokenizer",
             "policy": config["pkv"]["policy"],
             "budgets": {"rule": "methods.budgets", "selected_at_max_input_len": config["pkv"][
