@@ -30,6 +30,7 @@ class Request:
     max_new_tokens: int
     on_token: TokenFn | None = None
     on_done: DoneFn | None = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks)
     tokens: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)

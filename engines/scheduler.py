@@ -130,7 +130,8 @@ class InflightScheduler:
         self.max_queue = max_queue
         self.steps = 0
         self.prefill_tokens = 0
-        self._step_seconds = {"decode": collections.deque(maxlen=2000), "mixed": collections.deque(maxlen=2000)}
+        # steps run and their seconds, with and without prompt work (cumulative, like Prometheus counters)
+        self._step_totals = {"decode_only_steps": 0, "decode_only_seconds": 0.0, "mixed_steps": 0, "mixed_seconds": 0.0}
         self._thread = threading.Thread(target=self._loop, name="pkv-scheduler", daemon=True)
         if start:
             self._thread.start()
@@ -138,8 +139,9 @@ class InflightScheduler:
     # ------------------------------------------------------------------ public
 
     def submit(self, prompt: list[int], max_new_tokens: int, on_token: TokenFn | None = None,
-               on_done: DoneFn | None = None) -> Request:
-        """Queue a request (token ids); refused at once, with the reason, when it can never be served."""
+               on_done: DoneFn | None = None, ignore_eos: bool = False) -> Request:
+        """Queue a request (token ids); refused at once, with the reason, when it can never be served.
+        `ignore_eos`: generate exactly max_new_tokens (benchmarks: every request the same length)."""
         if not prompt:
             raise RequestRefused("empty prompt")
         if len(prompt) > self.engine.max_input_len:
@@ -151,7 +153,7 @@ class InflightScheduler:
         if len(prompt) + max_new_tokens > self.engine.spec.max_position_embeddings:
             raise RequestRefused(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the model's "
                                  f"{self.engine.spec.max_position_embeddings} positions")
-        request = Request(next(self._ids), list(prompt), max_new_tokens, on_token, on_done)
+        request = Request(next(self._ids), list(prompt), max_new_tokens, on_token, on_done, ignore_eos=ignore_eos)
         with self._wake:
             if self._closed:
                 raise RequestRefused("the scheduler is shut down")
@@ -173,15 +175,15 @@ class InflightScheduler:
 
     def stats(self) -> dict:
         """Slots in use (running or reserved by a prompt in flight), KV bytes held (those slots and the staging
-        caches) against the limit, the queue, and the median step with and without prompt work (ms)."""
+        caches) against the limit, the queue, prompts in flight, and counters: decode steps, prompt tokens
+        prefilled, loop steps with and without prompt work and their seconds (differences over a period give its
+        mean step times)."""
         with self._lock:
-            steps = {kind: sorted(seconds) for kind, seconds in self._step_seconds.items()}
             return {"slots_total": self.plan.slots, "slots_in_use": self.pool.active + self._reserved(),
                     "kv_bytes_held": self._held(), "kv_bytes_limit": self.kv_memory,
                     "queue_length": len(self._waiting), "prefilling": len(self._prefilling),
                     "staging_bytes": self._staging, "decode_steps": self.steps, "prefill_tokens": self.prefill_tokens,
-                    "step_tokens": self.step_tokens if self.chunking else 0,
-                    "decode_step_ms_p50": _median_ms(steps["decode"]), "mixed_step_ms_p50": _median_ms(steps["mixed"])}
+                    "step_tokens": self.step_tokens if self.chunking else 0, **self._step_totals}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the loop; every unfinished request ends as cancelled."""
@@ -235,8 +237,10 @@ class InflightScheduler:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a bug here must not leave every client waiting forever
                 self._fail_all(f"scheduler error: {type(e).__name__}: {e}", prefilling=True)
+            kind = "mixed" if work else "decode_only"
             with self._lock:
-                self._step_seconds["mixed" if work else "decode"].append(time.perf_counter() - t0)
+                self._step_totals[kind + "_steps"] += 1
+                self._step_totals[kind + "_seconds"] += time.perf_counter() - t0
         with self._lock:
             leftovers = list(self._waiting) + list(self._rows) + [p.request for p in self._prefilling]
             self._waiting.clear()
@@ -389,7 +393,7 @@ class InflightScheduler:
                 return True
             except Exception:  # noqa: BLE001 - a client's callback failing (its connection gone) cancels it
                 request.cancel()
-        if token in self.engine.eos_ids:
+        if token in self.engine.eos_ids and not request.ignore_eos:
             self._finish(request, "eos")
             return True
         if len(request.tokens) >= request.max_new_tokens:
@@ -456,7 +460,3 @@ class InflightScheduler:
                 request.on_done(reason, error)
             except Exception:  # noqa: BLE001 - a client gone while finishing changes nothing here
                 pass
-
-
-def _median_ms(seconds: list[float]) -> float | None:
-    return round(1000 * seconds[len(seconds) // 2], 2) if seconds else None

@@ -4,7 +4,8 @@
 scheduler thread prefills, decodes every active sequence one token per step, and the callbacks here send the
 responses through each request's response sender. Inputs and parameters as the static model
 (engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop` (a string, or a JSON list of up to 4),
-`add_special_tokens` (false for a prompt already rendered by a chat template), and `stream` (true: one response
+`add_special_tokens` (false for a prompt already rendered by a chat template), `ignore_eos` (true: generate
+`max_new_tokens` tokens whatever comes, as benchmarks want), and `stream` (true: one response
 per token as it is produced, with the text it completes (empty while a character or a possible stop string is
 incomplete), then a final one; false: one response with the whole answer). Every final
 response carries `finish_reason` (eos, length, stop, cancelled) and the token counts `prompt_tokens` /
@@ -117,6 +118,8 @@ class TritonPythonModel:
         stream = params.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
+        if not isinstance(params.get("ignore_eos", False), bool):
+            raise BadRequest("ignore_eos must be true or false")
         if "context_id" in params:
             raise BadRequest("compressed contexts (context_id) are served by --batching static models")
         return self.engine.tokenizer(text, add_special_tokens=special)["input_ids"], new_tokens, stops, stream, params
@@ -137,7 +140,8 @@ class TritonPythonModel:
             try:
                 with self.lock:
                     live.handle = self.scheduler.submit(ids, new_tokens, on_token=self._on_token(live),
-                                                        on_done=self._on_done(live))
+                                                        on_done=self._on_done(live),
+                                                        ignore_eos=params.get("ignore_eos", False))
                     self.live[live.handle.id] = live
             except RequestRefused as e:
                 self._fail(live.sender, str(e))

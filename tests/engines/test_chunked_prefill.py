@@ -204,3 +204,21 @@ def test_whole_prefills_where_chunks_cannot_run(built_engine, why):
         scheduler.close()
     with pytest.raises(UserInputError, match="--step-tokens must be at least 0"):
         InflightScheduler(engine, kv_memory=1 << 30, step_tokens=-1)
+
+
+def test_ignore_eos_generates_every_token(built_engine):
+    """A benchmark's requests all get their max_new_tokens: with ignore_eos an end-of-sequence token does not end
+    the request (here the prompt's first answer token is made the engine's EOS)."""
+    engine, _ = built_engine("tiny-llama3", "pyramidkv")
+    prompt = prompts_of(engine, [40])[0]
+    want = engine.generate([prompt], 5).tokens[0]
+    saved, engine.eos_ids = engine.eos_ids, {want[0]}
+    scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=5)
+    try:
+        stops, goes_on = scheduler.submit(prompt, 5), scheduler.submit(prompt, 5, ignore_eos=True)
+        assert stops.wait(30) and goes_on.wait(30)
+        assert (stops.tokens, stops.finish_reason) == (want[:1], "eos")
+        assert (goes_on.tokens, goes_on.finish_reason) == (want, "length")
+    finally:
+        engine.eos_ids = saved
+        scheduler.close()

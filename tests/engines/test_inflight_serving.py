@@ -155,6 +155,7 @@ def test_status_and_prometheus_gauges(server):
     ({"max_new_tokens": 33}, "max_new_tokens must be an integer in [1, 32]"),
     ({"stop": ""}, "stop must be"),
     ({"stream": "yes"}, "stream must be true or false"),
+    ({"ignore_eos": 1}, "ignore_eos must be true or false"),
     ({"context_id": "doc"}, "--batching static"),
 ])
 def test_bad_requests_get_one_clear_error(server, params, fragment):
