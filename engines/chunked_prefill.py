@@ -86,32 +86,48 @@ class ChunkedPrefill:
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
-    def advance(self, n: int) -> None:
-        """Run the prompt's next n tokens (1 <= n <= remaining, leaving none or at least the window) over the
-        ones before them."""
+    def check(self, n: int) -> None:
+        """Refuse a next chunk of n tokens that is empty, too long, or would leave fewer than the window."""
         if not 1 <= n <= self.remaining:
             raise ValueError(f"a chunk of {n} tokens with {self.remaining} left")
         if 0 < self.remaining - n < self.window:
             raise ValueError(f"a chunk of {n} tokens would leave {self.remaining - n}: the last chunk must hold the "
                              f"prompt's last {self.window} tokens (its observation window)")
+
+    def inputs(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The next chunk's token ids and positions [1, n] and the tokens before it [1] (int64)."""
+        ids = np.array([self.prompt[self.done : self.done + n]], np.int64)
+        return ids, np.arange(self.done, self.done + n, dtype=np.int64)[None], np.array([self.done], np.int64)
+
+    def cache(self, layer: int, part: str):
+        """The OrtValue of a layer's key or value buffer (bound as both the past and the present of a chunk)."""
+        return self._cache[layer][part == "value"]
+
+    def took(self, n: int, outputs: dict) -> None:
+        """The next n tokens ran (here or in a mixed step); `outputs`: {"logits", "window_queries.{i}"} of the run,
+        kept after the last chunk."""
+        self.done += n
+        if not self.remaining:
+            self.outputs = outputs
+
+    def advance(self, n: int) -> None:
+        """Run the prompt's next n tokens (1 <= n <= remaining, leaving none or at least the window) over the
+        ones before them."""
+        self.check(n)
         binding = self.session.io_binding()
-        ids = np.array([self.prompt[self.done : self.done + n]], np.int64)  # [1, S]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", np.arange(self.done, self.done + n, dtype=np.int64)[None])
-        binding.bind_cpu_input("past_length", np.array([self.done], np.int64))
-        for layer, (k, v) in enumerate(self._cache):
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.key", k)
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.value", v)
+        for name, array in zip(("input_ids", "position_ids", "past_length"), self.inputs(n), strict=True):
+            binding.bind_cpu_input(name, array)
+        for layer in range(len(self._cache)):
+            for part in ("key", "value"):
+                binding.bind_ortvalue_input(f"past_key_values.{layer}.{part}", self.cache(layer, part))
         for name in self.names:  # in output order: get_outputs() follows the binding order
             if name.startswith("present."):
-                layer, part = name.split(".")[1:]
-                binding.bind_ortvalue_output(name, self._cache[int(layer)][part == "value"])  # in place
+                _, layer, part = name.split(".")
+                binding.bind_ortvalue_output(name, self.cache(int(layer), part))  # in place
             else:
                 binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        self.done += n
-        if not self.remaining:
-            self.outputs = dict(zip(self.names, binding.get_outputs(), strict=True))
+        self.took(n, dict(zip(self.names, binding.get_outputs(), strict=True)))
 
     def finish(self) -> Prefilled:
         """After the last chunk: the method's selection over the whole prompt (FullKV: the cache as it is)."""

@@ -31,10 +31,11 @@ from engines.built import BuiltEngine
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
 from exporter.onnx.chunk import CHUNK, SELECT
+from exporter.onnx.mixed import MIXED
 from pkv_core.errors import UserInputError
 
 THREADS_ENV = "PKV_ORT_THREADS"
-CHUNK_GRAPHS = (CHUNK, SELECT)
+CHUNK_GRAPHS = (CHUNK, SELECT, MIXED)
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -115,7 +116,7 @@ class OrtEngine(BuiltEngine):
         return self.device_type == "cpu" and CHUNK in self.manifest["onnx"]["graphs"]
 
     def chunk_sessions(self) -> dict:
-        """{"chunk": session, "select": session or None}, loaded when first asked for (only a server chunks)."""
+        """{"chunk", "select", "mixed": session or None}, loaded when first asked for (only a server chunks)."""
         import onnxruntime as ort
 
         if self._chunk_sessions is None:
@@ -126,7 +127,8 @@ class OrtEngine(BuiltEngine):
             except Exception as e:  # onnxruntime raises its own exception types
                 raise UserInputError(f"{self.dir}: onnxruntime cannot load {', '.join(names)} "
                                      f"({str(e).splitlines()[0]})") from None
-            self._chunk_sessions = {"chunk": loaded.get(CHUNK), "select": loaded.get(SELECT)}
+            self._chunk_sessions = {"chunk": loaded.get(CHUNK), "select": loaded.get(SELECT),
+                                    "mixed": loaded.get(MIXED)}
         return self._chunk_sessions
 
     def run_prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, reserve: int) -> dict:

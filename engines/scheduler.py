@@ -39,6 +39,7 @@ import numpy as np
 
 from engines.chunked_prefill import ChunkedPrefill, Prefilled, prefill_whole, staging_bytes
 from engines.inflight_request import DoneFn, Request, RequestRefused, StopGeneration, TokenFn
+from engines.mixed_step import run_mixed
 from engines.slots import SlotPool
 from engines.step_budget import chunk_tokens, plan_chunks, prefill_budget, share
 from exporter.slot_plan import DEFAULT_STEP_TOKENS, SlotPlan, check_supported, plan_slots
@@ -109,8 +110,8 @@ class InflightScheduler:
                                          max_new_tokens, kv_memory)
         self.kv_memory, self.step_tokens = kv_memory, step_tokens
         self.chunking = step_tokens > 0 and getattr(engine, "chunkable", False)
-        if self.chunking:
-            engine.chunk_sessions()  # loaded now, not in the first long prompt's step
+        # a step with decodes and a chunk runs both in one graph (engines/mixed_step.py) where the engine has it
+        self.mixing = self.chunking and engine.chunk_sessions()["mixed"] is not None  # (sessions loaded now)
         self._window = engine.policy.window if engine.policy.compresses else 0
         self.pool = SlotPool(self.plan, engine.windowed)
         s = self.plan.slots
@@ -220,6 +221,11 @@ class InflightScheduler:
             try:
                 for request in dropped:
                     self._finish(request, "cancelled")
+                self._drop_cancelled()
+                mixed = self._mixable(work)
+                if mixed is not None:  # the oldest prompt's chunk rides with the decode of every running row
+                    work.remove(mixed)
+                    self._mixed_step(*mixed)
                 for item, n in work:
                     try:
                         if n is None:
@@ -233,11 +239,11 @@ class InflightScheduler:
                         else:
                             self._drop_prefilling(item, "error", message)
                 self._drop_cancelled()
-                if self._rows:
+                if self._rows and mixed is None:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a bug here must not leave every client waiting forever
                 self._fail_all(f"scheduler error: {type(e).__name__}: {e}", prefilling=True)
-            kind = "mixed" if work else "decode_only"
+            kind = "mixed" if work or mixed is not None else "decode_only"
             with self._lock:
                 self._step_totals[kind + "_steps"] += 1
                 self._step_totals[kind + "_seconds"] += time.perf_counter() - t0
@@ -298,6 +304,24 @@ class InflightScheduler:
         self._staging += staging
         return prefilling
 
+    def _mixable(self, work: list) -> tuple[Prefilling, int] | None:
+        """The first chunk of this step's work, when it can run with the decode (rows running, a mixed graph)."""
+        if not self.mixing or not self._rows:
+            return None
+        return next(((p, n) for p, n in work if n is not None and not p.request.cancelled), None)
+
+    def _mixed_step(self, p: Prefilling, n: int) -> None:
+        rows = len(self._rows)
+        try:
+            run_mixed(self.engine, self.pool, rows, self._tokens, self._positions, self._logits, p.run, n)
+        except Exception as e:  # noqa: BLE001 - the step failed for every row and the prompt: end them, keep serving
+            self._fail_all(f"decode failed: {e}")
+            self._drop_prefilling(p, "error", f"prefill failed: {e}")
+            return
+        self._chunk_ran(p, n)
+        self._decoded(rows)
+        self._after_chunk(p)
+
     def _advance(self, p: Prefilling, n: int) -> None:
         """Run a prompt's next chunk; after its last, its first token, and its cache into its slot."""
         if p.request.cancelled:
@@ -305,11 +329,22 @@ class InflightScheduler:
             return
         try:
             p.run.advance(n)
-            self.prefill_tokens += n
-            if p.row is not None:
-                self.pool.lengths[:, p.row] = p.run.done
-            if p.run.remaining:
-                return
+        except Exception as e:  # noqa: BLE001 - a failed prefill fails its request, not the server
+            self._drop_prefilling(p, "error", f"prefill failed: {e}")
+            return
+        self._chunk_ran(p, n)
+        self._after_chunk(p)
+
+    def _chunk_ran(self, p: Prefilling, n: int) -> None:
+        self.prefill_tokens += n
+        if p.row is not None:
+            self.pool.lengths[:, p.row] = p.run.done
+
+    def _after_chunk(self, p: Prefilling) -> None:
+        """After a prompt's last chunk: the selection, its first token, its cache into its slot."""
+        if p.run.remaining:
+            return
+        try:
             done = p.run.finish()
         except Exception as e:  # noqa: BLE001 - a failed prefill fails its request, not the server
             self._drop_prefilling(p, "error", f"prefill failed: {e}")
@@ -430,6 +465,10 @@ class InflightScheduler:
         except Exception as e:  # noqa: BLE001 - the step failed for every row: end them, keep serving
             self._fail_all(f"decode failed: {e}")
             return
+        self._decoded(n)
+
+    def _decoded(self, n: int) -> None:
+        """After a decode of rows [0, n): every row's next token, streamed; finished rows leave."""
         self.steps += 1
         self.pool.lengths[:, :n] += 1  # the token each row fed now sits in its cache
         self._positions[:n] += 1

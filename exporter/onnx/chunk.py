@@ -11,6 +11,8 @@ uncompressed cache one after another, then the method selects over the whole pro
 q and k are rotated outside the attention op with the prefill's own nodes, so every chunk computes what the whole
 prefill computes for its rows.
 
+`mixed.onnx` (exporter/onnx/mixed.py) runs a chunk together with the decode of the running sequences.
+
 `select.onnx` (compressing methods; no weights) runs the method's per-layer selection once, after the last chunk:
   in:  past_key_values.{i}.key / .value [1, Hkv, q, d]: the whole prompt's cache (q = the prompt's length);
        window_queries.{i} [1, w', H*d]: the last chunk's (it holds the prompt's last w tokens: the scheduler keeps
@@ -27,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx.layers import INT_MAX, GraphConfig, Layers
+from exporter.onnx.mixed import MIXED, build_mixed
 from exporter.onnx.model import make_model
 from exporter.onnx.prefill import PrefillGraph
 from exporter.onnx.targets import TARGETS
@@ -41,7 +44,7 @@ def chunk_graph_names(policy: KVPolicy, target: str) -> list[str]:
     """The chunked-prefill graphs an engine gets: those of an in-flight engine whose method can chunk exactly."""
     if not TARGETS[target].in_place_decode or policy.why_not(SLOTS) is not None or not policy.chunked_prefill:
         return []
-    return [CHUNK, SELECT] if policy.compresses else [CHUNK]
+    return [CHUNK, MIXED, SELECT] if policy.compresses else [CHUNK, MIXED]
 
 
 def _cache_inputs(cfg: GraphConfig, layer: int, length: str) -> list:
@@ -108,4 +111,4 @@ def build_select(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
     return make_model(g, cfg, "pkv_select", inputs, pg.outputs, [], pol.graph_functions(s, target))
 
 
-BUILDERS = {CHUNK: build_chunk, SELECT: build_select}
+BUILDERS = {CHUNK: build_chunk, SELECT: build_select, MIXED: build_mixed}

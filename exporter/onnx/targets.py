@@ -90,13 +90,16 @@ class OnnxRuntimeTarget:
             window = None
         return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads, bias=bias, window=window)
 
-    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present,
+                         packed: str | None = None):
         """h [B, S, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
         -> out [B, 1, H*d]; the updated caches are written to the names `present` (key, value).
-        `visible(T)` gives a [B, H, S, T] mask or None. New tokens are rotated at position_ids in the op."""
+        `visible(T)` gives a [B, H, S, T] mask or None. New tokens are rotated at position_ids in the op.
+        `packed` [B, S, (H + 2 Hkv) * d]: h's projection, computed by the caller (a mixed step projects the decode
+        rows with a prompt's chunk); h then only gives the shape."""
         g, hc = lay.g, lay.cfg.cache_heads
         new = g.dim(h, 1)  # S new tokens (a question at batch 1, else 1)
-        packed = lay.qkv_packed(h, layer)
+        packed = packed or lay.qkv_packed(h, layer)
         if hc == lay.s.num_kv_heads:  # GQA splits the packed projection itself
             q, k, v = packed, "", ""
         else:  # query-head caches: the new K/V go to every query head
@@ -172,7 +175,10 @@ class TensorRTTarget:
                     g.op("Less", g.op("Sub", rows, cols), g.const(s.sliding_window)))
         return self._attention(lay, q4, k4, v4, mask, causal=False), k4, v4
 
-    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present,
+                         packed: str | None = None):
+        if packed is not None:
+            raise NotImplementedError("mixed steps are built for the onnxruntime target only")
         g, s = lay.g, lay.s
         hc = lay.cfg.cache_heads
         q, k, v = lay.qkv(h, layer, *rope)

@@ -15,6 +15,7 @@ from engines.scheduler import InflightScheduler
 from engines.slots import SlotPool
 from engines.step_budget import MIN_SHARE, chunk_tokens, plan_chunks, prefill_budget, share
 from exporter.onnx.chunk import CHUNK, SELECT, chunk_graph_names
+from exporter.onnx.mixed import MIXED
 from exporter.slot_plan import plan_slots
 from methods import make_policy
 from pkv_core.errors import UserInputError
@@ -33,8 +34,8 @@ def prompts_of(engine, lengths=LENGTHS) -> list[list[int]]:
 
 
 def test_chunk_graphs_only_where_the_kept_sets_stay_exact():
-    assert chunk_graph_names(make_policy("pyramidkv"), "onnxruntime") == [CHUNK, SELECT]
-    assert chunk_graph_names(make_policy("full"), "onnxruntime") == [CHUNK]  # nothing to select
+    assert chunk_graph_names(make_policy("pyramidkv"), "onnxruntime") == [CHUNK, MIXED, SELECT]
+    assert chunk_graph_names(make_policy("full"), "onnxruntime") == [CHUNK, MIXED]  # nothing to select
     for name in ("h2o", "kvzip", "pyramidinfer"):  # every query's attention; not in slots at all
         assert chunk_graph_names(make_policy(name), "onnxruntime") == []
     assert chunk_graph_names(make_policy("pyramidkv"), "tensorrt") == []  # not served in flight
@@ -145,10 +146,15 @@ class Watched(InflightScheduler):
 
 
 @pytest.mark.parametrize("model,name", CASES, ids=lambda v: v)
-def test_chunked_answers_equal_the_engine_alone_in_tight_memory(built_engine, model, name):
+def test_chunked_answers_equal_the_engine_alone_in_tight_memory(built_engine, model, name, monkeypatch):
     """A small budget (24 tokens: most prompts take several steps) and a memory of three slots plus one long
-    prompt's staging cache: prompts wait for memory, several are in flight at once, and every answer equals the
-    engine's own for the prompt alone; the memory held never exceeds --kv-memory."""
+    prompt's staging cache: prompts wait for memory, several are in flight at once, chunks run with the decode in
+    mixed steps, and every answer equals the engine's own for the prompt alone; the memory held never exceeds
+    --kv-memory."""
+    import engines.scheduler
+
+    mixed, run_mixed = [], engines.scheduler.run_mixed
+    monkeypatch.setattr(engines.scheduler, "run_mixed", lambda *a: (mixed.append(a[-1]), run_mixed(*a))[1])
     engine, _ = built_engine(model, name)
     prompts = prompts_of(engine)
     want = [engine.generate([p], NEW).tokens[0] for p in prompts]
@@ -162,6 +168,7 @@ def test_chunked_answers_equal_the_engine_alone_in_tight_memory(built_engine, mo
         assert max(s["slots"] for s in scheduler.seen) <= scheduler.plan.slots
         assert max(s["prefilling"] for s in scheduler.seen) >= 2  # chunks of several prompts in one step
         assert max(s["queue"] for s in scheduler.seen) >= 1 + (name == "full")  # some waited
+        assert scheduler.mixing and mixed  # steps that decoded and ran a chunk in one graph
         stats = scheduler.stats()
         assert stats["slots_in_use"] == stats["kv_bytes_held"] == stats["staging_bytes"] == stats["prefilling"] == 0
         assert stats["prefill_tokens"] == sum(LENGTHS)
@@ -222,3 +229,42 @@ def test_ignore_eos_generates_every_token(built_engine):
     finally:
         engine.eos_ids = saved
         scheduler.close()
+
+
+@pytest.mark.parametrize("model,name", [("tiny-llama3", "pyramidkv"), ("tiny-mistral", "full"),
+                                        ("tiny-mistral", "streamingllm")], ids=lambda v: v)
+def test_a_mixed_step_computes_what_the_decode_and_the_chunk_compute_apart(built_engine, model, name):
+    """mixed.onnx: the decode rows' logits and caches equal decode.onnx's, the chunk's logits and kept sets equal
+    chunk.onnx's (the decode rows and the chunk share the projections and the MLP, not the attention)."""
+    from engines.mixed_step import run_mixed
+    from engines.scheduler import DecodeBatch
+
+    engine, _ = built_engine(model, name)
+    running, long = prompts_of(engine, [150, 70, 90]), prompts_of(engine, [200])[0]
+    plan = plan_slots(engine.policy, engine.spec.num_layers, int(engine.manifest["cache_heads"]),
+                      engine.spec.head_dim, engine.manifest["dtype"], engine.max_input_len, NEW, 1 << 24)
+    pool = SlotPool(plan, engine.windowed)
+    tokens, positions = np.zeros((plan.slots, 1), np.int64), np.zeros((plan.slots, 1), np.int64)
+    for row, prompt in enumerate(running):
+        done = prefill_whole(engine, prompt)
+        pool.place(done.keys, done.values, done.lengths, done.kept if engine.windowed else None)
+        tokens[row, 0], positions[row, 0] = int(done.logits.argmax()), len(prompt)
+    n, before = len(running), [k.copy() for k in pool.keys]
+    apart_logits = np.zeros((plan.slots, engine.spec.vocab_size), np.float32)
+    DecodeBatch(engine, pool, n, tokens, positions, apart_logits).run()
+    apart_keys = [k.copy() for k in pool.keys]
+    for keys, saved in zip(pool.keys, before, strict=True):  # undo the decode's token in the caches
+        keys[...] = saved
+    apart, mixed = ChunkedPrefill(engine, long), ChunkedPrefill(engine, long)
+    apart.advance(120), mixed.advance(120)
+    apart.advance(80)
+    mixed_logits = np.zeros_like(apart_logits)
+    run_mixed(engine, pool, n, tokens, positions, mixed_logits, mixed, 80)
+    np.testing.assert_allclose(mixed_logits[:n], apart_logits[:n], atol=1e-5)
+    for a, b in zip(pool.keys, apart_keys, strict=True):
+        np.testing.assert_allclose(a[:n], b[:n], atol=1e-6)
+    one, other = apart.finish(), mixed.finish()
+    assert one.lengths == other.lengths and int(one.logits.argmax()) == int(other.logits.argmax())
+    np.testing.assert_allclose(one.logits, other.logits, atol=1e-4)
+    for a, b in zip(one.kept, other.kept, strict=True):
+        np.testing.assert_array_equal(a, b)
