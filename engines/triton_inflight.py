@@ -12,7 +12,7 @@ response carries `finish_reason` (eos, length, stop, cancelled) and the token co
 `completion_tokens`. A request whose client went away (Triton marks it cancelled) leaves its slot at the next
 step. A request with the parameter `status: true` is answered at once with the scheduler's numbers as JSON; the
 same numbers are Prometheus gauges on the metrics port (`pkv_slots_in_use`, `pkv_slots_total`,
-`pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, labelled by model).
+`pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, `pkv_prefilling`, labelled by model).
 
 Config parameters (config.pbtxt, written by `pkv-export triton --batching inflight`): `engine_dir`,
 `kv_memory` (bytes the slots and the chunked prefills' staging caches may hold), `max_new_tokens` (the most a
@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - outside Triton the module is still imp
 GAUGES = {"slots_in_use": "sequences holding a KV slot", "slots_total": "KV slots the memory holds",
           "kv_bytes_held": "bytes of the slots in use and of the staging caches of prompts in flight",
           "kv_bytes_limit": "bytes the slots and staging caches may hold (--kv-memory)",
-          "queue_length": "requests waiting for a slot"}
+          "queue_length": "requests waiting for a slot",
+          "prefilling": "prompts being prefilled in chunks (their slot reserved)"}
 
 
 class BadRequest(Exception):
