@@ -370,6 +370,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.2, help="Poisson arrivals per second (0: skip).")
     parser.add_argument("--poisson-requests", type=int, default=12)
     parser.add_argument("--mix", type=int, nargs=2, default=[256, 2000], help="Poisson prompt lengths: lo hi.")
+    parser.add_argument("--max-input-len", type=int, default=None,
+                        help="Build the engines for this many prompt tokens [the longest prompt + 1]: slot sizes "
+                             "(FullKV's) follow from it.")
     parser.add_argument("--work", type=Path, default=None, help="Keep checkpoint, engines and results here.")
     parser.add_argument("--model", default=None,
                         help="A preset or checkpoint instead of the synthetic benchmark model (smollm2-135m: the "
@@ -393,7 +396,7 @@ def main() -> int:
     tokenizer = loaded.tokenizer()
     what = SYNTHETIC if args.model is None else f"{args.model} ({loaded.spec.num_layers} layers, hidden " \
         f"{loaded.spec.hidden_size}, {loaded.spec.num_heads}/{loaded.spec.num_kv_heads} heads x {loaded.spec.head_dim})"
-    max_len = max(args.prompt_tokens, args.mix[1] if args.rate > 0 else 0) + 1
+    max_len = args.max_input_len or max(args.prompt_tokens, args.mix[1] if args.rate > 0 else 0) + 1
     name_of = "synthetic" if args.model is None else Path(args.model).name
     engines = build(source, name_of, work, sorted(set(args.policies) | set(args.static_policies)), max_len)
     log = work / "results.jsonl"  # every measured row, written as it is measured: a rerun resumes from it
