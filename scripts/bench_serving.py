@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -388,7 +389,8 @@ def main() -> int:
     from bench_peers import make_checkpoint
 
     source = str(work / "checkpoint") if args.model is None else args.model
-    if args.model is None and not Path(source).exists():
+    if args.model is None and not (Path(source) / "model.safetensors").exists():  # absent, or a killed run's
+        shutil.rmtree(source, ignore_errors=True)
         make_checkpoint(Path(source))
     from exporter.checkpoint import load_model
 
