@@ -1,12 +1,13 @@
 """In-flight (continuous) batching over fixed-size compressed slots, on the onnxruntime engine.
 
 Requests wait in a FIFO queue. Every step of the loop advances every running sequence by one token in one batch
-and spends the rest of a per-step token budget (`step_tokens`; engines/step_budget.py says how) on the prompts
-waiting for their first token, oldest first: a prompt that fits in its share is prefilled whole (the engine's
-prefill graph), a longer one in chunks over several steps (engines/chunked_prefill.py), so the running streams
-keep their pace while it is prefilled. When its last chunk is done the method compresses its cache (the kept sets
-of a whole prefill), its first token is streamed and it joins the decode batch. A sequence that produced EOS,
-reached its `max_new_tokens` or was cancelled leaves at once, and its slot goes to the next waiting request. The
+and gives the rest of a per-step token budget (`step_tokens`; engines/step_budget.py says how) to the next chunk
+of one prompt waiting for its first token (the oldest, or every other step the next in line), in the same graph
+run as the decode (engines/mixed_step.py): a long prompt is prefilled over several steps
+(engines/chunked_prefill.py) while the running streams keep their pace. When its last chunk is done the method
+compresses its cache (the kept sets of a whole prefill), its first token is streamed and it joins the decode
+batch. A sequence that produced EOS, reached its `max_new_tokens` or was cancelled leaves at once, and its slot
+goes to the next waiting request. The
 decode binds the first n rows of the slot pools (engines/slots.py) as the past and present of every layer, so the
 attention op writes in place and a step allocates nothing; the bindings are made once per n.
 
@@ -14,8 +15,8 @@ Memory (`kv_memory`): a prompt's slot is reserved when its first chunk starts. F
 slot; a compressing method's chunks build the prompt's uncompressed cache beside the pools (its staging cache, 2 x
 layers x KV heads x prompt tokens x head_dim x itemsize), which counts as held until the last chunk. A prompt starts
 only when its slot and its staging cache fit beside everything held (slots in use or reserved, other prompts'
-staging); otherwise it waits, and nothing overtakes it. While staging caches exist the free slots' pages are
-handed back to the system (SlotPool.trim), so the process never holds more than `kv_memory` of KV. A prompt
+staging); otherwise it waits, and nothing overtakes it. When a staging cache starts, the free slots' pages are
+handed back to the system (SlotPool.trim): slots and staging caches never hold more than `kv_memory`. A prompt
 whose staging cache could never fit, every prompt of an engine without the chunk graphs (built before them, or
 H2O, whose scores need every query), and every prompt when `step_tokens` is 0 are prefilled whole, one per step.
 
@@ -41,7 +42,7 @@ from engines.chunked_prefill import ChunkedPrefill, Prefilled, prefill_whole, st
 from engines.inflight_request import DoneFn, Request, RequestRefused, StopGeneration, TokenFn
 from engines.mixed_step import run_mixed
 from engines.slots import SlotPool
-from engines.step_budget import chunk_tokens, plan_chunks, prefill_budget, share
+from engines.step_budget import chunk_tokens, prefill_budget, whose_turn
 from exporter.slot_plan import DEFAULT_STEP_TOKENS, SlotPlan, check_supported, plan_slots
 from pkv_core.errors import UserInputError
 
@@ -124,6 +125,7 @@ class InflightScheduler:
         self._prefilling: list[Prefilling] = []  # oldest first
         self._whole = 0  # slots reserved by the whole prefills of this step
         self._staging = 0  # bytes of the staging caches in flight
+        self._turns = 0  # steps that had prompt work (engines.step_budget.whose_turn)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -265,31 +267,36 @@ class InflightScheduler:
                 self._whole += 1
                 work.append((self._waiting.popleft(), None))
             return work, dropped
+        while self._waiting and self._waiting[0].cancelled:
+            dropped.append(self._waiting.popleft())
+        line = [*self._prefilling, *([self._waiting[0]] if self._waiting else [])]  # oldest first; the head may start
+        if not line:
+            return work, dropped
         left = prefill_budget(self.step_tokens, len(self._rows))
-        sizes = plan_chunks(left, [p.run.remaining for p in self._prefilling], self._window, bool(self._waiting))
-        work += [(p, n) for p, n in zip(self._prefilling, sizes, strict=True) if n]
-        left -= sum(sizes)
-        while left > 0 and self._waiting:
-            head = self._waiting[0]
-            if head.cancelled:
-                dropped.append(self._waiting.popleft())
-                continue
-            q, cap = len(head.prompt), share(left, len(self._waiting) > 1)
-            staging = staging_bytes(self.engine, q)
-            chunked = q > cap and staging + self.plan.slot_bytes <= self.kv_memory
-            if not self._fits(staging if chunked else 0):
-                break  # oldest first: the head waits for memory and nothing overtakes it
-            self._waiting.popleft()
-            if not chunked:
-                self._whole += 1
-                work.append((head, None))
-                left -= q
-                continue
-            prefilling = self._start(head, staging)
-            n = chunk_tokens(q, cap, self._window)
-            work.append((prefilling, n))
-            left -= n
-        return work, dropped
+        chosen = line[whose_turn(self._turns, len(line))]
+        self._turns += 1
+        if isinstance(chosen, Request):
+            item = self._admit(chosen, left)
+            if item is not None:
+                return [item], dropped
+            if not self._prefilling:
+                return work, dropped  # the head waits for memory, and nothing overtakes it
+            chosen = self._prefilling[0]
+        return [(chosen, chunk_tokens(chosen.run.remaining, left, self._window))], dropped
+
+    def _admit(self, head: Request, left: int) -> tuple[Request | Prefilling, int | None] | None:
+        """Start the queue's head if its slot (and staging cache) fit (under the lock): its first chunk, or a whole
+        prefill when its staging cache could never fit beside one slot. None: it waits."""
+        staging = staging_bytes(self.engine, len(head.prompt))
+        chunked = staging + self.plan.slot_bytes <= self.kv_memory
+        if not self._fits(staging if chunked else 0):
+            return None
+        self._waiting.popleft()
+        if not chunked:
+            self._whole += 1
+            return head, None
+        prefilling = self._start(head, staging)
+        return prefilling, chunk_tokens(len(head.prompt), left, self._window)
 
     def _start(self, request: Request, staging: int) -> Prefilling:
         """Reserve a prompt's slot (FullKV: a pool row its chunks write into) and its staging cache (under the lock)."""

@@ -13,7 +13,7 @@ from engines.chunked_prefill import ChunkedPrefill, prefill_in_chunks, prefill_w
 from engines.prompts import synthetic_prompt_ids
 from engines.scheduler import InflightScheduler
 from engines.slots import SlotPool
-from engines.step_budget import MIN_SHARE, chunk_tokens, plan_chunks, prefill_budget, share
+from engines.step_budget import chunk_tokens, prefill_budget, whose_turn
 from exporter.onnx.chunk import CHUNK, SELECT, chunk_graph_names
 from exporter.onnx.mixed import MIXED
 from exporter.slot_plan import plan_slots
@@ -52,17 +52,11 @@ def test_the_last_chunk_holds_the_window():
     assert chunk_tokens(45, 40, 0) == 40  # FullKV: no window
 
 
-def test_decode_tokens_first_and_the_oldest_prompt_takes_half_while_others_wait():
+def test_decode_tokens_first_and_the_oldest_prompt_gets_every_other_step_while_another_waits():
     assert prefill_budget(256, 10) == 246
     assert prefill_budget(256, 300) == 32  # prompts always progress: an eighth of the budget
-    assert share(200, behind=False) == 200 and share(200, behind=True) == 100
-    assert share(20, behind=True) == MIN_SHARE and share(10, behind=True) == 10
-    # oldest first; a long prompt leaves half to the next; the last in line takes what remains
-    assert plan_chunks(200, [1000, 1000], 8, more_waiting=False) == [100, 100]
-    assert plan_chunks(200, [1000, 30], 8, more_waiting=False) == [100, 30]
-    assert plan_chunks(200, [1000, 1000, 1000], 8, more_waiting=True) == [100, 50, 25]
-    assert plan_chunks(20, [1000, 1000], 8, more_waiting=False) == [MIN_SHARE, 4]
-    assert plan_chunks(0, [10], 8, more_waiting=False) == [0]
+    assert [whose_turn(step, 1) for step in range(4)] == [0, 0, 0, 0]  # alone: every step
+    assert [whose_turn(step, 3) for step in range(4)] == [0, 1, 0, 1]  # the oldest, then the next in line
 
 
 # ------------------------------------------------------------------ slot rows
@@ -177,16 +171,18 @@ def test_chunked_answers_equal_the_engine_alone_in_tight_memory(built_engine, mo
 
 
 def test_the_oldest_goes_first_and_a_long_prompt_does_not_hold_the_short_ones(built_engine):
+    """A long prompt at the head of the queue gets every other step: the short prompts behind it are prefilled in
+    the steps between, in their order, and answer before it."""
     engine, _ = built_engine("tiny-llama3", "pyramidkv")
-    long_a, long_b, *short = prompts_of(engine, [290, 280, 20, 24, 18])  # 64 a step: the first gets 32, then 16
+    prompts = prompts_of(engine, [290, 20, 24])
+    want = [engine.generate([p], 4).tokens[0] for p in prompts]
     scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=4, step_tokens=64, start=False)
     try:
-        requests = [scheduler.submit(p, 4) for p in (long_a, long_b, *short)]
+        requests = [scheduler.submit(p, 4) for p in prompts]
         scheduler._thread.start()
-        assert all(r.wait(60) for r in requests)
-        first = [r.token_times[0] for r in requests]
-        assert first[0] < first[1]  # oldest first
-        assert max(first[2:]) < first[0]  # short prompts behind it got the half it left: they answered first
+        assert all(r.wait(60) for r in requests) and [r.tokens for r in requests] == want
+        long, first, second = (r.token_times[0] for r in requests)
+        assert first < second < long
     finally:
         scheduler.close()
 
