@@ -122,7 +122,8 @@ class OrtEngine(BuiltEngine):
         if self._chunk_sessions is None:
             names = [n for n in CHUNK_GRAPHS if n in self.manifest["onnx"]["graphs"]]
             try:
-                loaded = {n: ort.InferenceSession(str(self.dir / n), self._options(arena=False),
+                # chunk and mixed runs are small and frequent: the arena keeps their buffers (select runs once)
+                loaded = {n: ort.InferenceSession(str(self.dir / n), self._options(arena=n != SELECT),
                                                   providers=self.providers) for n in names}
             except Exception as e:  # onnxruntime raises its own exception types
                 raise UserInputError(f"{self.dir}: onnxruntime cannot load {', '.join(names)} "

@@ -272,7 +272,9 @@ class InflightScheduler:
         line = [*self._prefilling, *([self._waiting[0]] if self._waiting else [])]  # oldest first; the head may start
         if not line:
             return work, dropped
-        left = prefill_budget(self.step_tokens, len(self._rows))
+        # With nothing decoding there is no stream to keep: the chosen prompt is prefilled at once (on a CPU every
+        # chunk costs a pass over the weights and the graph's fixed overhead).
+        left = prefill_budget(self.step_tokens, len(self._rows)) if self._rows else None
         chosen = line[whose_turn(self._turns, len(line))]
         self._turns += 1
         if isinstance(chosen, Request):
@@ -282,13 +284,14 @@ class InflightScheduler:
             if not self._prefilling:
                 return work, dropped  # the head waits for memory, and nothing overtakes it
             chosen = self._prefilling[0]
-        return [(chosen, chunk_tokens(chosen.run.remaining, left, self._window))], dropped
+        return [(chosen, chunk_tokens(chosen.run.remaining, left or chosen.run.remaining, self._window))], dropped
 
-    def _admit(self, head: Request, left: int) -> tuple[Request | Prefilling, int | None] | None:
-        """Start the queue's head if its slot (and staging cache) fit (under the lock): its first chunk, or a whole
-        prefill when its staging cache could never fit beside one slot. None: it waits."""
+    def _admit(self, head: Request, left: int | None) -> tuple[Request | Prefilling, int | None] | None:
+        """Start the queue's head if its slot (and staging cache) fit (under the lock): its first chunk of at most
+        `left` tokens, or a whole prefill when `left` is None (nothing decodes) or its staging cache could never
+        fit beside one slot. None: it waits."""
         staging = staging_bytes(self.engine, len(head.prompt))
-        chunked = staging + self.plan.slot_bytes <= self.kv_memory
+        chunked = left is not None and staging + self.plan.slot_bytes <= self.kv_memory
         if not self._fits(staging if chunked else 0):
             return None
         self._waiting.popleft()

@@ -7,7 +7,8 @@ of prompt work, never several. Prompts are served oldest first; while another pr
 gets every other step and the next in line the steps between, so a long prompt at the head of the queue slows the
 prompt behind it to half speed instead of holding it until its last chunk. A chunk ends at least `window` tokens
 before the prompt's end or at its end: the last chunk holds the prompt's observation window, whose queries the
-method's selection reads.
+method's selection reads. With nothing decoding the scheduler gives the chosen prompt all it has left: there is
+no stream to keep, and every chunk costs a pass over the weights.
 """
 
 from __future__ import annotations

@@ -174,25 +174,26 @@ def test_the_oldest_goes_first_and_a_long_prompt_does_not_hold_the_short_ones(bu
     """A long prompt at the head of the queue gets every other step: the short prompts behind it are prefilled in
     the steps between, in their order, and answer before it."""
     engine, _ = built_engine("tiny-llama3", "pyramidkv")
-    prompts = prompts_of(engine, [290, 20, 24])
-    want = [engine.generate([p], 4).tokens[0] for p in prompts]
-    scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=4, step_tokens=64, start=False)
+    prompts = prompts_of(engine, [30, 290, 20, 24])  # the first one decodes while the others are prefilled
+    want = [engine.generate([p], n).tokens[0] for p, n in zip(prompts, (24, 4, 4, 4), strict=True)]
+    scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=24, step_tokens=64, start=False)
     try:
-        requests = [scheduler.submit(p, 4) for p in prompts]
+        requests = [scheduler.submit(p, n) for p, n in zip(prompts, (24, 4, 4, 4), strict=True)]
         scheduler._thread.start()
         assert all(r.wait(60) for r in requests) and [r.tokens for r in requests] == want
-        long, first, second = (r.token_times[0] for r in requests)
+        _, long, first, second = (r.token_times[0] for r in requests)
         assert first < second < long
     finally:
         scheduler.close()
 
 
-@pytest.mark.parametrize("why", ["step-tokens 0", "staging never fits", "h2o"])
+@pytest.mark.parametrize("why", ["step-tokens 0", "staging never fits", "h2o", "nothing decodes"])
 def test_whole_prefills_where_chunks_cannot_run(built_engine, why):
     """--step-tokens 0, an engine without chunk graphs (H2O), and a prompt whose staging cache could never fit
-    beside its slot are prefilled whole, one per step, with the same answers."""
+    beside its slot are prefilled whole, one per step, with the same answers; so is a prompt when no sequence is
+    decoding (no stream to keep: on a CPU every chunk costs a pass over the weights)."""
     engine, _ = built_engine("tiny-llama3", "h2o" if why == "h2o" else "pyramidkv")
-    prompts = prompts_of(engine, [200, 33, 150])
+    prompts = prompts_of(engine, [200] if why == "nothing decodes" else [200, 33, 150])
     want = [engine.generate([p], NEW).tokens[0] for p in prompts]
     plan = plan_slots(engine.policy, engine.spec.num_layers, int(engine.manifest["cache_heads"]),
                       engine.spec.head_dim, engine.manifest["dtype"], engine.max_input_len, NEW, 1 << 30)
@@ -200,7 +201,7 @@ def test_whole_prefills_where_chunks_cannot_run(built_engine, why):
     memory = plan.slot_bytes + staging_bytes(engine, 32) if why == "staging never fits" else 1 << 30
     scheduler = Watched(engine, kv_memory=memory, max_new_tokens=NEW, step_tokens=0 if why == "step-tokens 0" else 24)
     try:
-        assert scheduler.chunking == (why == "staging never fits")
+        assert scheduler.chunking == (why in ("staging never fits", "nothing decodes"))
         assert scheduler.generate(prompts, NEW) == want
         assert max(s["prefilling"] for s in scheduler.seen) == 0
     finally:
