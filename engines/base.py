@@ -22,6 +22,13 @@ class GenerationResult:
         prefill, per cache head; -1 marks a slot holding padding, or one a prompt with a smaller budget than
         the batch's largest leaves unused. Present when requested.
     selected[b][l]: prefix tokens layer l selected for prompt b (None when the whole prompts were kept).
+    scores[l]: [B, Hc, q] float32, the scores layer l's selection ranked the prompt by (right-aligned: position p
+        is the row's p-th real token; NaN: no score; -inf: not a candidate), or None for a layer without;
+        only the reference records them, and only when asked (`return_scores`).
+    kv_bytes_after_prefill: bytes of K/V the engine holds after the prefill (its layout: each layer padded to the
+        batch's, and with per-head lengths to its longest head); kv_bytes_ideal: the bytes of the kept pairs alone
+        (what `plan` counts). None where an engine cannot say (TensorRT-LLM).
+    timings: seconds, "prefill" and "decode".
     """
 
     tokens: list[list[int]]
@@ -31,13 +38,19 @@ class GenerationResult:
     kept_indices: list[torch.Tensor] | None = None
     selected: list[list[int]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    scores: list[torch.Tensor | None] | None = None
+    kv_bytes_after_prefill: int | None = None
+    kv_bytes_ideal: int | None = None
 
     def to_json(self) -> dict:
+        """`generate --json`'s schema, the same for every engine (README, `generate`)."""
         out = {
             "tokens": self.tokens,
             "text": self.text,
             "prompt_lengths": self.prompt_lengths,
             "selected_per_layer": self.selected,  # [prompt][layer]
+            "kv_bytes_after_prefill": self.kv_bytes_after_prefill,
+            "kv_bytes_ideal": self.kv_bytes_ideal,
             "timings_s": self.timings,
         }
         if self.kept_indices is not None:
@@ -60,6 +73,20 @@ class ContextCache:
     kept_indices: list[torch.Tensor] | None  # [1, Hc, n_l] per layer, as in GenerationResult
     state: object = None
     prefill_seconds: float = 0.0
+
+
+@dataclass
+class SharedPrefill:
+    """One prompt prefilled once for several methods' selections (methods.shared_prefill; batch 1): each
+    `generate_shared(shared, policy, ...)` selects from it and decodes a cache of its own, as that policy's own
+    `generate` would. `state` is the engine's own (the captured layers, the capture graph's outputs)."""
+
+    input_ids: torch.Tensor  # [1, q] int64
+    mask: torch.Tensor  # [1, q] int64
+    positions: torch.Tensor  # [1, q] int64
+    first_logits: torch.Tensor  # [1, V] float32: the prefill's last-token logits, the first generated token's
+    state: object
+    seconds: float
 
 
 def question_ids(tokenizer, question: str | list[int]) -> list[int]:
@@ -152,8 +179,10 @@ def eos_ids(spec_eos, tokenizer) -> set[int]:
 
 def finish_result(tokenizer, generated: list[list[int]], mask: torch.Tensor, step_logits: list[torch.Tensor],
                   return_logits: bool, kept: list[torch.Tensor] | None, selected: list[list[int]] | None,
-                  timings: dict[str, float]) -> GenerationResult:
-    """Assemble a GenerationResult (decoded text, prompt lengths, stacked logits [B, T, V])."""
+                  timings: dict[str, float], kv_bytes: tuple[int, int] | None = None) -> GenerationResult:
+    """Assemble a GenerationResult (decoded text, prompt lengths, stacked logits [B, T, V]); `kv_bytes`: (held
+    after the prefill, the kept pairs alone)."""
+    held, ideal = kv_bytes if kv_bytes is not None else (None, None)
     return GenerationResult(
         tokens=generated,
         text=[tokenizer.decode(g, skip_special_tokens=True) for g in generated],
@@ -162,4 +191,6 @@ def finish_result(tokenizer, generated: list[list[int]], mask: torch.Tensor, ste
         kept_indices=kept,
         selected=selected,
         timings=timings,
+        kv_bytes_after_prefill=held,
+        kv_bytes_ideal=ideal,
     )

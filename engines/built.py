@@ -15,6 +15,7 @@ from pkv_core.errors import UserInputError
 
 class BuiltEngine:
     backend = ""  # the manifest's backend this runner serves
+    reports_kept_indices = True  # generate(return_indices=True) returns what every layer kept (the graphs' outputs)
 
     def __init__(self, engine_dir: Path, manifest: dict | None = None):
         from transformers import AutoTokenizer
@@ -36,10 +37,11 @@ class BuiltEngine:
         # The decode takes each layer's kept positions: a sliding window masks by them, and so do per-head lengths.
         self.windowed = bool(self.spec.sliding_window) or self.policy.per_head_lengths
 
-    def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray]) -> list[list[int]] | None:
+    def selected_per_prompt(self, lengths: np.ndarray, kv_lengths: list[np.ndarray],
+                            policy=None) -> list[list[int]] | None:
         """[prompt][layer] prefix tokens each layer selected (valid cached tokens minus the window); None when
-        nothing was compressed."""
-        pol = self.policy
+        nothing was compressed. `policy`: the one that selected (default: the engine's)."""
+        pol = policy or self.policy
         if not pol.compresses_prompt(self.spec.num_layers, int(lengths.max())):
             return None
         window = np.minimum(lengths, pol.window)  # 0 for methods without one

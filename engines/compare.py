@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -80,8 +81,8 @@ def compare_results(engine: GenerationResult, reference: GenerationResult, engin
         outputs = {"logits": np.ascontiguousarray(logits.numpy())}  # Polygraphy needs contiguous
         results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
     accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
-    logits_ok = bool(accuracy)
     max_diff = float(accuracy[0][(engine_name, "torch-reference")][0]["logits"].max_absdiff)
+    logits_ok = bool(accuracy) and math.isfinite(max_diff)  # a NaN difference (NaN logits) is a failure, never a pass
     per_layer = None
     agreement = None
     if engine.kept_indices is not None and reference.kept_indices is not None:

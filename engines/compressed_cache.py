@@ -49,6 +49,9 @@ class CompressedKVState:
     # A forward of the method's own (KVzip's reconstruction pass) sets this: every attention call goes to
     # attention(state, layer, query, key, value, sliding_window) -> (out [B, s, H, d], None) instead.
     attention: Callable | None = None
+    # Asked for by `inspect` only (None otherwise): layer -> the scores its selection ranked the prompt by, [B, Hc, q]
+    # float32, recorded by the method (methods.base.record_scores).
+    scores: dict | None = None
 
 
 def compressed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

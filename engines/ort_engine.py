@@ -28,6 +28,7 @@ from engines.base import (
     question_ids,
 )
 from engines.built import BuiltEngine
+from engines.graph_io import check_graph_io
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
 from exporter.onnx.chunk import CHUNK, SELECT
@@ -76,16 +77,8 @@ class OrtEngine(BuiltEngine):
             if problems:  # device "auto": the CPU provider runs it as built
                 self.providers = ["CPUExecutionProvider"]
 
-        def options(arena: bool):
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.intra_op_num_threads = threads
-            opts.enable_cpu_mem_arena = arena
-            # onnxruntime fuses DequantizeLinear + MatMul (the tensorrt target's quantized weights) into MatMulNBits
-            # at accuracy level 4 (int8 activations) by default; level 0 keeps float arithmetic, as the reference.
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-            return opts
-
+        self.threads = threads
+        options = self.session_options
         try:
             # The prefill's peak (activations of a long prompt) would stay reserved in the CPU arena after the run;
             # without the arena it is returned, so a long prompt does not pin its peak for the engine's life.
@@ -100,14 +93,28 @@ class OrtEngine(BuiltEngine):
                            if name not in ("prefill.onnx", "decode.onnx", *CHUNK_GRAPHS)}
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
-        self._options = options
         self._chunk_sessions: dict | None = None
+        check_graph_io(self.dir, self.spec, int(self.manifest["cache_heads"]), self.windowed,
+                       {"prefill.onnx": self.prefill, "decode.onnx": self.decode})
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         from exporter.onnx.targets import TARGETS
 
         self.in_place = TARGETS[self.manifest["onnx"]["target"]].in_place_decode
         self.prefill_outputs = [o.name for o in self.prefill.get_outputs()]
         self.decode_outputs = [o.name for o in self.decode.get_outputs()]
+
+    def session_options(self, arena: bool):
+        """Options of every session of this engine (the method's own graphs and a sweep's selection graphs too)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = self.threads
+        opts.enable_cpu_mem_arena = arena
+        # onnxruntime fuses DequantizeLinear + MatMul (the tensorrt target's quantized weights) into MatMulNBits
+        # at accuracy level 4 (int8 activations) by default; level 0 keeps float arithmetic, as the reference.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        return opts
 
     @property
     def chunkable(self) -> bool:
@@ -123,7 +130,7 @@ class OrtEngine(BuiltEngine):
             names = [n for n in CHUNK_GRAPHS if n in self.manifest["onnx"]["graphs"]]
             try:
                 # chunk and mixed runs are small and frequent: the arena keeps their buffers (select runs once)
-                loaded = {n: ort.InferenceSession(str(self.dir / n), self._options(arena=n != SELECT),
+                loaded = {n: ort.InferenceSession(str(self.dir / n), self.session_options(arena=n != SELECT),
                                                   providers=self.providers) for n in names}
             except Exception as e:  # onnxruntime raises its own exception types
                 raise UserInputError(f"{self.dir}: onnxruntime cannot load {', '.join(names)} "
@@ -247,23 +254,32 @@ class OrtEngine(BuiltEngine):
         t0 = time.perf_counter()
         outputs = self.run_prefill(input_ids.numpy(), mask.numpy(), positions.numpy(), max_new_tokens - 1)
         timings = {"prefill": time.perf_counter() - t0}
+        return self.decode_from(self.policy, outputs, mask, max_new_tokens, timings, return_logits, return_indices,
+                                progress)
+
+    def decode_from(self, policy, outputs: dict, mask: torch.Tensor, max_new_tokens: int, timings: dict,
+                    return_logits: bool = False, return_indices: bool = False,
+                    progress: ProgressFn | None = None) -> GenerationResult:
+        """Greedy decoding from a prefill's outputs ({name: OrtValue}: logits, every layer's present.*,
+        kept_indices.*, kv_lengths.*, the method's own) for right-padded prompts (mask [B, q]); `policy` is the one
+        that selected them (the engine's own, or a sweep's cell selecting from a shared prefill)."""
         layers = range(self.spec.num_layers)
         kept_raw = {f"kept_indices.{i}": outputs[f"kept_indices.{i}"] for i in layers}
         kv_lengths = [outputs[f"kv_lengths.{i}"].numpy() for i in layers]  # [B] valid slots per layer
         kept = [torch.from_numpy(kept_raw[f"kept_indices.{i}"].numpy()) for i in layers] if return_indices else None
-        timings["kv_bytes_after_prefill"] = self.cache_bytes(kept_raw)
-        timings["kv_bytes_ideal"] = self.ideal_bytes(kept_raw)
+        kv_bytes = (self.cache_bytes(kept_raw), self.ideal_bytes(kept_raw))
         cache = {k: v for k, v in outputs.items() if k.startswith("present.")}
         lengths = mask.sum(-1)
-        stage = self.policy.onnxruntime_stage(self, outputs, cache)
+        stage = policy.onnxruntime_stage(self, outputs, cache)
         step = self._stepper(cache, kept_raw, stage, [n.astype(np.int64) for n in kv_lengths])
 
         first = torch.from_numpy(outputs["logits"].numpy())
         generated, step_logits, timings["decode"] = greedy_loop(
             first, lengths, step, self.eos_ids, self.pad_id, max_new_tokens, progress
         )
-        selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
-        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+        selected = self.selected_per_prompt(lengths.numpy(), kv_lengths, policy)
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings,
+                             kv_bytes)
 
     def _stepper(self, cache: dict, kept: dict, stage, base: list[np.ndarray]):
         """The greedy loop's step over bound caches: token [B] or [B, S], position alike -> logits [B, V]. The

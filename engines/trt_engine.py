@@ -140,8 +140,8 @@ class TensorRTEngine(BuiltEngine):  # pragma: no cover - needs TensorRT and a GP
         kv_lengths = [out[f"kv_lengths.{i}"].cpu().numpy() for i in layers]
         kept = [out[f"kept_indices.{i}"].cpu() for i in layers] if return_indices else None
         item = out["present.0.key"].element_size()
-        timings["kv_bytes_after_prefill"] = sum(2 * out[f"kept_indices.{i}"].numel() * self.spec.head_dim * item
-                                                for i in layers)
+        kv_bytes = (sum(2 * out[f"kept_indices.{i}"].numel() * self.spec.head_dim * item for i in layers),
+                    sum(2 * int((out[f"kept_indices.{i}"] >= 0).sum()) * self.spec.head_dim * item for i in layers))
         cache = {f"present.{i}.{p}": out[f"present.{i}.{p}"] for i in layers for p in ("key", "value")}
         steps = 0
 
@@ -163,4 +163,5 @@ class TensorRTEngine(BuiltEngine):  # pragma: no cover - needs TensorRT and a GP
         generated, step_logits, timings["decode"] = greedy_loop(first, lengths, step, self.eos_ids, self.pad_id,
                                                                 max_new_tokens, progress)
         selected = self.selected_per_prompt(lengths.numpy(), kv_lengths)
-        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings)
+        return finish_result(self.tokenizer, generated, mask, step_logits, return_logits, kept, selected, timings,
+                             kv_bytes)

@@ -41,6 +41,7 @@ def require_trtllm():
 class TrtllmEngine(BuiltEngine):
     name = "tensorrt-llm"
     backend = "trtllm"
+    reports_kept_indices = False  # TensorRT-LLM's LLM API returns tokens and logits, not what its cache holds
 
     def __init__(self, engine_dir: Path, device: str = "cuda", manifest: dict | None = None):
         super().__init__(engine_dir, manifest)

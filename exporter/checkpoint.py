@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from exporter.specs import PRESETS, ModelSpec
-from exporter.weights import RandomWeights, SafetensorsWeights, WeightSource, check_complete
+from exporter.weights import FiniteWeights, RandomWeights, SafetensorsWeights, WeightSource, check_complete
 from pkv_core.errors import UserInputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,13 +55,9 @@ class LoadedModel:
             return byte_level_tokenizer()
         if not any((directory / f).is_file() for f in TOKENIZER_FILES):
             raise UserInputError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        from transformers import AutoTokenizer
+        from exporter.tokenizer_files import load_checked_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return load_checked_tokenizer(directory, self.spec)  # files and vocabulary checked: one line if bad
 
 
 def hf_cache_dir() -> Path:
@@ -120,6 +116,8 @@ def load_model(
         loaded.spec = loaded.spec.with_layers(num_layers)
     if loaded.random_weights and need_weights:
         loaded.weights = RandomWeights(loaded.spec, seed=seed)
+    elif loaded.weights is not None:  # a checkpoint's: every tensor checked for NaN / Inf as it is read
+        loaded.weights = FiniteWeights(loaded.weights, loaded.source)
     return loaded
 
 

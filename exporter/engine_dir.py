@@ -163,6 +163,11 @@ def check_manifest(manifest: dict[str, Any], directory: Path) -> None:
         for name in [*graphs, _field(manifest, "onnx.weights", str)]:
             if name not in listed:
                 raise UserInputError(f"{MANIFEST}: onnx file {name!r} is not among the engine's files")
+        if "shared_prefill" in manifest:  # the capture graph of a sweep's shared prefill
+            _field(manifest, "shared_prefill.graph", str, lambda v: v in graphs, "one of the engine's graphs")
+            _field(manifest, "shared_prefill.scores", list, lambda v: all(
+                isinstance(k, list) and len(k) == 2 and k[0] in ("window", "all") and isinstance(k[1], int)
+                and not isinstance(k[1], bool) and k[1] >= 0 for k in v), "[observe, window] pairs")
 
 
 def tool_versions() -> dict[str, str]:

@@ -3,7 +3,8 @@
 Every command that writes a directory (an engine, a Triton repository, a validation run) goes through here:
 
 * `check_output` runs before anything is loaded or written: `--out` must not be a file, must not be (or
-  contain) an input of the same command, and `--force` replaces only an output of the same kind;
+  contain) an input of the same command nor lie inside one, and `--force` replaces only an output of the same
+  kind;
 * `staging_dir` builds into a hidden sibling `.NAME.partial-PID` and renames it over `--out` at the end, so an
   interrupted run leaves the old output intact and nothing that looks finished;
 * partial directories whose process is gone are provably abandoned: the next run into the same place removes
@@ -40,6 +41,7 @@ OUTPUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "validation-run": ("a pkv-export validation run", lambda d: (d / "run.json").is_file()
                        or (d / "samples.jsonl").is_file()),
     "sweep": ("a pkv-export sweep", _has_file("sweep-config.json")),
+    "inspect-page": ("a pkv-export inspect page", _has_file("kept.json")),
 }
 
 
@@ -73,7 +75,8 @@ def check_output(out: Path, kind: str, force: bool, inputs: Iterable[Path | str 
     """Refuse, before any work, an `--out` that this command may not create or replace.
 
     `inputs` are the paths the command reads (checkpoint, engine, data directories): the output may be neither
-    one of them nor a directory holding one, since replacing it would delete an input.
+    one of them nor a directory holding one, since replacing it would delete an input, nor lie inside one, since
+    writing it would change the input while it is read (a repository copied into its own engine recursed).
     """
     label, recognise = OUTPUT_KINDS[kind]
     out = Path(out)
@@ -85,6 +88,9 @@ def check_output(out: Path, kind: str, force: bool, inputs: Iterable[Path | str 
         if _inside(src_path, target):
             raise UserInputError(f"--out {out} is (or contains) {src}, an input of this command; "
                                  "choose another output location")
+        if _inside(target, src_path):  # writing there would change the input while it is read (triton recursed)
+            raise UserInputError(f"--out {out} is inside {src}, an input of this command; "
+                                 "choose an output location outside it")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UserInputError(f"--out {out} exists and is not a directory; it is not replaced")
     if not out.exists():

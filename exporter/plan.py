@@ -50,6 +50,8 @@ def make_plan(spec: ModelSpec, policy: KVPolicy, context: int, batch: int = 1, d
         "window": window,
         "kv_budget": getattr(policy, "kv_budget", None),
         "context": context,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "beyond_positions": context > spec.max_position_embeddings,  # the model cannot attend that far
         "batch": batch,
         "dtype": dtype,
         "regime": policy.regime(selected),

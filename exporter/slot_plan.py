@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from methods import KVPolicy
 from methods.backends import SLOTS
 from pkv_core.errors import UserInputError
@@ -43,10 +45,10 @@ def largest_kept(policy: KVPolicy, num_layers: int, max_input_len: int) -> list[
     of a long one."""
     if not policy.compresses:
         return [max_input_len] * num_layers
-    best = [0] * num_layers
+    best = np.zeros(num_layers, np.int64)
     for q in range(1, max_input_len + 1):
-        best = [max(a, b) for a, b in zip(best, kept_prompt(policy, num_layers, q), strict=True)]
-    return best
+        np.maximum(best, kept_prompt(policy, num_layers, q), out=best)
+    return best.tolist()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                   "head_dim", "max_position_embeddings")
+# Upper bounds far above any LLaMA / Mistral checkpoint (405B: 126 layers, hidden 16384, 128 heads; vocabularies up
+# to ~256k; contexts up to 1M): a larger value is a typo or a hostile config, refused before anything is sized by
+# it (a billion layers made `plan` build a billion-entry table, `build` grow for minutes, `generate` hang).
+UPPER_BOUNDS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_layers": 1024,
+                "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "max_position_embeddings": 1 << 22,
+                "sliding_window": 1 << 22}
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,20 @@ class ModelSpec:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise bad(f, "must be a positive integer")
+            if v > UPPER_BOUNDS[f]:
+                raise bad(f, f"must be at most {UPPER_BOUNDS[f]} (no supported model comes near it)")
         if self.num_heads % self.num_kv_heads:
             raise bad("num_heads", f"must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise bad("head_dim", "must be even (rotary embedding)")
         for f in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-                raise bad(f, "must be a positive number")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
+                raise bad(f, "must be a positive finite number")
         sw = self.sliding_window
-        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or sw <= 0):
-            raise bad("sliding_window", "must be a positive integer or null")
+        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, int) or not 0 < sw <= UPPER_BOUNDS[
+                "sliding_window"]):
+            raise bad("sliding_window", f"must be a positive integer up to {UPPER_BOUNDS['sliding_window']} or null")
         if self.sliding_window is not None and self.arch != "mistral":
             raise bad("sliding_window", "only Mistral models have a sliding window here")
         if self.rope_scaling is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -32,8 +33,9 @@ def check_complete(spec: ModelSpec, source: WeightSource, where: str) -> None:
     """The checkpoint holds exactly the tensors the architecture uses (names are Hugging Face's), each with the
     shape config.json implies and a float dtype. A tensor the model would not use (a bias, an extra layer, an
     lm_head beside tied embeddings) means the config does not describe these weights: refused, never dropped."""
-    expected = tensor_shapes(spec)
     have = set(source.names())
+    check_layer_count(spec, have, where)  # before the table of expected tensors is sized by config.json
+    expected = tensor_shapes(spec)
     for name, shape in expected.items():
         if name not in have:
             raise UserInputError(f"{where}: tensor '{name}' is missing from the checkpoint")
@@ -52,6 +54,19 @@ def check_complete(spec: ModelSpec, source: WeightSource, where: str) -> None:
                              f"{str(spec.tie_word_embeddings).lower()}); the config does not match the weights")
 
 
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_layer_count(spec: ModelSpec, names: set[str], where: str) -> None:
+    """config.json's layer count against the layers the checkpoint holds (`model.layers.{i}.*`), from the names
+    alone: a config claiming more layers than the weights is refused before anything is sized by it."""
+    held = {int(m.group(1)) for n in names if (m := _LAYER_TENSOR.match(n))}
+    count = max(held) + 1 if held else 0
+    if count != spec.num_layers:
+        raise UserInputError(f"{where}: config.json says num_hidden_layers = {spec.num_layers}, the checkpoint holds "
+                             f"{count} layers; the config does not match the weights")
+
+
 class SafetensorsWeights:
     """Lazy reader over `model.safetensors` or a sharded set described by `model.safetensors.index.json`."""
 
@@ -63,8 +78,10 @@ class SafetensorsWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise UserInputError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserInputError(f"{index}: weight_map must map tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -76,7 +93,7 @@ class SafetensorsWeights:
         self._handles = {}
         self._where: dict[str, str] = {}
         for fname in files:
-            path = directory / fname
+            path = shard_path(directory, fname, index if weight_map is not None else directory)
             if not path.is_file():
                 raise UserInputError(f"{path}: shard listed in the index is missing")
             try:
@@ -108,6 +125,23 @@ class SafetensorsWeights:
         return self._handles[self._where[name]].get_tensor(name)
 
 
+def shard_path(directory: Path, fname, where: Path) -> Path:
+    """The weight file `fname` of a checkpoint, refused unless it lies inside the checkpoint: a relative name
+    without `..` whose real location (symlinks followed) is in the directory, or, for a snapshot of the Hugging Face
+    cache (`.../snapshots/REV/`), in that repository's `blobs/` (where the cache's symlinks point). An index naming
+    an absolute path, `../..` or a symlink out would make the loader read any file on the machine."""
+    if not isinstance(fname, str) or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
+        raise UserInputError(f"{where}: weight file {fname!r} is not a file name inside the checkpoint; refused")
+    path = directory / fname
+    real = path.resolve()
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append(directory.parent.parent.resolve() / "blobs")
+    if not any(real == root or root in real.parents for root in roots):
+        raise UserInputError(f"{where}: weight file {fname!r} leads outside the checkpoint (to {real}); refused")
+    return path
+
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
@@ -124,6 +158,41 @@ def _check_covered(path: Path, handle, keys: list[str]) -> None:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class FiniteWeights:
+    """A checkpoint's weight source whose tensors are checked for NaN / Inf as they stream in (one `isfinite`
+    reduction per tensor, over slices, so no second full-size tensor is held): non-finite weights would build and
+    generate garbage with exit code 0. Everything else is the wrapped source's."""
+
+    SLICE = 1 << 24  # elements per reduction: bounds the boolean temporary to 16 MiB
+
+    def __init__(self, source: WeightSource, where: str):
+        self.source, self.where = source, where
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        if tensor.is_floating_point():
+            flat = tensor.reshape(-1)
+            for start in range(0, flat.numel(), self.SLICE):
+                if not bool(torch.isfinite(flat[start : start + self.SLICE]).all()):
+                    raise UserInputError(f"{self.where}: tensor '{name}' holds NaN or infinite values; the "
+                                         "checkpoint is corrupt (an engine built from it would generate garbage)")
+        return tensor
+
+    def __getattr__(self, attr: str):  # the wrapped source's own attributes (its directory, a seed)
+        if attr == "source":
+            raise AttributeError(attr)
+        return getattr(self.source, attr)
 
 
 class RandomWeights:

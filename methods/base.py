@@ -5,7 +5,8 @@ where it runs and what its plan means, and its methods answer what the rest of t
 points, so no engine, graph writer, runner or report tests a method's name or kind:
 
 budgets      `layer_selected`, `kept_prefix`, `compresses_prompt` (the one answer to "is this prompt long enough
-             to compress?"), `batch_selected`, `regime`: `plan`, the slot planner and every engine's per-prompt budgets
+             to compress?"), `batch_selected`, `largest_selected` (what static widths are sized by), `regime`:
+             `plan`, the slot planner, the TensorRT build and every engine's per-prompt budgets
 reference    `reference_layer` (after a layer's prefill attention: that layer's cache), `reference_after_prefill`
              (after the whole prefill), `reference_decode` (per decode step): engines.compressed_cache / reference
 ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_between_layers` (after a whole
@@ -13,6 +14,10 @@ ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_be
              exporter.onnx; `onnxruntime_stage` (per decode step of the onnxruntime engine)
 backends     `runs_on` (a positive list, methods.backends) and `check_backend`; `chunked_prefill` (may a server
              prefill a prompt in chunks: exporter.onnx.chunk, engines.chunked_prefill)
+inspect      `always_kept` (the sinks and the window a page shows as such); a reference hook records the scores its
+             selection ranked by (`record_scores`) when the caller asks for them (`pkv-export inspect`)
+one prefill  `shares_prefill`: a sweep prefills a sample once and hands every such method's cells the K/V and the
+             observation scores they rank by (methods.shared_prefill; the hooks: methods.budgeted)
 
 `pg` below is the prefill graph writer's view (exporter.onnx.prefill.PrefillGraph) and `lay` its transformer
 body (exporter.onnx.layers.Layers); `state` is the reference's CompressedKVState (engines.compressed_cache).
@@ -68,6 +73,12 @@ class KVPolicy:
     def cache_heads_are_query_heads(self) -> bool:
         return False
 
+    @property
+    def shares_prefill(self) -> bool:
+        """Whether one prefill serves this method along with others (methods.shared_prefill): it selects after the
+        full prefill from each layer's K/V and observation scores alone. FullKV, KVzip, PyramidInfer: no."""
+        return False
+
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -108,6 +119,12 @@ class KVPolicy:
         elsewhere)."""
         return None
 
+    def largest_selected(self, num_layers: int, max_input_len: int) -> list[int] | None:
+        """Per layer, the most prefix tokens its selection is asked to keep for any batch of prompts of
+        1..max_input_len tokens (what a static output width or cache capacity must hold); None when the method does
+        not select layer by layer with `batch_selected`'s budgets, or no such prompt is compressed."""
+        return None
+
     def regime(self, selected: list[int] | None) -> str:
         """`plan`'s one-word account of the budgets for one prompt length."""
         if not self.compresses:
@@ -115,6 +132,11 @@ class KVPolicy:
         if selected is None:
             return "no-compression (context too short)"
         return "uniform" if len(set(selected)) == 1 else "pyramid"
+
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        """(first, last): how many of a `prompt_len`-token prompt's first tokens (attention sinks) and last tokens
+        (the observation or recent window) the method keeps whatever their scores."""
+        return 0, min(self.window, prompt_len)
 
     # --- the PyTorch reference ------------------------------------------------------------------------------------
     def reference_layer(self, state: Any, layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -165,6 +187,20 @@ class KVPolicy:
         """The onnxruntime engine's per-step hook (`record(outputs, positions)`, `evict_if_due()`, `lengths`,
         `cache_positions()`, `copy(cache)`), or None."""
         return None
+
+
+def recording_scores(state: Any) -> bool:
+    """Whether the reference's caller asked for the selection's scores (state.scores is a dict: `inspect`). They
+    are extra work, so a method computes them only then; the selection itself never reads them."""
+    return getattr(state, "scores", None) is not None
+
+
+def record_scores(state: Any, layer: int, scores: torch.Tensor) -> None:
+    """The ranking that decided what layer `layer` keeps: [B, Hc, q] float32, right-aligned (position p is the
+    row's p-th real token); NaN where the method gives a token no score, -inf (or +inf) where the token was not a
+    candidate (kept or dropped whatever its score: sinks, window)."""
+    if recording_scores(state):
+        state.scores[layer] = scores.detach().float()
 
 
 def keep_all(state: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -17,7 +17,7 @@ from methods.options import option, positive, positive_odd
 from methods.pyramidkv import beta_option, schedule_option
 from methods.snapkv import POOLINGS
 from methods.streamingllm import TRTLLM_HOOK
-from trt_plugins.chunkkv_select import chunkkv_from_scores, chunkkv_select
+from trt_plugins.chunkkv_select import chunkkv_from_scores, chunkkv_select, chunkkv_select_scored
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN
 
 BUDGET_SCHEDULES = ("uniform", "pyramid")
@@ -59,6 +59,9 @@ class ChunkKVPolicy(BudgetedPolicy):
         """The layer whose chunk ranking `layer` uses: the first of its reuse group."""
         return layer - layer % self.reuse
 
+    def score_kind(self) -> tuple[str, int]:
+        return ("window", self.window)
+
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         source = self.scores_from(layer)
         if shared is not None and source != layer:
@@ -70,12 +73,28 @@ class ChunkKVPolicy(BudgetedPolicy):
             shared[("chunkkv", layer)] = scores
         return idx, k, v
 
-    def graph_layer(self, pg, layer, q, k4, v4):
+    def select_scored(self, scores, keys, values, lengths, selected, layer=0, shared=None):
+        source = self.scores_from(layer)
+        if shared is not None and source != layer:
+            return chunkkv_from_scores(shared[("chunkkv", source)], keys, values, lengths, selected, self.window,
+                                       self.chunk_size)
+        idx, k, v, chunks = chunkkv_select_scored(scores, keys, values, lengths, selected, self.window,
+                                                  self.chunk_size, self.kernel, self.pooling)
+        if shared is not None:
+            shared[("chunkkv", layer)] = chunks
+        return idx, k, v
+
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        """Each token scores its chunk's score (+inf: the window's chunks); every KV head shares them."""
+        chunks = shared[("chunkkv", self.scores_from(layer))]  # [B, C]
+        q = keys.shape[2]
+        return chunks.repeat_interleave(self.chunk_size, dim=1)[:, None, :q].expand(-1, keys.shape[1], -1)
+
+    def graph_layer_with(self, pg, layer, k4, v4, select):
         leader = self.scores_from(layer) == layer
         # A group leader also hands its chunk scores [B, C] to the group (zeros when nothing is compressed).
         extra = (lambda lay: [_no_chunk_scores(lay.g, k4, self.chunk_size)]) if leader else None
-        kept, kk, vv, *scores = pg.select_when_long(layer, k4, v4, lambda lay, selected: self.graph_select(
-            lay, layer, q, k4, v4, pg.lengths, selected, pg.shared), extra)
+        kept, kk, vv, *scores = pg.select_when_long(layer, k4, v4, select, extra)
         if scores:
             pg.shared[("chunkkv", layer)] = scores[0]
         return kept, kk, vv
@@ -83,18 +102,39 @@ class ChunkKVPolicy(BudgetedPolicy):
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         g, s = lay.g, lay.s
         source = self.scores_from(layer)
+        attrs = lay.target.select_attributes()
+        if attrs:  # the tensorrt target: the node becomes the ChunkKV kernel chain (trt_plugins.trt_chain)
+            attrs |= {"num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                      "max_selected": lay.cfg.max_selected(layer)}
         if source != layer:
             return g.op("ChunkKVGather", shared[("chunkkv", source)], k4, v4, lengths, selected, outputs=3,
-                        domain=CUSTOM_DOMAIN, window=self.window, chunk_size=self.chunk_size)
+                        domain=CUSTOM_DOMAIN, window=self.window, chunk_size=self.chunk_size, **attrs)
         q4 = g.reshape(queries, g.const([0, 0, s.num_heads, s.head_dim]))
+        if attrs:
+            attrs["num_heads"] = s.num_heads
         return g.op("ChunkKVSelect", q4, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
-                    window=self.window, chunk_size=self.chunk_size, kernel=self.kernel, pooling=self.pooling)
+                    window=self.window, chunk_size=self.chunk_size, kernel=self.kernel, pooling=self.pooling,
+                    **attrs)
+
+    def graph_select_scored(self, lay, layer, scores, k4, v4, lengths, selected, shared):
+        source = self.scores_from(layer)
+        if source != layer:
+            return self.graph_select(lay, layer, None, k4, v4, lengths, selected, shared)  # ChunkKVGather
+        return lay.g.op("ChunkKVPick", scores, k4, v4, lengths, selected, outputs=4, domain=CUSTOM_DOMAIN,
+                        window=self.window, chunk_size=self.chunk_size, kernel=self.kernel, pooling=self.pooling)
 
     def graph_functions(self, spec, target):
-        from trt_plugins.onnx_select import chunkkv_gather_function, chunkkv_select_function
+        return self._functions(spec, "select")
 
-        out = [chunkkv_select_function(self.window, self.chunk_size, spec.num_heads, spec.num_kv_heads,
-                                       spec.head_dim, self.kernel, self.pooling)]
+    def graph_functions_scored(self, spec, target):
+        return self._functions(spec, "pick")
+
+    def _functions(self, spec, first: str) -> list:
+        from trt_plugins.onnx_select import chunkkv_gather_function, chunkkv_pick_function, chunkkv_select_function
+
+        leader = chunkkv_select_function if first == "select" else chunkkv_pick_function
+        out = [leader(self.window, self.chunk_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.kernel,
+                      self.pooling)]
         if self.reuse > 1:
             out.append(chunkkv_gather_function(self.window, self.chunk_size, spec.num_kv_heads, spec.head_dim))
         return out

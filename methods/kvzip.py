@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from methods import backends
-from methods.base import KVPolicy
+from methods.base import KVPolicy, record_scores, recording_scores
 from methods.budgets import uniform_selected
 from methods.cache import LayerCache, right_aligned
 from methods.options import non_negative, option, positive
@@ -60,6 +62,9 @@ class KVzipPolicy(KVPolicy):
         """The mean per layer (C); the engine spreads the same total unevenly over layers and heads."""
         return uniform_selected(num_layers, self.kv_budget, 0, prompt_len)
 
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        return min(self.sinks, prompt_len), 0
+
     def regime(self, selected: list[int] | None) -> str:
         if selected is None:
             return super().regime(selected)
@@ -88,6 +93,9 @@ class KVzipPolicy(KVPolicy):
                               [state.layers[i].values for i in layers], lengths, self.kv_budget, self.sinks)
         for i, (idx, k, v) in enumerate(picked):
             state.layers[i] = LayerCache.from_selection(idx, k, v)
+        if recording_scores(state):  # the sinks are never scored (always kept)
+            for i in layers:
+                record_scores(state, i, rec["scores"][i].index_fill(2, torch.arange(min(self.sinks, q)), float("nan")))
         del state.shared["kvzip"]
         return True
 

@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from methods import backends
-from methods.base import KVPolicy
+from methods.base import KVPolicy, record_scores, recording_scores
 from methods.cache import LayerCache, left_aligned, right_aligned
 from methods.options import in_range, non_negative, option, positive, positive_number
 from trt_plugins.pyramidinfer_select import SCHEDULES as DECAY_SCHEDULES
@@ -70,6 +70,9 @@ class PyramidInferPolicy(KVPolicy):
         return [c + min(recent, prompt_len) for c in context_counts(
             prompt_len, num_layers, self.recent_ratio, self.decay, self.decay_schedule, self.min_context)]
 
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        return min(self.sinks, prompt_len), min(recent_length(prompt_len, self.recent_ratio) + 1, prompt_len)
+
     def layer_selected(self, num_layers: int, prompt_len: int) -> list[int] | None:
         counts = self.cached_counts(num_layers, prompt_len)
         return None if counts[-1] == prompt_len else counts
@@ -92,6 +95,13 @@ class PyramidInferPolicy(KVPolicy):
         state.shared[("pyramidinfer", layer)] = {"rows": by_slot * (slots >= 0)[:, None, :], "past": alive.sum(-1),
                                                  "recent": recent}
         scores = weighted_rows(rows, recent, self.distance_weight)
+        if recording_scores(state) and layer + 1 < state.num_layers:
+            # the ranking that decides what layer + 1 keeps of this layer's context: NaN for the tokens this layer
+            # did not see, -inf for the sinks and the recent window (kept whatever their scores)
+            pos = torch.arange(scores.shape[1])[None, :]
+            candidate = alive & (pos >= self.sinks) & (pos < (lengths - 1 - recent)[:, None])
+            ranked = torch.where(candidate, scores, torch.where(alive, float("-inf"), float("nan")))
+            record_scores(state, layer + 1, ranked[:, None].expand(-1, key.shape[1], -1))
         alive = next_alive(scores, alive, lengths, layer, state.num_layers, self.recent_ratio, self.decay,
                            self.decay_schedule, self.min_context, self.sinks)
         state.visible = left_aligned(alive, mask)

@@ -11,7 +11,13 @@ from methods import backends
 from methods.budgeted import BudgetedPolicy
 from methods.options import option, positive_odd
 from trt_plugins.onnx_graph import CUSTOM_DOMAIN
-from trt_plugins.pyramidkv_select import GRANULARITIES, pyramidkv_select
+from trt_plugins.pyramidkv_select import (
+    GRANULARITIES,
+    pyramidkv_select,
+    ranking_scores,
+    select_from_scores,
+    selection_scores,
+)
 
 POOLINGS = ("max", "avg")
 
@@ -40,9 +46,24 @@ class SnapKVPolicy(BudgetedPolicy):
     def pooling_op(self) -> str:
         return self.pooling
 
+    def score_kind(self) -> tuple[str, int]:
+        return (self.observe, self.window if self.observe == "window" else 0)
+
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return pyramidkv_select(queries, keys, values, lengths, selected, self.window, self.kernel,
                                 self.pooling_op(), self.granularity, self.observe)
+
+    def select_scored(self, scores, keys, values, lengths, selected, layer=0, shared=None):
+        return select_from_scores(scores, keys, values, lengths, selected, self.window, self.kernel,
+                                  self.pooling_op(), self.granularity)
+
+    def selection_scores(self, queries, keys, lengths, layer, shared):
+        return selection_scores(queries, keys, lengths, self.window, self.kernel, self.pooling_op(), self.granularity,
+                                self.observe)
+
+    def selection_scores_from(self, scores, keys, lengths, layer, shared):
+        return ranking_scores(scores, keys.shape[1], lengths, self.window, self.kernel, self.pooling_op(),
+                              self.granularity)
 
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         s, attrs = lay.s, lay.target.select_attributes()
@@ -53,6 +74,17 @@ class SnapKVPolicy(BudgetedPolicy):
         return lay.g.op("PyramidKVSelect", q4, k4, v4, lengths, selected, outputs=4 if attrs else 3,
                         domain=CUSTOM_DOMAIN, window=self.window, kernel=self.kernel, pooling=self.pooling_op(),
                         granularity=self.granularity, observe=self.observe, **attrs)[:3]
+
+    def graph_select_scored(self, lay, layer, scores, k4, v4, lengths, selected, shared):
+        return lay.g.op("PyramidKVPick", scores, k4, v4, lengths, selected, outputs=3, domain=CUSTOM_DOMAIN,
+                        window=self.window, kernel=self.kernel, pooling=self.pooling_op(),
+                        granularity=self.granularity)
+
+    def graph_functions_scored(self, spec, target):
+        from trt_plugins.onnx_select import pyramidkv_pick_function
+
+        return [pyramidkv_pick_function(self.window, self.kernel, self.pooling_op(), self.granularity,
+                                        spec.num_heads, spec.num_kv_heads, spec.head_dim)]
 
     def graph_functions(self, spec, target):
         from trt_plugins.onnx_select import pyramidkv_select_function

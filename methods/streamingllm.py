@@ -31,8 +31,17 @@ class StreamingLLMPolicy(BudgetedPolicy):
         if self.sinks > self.kv_budget - self.window:
             raise UserInputError(f"--sinks must be in [0, kv_budget - window] (got {self.sinks})")
 
+    def always_kept(self, prompt_len: int) -> tuple[int, int]:
+        return min(self.sinks, prompt_len), min(self.window, prompt_len)
+
     def select(self, queries, keys, values, lengths, selected, layer=0, shared=None):
         return streaming_select(keys, values, lengths, selected, self.window, self.sinks)
+
+    def select_scored(self, scores, keys, values, lengths, selected, layer=0, shared=None):
+        return streaming_select(keys, values, lengths, selected, self.window, self.sinks)  # positions: no scores
+
+    def graph_select_scored(self, lay, layer, scores, k4, v4, lengths, selected, shared):
+        return self.graph_select(lay, layer, None, k4, v4, lengths, selected, shared)
 
     def graph_select(self, lay, layer, queries, k4, v4, lengths, selected, shared):
         attrs = lay.target.select_attributes()

@@ -16,10 +16,12 @@ from pkv_cli.common import (
     model_option,
     parse_size,
     policy_from_options,
+    policy_option_names,
     policy_options,
     printable,
     progress_bar,
     read_prompts,
+    refuse_with_engine,
     weight_options,
     weights_from_options,
 )
@@ -71,6 +73,10 @@ def plan(model: str, context: int, batch: int, dtype: str, weight_format: str, b
     memory_bytes = None if memory is None else parse_size(memory, "--memory")
     spec = load_model(model, need_weights=False).spec
     result = make_plan(spec, policy, context, batch, dtype, weights, memory_bytes)
+    if result["beyond_positions"]:  # arithmetic still answers; the model would not
+        click.echo(f"warning: --context {context} exceeds {spec.name}'s {spec.max_position_embeddings} positions "
+                   "(max_position_embeddings): the model cannot attend that far, so these numbers describe no run it "
+                   "can do", err=True)
     if as_json:
         emit_json(result)
         return
@@ -127,6 +133,7 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
     from engines.reference import ReferenceEngine
     from engines.registry import open_engine
 
+    check_engine_options(click.get_current_context(), engine_dir, device)
     policy = policy_from_options(kwargs)
     if (context_file is None) != (not questions):
         raise UserInputError("--context FILE and --question TEXT go together")
@@ -175,6 +182,17 @@ def generate(model: str, engine_dir: str | None, device: str, prompts: tuple[str
                    "machinery (use --model DIR for a real checkpoint)", err=True)
 
 
+def check_engine_options(ctx: click.Context, engine_dir: str | None, device: str) -> None:
+    """generate's options that belong to one of its two modes: the model, dtype and KV method of a built engine
+    were fixed when it was built (they are not silently replaced by the reference's defaults or ignored), and the
+    PyTorch reference runs on the CPU (--device picks onnxruntime's provider for --engine)."""
+    if engine_dir is not None:
+        refuse_with_engine(ctx, ["model", "dtype", "random_weights", *policy_option_names()])
+    elif device == "cuda":
+        raise UserInputError("--device cuda applies to --engine (onnxruntime's CUDA provider); without --engine, "
+                             "generate runs the PyTorch reference, which runs on the CPU here")
+
+
 def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_json: bool, source: str,
                       policy, chat: bool) -> None:
     from engines.base import question_ids
@@ -204,11 +222,12 @@ def _answer_questions(engine, context: str, questions, max_new_tokens: int, as_j
 
 def _register_engine_commands() -> None:
     from pkv_cli.engine import build, compare
+    from pkv_cli.inspection import inspect
     from pkv_cli.sweep import sweep
     from pkv_cli.triton import client, serve, triton
     from pkv_cli.validate import validate
 
-    for command in (build, compare, validate, sweep, triton, serve, client):
+    for command in (build, compare, inspect, validate, sweep, triton, serve, client):
         main.add_command(command)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from exporter.plan import human_bytes
 from exporter.specs import DEFAULT_MODEL
 from methods import POLICIES, KVPolicy, make_policy
 from methods.options import cli_options, flag
@@ -137,13 +138,38 @@ def policy_from_options(kwargs: dict[str, Any]) -> KVPolicy:
     return make_policy(kwargs.pop("policy"), **given)
 
 
+def given_options(ctx: click.Context, names: list[str]) -> list[str]:
+    """The flags of the options among `names` (parameter names) given on the command line (not defaults, and not
+    the environment: $PKV_EXPORT_MODEL set in a shell is no request aimed at this command)."""
+    from click.core import ParameterSource
+
+    return [param.opts[0] for param in ctx.command.get_params(ctx)
+            if param.name in names and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+
+
+def policy_option_names() -> list[str]:
+    """--policy and every registered method's options, as parameter names."""
+    return ["policy", *(o.name for o in cli_options(POLICIES))]
+
+
+def refuse_with_engine(ctx: click.Context, names: list[str]) -> None:
+    """With --engine, the options among `names` the user set are refused: the engine's model, dtype and KV method
+    were fixed when it was built, and are never silently replaced by its own (nor checked against defaults)."""
+    fixed = given_options(ctx, names)
+    if fixed:
+        raise UserInputError(f"{', '.join(fixed)} cannot be given with --engine: the engine's model, dtype and KV "
+                             "method were fixed when it was built (see its pkv-engine.json); rebuild it to change "
+                             "them, or run the reference with --model")
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
 def progress_bar(description: str, total: int, lines: bool = False):
     """A rich progress bar on stderr. When stderr is not a terminal the bar is silent, unless `lines`: then a
-    plain progress line goes to stderr at most every 10 s and at the end (long runs under nohup, CI, a pipe)."""
+    plain progress line goes to stderr at most every 10 s and at the end (long runs under nohup, CI, a pipe).
+    The returned update(done, total, nbytes=None) takes the bytes written so far, shown in those lines."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -155,12 +181,13 @@ def progress_bar(description: str, total: int, lines: bool = False):
     last = [0.0]
     started = time.monotonic()
 
-    def update(done: int, total_: int) -> None:
+    def update(done: int, total_: int, nbytes: int | None = None) -> None:
         progress.update(task, completed=done, total=total_)
         now = time.monotonic()
         if plain and (done >= total_ or now - last[0] >= 10.0):
             last[0] = now
-            print(f"{description}: {done}/{total_} ({now - started:.0f} s)", file=sys.stderr, flush=True)
+            written = "" if nbytes is None else f", {human_bytes(nbytes)} written"
+            print(f"{description}: {done}/{total_}{written} ({now - started:.0f} s)", file=sys.stderr, flush=True)
 
     return progress, update
 
@@ -178,6 +205,20 @@ def check_run_counts(limit: int | None, max_new_tokens: int | None) -> None:
         raise UserInputError("--limit must be at least 1")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
+
+
+def check_positions(samples, max_positions: int) -> None:
+    """Every validation sample's prompt (a multi-query context with its longest question) and the tokens it may
+    generate fit the model's positions: checked before a run writes anything, not when the sample comes up."""
+    def need(s) -> int:
+        longest_question = max((len(q) for q in s.meta.get("questions", [])), default=0)
+        return len(s.ids) + longest_question + s.max_new_tokens - 1
+
+    worst = max(samples, key=need, default=None)
+    if worst is not None and need(worst) > max_positions:
+        raise UserInputError(f"sample {worst.id}: its prompt and {worst.max_new_tokens} new tokens need "
+                             f"{need(worst)} positions, the model has {max_positions}; lower --max-new-tokens "
+                             "(or the context lengths)")
 
 
 def check_text(text: str, where: str) -> str:

@@ -80,8 +80,9 @@ BUILDERS = {"onnx": _build_onnx, "tensorrt": _build_tensorrt, "trtllm": _build_t
 @model_option
 @policy_options
 @click.option("--backend", type=click.Choice(list(BUILDERS)), default="onnx", show_default=True,
-              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the PyramidKVSelect "
-                   "plugin (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint (written anywhere).")
+              help="Engine format: ONNX graphs for onnxruntime (CPU or CUDA); TensorRT plans with the selection "
+                   "run by pkv kernel plugins (a GPU host with TensorRT 10.x); a TensorRT-LLM 1.2 checkpoint "
+                   "(written anywhere).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Graphs for onnxruntime (fused GroupQueryAttention, in-place caches) or for TensorRT's parser "
                    "(standard ops: Attention, TensorScatter; plugin-ready selection nodes). Both run on onnxruntime.")
@@ -119,7 +120,9 @@ def build(model: str, backend: str, target: str, dtype: str, max_input_len: int 
     # Checked again before the rename; checking first avoids loading weights for an output that is refused.
     check_output(out, "engine", force, [model] if Path(model).exists() else [])
     loaded = load_model(model, random_weights=random_weights, num_layers=num_layers, seed=seed)
-    bar, update = progress_bar("writing weights", 1)
+    loaded.tokenizer()  # its files and vocabulary checked before anything is written (a broken one: one line)
+    # progress lines on stderr even when it is not a terminal: a large engine's build is minutes of writing
+    bar, update = progress_bar("writing weights (embedding, layers, head)", 1, lines=True)
     with bar:
         options = {"dtype": dtype, "max_input_len": max_input_len, "force": force, "progress": update,
                    "weights": weights, "target": target, "max_batch": max_batch, "max_new_tokens": max_new_tokens,
@@ -149,6 +152,22 @@ def quantization_drift(got, unquantized, engine_name: str) -> dict:
             "index_agreement": result.index_agreement}
 
 
+def comparison_lines(result, drift: dict | None) -> list[str]:
+    """compare's text output: the comparison (PASS / FAIL) and, for quantized weights, the drift from the
+    unquantized model; agreements with 4 decimals, logit differences with 3 significant digits."""
+    def agreement(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"tokens_equal={result.tokens_equal} first_divergence={result.first_divergence} "
+             f"max_abs_logit_diff={result.max_abs_logit_diff:.3g} index_agreement={agreement(result.index_agreement)} "
+             f"-> {'PASS' if result.passed else 'FAIL'}"]
+    if drift:
+        lines.append(f"against the unquantized model (not a pass/fail): token_agreement="
+                     f"{drift['token_agreement']:.4f} max_abs_logit_diff={drift['max_abs_logit_diff']:.3g} "
+                     f"index_agreement={agreement(drift['index_agreement'])}")
+    return lines
+
+
 @click.command()
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path), required=True, help="Engine directory.")
 @click.option("--model", default=None, help="Checkpoint for the reference [the one recorded in the engine].")
@@ -170,6 +189,10 @@ def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], promp
     from engines.reference import ReferenceEngine, reference_for_manifest
     from engines.registry import open_engine
 
+    if not 0 <= atol < float("inf"):  # a negative (or NaN) tolerance fails every comparison: a usage error
+        raise UserInputError(f"--atol must be a finite number >= 0 (got {atol})")
+    if not 0 <= min_index_agreement <= 1:
+        raise UserInputError(f"--min-index-agreement must be in [0, 1] (got {min_index_agreement})")
     engine = open_engine(engine_dir)
     if bool(prompts) == (prompt_len is not None):
         raise UserInputError("give either --prompt TEXT (repeatable) or --prompt-len N")
@@ -203,13 +226,7 @@ def compare(engine_dir: Path, model: str | None, prompts: tuple[str, ...], promp
                    "prompt_lengths": got.prompt_lengths, **result.to_json(),
                    **({"vs_unquantized": drift} if drift else {})})
     else:
-        agreement = "n/a" if result.index_agreement is None else f"{result.index_agreement:.4f}"
-        click.echo(f"tokens_equal={result.tokens_equal} first_divergence={result.first_divergence} "
-                   f"max_abs_logit_diff={result.max_abs_logit_diff:.3g} index_agreement={agreement} "
-                   f"-> {'PASS' if result.passed else 'FAIL'}")
-        if drift:
-            click.echo(f"against the unquantized model (not a pass/fail): token_agreement="
-                       f"{drift['token_agreement']:.4f} max_abs_logit_diff={drift['max_abs_logit_diff']:.3g} "
-                       f"index_agreement={drift['index_agreement']}")
+        for line in comparison_lines(result, drift):
+            click.echo(line)
     if not result.passed:
         raise JobError("engine and reference disagree beyond tolerance")

@@ -1,4 +1,4 @@
-"""`pkv-export validate`: NIAH / LongBench runs of an engine against the PyTorch reference."""
+"""`pkv-export validate`: NIAH / LongBench / RULER runs of an engine against the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import click
 from exporter.outputs import OUTPUT_KINDS, atomic_write_text, check_output, staging_dir
 from pkv_cli.common import (
     PolicyCommand,
+    check_positions,
     check_run_counts,
     check_text,
     emit_json,
     policy_from_options,
+    policy_option_names,
     policy_options,
     progress_bar,
+    refuse_with_engine,
 )
 from pkv_core.errors import JobError, UserInputError
 
@@ -61,12 +64,13 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None, help="Engine directory.")
 @click.option("--model", default=None, help="Validate the PyTorch reference of this model with the policy options.")
 @policy_options
-@click.option("--suite", type=click.Choice(["niah", "longbench"]), default=None, help="Benchmark to run.")
+@click.option("--suite", type=click.Choice(["niah", "longbench", "ruler"]), default=None, help="Benchmark to run.")
 @click.option("--reference", type=click.Choice(["torch", "none"]), default="torch", show_default=True,
               help="Also run the PyTorch reference on every sample and compare.")
 @click.option("--reference-policy", default=None,
               help="Policy of the reference [the engine's own]; e.g. 'full' to measure the accuracy cost.")
-@click.option("--limit", type=int, default=None, help="At most N samples (per dataset for LongBench).")
+@click.option("--limit", type=int, default=None,
+              help="At most N samples (per dataset for LongBench; RULER: N per task and length, default 10).")
 @click.option("--shard", default=None, help="I/N: run the I-th of N interleaved shards (0-based).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished samples.")
 @click.option("--force", is_flag=True, help="Discard an existing run in --out and start over.")
@@ -75,15 +79,21 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @click.option("--merge", "merge_dirs", type=click.Path(path_type=Path), multiple=True,
               help="Combine finished shard run directories into one report in --out (repeatable).")
-@click.option("--lengths", default=None, help="NIAH context lengths, e.g. 1000,2000 [sized for the engine].")
+@click.option("--lengths", default=None,
+              help="NIAH / RULER context lengths, e.g. 1000,2000 [sized for the engine]; a RULER length holds the "
+                   "prompt and the answer.")
 @click.option("--depths", default=None, help="NIAH needle depths in percent [0,25,50,75,100].")
 @click.option("--haystack", type=click.Path(path_type=Path), default=None,
-              help="NIAH: directory of .txt files [offline generated text].")
+              help="NIAH / RULER: directory of .txt files [offline generated text].")
 @click.option("--needle", default=None, help="NIAH needle sentence (with --question and --answer).")
 @click.option("--question", default=None, help="NIAH question about the needle (with --needle).")
 @click.option("--answer", default=None, help="NIAH expected answer, scored by word recall (with --needle).")
 @click.option("--max-new-tokens", type=int, default=None,
-              help="NIAH answer length [the answer's tokens + 16, at least 32].")
+              help="NIAH answer length [the answer's tokens + 16, at least 32]; RULER: every task's [each task's "
+                   "own: 128 NIAH, 30 vt, 120 cwe, 50 fwe].")
+@click.option("--tasks", default=None,
+              help="RULER tasks, comma-separated [niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe].")
+@click.option("--seed", type=int, default=None, help="RULER: seed of the generated samples [42, RULER's].")
 @click.option("--multi-query", is_flag=True,
               help="Ask each question twice: re-compressed with the question, and from its context compressed once. "
                    "NIAH: one context per length with a needle at every depth; LongBench: samples sharing a context "
@@ -95,20 +105,27 @@ def _engines(engine_dir: Path | None, model: str | None, policy, reference: str,
               help="LongBench dataset2prompt.json / dataset2maxlen.json [the shipped official ones].")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Use the model's chat template.")
 @click.option("--skip-bad", is_flag=True, help="Count and skip malformed data lines instead of stopping.")
+@click.option("--inspect-failures", is_flag=True,
+              help="NIAH: for every sample scoring below the reference (below 1 without one), an inspect page with the "
+                   "needle marked in OUT/inspect/<sample>/, linked from report.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def validate(engine_dir, model, suite, reference, reference_policy, limit, shard, resume, force, min_agreement, out,
-             merge_dirs, lengths, depths, haystack, needle, question, answer, max_new_tokens, multi_query, data, hub,
-             datasets, config_dir, chat, skip_bad, as_json, **kwargs) -> None:
-    """Validate an engine on Needle-in-a-Haystack or LongBench against the PyTorch reference.
+             merge_dirs, lengths, depths, haystack, needle, question, answer, max_new_tokens, tasks, seed, multi_query,
+             data, hub, datasets, config_dir, chat, skip_bad, inspect_failures, as_json, **kwargs) -> None:
+    """Validate an engine on Needle-in-a-Haystack, LongBench or RULER against the PyTorch reference.
 
     Every finished sample is appended to OUT/samples.jsonl; OUT/summary.json, OUT/report.md (and for NIAH
-    OUT/niah_heatmap.png) summarise per dataset / cell: engine score, reference score, delta, agreement.
+    OUT/niah_heatmap.png) summarise per dataset / cell / RULER task and length: engine score, reference score,
+    delta, agreement. With --inspect-failures, OUT/inspect/<sample>/index.html shows what the cache kept of each
+    missed needle.
     """
     from validate.niah import parse_grid_list
     from validate.report import markdown
-    from validate.suites import LongBenchSuite, NiahSuite, parse_shard
+    from validate.suites import LongBenchSuite, NiahSuite, RulerSuite, check_suite_options, parse_shard
     from validate.suites import shard as take_shard
 
+    if engine_dir is not None:  # the engine's method was fixed when it was built: its options are not ignored
+        refuse_with_engine(click.get_current_context(), policy_option_names())
     policy = policy_from_options(kwargs)
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise UserInputError("--min-agreement must be in [0, 1]")
@@ -122,13 +139,24 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
         _finish(summary, as_json, min_agreement, markdown)
         return
     if suite is None:
-        raise UserInputError("--suite niah|longbench is required (or --merge DIR...)")
+        raise UserInputError("--suite niah|longbench|ruler is required (or --merge DIR...)")
+    if inspect_failures:
+        from validate.failures import check_suite
+
+        check_suite(suite, multi_query)
     check_run_counts(limit, max_new_tokens)
     index, count = parse_shard(shard)
     # Every input is checked (and the engine opened and verified) before anything under --out is touched.
-    inputs = [engine_dir, data, haystack, config_dir]
+    inputs = [engine_dir, data, haystack, config_dir, model if model and Path(model).exists() else None]
     _check_run_output(out, force, resume, inputs)
-    if suite == "niah":
+    check_suite_options(suite, tasks=tasks, seed=seed, depths=depths, needle=needle, question=question,
+                        answer=answer, multi_query=multi_query)
+    if suite == "ruler":
+        from validate.ruler import parse_tasks
+
+        spec = RulerSuite(parse_grid_list(lengths, int) if lengths else None, parse_tasks(tasks), haystack,
+                          max_new_tokens, chat, 42 if seed is None else seed)
+    elif suite == "niah":
         spec = NiahSuite(parse_grid_list(lengths, int) if lengths else None,
                          parse_grid_list(depths, float) if depths else None, haystack, needle, question, answer,
                          max_new_tokens, chat, multi_query=multi_query)
@@ -143,18 +171,21 @@ def validate(engine_dir, model, suite, reference, reference_policy, limit, shard
     samples = take_shard(samples, index, count)
     if not samples:
         raise UserInputError(f"shard {index}/{count} holds no samples (there are fewer samples than shards)")
+    check_positions(samples, engine.spec.max_position_embeddings)  # before anything under --out is written
     run = {**description, "shard": f"{index}/{count}", "skipped_bad": bad,
            "config": {"suite": suite, "limit": limit, "lengths": lengths, "depths": depths, "datasets": datasets,
                       "chat": chat, "max_new_tokens": max_new_tokens, "multi_query": multi_query,
                       "reference": reference, "reference_policy": reference_policy}}
+    if suite == "ruler":  # (only here: the runs of other suites keep the identity they had)
+        run["config"].update(tasks=spec.tasks, seed=spec.seed)
     for line in bad:
         click.echo(f"skipped bad data: {line}", err=True)
     if force and out.exists():
         # The old run stays until the new one is complete; an interrupted forced run leaves the old one intact.
         with staging_dir(out, "validation-run", force, inputs) as tmp:
-            summary = _run(tmp, samples, spec, engine, ref, run, suite, index, count, resume=False)
+            summary = _run(tmp, samples, spec, engine, ref, run, suite, index, count, False, inspect_failures)
     else:
-        summary = _run(out, samples, spec, engine, ref, run, suite, index, count, resume)
+        summary = _run(out, samples, spec, engine, ref, run, suite, index, count, resume, inspect_failures)
     _finish(summary, as_json, min_agreement, markdown)
 
 
@@ -176,10 +207,14 @@ def _check_run_output(out: Path, force: bool, resume: bool, inputs) -> None:
     check_output(out, "validation-run", force, inputs)
 
 
-def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: int, count: int, resume: bool) -> dict:
+def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: int, count: int, resume: bool,
+         inspect_failures: bool = False) -> dict:
+    from validate.failures import FailurePages
+    from validate.inspection import engine_model
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records, record_ids, run_samples
 
+    pages = FailurePages(out, engine, engine_model(engine), run["engine"]) if inspect_failures else None
     out.mkdir(parents=True, exist_ok=True)
     samples_file, run_file = out / SAMPLES_FILE, out / "run.json"
     identity = {k: run[k] for k in IDENTITY}
@@ -195,8 +230,11 @@ def _run(out: Path, samples, spec, engine, ref, run: dict, suite: str, index: in
     with bar:
         update(finished, len(samples))
         run_samples(samples, spec, engine, ref, samples_file, done,
-                    progress=lambda k, n: update(finished + k, len(samples)))
+                    progress=lambda k, n: update(finished + k, len(samples)), on_result=pages,
+                    generate_options=pages.generate_options if pages else None)
     records = [r for r in read_records(samples_file) if r["id"] in wanted]
+    if pages is not None:  # a resumed run: pages for the failures of its earlier part
+        pages.fill_missing(samples, records)
     return write_report(out, records, suite, run)
 
 
@@ -211,6 +249,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
+    import shutil
+
+    from validate.failures import INSPECT_DIR
     from validate.report import write_report
     from validate.runner import SAMPLES_FILE, read_records
 
@@ -233,6 +274,9 @@ def _merge(dirs: tuple[Path, ...], out: Path, force: bool) -> dict:
     run = {**{k: v for k, v in first.items() if k not in ("shard", "skipped_bad")}, "shard": "merged",
            "merged_from": [str(d) for d in dirs], "skipped_bad": skipped}
     with staging_dir(out, "validation-run", force, dirs) as tmp:
+        for d in dirs:  # the shards' inspect pages (validate --inspect-failures), so the merged report links them
+            if (d / INSPECT_DIR).is_dir():
+                shutil.copytree(d / INSPECT_DIR, tmp / INSPECT_DIR, dirs_exist_ok=True)
         with (tmp / SAMPLES_FILE).open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

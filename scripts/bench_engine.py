@@ -51,8 +51,10 @@ def prefill_seconds(engines: dict, prompts, repeats: int) -> dict:
 
 def decode(engine, prompts, new_tokens: int) -> dict:
     engine.eos_ids = set()  # never stop early: time exactly new_tokens steps
-    t = engine.generate(prompts, new_tokens).timings
-    return {**t, "decode_ms_per_token": 1000 * t["decode"] / (new_tokens - 1)}
+    result = engine.generate(prompts, new_tokens)
+    t = result.timings
+    return {**t, "decode_ms_per_token": 1000 * t["decode"] / (new_tokens - 1),
+            "kv_bytes_after_prefill": result.kv_bytes_after_prefill, "kv_bytes_ideal": result.kv_bytes_ideal}
 
 
 def main() -> None:

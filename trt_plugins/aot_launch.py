@@ -1,11 +1,13 @@
-"""Launch an AOT payload of the selection kernel the way TensorRT does, without TensorRT (GPU hosts only).
+"""Launch the AOT payloads of a selection chain the way TensorRT does, without TensorRT (GPU hosts only).
 
 TensorRT loads a plugin's PTX through the CUDA driver (its JIT compiles it for the GPU at hand) and launches the
 one kernel with the launch parameters the `aot_impl` returned and the arguments (input pointers, the int32
-extra arguments, output pointers), nothing else. `launch_payload` does exactly that with the CUDA driver API
-(`cuda-python`'s `cuda.bindings.driver`, or CuPy's module loader), on torch CUDA tensors. It proves on any CUDA
-machine what the plugin's AOT path depends on: that the driver accepts the PTX (`.version` / `.target`), and that
-the parameter list and launch geometry compute the op (compared with `trt_plugins.pyramidkv_select` by callers).
+extra arguments, output pointers), nothing else. `launch_stage` does exactly that for one stage with the CUDA
+driver API (`cuda-python`'s `cuda.bindings.driver`, or CuPy's module loader) on torch CUDA tensors;
+`run_chain_payloads` runs every stage of a chain in order, as the plugin nodes of a plan do. It proves on any
+CUDA machine what the plugins' AOT path depends on: that the driver accepts the PTX (`.version` / `.target`),
+and that the parameter lists, launch geometry and the chain's wiring compute the op (compared with the
+specifications by callers).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import ctypes
 
 import torch
 
-from trt_plugins.trt_aot import AotKernel, scalar_args
+from trt_plugins import select_stages as st
+from trt_plugins.triton_select import allocate
+from trt_plugins.trt_aot import AotKernel, compile_stages
 
 
 class PayloadLoadError(RuntimeError):
@@ -27,6 +31,7 @@ def _bindings_loader():
         from cuda.bindings import driver as cu
     except ImportError:
         return None
+
     def check(result):
         err, *rest = result
         if err != cu.CUresult.CUDA_SUCCESS:
@@ -83,21 +88,15 @@ def loaders() -> list[tuple[str, object]]:
     return [(name, load) for name, load in found if load is not None]
 
 
-def launch_payload(kernel: AotKernel, queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-                   lengths: torch.Tensor, selected: torch.Tensor, width: int, cache_heads: int, num_heads: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the payload as TensorRT would. queries [B, q, H, d] (None for StreamingLLM's kernel), keys / values
-    [B, Hkv, q, d], lengths / selected [B] int64, all contiguous CUDA tensors. Returns the four plugin outputs:
-    kept_indices [B, Hc, W] int64, keys_out / values_out [B, Hc, W, d], scores [B, Hc, 2, q] float32, poisoned
-    before the launch so an unwritten element shows."""
-    b, hkv, q, d = keys.shape
-    device = keys.device
-    outputs = (torch.full((b, cache_heads, width), -7, dtype=torch.int64, device=device),
-               torch.full((b, cache_heads, width, d), float("nan"), dtype=keys.dtype, device=device),
-               torch.full((b, cache_heads, width, d), float("nan"), dtype=values.dtype, device=device),
-               torch.full((b, cache_heads, 2, q), float("nan"), dtype=torch.float32, device=device))
-    inputs = [t for t in (queries, keys, values, lengths, selected) if t is not None]
-    ints = scalar_args(b, q, width, num_heads, hkv, cache_heads, d)
+def launch_stage(kernel: AotKernel, stage: st.Stage, tensors: dict, constants: dict) -> dict:
+    """Run one stage's payload as TensorRT would: `tensors` its inputs by name (contiguous CUDA tensors). Returns
+    its outputs by name, allocated by the plugin's shape rule and poisoned first, so an unwritten element shows."""
+    inputs = {n: tensors[n].contiguous() for n in stage.inputs}
+    outputs = allocate(stage, inputs, constants, poison=True)
+    shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+    ints = [int(v) for v in st.scalar_values(stage, shapes, outputs[stage.outputs[0]].shape[-1])]
+    grid = stage.grid(inputs[stage.inputs[0]].shape[0], constants)
+    device = inputs[stage.inputs[0]].device
     stream = torch.cuda.current_stream(device)
     available = loaders()
     if not available:
@@ -106,8 +105,9 @@ def launch_payload(kernel: AotKernel, queries: torch.Tensor | None, keys: torch.
     for name, load in available:
         try:
             launch = load(kernel.ptx, kernel.name)
-            launch(b * cache_heads, kernel.num_warps * 32, kernel.shared, stream.cuda_stream,
-                   [t.data_ptr() for t in inputs], [int(i) for i in ints], [t.data_ptr() for t in outputs])
+            launch(grid, kernel.num_warps * 32, kernel.shared, stream.cuda_stream,
+                   [inputs[n].data_ptr() for n in stage.inputs], ints,
+                   [outputs[n].data_ptr() for n in stage.outputs])
         except PayloadLoadError:
             raise  # the driver itself refused the PTX: another binding would get the same answer
         except Exception as e:  # noqa: BLE001 - a binding's API mismatch: try the next one
@@ -116,3 +116,14 @@ def launch_payload(kernel: AotKernel, queries: torch.Tensor | None, keys: torch.
         stream.synchronize()
         return outputs
     raise RuntimeError("no driver binding could launch the payload: " + "; ".join(errors))
+
+
+def run_chain_payloads(chain: tuple[st.Step, ...], tensors: dict, constants: dict, dtype: str) -> dict:
+    """Every stage of a chain compiled (`trt_aot`, ISA 8.0 for sm_80) and launched in order through the driver;
+    returns all tensors by name, as `triton_select.run_chain` does for the Triton-lang launches."""
+    kernels = compile_stages([(step.stage.name, dtype, constants | step.constants) for step in chain])
+    env = dict(tensors)
+    for step, kernel in zip(chain, kernels, strict=True):
+        ins = {p: env[step.source(p)] for p in step.stage.inputs}
+        env.update(launch_stage(kernel, step.stage, ins, constants | step.constants))
+    return env

@@ -29,8 +29,7 @@ import torch
 
 from trt_plugins.pyramidkv_select import (
     gather_kept,
-    observation_positions,
-    observation_scores,
+    observation_scores_for,
     pool_scores,
     prefix_lengths,
     row_budgets,
@@ -52,9 +51,17 @@ def chunk_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tenso
                  chunk_size: int, kernel: int = 1, pooling: str = "avg") -> torch.Tensor:
     """queries [B, q, H, d], keys [B, Hkv, q, d], lengths [B] -> [B, C] float32, C = ceil(q / chunk_size):
     +inf for the chunks holding the window, -inf for chunks at or after a row's end."""
-    b, hkv, q = keys.shape[0], keys.shape[1], keys.shape[2]
+    scores = observation_scores_for(queries, keys, lengths, window, "window")
+    return chunk_scores_from(scores, keys.shape[1], lengths, window, chunk_size, kernel, pooling)
+
+
+def chunk_scores_from(scores: torch.Tensor, num_kv_heads: int, lengths: torch.Tensor, window: int, chunk_size: int,
+                      kernel: int = 1, pooling: str = "avg") -> torch.Tensor:
+    """`chunk_scores` after the attention: the window's observation scores [B, H, q] float32
+    (`observation_scores_for`, what one prefill hands every selection that reads them) -> [B, C] as `chunk_scores`."""
+    b, _, q = scores.shape
+    hkv = num_kv_heads
     lengths = lengths.to(torch.long).reshape(b)
-    scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, "window"))
     scores = scores.view(b, hkv, -1, q).mean(dim=2)  # [B, Hkv, q]: the query group's mean
     in_prefix = (torch.arange(q)[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
     tokens = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
@@ -95,3 +102,12 @@ def chunkkv_select(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """Score chunks, keep the best: (indices, K, V as `chunkkv_from_scores`, the chunk scores [B, C])."""
     scores = chunk_scores(queries, keys, lengths, window, chunk_size, kernel, pooling)
     return (*chunkkv_from_scores(scores, keys, values, lengths, selected, window, chunk_size), scores)
+
+
+def chunkkv_select_scored(scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                          selected: int | torch.Tensor, window: int, chunk_size: int = 10, kernel: int = 1,
+                          pooling: str = "avg") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunkkv_select` from the window's observation scores [B, H, q] (`observation_scores_for`) instead of the
+    queries: the same (indices, K, V, chunk scores [B, C])."""
+    chunks = chunk_scores_from(scores, keys.shape[1], lengths, window, chunk_size, kernel, pooling)
+    return (*chunkkv_from_scores(chunks, keys, values, lengths, selected, window, chunk_size), chunks)

@@ -32,6 +32,8 @@ from trt_plugins.onnx_patterns import (
 
 SELECT_INPUTS = ["queries", "keys", "values", "lengths", "selected"]
 SELECT_OUTPUTS = ["kept_indices", "keys_out", "values_out"]
+PICK_INPUTS = ["scores", "keys", "values", "lengths", "selected"]  # a selection from a shared prefill's scores
+PICK_ATTRIBUTES = ["window", "kernel", "pooling", "granularity"]
 STREAMING_INPUTS = ["keys", "values", "lengths", "selected"]
 # Attributes a node may carry (the body is specialised to them; the plugin reads the shape ones and max_selected).
 PYRAMIDKV_ATTRIBUTES = ["window", "kernel", "pooling", "granularity", "observe", "num_heads", "num_kv_heads",
@@ -111,24 +113,29 @@ def _pool(g: GraphBuilder, scores: str, q: str, kernel: int, pooling: str) -> st
     return g.reshape(pooled, g.op("Shape", scores))
 
 
-def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
-                              num_kv_heads: int, head_dim: int, observe: str = "window",
-                              with_scores: bool = False) -> onnx.FunctionProto:
-    g = GraphBuilder("pkvsel_")
-    group = num_heads // num_kv_heads
-    queries, keys, values, lengths, selected = SELECT_INPUTS
+def _observation(g: GraphBuilder, queries: str, keys: str, lengths: str, window: int, observe: str,
+                 heads: tuple[int, int, int]) -> tuple[str, str, str]:
+    """The scoring half of the selection: queries [B, q, H, d], keys [B, Hkv, q, d], lengths [B] -> (q [1], cols [q],
+    scores [B, H, q] f32): the attention mass of the observation rows (the last `window`, or all with "all")."""
+    num_heads, _, head_dim = heads
     q = g.dim(keys, 2)
     cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
     kf = g.op("Cast", keys, to=TensorProto.FLOAT)
-    heads = (num_heads, num_kv_heads, head_dim)
     if observe == "all":
-        scores = _all_rows_scores(g, queries, kf, lengths, cols, q, heads)
-    else:
-        _, _, rows = window_positions(g, q, lengths, window)  # [B, w'] positions of each row's last w' tokens
-        gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
-                    g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
-        block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
-        scores = _block_scores(g, block_q, rows, kf, lengths, cols, *heads)  # [B, H, q]
+        return q, cols, _all_rows_scores(g, queries, kf, lengths, cols, q, heads)
+    _, _, rows = window_positions(g, q, lengths, window)  # [B, w'] positions of each row's last w' tokens
+    gidx = g.op("Expand", g.unsqueeze(g.op("Max", rows, g.const(0)), [2, 3]),
+                g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
+    block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
+    return q, cols, _block_scores(g, block_q, rows, kf, lengths, cols, *heads)  # [B, H, q]
+
+
+def _pick(g: GraphBuilder, scores: str, keys: str, values: str, lengths: str, selected: str, q: str, cols: str,
+          window: int, kernel: int, pooling: str, granularity: str, heads: tuple[int, int, int],
+          with_scores: bool) -> None:
+    """The picking half: scores [B, H, q] f32 -> the outputs kept_indices, keys_out, values_out (and `scores`)."""
+    num_heads, num_kv_heads, head_dim = heads
+    group = num_heads // num_kv_heads
     if granularity == "kv-head":
         scores = g.op("ReduceMean", g.reshape(scores, g.const([0, num_kv_heads, group, -1])), g.const([2]),
                       keepdims=0)  # [B, Hkv, q]
@@ -145,8 +152,40 @@ def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularit
         _scores_output(g, raw, scores)
     scores = g.op("Where", in_prefix, scores, g.const(float("-inf"), np.float32))
     top_with_window(g, scores, selected, keys, values, lengths, q, hc, head_dim, window)
+
+
+def pyramidkv_select_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
+                              num_kv_heads: int, head_dim: int, observe: str = "window",
+                              with_scores: bool = False) -> onnx.FunctionProto:
+    g = GraphBuilder("pkvsel_")
+    queries, keys, values, lengths, selected = SELECT_INPUTS
+    heads = (num_heads, num_kv_heads, head_dim)
+    q, cols, scores = _observation(g, queries, keys, lengths, window, observe, heads)
+    _pick(g, scores, keys, values, lengths, selected, q, cols, window, kernel, pooling, granularity, heads,
+          with_scores)
     outputs = SELECT_OUTPUTS + (["scores"] if with_scores else [])
     return g.make_function("PyramidKVSelect", SELECT_INPUTS, outputs, attributes=PYRAMIDKV_ATTRIBUTES)
+
+
+def observation_scores_nodes(g: GraphBuilder, queries: str, keys: str, lengths: str, window: int, observe: str,
+                             num_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """The scores every selection function computes first, written into `g` (a shared prefill's outputs, which
+    `PyramidKVPick` and `ChunkKVPick` take instead of the queries): queries [B, q, H, d], keys [B, Hkv, q, d],
+    lengths [B] -> [B, H, q] f32."""
+    return _observation(g, queries, keys, lengths, window, observe, (num_heads, num_kv_heads, head_dim))[2]
+
+
+def pyramidkv_pick_function(window: int, kernel: int, pooling: str, granularity: str, num_heads: int,
+                            num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
+    """PyramidKVPick(scores [B, H, q] f32, keys, values, lengths, selected) -> kept_indices, keys_out, values_out:
+    `PyramidKVSelect` from its observation scores (`observation_scores_nodes`), the same nodes after them."""
+    g = GraphBuilder("pkvpick_")
+    scores, keys, values, lengths, selected = PICK_INPUTS
+    q = g.dim(keys, 2)
+    cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
+    _pick(g, scores, keys, values, lengths, selected, q, cols, window, kernel, pooling, granularity,
+          (num_heads, num_kv_heads, head_dim), False)
+    return g.make_function("PyramidKVPick", PICK_INPUTS, SELECT_OUTPUTS, attributes=PICK_ATTRIBUTES)
 
 
 def streaming_select_function(window: int, sinks: int, num_kv_heads: int, head_dim: int,
@@ -199,7 +238,10 @@ def _chunk_picks(g: GraphBuilder, chunk_scores: str, selected: str, lengths: str
     return g.op("Expand", picks, g.concat(g.dim(chunk_scores, 0), g.const([heads]), g.dim(picks, 2)))
 
 
-CHUNKKV_ATTRIBUTES = ["window", "chunk_size", "kernel", "pooling"]
+# The shape ones and max_selected ride along on the tensorrt target (its nodes become kernel chains: trt_chain).
+CHUNKKV_ATTRIBUTES = ["window", "chunk_size", "kernel", "pooling", "num_heads", "num_kv_heads", "head_dim",
+                      "max_selected"]
+CHUNKKV_GATHER_ATTRIBUTES = ["window", "chunk_size", "num_kv_heads", "head_dim", "max_selected"]
 
 
 def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -216,6 +258,33 @@ def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv
                 g.concat(g.op("Shape", rows), g.const([num_heads, head_dim])))
     block_q = g.op("GatherElements", queries, gidx, axis=1)  # [B, w', H, d]
     scores = _block_scores(g, block_q, rows, kf, lengths, cols, num_heads, num_kv_heads, head_dim)  # [B, H, q]
+    _chunk_select(g, scores, keys, values, lengths, selected, q, cols, prefix, window, chunk_size, kernel, pooling,
+                  (num_heads, num_kv_heads, head_dim))
+    return g.make_function("ChunkKVSelect", CHUNKKV_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
+                           attributes=CHUNKKV_ATTRIBUTES)
+
+
+def chunkkv_pick_function(window: int, chunk_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                          kernel: int = 1, pooling: str = "avg") -> onnx.FunctionProto:
+    """ChunkKVPick(scores [B, H, q] f32, keys, values, lengths, selected) -> kept_indices, keys_out, values_out,
+    chunk_scores: `ChunkKVSelect` from the window's observation scores (`observation_scores_nodes`)."""
+    g = GraphBuilder("chunkpick_")
+    scores, keys, values, lengths, selected = PICK_INPUTS
+    q = g.dim(keys, 2)
+    cols = g.op("Range", g.const(0), g.scalar(q), g.const(1))
+    _, prefix, _ = window_positions(g, q, lengths, window)
+    _chunk_select(g, scores, keys, values, lengths, selected, q, cols, prefix, window, chunk_size, kernel, pooling,
+                  (num_heads, num_kv_heads, head_dim))
+    return g.make_function("ChunkKVPick", PICK_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
+                           attributes=CHUNKKV_ATTRIBUTES)
+
+
+def _chunk_select(g: GraphBuilder, scores: str, keys: str, values: str, lengths: str, selected: str, q: str,
+                  cols: str, prefix: str, window: int, chunk_size: int, kernel: int, pooling: str,
+                  heads: tuple[int, int, int]) -> None:
+    """ChunkKV after the attention: the window's scores [B, H, q] f32 -> the outputs kept_indices, keys_out,
+    values_out, chunk_scores [B, C]."""
+    num_heads, num_kv_heads, head_dim = heads
     group = num_heads // num_kv_heads
     scores = g.op("ReduceMean", g.reshape(scores, g.const([0, num_kv_heads, group, -1])), g.const([2]),
                   keepdims=0)  # [B, Hkv, q]
@@ -235,8 +304,6 @@ def chunkkv_select_function(window: int, chunk_size: int, num_heads: int, num_kv
          g.const(float("-inf"), np.float32), outputs=["chunk_scores"])
     picks = _chunk_picks(g, "chunk_scores", selected, lengths, q, num_kv_heads, chunk_size, window)
     sort_with_window(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)  # the window is in its chunks
-    return g.make_function("ChunkKVSelect", CHUNKKV_INPUTS, SELECT_OUTPUTS + ["chunk_scores"],
-                           attributes=CHUNKKV_ATTRIBUTES)
 
 
 def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, head_dim: int) -> onnx.FunctionProto:
@@ -248,4 +315,4 @@ def chunkkv_gather_function(window: int, chunk_size: int, num_kv_heads: int, hea
     picks = _chunk_picks(g, scores, selected, lengths, q, num_kv_heads, chunk_size, window)
     sort_with_window(g, picks, keys, values, lengths, q, num_kv_heads, head_dim, 0)
     return g.make_function("ChunkKVGather", CHUNKKV_GATHER_INPUTS, SELECT_OUTPUTS,
-                           attributes=["window", "chunk_size"])
+                           attributes=CHUNKKV_GATHER_ATTRIBUTES)

@@ -194,15 +194,52 @@ def pyramidkv_select(
     if h % hkv or keys.shape[2] != q or window < 1:
         raise ValueError(f"bad shapes: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, window {window}")
     lengths, budgets = row_budgets(lengths, selected, window, q)
-    scores = observation_scores(queries, keys, lengths, observation_positions(lengths, q, window, observe))
-    if granularity == "kv-head":
-        scores = scores.view(b, hkv, h // hkv, q).mean(dim=2)  # [B, Hkv, q]
-    else:
+    scores = observation_scores_for(queries, keys, lengths, window, observe)
+    return select_from_scores(scores, keys, values, lengths, budgets, window, kernel, pooling, granularity)
+
+
+def observation_scores_for(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, window: int,
+                           observe: str) -> torch.Tensor:
+    """The observation scores `pyramidkv_select` ranks by, before any grouping or pooling: queries [B, q, H, d],
+    keys [B, Hkv, q, d], lengths [B] -> [B, H, q] float32 (`observation_scores` of the last `window` rows, or of
+    every row with observe="all"). What one prefill hands every selection that reads the same scores."""
+    lengths = lengths.to(torch.long).reshape(-1)
+    return observation_scores(queries, keys, lengths, observation_positions(lengths, queries.shape[1], window, observe))
+
+
+def select_from_scores(scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                       selected: int | torch.Tensor, window: int, kernel: int = 7, pooling: str = "max",
+                       granularity: str = "kv-head") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pyramidkv_select` after its scoring: observation scores [B, H, q] float32 (`observation_scores_for`),
+    keys / values [B, Hkv, q, d], lengths [B], selected (an int or [B]) -> indices, keys_out, values_out as
+    `pyramidkv_select` returns them."""
+    h, hkv = scores.shape[1], keys.shape[1]
+    lengths, budgets = row_budgets(lengths, selected, window, scores.shape[2])
+    ranked = ranking_scores(scores, hkv, lengths, window, kernel, pooling, granularity)
+    if granularity == "query-head":
         keys = keys.repeat_interleave(h // hkv, dim=1)  # [B, H, q, d]
         values = values.repeat_interleave(h // hkv, dim=1)
-    positions = torch.arange(q, device=keys.device)
+    prefix_idx = topk_lowest_index_first(ranked, budgets)  # [B, Hc, max(selected)]
+    return gather_kept(keys, values, prefix_idx, lengths, window)
+
+
+def selection_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, window: int,
+                     kernel: int = 7, pooling: str = "max", granularity: str = "kv-head", observe: str = "window"
+                     ) -> torch.Tensor:
+    """What `pyramidkv_select` ranks the prefix by (arguments as there): [B, Hc, q] float32, pooled, -inf outside
+    each row's prefix [0, lengths[b] - min(window, lengths[b]))."""
+    scores = observation_scores_for(queries, keys, lengths, window, observe)
+    return ranking_scores(scores, keys.shape[1], lengths, window, kernel, pooling, granularity)
+
+
+def ranking_scores(scores: torch.Tensor, num_kv_heads: int, lengths: torch.Tensor, window: int, kernel: int = 7,
+                   pooling: str = "max", granularity: str = "kv-head") -> torch.Tensor:
+    """`selection_scores` from the observation scores [B, H, q] float32 (`observation_scores_for`)."""
+    b, h, q = scores.shape
+    lengths = lengths.to(torch.long).reshape(-1)
+    if granularity == "kv-head":
+        scores = scores.view(b, num_kv_heads, h // num_kv_heads, q).mean(dim=2)  # [B, Hkv, q]
+    positions = torch.arange(q, device=scores.device)
     in_prefix = (positions[None, :] < prefix_lengths(lengths, window)[:, None])[:, None, :]  # [B, 1, q]
     scores = pool_scores(scores.masked_fill(~in_prefix, 0.0), kernel, pooling)
-    scores = scores.masked_fill(~in_prefix, float("-inf"))
-    prefix_idx = topk_lowest_index_first(scores, budgets)  # [B, Hc, max(selected)]
-    return gather_kept(keys, values, prefix_idx, lengths, window)
+    return scores.masked_fill(~in_prefix, float("-inf"))

@@ -1,5 +1,6 @@
-"""Ahead-of-time payloads of the selection kernel for TensorRT's AOT plugins: PTX for a GPU architecture,
-compiled with Triton on any machine (no GPU needed), plus the launch facts TensorRT needs.
+"""Ahead-of-time payloads of the selection kernels for TensorRT's AOT plugins: PTX for a GPU architecture,
+compiled with Triton on any machine (no GPU needed), plus the launch facts TensorRT needs. One payload per stage
+of a selection chain (`select_stages`): each stage is one plugin, and an AOT plugin runs exactly one kernel.
 
 Which PTX: TensorRT hands the plugin's PTX to the CUDA driver, whose JIT compiles it for the GPU at hand. A
 driver accepts PTX up to the ISA of its own CUDA version, and PTX for `sm_XY` runs on every GPU of compute
@@ -19,13 +20,15 @@ arguments.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
-SCALAR_ARGS = ["q_len", "width", "sq_b", "sq_s", "sq_h", "sk_b", "sk_h", "sk_s", "so_b", "so_h", "so_s"]
-TENSOR_INPUTS = ["q_ptr", "k_ptr", "v_ptr", "len_ptr", "sel_ptr"]
-TENSOR_OUTPUTS = ["idx_ptr", "ko_ptr", "vo_ptr", "sc_ptr"]
 TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+POINTER_TYPES = {"i64": "*i64", "i32": "*i32", "f32": "*fp32"}
 MAX_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
 AOT_ARCH = 80  # compute capability the PTX targets (sm_80: runs on every later GPU through the driver's JIT)
 AOT_PTX_ISA = 80  # PTX ISA 8.0, as Triton writes versions (major * 10 + minor): CUDA 12.0's, any CUDA 12 driver
@@ -80,68 +83,83 @@ def check_ptx_header(ptx: str, arch: int = AOT_ARCH, isa: int = AOT_PTX_ISA) -> 
         raise ValueError(f"the AOT payload is PTX {ptx_header(ptx)}, not {want} (.version, .target)")
 
 
-def compile_select_kernel(dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
-    """PTX of the selection kernel; see `_compile`. In a process running Triton's interpreter (the CPU tests),
-    the kernels are interpreted functions that cannot be compiled: a clean subprocess compiles them."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return _compile(dtype, constants, arch)
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, sys; from dataclasses import asdict; from trt_plugins.trt_aot import _compile; "
-            "a = json.loads(sys.argv[1]); print(json.dumps(asdict(_compile(a['dtype'], a['constants'], a['arch']))))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps({"dtype": dtype, "constants": constants, "arch": arch})
-    r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"compiling the selection kernel failed: {r.stderr.strip().splitlines()[-1:]}")
-    return AotKernel(**json.loads(r.stdout.strip().splitlines()[-1]))
+_COMPILED: dict[str, AotKernel] = {}  # this process's payloads by request: a build asks once per layer and shape
 
 
-def _compile(dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
-    """PTX (ISA `AOT_PTX_ISA`) of the selection kernel specialised to `constants`
-    (trt_plugins.triton_select.kernel_constants; the StreamingLLM kernel when POSITIONAL, which has no query
-    input) for `sm_{arch}`; halves the key block until the launch fits in 48 KiB of shared memory."""
+def _key(name: str, dtype: str, constants: dict, arch: int) -> str:
+    from trt_plugins.select_stages import STAGES
+
+    stage = next(s for s in STAGES if s.name == name)
+    return json.dumps([name, dtype, arch, {k: constants[k] for k in stage.constexprs}], sort_keys=True)
+
+
+def compile_stages(requests: list[tuple[str, str, dict]], arch: int = AOT_ARCH) -> list[AotKernel]:
+    """PTX of stage kernels, one per (stage name, dtype, constants) request; see `_compile`. Each specialisation
+    is compiled once per process (a stage takes only the constants it names, so layers alike share payloads).
+    In a process running Triton's interpreter (the CPU tests) the kernels are interpreted functions that cannot
+    be compiled: a clean subprocess compiles them (all missing requests in one)."""
+    keys = [_key(name, dtype, constants, arch) for name, dtype, constants in requests]
+    missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in _COMPILED}
+    if missing and os.environ.get("TRITON_INTERPRET") != "1":
+        _COMPILED.update({k: _compile(*r, arch) for k, r in missing.items()})
+    elif missing:
+        code = ("import json, sys; from dataclasses import asdict; from trt_plugins.trt_aot import _compile; "
+                "a = json.loads(sys.argv[1]); "
+                "print(json.dumps([asdict(_compile(*r, a['arch'])) for r in a['requests']]))")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        args = json.dumps({"requests": list(missing.values()), "arch": arch})
+        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling the selection kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+        compiled = json.loads(r.stdout.strip().splitlines()[-1])
+        _COMPILED.update({k: AotKernel(**c) for k, c in zip(missing, compiled, strict=True)})
+    return [_COMPILED[k] for k in keys]
+
+
+def compile_stage(name: str, dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
+    """PTX of one stage kernel (`select_stages.STAGES` by name) for model dtype `dtype` ("fp32" | "fp16" | "bf16")."""
+    return compile_stages([(name, dtype, constants)], arch)[0]
+
+
+def signature(stage, dtype: str) -> dict:
+    """Triton's signature of a stage kernel: pointers by tensor kind, int32 scalars, constexprs."""
+    from trt_plugins.select_stages import KINDS, SCALARS
+
+    def kind(param: str) -> str:
+        if param.isupper():
+            return "constexpr"
+        if param in SCALARS:
+            return "i32"
+        k = KINDS.get(param, "f32")
+        return TRITON_TYPES[dtype] if k == "data" else POINTER_TYPES[k]
+
+    return {p: kind(p) for p in stage.params}
+
+
+def _compile(name: str, dtype: str, constants: dict, arch: int = AOT_ARCH) -> AotKernel:
+    """PTX (ISA `AOT_PTX_ISA`) of stage `name` specialised to `constants` (the chain's: the kernel takes the ones
+    it names) for `sm_{arch}`; halves the key block until the launch fits in 48 KiB of shared memory (the block
+    only cuts loops: a program's share of the row, which the kernels of a chain agree on, does not change)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from trt_plugins.triton_select import _select_kernel, _streaming_kernel
+    from trt_plugins.select_stages import STAGES
 
-    pointer = TRITON_TYPES[dtype]
-    positional = bool(constants["POSITIONAL"])
-    inputs = TENSOR_INPUTS[1:] if positional else TENSOR_INPUTS
-    signature = {n: pointer for n in inputs if n not in ("len_ptr", "sel_ptr")} | {"len_ptr": "*i64",
-                                                                                    "sel_ptr": "*i64"}
-    signature |= {n: "i32" for n in SCALAR_ARGS}
-    signature |= {"idx_ptr": "*i64", "ko_ptr": pointer, "vo_ptr": pointer, "sc_ptr": "*fp32"}
-    constants = dict(constants)
+    stage = next(s for s in STAGES if s.name == name)
+    fixed = {k: constants[k] for k in stage.constexprs}
     while True:
-        source = ASTSource(fn=_streaming_kernel if positional else _select_kernel,
-                           signature=signature | {k: "constexpr" for k in constants},
-                           constexprs=constants)
+        source = ASTSource(fn=stage.kernel, signature=signature(stage, dtype), constexprs=fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"enable_fp_fusion": False, "ptx_version": AOT_PTX_ISA})
-        if compiled.metadata.shared <= MAX_SHARED or constants["BLOCK_K"] <= 16:
+        if compiled.metadata.shared <= MAX_SHARED or fixed.get("BLOCK_K", 16) <= 16:
             break
-        constants["BLOCK_K"] //= 2
+        fixed["BLOCK_K"] //= 2
     meta = compiled.metadata
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise ValueError("the kernel needs Triton scratch memory, which a TensorRT AOT plugin cannot provide")
-    keep = len(inputs) + len(SCALAR_ARGS) + len(TENSOR_OUTPUTS)
+    keep = len(stage.inputs) + len(stage.scalars) + len(stage.outputs)
     ptx = strip_hidden_params(compiled.asm["ptx"], keep)
     check_ptx_header(ptx, arch)
     return AotKernel(meta.name, ptx, meta.num_warps, meta.shared, len(entry_params(ptx)))
 
-
-def scalar_args(batch, q_len, width, num_heads: int, num_kv_heads: int, cache_heads: int, head_dim: int) -> list:
-    """The int32 extra arguments, in SCALAR_ARGS order, for contiguous inputs and outputs. `q_len` and `width`
-    are ints or TensorRT shape expressions, which have `*` but no reflected `int * expr`: every product starts
-    with the expression and multiplies it by a plain int."""
-    return [q_len, width,
-            q_len * (num_heads * head_dim), num_heads * head_dim, head_dim,  # queries [B, q, H, d]
-            q_len * (num_kv_heads * head_dim), q_len * head_dim, head_dim,  # keys / values [B, Hkv, q, d]
-            width * (cache_heads * head_dim), width * head_dim, head_dim]  # keys_out / values_out [B, Hc, W, d]

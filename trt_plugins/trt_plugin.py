@@ -1,27 +1,38 @@
-"""The `pkv::PyramidKVSelect` and `pkv::StreamingLLMSelect` TensorRT plugins (Quickly Deployable Plugins API,
-TensorRT 10.x), for GPU hosts.
+"""The TensorRT plugins of the selections (Quickly Deployable Plugins API, TensorRT 10.x), for GPU hosts: one plugin
+`pkv::<name>` per stage of `trt_plugins.select_stages` (SelectPartials, SelectScores, SelectPool, SelectRadix,
+SelectEmit, StreamingSelect, ChunkSums, ChunkHist, ChunkEmit), because an AOT plugin runs exactly one kernel and
+a selection spread over the GPU is a chain of kernels. `trt_chain` rewrites each selection node of the
+tensorrt-target graphs into its chain of these plugins before TensorRT parses them.
 
-Each plugin has an ahead-of-time implementation (the Triton kernel of `trt_plugins.triton_select` compiled to PTX
-by `trt_plugins.trt_aot`, baked into the plan: no Python at run time) and a JIT implementation (the same kernel
-launched from Python through torch) as the fallback. The ONNX graphs of the tensorrt target carry the nodes with
-`plugin_namespace="pkv"`, so TensorRT's parser (10.15+) uses the plugin, while onnxruntime inlines the same-named
-local function; the build prefers AOT (`PREFER_AOT_PYTHON_PLUGINS`).
+Each plugin has an ahead-of-time implementation (its Triton kernel compiled to PTX by `trt_plugins.trt_aot`, baked
+into the plan: no Python at run time) and a JIT implementation (the same kernel launched from Python through
+torch) as the fallback; the build prefers AOT (`PREFER_AOT_PYTHON_PLUGINS`). A plugin's tensors are its kernel's
+tensor parameters, its attributes the kernel's compile-time constants (UPPERCASE, int; SCALE float) plus
+MAX_SELECTED for the stages whose output width it sets; output shapes follow `select_stages.output_shapes`.
 
-Outputs: kept_indices [B, Hc, W] int64, keys_out / values_out [B, Hc, W, d], scores [B, Hc, 2, q] float32 (the
-kernel's scratch: raw and pooled scores). W = max_selected + min(window, q) is static per layer (the budget at the
-engine's max input length, the largest any prompt gets), so a plugin output can be wider than the ONNX
-function's (more -1 slots, which every consumer ignores: rows are compact).
+The nine plugins are registered by one factory: TensorRT reads a plugin function's parameters, their
+annotations and its return annotation with `inspect.signature` (tensorrt/plugin/_validate.py) and calls it
+positionally (tensors, then attribute values in registration order, then outputs and stream / tactic), so each
+generated function carries an explicit `__signature__` with the real classes as annotations.
 
-Nothing here imports TensorRT at module level; `register_plugins()` does, and says what is missing.
-
-No `from __future__ import annotations` here: TensorRT validates the decorated functions by their annotations
-(`issubclass(param.annotation, TensorDesc)`, the `aot_impl` return type) without evaluating strings, so every
-annotation must be the real class when the decorator runs.
+Nothing here imports TensorRT or Triton at module level (`require_tensorrt` must answer on a machine with
+neither); `register_plugins()` does, and says what is missing.
 """
+
+from __future__ import annotations
+
+import inspect
 
 TRT_HINT = ("TensorRT 10.x from NVIDIA's index on a GPU host: pip install --extra-index-url https://pypi.nvidia.com "
             "'tensorrt-cu12==10.15.*' (the PyPI 'tensorrt' package is a stub that downloads from there)")
 _REGISTERED = False
+
+
+def plugin_names() -> list[str]:
+    """Every plugin `register_plugins` registers."""
+    from trt_plugins.select_stages import STAGES
+
+    return [f"pkv::{stage.name}" for stage in STAGES]
 
 
 class MissingTensorRT(ImportError):
@@ -39,24 +50,91 @@ def require_tensorrt():
     return trt
 
 
-def output_shapes(batch, q_len, num_heads: int, num_kv_heads: int, head_dim: int, granularity: str, window: int,
-                  max_selected: int, minimum=min):
-    """Shapes of (kept_indices, keys_out, values_out, scores). `batch` / `q_len` are ints or TensorRT shape
-    expressions (then `minimum` is `trtp.min`)."""
-    cache_heads = num_heads if granularity == "query-head" else num_kv_heads
-    width = minimum(window, q_len) + max_selected
-    return ((batch, cache_heads, width), (batch, cache_heads, width, head_dim),
-            (batch, cache_heads, width, head_dim), (batch, cache_heads, 2, q_len))
+def attribute_type(name: str) -> type:
+    return float if name == "SCALE" else int
 
 
-def _text(value) -> str:
-    """ONNX string attributes reach plugins NUL-terminated."""
-    return value.decode() if isinstance(value, bytes) else str(value).rstrip("\x00")
+def _dims(trtp, stage, descs: dict):
+    """Output-shape sizes (`select_stages.Dims`) from the input descriptors' shape expressions."""
+    from trt_plugins.select_stages import Dims
+
+    def both_ints(a, b):
+        return isinstance(a, int) and isinstance(b, int)
+
+    source = descs["keys"] if "keys" in descs else descs.get("raw")  # where the prompt length q is
+    return Dims(descs[stage.inputs[0]].shape_expr[0], None if source is None else source.shape_expr[2],
+                minimum=lambda a, b: min(a, b) if both_ints(a, b) else trtp.min(a, b),
+                cdiv=lambda a, b: -(-a // b) if both_ints(a, b) else trtp.cdiv(a, b))
 
 
-def register_plugins() -> None:  # pragma: no cover - needs TensorRT (scripts/gpu_acceptance.py runs it)
-    """Register both plugins with TensorRT's plugin registry (idempotent). Call before parsing an ONNX graph of
-    the tensorrt target, and before deserializing a plan that uses the JIT implementation."""
+def _signature(trtp, stage, tensor_type, tail: list[inspect.Parameter], returns) -> inspect.Signature:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind, annotation=tensor_type) for n in stage.inputs]
+    params += [inspect.Parameter(a, kind, annotation=attribute_type(a)) for a in stage.attributes]
+    return inspect.Signature(params + tail, return_annotation=returns)
+
+
+def _register(trt, trtp, stage) -> None:
+    from trt_plugins.select_stages import KINDS, output_shapes
+
+    name = f"pkv::{stage.name}"
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    dtypes = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
+    kinds = {"i64": trt.int64, "i32": trt.int32, "f32": trt.float32}
+    outs = tuple[(trtp.TensorDesc,) * len(stage.outputs)]
+    # What TensorRT requires an aot_impl to declare it returns: kernel name, PTX, launch parameters, int32 args.
+    payload = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+
+    def describe(*args, **kwargs):
+        bound = describe.__signature__.bind(*args, **kwargs).arguments
+        descs = {n: bound[n] for n in stage.inputs}
+        shapes = output_shapes(stage, _dims(trtp, stage, descs), {a: bound[a] for a in stage.attributes})
+        types = [descs[o.removesuffix("_out")].dtype if KINDS.get(o) == "data" else kinds[KINDS.get(o, "f32")]
+                 for o in stage.outputs]
+        return tuple(trtp.from_shape_expr(s, dtype=t) for s, t in zip(shapes, types, strict=True))
+
+    def run(*args, **kwargs):  # pragma: no cover - GPU only
+        bound = run.__signature__.bind(*args, **kwargs).arguments
+        _run_jit(stage, bound, {a: bound[a] for a in stage.attributes})
+
+    def aot(*args, **kwargs):
+        bound = aot.__signature__.bind(*args, **kwargs).arguments
+        return _aot_payload(trtp, stage, bound, {a: bound[a] for a in stage.attributes}, dtypes)
+
+    describe.__signature__ = _signature(trtp, stage, trtp.TensorDesc, [], outs)
+    run.__signature__ = _signature(trtp, stage, inspect.Parameter.empty,
+                                   [inspect.Parameter("outputs", kind), inspect.Parameter("stream", kind)], None)
+    aot.__signature__ = _signature(trtp, stage, trtp.TensorDesc,
+                                   [inspect.Parameter("outputs", kind, annotation=tuple[trtp.TensorDesc]),
+                                    inspect.Parameter("tactic", kind, annotation=int)], payload)
+    for fn, role in ((describe, "describe"), (run, "jit"), (aot, "aot")):
+        fn.__name__ = fn.__qualname__ = f"{stage.name}_{role}"
+    trtp.register(name)(describe)
+    trtp.impl(name)(run)
+    trtp.aot_impl(name)(aot)
+
+
+def _aot_payload(trtp, stage, bound: dict, constants: dict, dtypes: dict):
+    """The stage's PTX and how TensorRT launches it: grid B x rows x programs, the int32 scalars."""
+    from trt_plugins.select_stages import KINDS, scalar_values
+    from trt_plugins.trt_aot import compile_stage
+
+    descs = {n: bound[n] for n in stage.inputs}
+    data = [d for n, d in descs.items() if KINDS.get(n) == "data"]
+    kernel = compile_stage(stage.name, dtypes[data[0].dtype] if data else "fp32", constants)
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = stage.grid(descs[stage.inputs[0]].shape_expr[0], constants)
+    launch.block_x = kernel.num_warps * 32
+    launch.shared_mem = kernel.shared
+    shapes = {n: tuple(d.shape_expr) for n, d in descs.items()}
+    width = bound["outputs"][0].shape_expr[2] if "width" in stage.scalars else None
+    extra = scalar_values(stage, shapes, width)
+    return kernel.name, kernel.ptx, launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra])
+
+
+def register_plugins() -> None:
+    """Register every stage plugin with TensorRT's plugin registry (idempotent). Call before parsing a graph
+    rewritten by `trt_chain`, and before deserializing a plan that uses a JIT implementation."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -64,88 +142,19 @@ def register_plugins() -> None:  # pragma: no cover - needs TensorRT (scripts/gp
 
     import tensorrt.plugin as trtp
 
-    from trt_plugins.triton_select import kernel_constants
-    from trt_plugins.trt_aot import compile_select_kernel, scalar_args
+    from trt_plugins.select_stages import STAGES
 
-    dtypes = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
-    outs = tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]
-    # What TensorRT requires an aot_impl to declare it returns: kernel name, PTX, launch parameters, int32 args.
-    payload = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
-
-    def descs(keys, values, shapes):
-        kinds = (trt.int64, keys.dtype, values.dtype, trt.float32)
-        return tuple(trtp.from_shape_expr(s, dtype=t) for s, t in zip(shapes, kinds, strict=True))
-
-    def shapes_of(keys, num_heads, num_kv_heads, head_dim, granularity, window, max_selected):
-        return output_shapes(keys.shape_expr[0], keys.shape_expr[2], num_heads, num_kv_heads, head_dim,
-                             _text(granularity), window, max_selected, minimum=trtp.min)
-
-    def aot(keys, outputs, constants, num_heads, num_kv_heads, head_dim, cache_heads):
-        kernel = compile_select_kernel(dtypes[keys.dtype], constants)
-        b, q, width = keys.shape_expr[0], keys.shape_expr[2], outputs[0].shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = b * cache_heads
-        launch.block_x = kernel.num_warps * 32
-        launch.shared_mem = kernel.shared
-        extra = scalar_args(b, q, width, num_heads, num_kv_heads, cache_heads, head_dim)
-        return kernel.name, kernel.ptx, launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra])
-
-    @trtp.register("pkv::PyramidKVSelect")
-    def _pyramidkv_desc(queries: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc,
-                        lengths: trtp.TensorDesc, selected: trtp.TensorDesc, window: int, kernel: int, pooling: str,
-                        granularity: str, observe: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                        max_selected: int) -> outs:
-        return descs(keys, values, shapes_of(keys, num_heads, num_kv_heads, head_dim, granularity, window,
-                                             max_selected))
-
-    @trtp.impl("pkv::PyramidKVSelect")
-    def _pyramidkv_jit(queries, keys, values, lengths, selected, window: int, kernel: int, pooling: str,
-                       granularity: str, observe: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs, stream: int) -> None:
-        _run_jit((queries, keys, values, lengths, selected), outputs, stream, dict(
-            h=num_heads, window=window, kernel=kernel, pooling=_text(pooling), granularity=_text(granularity),
-            observe=_text(observe)))
-
-    @trtp.aot_impl("pkv::PyramidKVSelect")
-    def _pyramidkv_aot(queries: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc,
-                       lengths: trtp.TensorDesc, selected: trtp.TensorDesc, window: int, kernel: int, pooling: str,
-                       granularity: str, observe: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> payload:
-        constants = kernel_constants(num_heads, num_kv_heads, head_dim, window, kernel, _text(pooling),
-                                     _text(granularity), _text(observe), False, 0)
-        return aot(keys, outputs, constants, num_heads, num_kv_heads, head_dim, constants["HC"])
-
-    @trtp.register("pkv::StreamingLLMSelect")
-    def _streaming_desc(keys: trtp.TensorDesc, values: trtp.TensorDesc, lengths: trtp.TensorDesc,
-                        selected: trtp.TensorDesc, window: int, sinks: int, num_kv_heads: int, head_dim: int,
-                        max_selected: int) -> outs:
-        return descs(keys, values, shapes_of(keys, num_kv_heads, num_kv_heads, head_dim, "kv-head", window,
-                                             max_selected))
-
-    @trtp.impl("pkv::StreamingLLMSelect")
-    def _streaming_jit(keys, values, lengths, selected, window: int, sinks: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs, stream: int) -> None:
-        _run_jit((None, keys, values, lengths, selected), outputs, stream, dict(
-            h=num_kv_heads, window=window, kernel=1, pooling="none", granularity="kv-head", observe="window",
-            positional=True, sinks=sinks))
-
-    @trtp.aot_impl("pkv::StreamingLLMSelect")
-    def _streaming_aot(keys: trtp.TensorDesc, values: trtp.TensorDesc, lengths: trtp.TensorDesc,
-                       selected: trtp.TensorDesc, window: int, sinks: int, num_kv_heads: int, head_dim: int,
-                       max_selected: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> payload:
-        constants = kernel_constants(num_kv_heads, num_kv_heads, head_dim, window, 1, "none", "kv-head", "window",
-                                     True, sinks)
-        return aot(keys, outputs, constants, num_kv_heads, num_kv_heads, head_dim, num_kv_heads)
-
+    for stage in STAGES:
+        _register(trt, trtp, stage)
     _REGISTERED = True
 
 
-def _run_jit(inputs, outputs, stream: int, options: dict) -> None:  # pragma: no cover - GPU only
+def _run_jit(stage, bound: dict, constants: dict) -> None:  # pragma: no cover - GPU only
     import torch
 
-    from trt_plugins.triton_select import launch_into
+    from trt_plugins.triton_select import launch
 
-    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        tensors = [None if t is None else torch.as_tensor(t, device="cuda") for t in inputs]
-        outs = [torch.as_tensor(t, device="cuda") for t in outputs]
-        launch_into(*tensors, *outs, **options)
+    with torch.cuda.stream(torch.cuda.ExternalStream(bound["stream"])):
+        tensors = {n: torch.as_tensor(bound[n], device="cuda") for n in stage.inputs}
+        outputs = {n: torch.as_tensor(t, device="cuda") for n, t in zip(stage.outputs, bound["outputs"], strict=True)}
+        launch(stage, tensors, constants, outputs)

@@ -68,12 +68,12 @@ def niah_heatmaps(cells: list[dict], out_png: Path, title: str) -> Path:
     return save_figure(fig, out_png)
 
 
-def new_figure(width: float, height: float):
+def new_figure(width: float, height: float, layout: str | None = "constrained"):
     """A figure on the Agg canvas (no pyplot: no display needed, a host process's backend left alone)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 

@@ -1,5 +1,6 @@
-"""Summaries of a validation run: per group (LongBench dataset / NIAH cell) and overall, as JSON and Markdown,
-plus the NIAH heatmaps. Written atomically, from the JSONL records alone (so shards merge by concatenation)."""
+"""Summaries of a validation run: per group (LongBench dataset / NIAH cell / RULER task and length), per RULER
+task and overall, as JSON and Markdown, plus the NIAH heatmaps. Written atomically, from the JSONL records alone
+(so shards merge by concatenation)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from statistics import mean
 from typing import Any
 
 from exporter.outputs import atomic_write_text
+from validate.ruler import TASKS, parse_group, task_rows
 
 
 def _score(values: list[float], suite: str) -> float:
-    # LongBench reports mean x100 with two decimals (the official tables); NIAH keeps 0..1 recall.
-    return round(100 * mean(values), 2) if suite == "longbench" else round(mean(values), 4)
+    # LongBench and RULER report mean x100 with two decimals (their official tables); NIAH keeps 0..1 recall.
+    return round(100 * mean(values), 2) if suite in ("longbench", "ruler") else round(mean(values), 4)
 
 
 def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +32,8 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
                              "engine_score": _score([r["engine_score"] for r in rows], suite)}
         if suite == "niah":
             g["context_len"], g["depth_percent"] = rows[0].get("context_len"), rows[0].get("depth_percent")
+        elif suite == "ruler" and parse_group(name):
+            g["task"], g["context_len"] = parse_group(name)
         if has_reuse:
             g["engine_reuse_score"] = _score([r["engine_reuse_score"] for r in rows], suite)
         if has_ref:
@@ -58,7 +62,8 @@ def summarize(records: list[dict[str, Any]], suite: str, run: dict[str, Any]) ->
     timing = {"engine_seconds": round(sum(r["engine_seconds"] for r in records), 3)}
     if has_ref:
         timing["reference_seconds"] = round(sum(r.get("reference_seconds", 0.0) for r in records), 3)
-    return {"suite": suite, **run, "overall": overall, "groups": groups, "timing": timing}
+    tasks = {"tasks": task_rows(groups)} if suite == "ruler" else {}
+    return {"suite": suite, **run, "overall": overall, **tasks, "groups": groups, "timing": timing}
 
 
 def _group_key(name: str):
@@ -68,7 +73,10 @@ def _group_key(name: str):
             return (0, int(length), float(depth), "")
         except ValueError:
             pass
-    return (1, 0, 0.0, name)
+    if parse_group(name):  # RULER: its tasks in their order, then lengths
+        task, length = parse_group(name)
+        return (1, list(TASKS).index(task), float(length), name)
+    return (2, 0, 0.0, name)
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -95,17 +103,33 @@ def markdown(summary: dict[str, Any]) -> str:
         cols += reuse
         lines.insert(-1, f"- multi-query: engine score with the context compressed once: {o['engine_reuse_score']}"
                          f" (re-compressed with each question: {o['engine_score']})")
+    if summary.get("tasks"):  # RULER: each task over its lengths, then each (task, length) below
+        task_cols = [c for c in ("task", "n", "lengths", "engine_score", "reference_score", "delta")
+                     if c in summary["tasks"][0]]
+        lines += ["| " + " | ".join(task_cols) + " |", "|" + "---|" * len(task_cols)]
+        lines += ["| " + " | ".join(str(t.get(c)) for c in task_cols) + " |" for t in summary["tasks"]] + [""]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for g in summary["groups"]:
         lines.append("| " + " | ".join(str(g.get(c)) for c in cols) + " |")
     if summary["suite"] == "niah":
         lines += ["", "![NIAH heatmap](niah_heatmap.png)"]
+    if summary.get("inspect_pages"):
+        lines += ["", "## Failed samples: what the cache kept", "",
+                  "Each page shows which layers and heads kept or dropped the needle (`--inspect-failures`).", ""]
+        for p in summary["inspect_pages"]:
+            ref = "" if p["reference_score"] is None else f", reference {p['reference_score']}"
+            lines.append(f"- [{p['id']}]({p['page']}): engine {p['engine_score']}{ref}")
     return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: Path, records: list[dict[str, Any]], suite: str, run: dict[str, Any]) -> dict[str, Any]:
+    from validate.failures import pages
+
     summary = summarize(records, suite, run)
+    failed_pages = pages(out_dir, records)
+    if failed_pages:
+        summary["inspect_pages"] = failed_pages
     if suite == "niah" and records:
         from validate.plots import niah_heatmaps
 

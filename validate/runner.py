@@ -50,8 +50,12 @@ def compare_one(engine_result, reference_result) -> dict[str, Any]:
 
 
 def run_samples(samples: list[ValidationSample], suite, engine, reference, out_file: Path,
-                done_ids: set[str], progress=None) -> list[dict[str, Any]]:
-    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished."""
+                done_ids: set[str], progress=None, on_result=None,
+                generate_options: dict | None = None) -> list[dict[str, Any]]:
+    """Run every sample not in `done_ids`; append its record to `out_file` as soon as it is finished.
+    `on_result(sample, record, engine result)` sees each finished single-prompt sample before its record is
+    written (validate.failures: the inspect page of a failed sample, from the kept indices the run already has);
+    `generate_options` go to the engine's generate (its scores, for those pages)."""
     from validate.multiquery import run_context
 
     records = []
@@ -61,32 +65,40 @@ def run_samples(samples: list[ValidationSample], suite, engine, reference, out_f
             if "questions" in sample.meta:  # a multi-query context: one record per question, written together
                 for record in run_context(sample, suite, engine, reference):
                     if record["id"] not in done_ids:
-                        _append(f, record)
+                        append_record(f, record)
                         records.append(record)
                 if progress:
                     progress(k + 1, len(todo))
                 continue
             t0 = time.perf_counter()
-            got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True)
-            record: dict[str, Any] = {
-                "id": sample.id, "group": sample.group, "prompt_tokens": len(sample.ids), **_meta(sample),
-                "engine_answer": got.text[0], "engine_score": suite.score(sample, got.text[0]),
-                "engine_seconds": round(time.perf_counter() - t0, 4),
-            }
-            if got.kept_indices is not None:  # (layer, cache head, token) slots held: the cache's real size
-                record["kv_slots"] = int(sum((k[0] >= 0).sum() for k in got.kept_indices))
-                # what the layout spans: each layer as wide as its longest head (KVzip's heads differ)
-                record["kv_slots_spanned"] = int(sum(k.shape[1] * k.shape[2] for k in got.kept_indices))
+            got = engine.generate([sample.ids], sample.max_new_tokens, return_indices=True, **(generate_options or {}))
+            record = sample_record(sample, suite, got, time.perf_counter() - t0)
             if reference is not None:
                 t1 = time.perf_counter()
                 want = reference.generate([sample.ids], sample.max_new_tokens, return_indices=True)
                 record.update({"reference_answer": want.text[0], "reference_score": suite.score(sample, want.text[0]),
                                "reference_seconds": round(time.perf_counter() - t1, 4), **compare_one(got, want)})
-            _append(f, record)
+            if on_result is not None:
+                on_result(sample, record, got)
+            append_record(f, record)
             records.append(record)
             if progress:
                 progress(k + 1, len(todo))
     return records
+
+
+def sample_record(sample: ValidationSample, suite, got, seconds: float) -> dict[str, Any]:
+    """The record of one sample's engine run (`got`: its GenerationResult with kept indices)."""
+    record: dict[str, Any] = {
+        "id": sample.id, "group": sample.group, "prompt_tokens": len(sample.ids), **_meta(sample),
+        "engine_answer": got.text[0], "engine_score": suite.score(sample, got.text[0]),
+        "engine_seconds": round(seconds, 4),
+    }
+    if got.kept_indices is not None:  # (layer, cache head, token) slots held: the cache's real size
+        record["kv_slots"] = int(sum((k[0] >= 0).sum() for k in got.kept_indices))
+        # what the layout spans: each layer as wide as its longest head (KVzip's heads differ)
+        record["kv_slots_spanned"] = int(sum(k.shape[1] * k.shape[2] for k in got.kept_indices))
+    return record
 
 
 def record_ids(sample: ValidationSample) -> list[str]:
@@ -102,7 +114,8 @@ def _done(sample: ValidationSample, done_ids: set[str]) -> bool:
     return all(r in done_ids for r in record_ids(sample))
 
 
-def _append(f, record: dict[str, Any]) -> None:
+def append_record(f, record: dict[str, Any]) -> None:
+    """One JSONL line, flushed and fsynced: an interrupted run loses at most the record being written."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())

@@ -1,4 +1,4 @@
-"""Validation suites: turn NIAH grids and LongBench rows into engine-ready samples, and score answers.
+"""Validation suites: turn NIAH grids, LongBench rows and RULER tasks into engine-ready samples, and score answers.
 
 A suite yields `ValidationSample`s (token ids already built, so every engine sees exactly the same input) and
 scores a prediction with the suite's metric. Suites are registered by name in `SUITES`.
@@ -16,7 +16,7 @@ from pkv_core.errors import UserInputError
 @dataclass
 class ValidationSample:
     id: str
-    group: str  # LongBench dataset, or the NIAH cell "L{length}-D{depth}"
+    group: str  # LongBench dataset, the NIAH cell "L{length}-D{depth}", or the RULER "{task}/L{length}"
     ids: list[int]
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +57,7 @@ class NiahSuite:
         for s in niah_samples(tokenizer, lengths, depths, needle, self.haystack, self.chat, seed=self.seed):
             out.append(ValidationSample(s.id, f"L{s.context_len}-D{s.depth_percent:g}", s.ids, room,
                                         {"context_len": s.context_len, "depth_percent": s.depth_percent,
-                                         "answer": s.answer}))
+                                         "answer": s.answer, "needle": needle.needle}))
         return out[:limit] if limit else out, []
 
     def _multi_query_samples(self, tokenizer, lengths, depths, limit, custom_needle: bool) -> list[ValidationSample]:
@@ -185,7 +185,53 @@ class LongBenchSuite:
         return score_sample(sample.group, prediction, query["answers"], query["all_classes"])
 
 
-SUITES = {"niah": NiahSuite, "longbench": LongBenchSuite}
+@dataclass
+class RulerSuite:
+    """RULER's synthetic tasks (validate.ruler): every task at every length, `limit` samples each."""
+
+    lengths: list[int] | None = None
+    tasks: list[str] | None = None
+    haystack: Path | None = None
+    max_new_tokens: int | None = None  # None: each task's own (RULER's tokens_to_generate)
+    chat: bool = True
+    seed: int = 42  # RULER's default random seed
+    name: str = "ruler"
+
+    def samples(self, tokenizer, max_input_len: int, limit: int | None, skip_bad: bool = False):
+        from validate.niah import default_grid
+        from validate.ruler import DEFAULT_SAMPLES, TASKS, group_name, ruler_samples
+
+        lengths = self.lengths or default_grid(max_input_len)[0]
+        too_long = [n for n in lengths if n > max_input_len]
+        if too_long:
+            raise UserInputError(f"context lengths {too_long} exceed the engine's max input length {max_input_len}")
+        out = []
+        for s in ruler_samples(tokenizer, lengths, self.tasks or list(TASKS), limit or DEFAULT_SAMPLES,
+                               self.haystack, self.chat, self.seed, self.max_new_tokens):
+            out.append(ValidationSample(s.id, group_name(s.task, s.length), s.ids, s.max_new_tokens,
+                                        {"context_len": s.length, "answers": s.answers}))
+        return out, []
+
+    def score(self, sample: ValidationSample, prediction: str) -> float:
+        from validate.ruler import string_match_all
+
+        return string_match_all(prediction, sample.meta["answers"])
+
+
+SUITES = {"niah": NiahSuite, "longbench": LongBenchSuite, "ruler": RulerSuite}
+
+
+# The options that only some suites take (the others refuse them rather than ignore them).
+SUITE_OPTIONS = {"tasks": ("ruler",), "seed": ("ruler",), "depths": ("niah",), "needle": ("niah",),
+                 "question": ("niah",), "answer": ("niah",), "multi_query": ("niah", "longbench")}
+
+
+def check_suite_options(suite: str, **given) -> None:
+    """One line for an option given to a suite that does not take it (None / False: not given)."""
+    for option, value in given.items():
+        if value not in (None, False) and suite not in SUITE_OPTIONS[option]:
+            takers = " or ".join(SUITE_OPTIONS[option])
+            raise UserInputError(f"--{option.replace('_', '-')} is for --suite {takers}, not {suite}")
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:

@@ -3,11 +3,14 @@
 Layout of a sweep directory:
   sweep-config.json   what was asked (model, suite, cells, backend): a resumed sweep must ask the same
   cells/<cell>/       one validation run per cell (samples.jsonl written as each sample finishes, summary.json)
-  engines/<cell>/     the ONNX engine of each cell (`--engine-backend onnx`), built once and reused on resume
-  sweep.json          score per cell, per group and per LongBench category; KV bytes held against `plan`'s
+  engines/<cell>/     the ONNX engine of each cell run on its own (`--engine-backend onnx`), built once, reused on
+                      resume; engines/shared-prefill/: the engine of the shared prefill (validate.sweep_shared)
+  sweep.json          score per cell, per group, per LongBench category / RULER task; KV bytes held against plan's
   report.md           the same as tables; plots: score_vs_kv.png and, for NIAH, niah_cells.png
 
-FullKV does not depend on the budget, so it is one cell (`full`) however many budgets are swept.
+FullKV does not depend on the budget, so it is one cell (`full`) however many budgets are swept. The cells of the
+methods that select after the full prefill share one prefill per sample (validate.sweep_shared) unless the sweep
+runs every cell on its own (`--no-shared-prefill`); the cell directories and reports are the same either way.
 """
 
 from __future__ import annotations
@@ -103,7 +106,16 @@ def cell_summary(cell: Cell, records: list[dict], spec, dtype: str, suite: str) 
     }
     if suite == "longbench":
         row["categories"] = category_scores(summary["groups"])
+    if suite == "ruler":  # each task's score over its lengths
+        row["tasks"] = {t["task"]: t["engine_score"] for t in summary["tasks"]}
     return row
+
+
+def failure_links(out: Path, cell: Cell, records: list[dict]) -> list[dict]:
+    """The cell's inspect pages of failed samples (validate.failures), with paths relative to the sweep."""
+    from validate.failures import pages
+
+    return [{**p, "page": f"cells/{cell.name}/{p['page']}"} for p in pages(out / "cells" / cell.name, records)]
 
 
 def category_scores(groups: list[dict]) -> dict[str, float]:
@@ -154,21 +166,47 @@ def open_cell_engine(out: Path, cell: Cell, loaded, backend: str, dtype: str, ma
     return OrtEngine(path)
 
 
-def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None) -> list[dict]:
-    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped)."""
-    from validate.report import write_report
-    from validate.runner import SAMPLES_FILE, read_records, record_ids, run_samples
+def run_cell(out: Path, cell: Cell, engine, samples, suite, progress=None, inspect_failures: bool = False,
+             model: str = "") -> list[dict]:
+    """Run the samples of one cell into cells/<cell> (resumable: finished samples are skipped); with
+    `inspect_failures`, an inspect page for each sample it scores below 1 (validate.failures)."""
+    from validate.runner import SAMPLES_FILE, run_samples
+
+    cell_dir, run, done = start_cell(out, cell, engine.name, suite)
+    pages = failure_pages(cell_dir, run, engine, model) if inspect_failures else None
+    run_samples(samples, suite, engine, None, cell_dir / SAMPLES_FILE, done, progress, on_result=pages,
+                generate_options=pages.generate_options if pages else None)
+    return finish_cell(cell_dir, run, samples, suite, pages)
+
+
+def start_cell(out: Path, cell: Cell, engine_name: str, suite) -> tuple[Path, dict, set[str]]:
+    """cells/<cell> with its run.json; the ids of the samples it already holds (a torn last line cut off)."""
+    from validate.runner import SAMPLES_FILE, read_records
 
     cell_dir = out / "cells" / cell.name
     cell_dir.mkdir(parents=True, exist_ok=True)
-    samples_file = cell_dir / SAMPLES_FILE
-    run = {"engine": f"{engine.name}:{cell.name}", "reference": None, "shard": "0/1",
+    run = {"engine": f"{engine_name}:{cell.name}", "reference": None, "shard": "0/1",
            "config": {"suite": suite.name, "policy": cell.policy.describe()}}
     atomic_write_text(cell_dir / "run.json", json.dumps(run, indent=2, ensure_ascii=False))
-    done = {r["id"] for r in read_records(samples_file, repair=True)}
-    run_samples(samples, suite, engine, None, samples_file, done, progress)
+    return cell_dir, run, {r["id"] for r in read_records(cell_dir / SAMPLES_FILE, repair=True)}
+
+
+def failure_pages(cell_dir: Path, run: dict, engine, model: str):
+    """The runner's hook writing the inspect page of each failed sample (validate.failures.FailurePages)."""
+    from validate.failures import FailurePages
+
+    return FailurePages(cell_dir, engine, model, run["engine"])
+
+
+def finish_cell(cell_dir: Path, run: dict, samples, suite, pages=None) -> list[dict]:
+    """The cell's records of these samples (and the inspect pages a resumed run lacks), and its report."""
+    from validate.report import write_report
+    from validate.runner import SAMPLES_FILE, read_records, record_ids
+
     wanted = {rid for s in samples for rid in record_ids(s)}
-    records = [r for r in read_records(samples_file) if r["id"] in wanted]
+    records = [r for r in read_records(cell_dir / SAMPLES_FILE) if r["id"] in wanted]
+    if pages is not None:
+        pages.fill_missing(samples, records)
     write_report(cell_dir, records, suite.name, run)
     return records
 

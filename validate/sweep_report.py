@@ -31,6 +31,8 @@ def markdown(summary: dict[str, Any]) -> str:
     extra: list[str] = []
     if suite == "longbench":
         extra = sorted({c for r in rows for c in r.get("categories", {})})
+    elif suite == "ruler":
+        extra = list(dict.fromkeys(t for r in rows for t in r.get("tasks", {})))
     elif rows:
         extra = [f"L{n}" for n in sorted({n for r in rows for n in _by_length(r)})]
     cols = ["cell", "score", "delta_to_full", "kv_ratio", "kv_bytes_held", "kv_matches_plan", "kv_span_over_held",
@@ -38,7 +40,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
-        per = r.get("categories", {}) if suite == "longbench" else {f"L{n}": v for n, v in _by_length(r).items()}
+        per = _panels(r, suite) if suite != "niah" else {f"L{n}": v for n, v in _by_length(r).items()}
         values = [r["cell"], r["score"], r["delta_to_full"], r["kv_ratio"], r["kv_bytes_held"], r["kv_matches_plan"],
                   r.get("kv_span_over_held")]
         lines.append("| " + " | ".join(str(v) for v in values + [per.get(c) for c in extra]) + " |")
@@ -46,9 +48,20 @@ def markdown(summary: dict[str, Any]) -> str:
               "kv_matches_plan: equal to `pkv-export plan` for every sample (ChunkKV: at most); kv_span_over_held: "
               "bytes the cache layout spans (each layer as wide as its longest head) over the kept pairs' bytes "
               "(above 1 for KVzip's per-head lengths)."]
+    failed = [r for r in rows if r.get("inspect_pages")]
+    if failed:
+        lines += ["", "## Failed samples: what each cell's cache kept", ""]
+        for r in failed:
+            links = ", ".join(f"[{p['id']}]({p['page']})" for p in r["inspect_pages"])
+            lines.append(f"- `{r['cell']}` ({len(r['inspect_pages'])}): {links}")
     if summary.get("plots"):
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _panels(row: dict, suite: str) -> dict[str, float]:
+    """A cell's scores by LongBench category or RULER task (NIAH: none)."""
+    return row.get({"longbench": "categories", "ruler": "tasks"}.get(suite, ""), {})
 
 
 def plots(out: Path, summary: dict[str, Any], suite: str) -> list[str]:
@@ -60,9 +73,11 @@ def plots(out: Path, summary: dict[str, Any], suite: str) -> list[str]:
 
 
 def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
-    """One panel per LongBench category (plus the overall score): score against KV ratio, a line per policy."""
+    """One panel per LongBench category or RULER task (plus the overall score): score against KV ratio, a line per
+    policy."""
     rows = summary["cells"]
-    panels = ["overall"] + (sorted({c for r in rows for c in r.get("categories", {})}) if suite == "longbench" else [])
+    named = [c for r in rows for c in _panels(r, suite)]
+    panels = ["overall"] + (sorted(set(named)) if suite == "longbench" else list(dict.fromkeys(named)))
     cols = min(len(panels), 4)
     fig = new_figure(4.2 * cols, 3.4 * math.ceil(len(panels) / cols))
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
@@ -70,7 +85,7 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
     for ax, panel in zip(axes, panels, strict=False):
         for policy in policies:
             mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["kv_ratio"] or 0)
-            ys = [r["score"] if panel == "overall" else r.get("categories", {}).get(panel) for r in mine]
+            ys = [r["score"] if panel == "overall" else _panels(r, suite).get(panel) for r in mine]
             xs = [r["kv_ratio"] for r in mine]
             if mine and mine[0].get("control") and ys and ys[0] is not None:  # FullKV: a level, not a curve
                 ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)

@@ -21,6 +21,7 @@ from exporter.onnx.prefill import build_prefill
 from exporter.onnx.targets import ROTARY_CACHES, TARGETS
 from exporter.onnx.weights import ExternalWeights, planned_weight_bytes, write_model_weights
 from exporter.outputs import check_output, staging_dir
+from exporter.plan import human_bytes
 from exporter.quantize import WeightQuant
 from methods import KVPolicy
 from methods.backends import build_backend
@@ -62,12 +63,15 @@ def check_disk(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed * 1.05 > free:
         raise UserInputError(f"not enough disk space under {where.parent}: the engine needs about "
-                             f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+                             f"{human_bytes(needed)}, {human_bytes(free)} free")
 
 
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
                       max_input_len: int | None = None, force: bool = False, progress=None,
-                      target: str = "onnxruntime", weights: WeightQuant | None = None) -> dict[str, Any]:
+                      target: str = "onnxruntime", weights: WeightQuant | None = None,
+                      shared_prefill: tuple | None = None) -> dict[str, Any]:
+    """`shared_prefill` (score kinds, methods.shared_prefill): add the capture graph of a shared prefill that outputs
+    those scores (exporter.onnx.shared_prefill; a sweep's one prefill per sample), recorded in the manifest."""
     spec = loaded.spec
     if target not in TARGETS:
         raise UserInputError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
@@ -81,13 +85,14 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
     policy.check_backend(build_backend("onnx", target))
     check_output(Path(out), "engine", force, [loaded.input_path])
     selected = policy.layer_selected(spec.num_layers, max_input_len) if policy.compresses else None
-    notes = []
-    if selected and max(selected) + policy.window > TRT_TOPK_MAX:
-        notes.append(f"layer budget {max(selected)} + window {policy.window} exceeds TensorRT's TopK limit "
-                     f"{TRT_TOPK_MAX}: "
-                     "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     inv_freq, scaling = rotary_parameters(loaded)
     cfg = GraphConfig(spec, policy, np_dtype, inv_freq, scaling, target, max_input_len, loaded.tokenizer, weights)
+    largest = cfg.largest_selected  # per layer over every prompt length: the plugins' widths less the window
+    notes = []
+    if largest and max(largest) + policy.window > TRT_TOPK_MAX:
+        notes.append(f"layer budget {max(largest)} + window {policy.window} exceeds TensorRT's TopK limit "
+                     f"{TRT_TOPK_MAX}: "
+                     "this engine runs on onnxruntime but cannot be converted to TensorRT as is")
     with staging_dir(Path(out), "engine", force, [loaded.input_path]) as tmp:
         check_disk(tmp, planned_weight_bytes(spec, np_dtype.itemsize, cfg.weights))
         weights = ExternalWeights(tmp, np_dtype)
@@ -103,6 +108,12 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         graphs += [(name, CHUNK_BUILDERS[name]) for name in chunk_graph_names(policy, target)]
         for name, method_graph in policy.extra_graphs().items():  # the method's own (PyramidInfer: evict.onnx)
             graphs.append((name, _method_graph(method_graph)))
+        extra = {}
+        if shared_prefill is not None:
+            from exporter.onnx.shared_prefill import SHARED_PREFILL_GRAPH, capture_builder
+
+            graphs.append((SHARED_PREFILL_GRAPH, capture_builder(tuple(shared_prefill))))
+            extra["shared_prefill"] = {"graph": SHARED_PREFILL_GRAPH, "scores": [list(k) for k in shared_prefill]}
         for name, builder in graphs:
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))
@@ -117,7 +128,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "tokenizer": "tokenizer",
             "policy": {"name": policy.name, **policy.hyperparameters()},
             "budgets": {"rule": "methods.budgets, evaluated in-graph from the prompt length",
-                        "selected_at_max_input_len": selected},
+                        "selected_at_max_input_len": selected, "largest_selected": largest},
             "dtype": dtype,
             "weights": cfg.weights.record() if cfg.weights else {"format": "fp"},
             "max_input_len": max_input_len,
@@ -126,5 +137,6 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             "cache_heads": cfg.cache_heads,
             "notes": notes,
             "tools": tool_versions(),
+            **extra,
         })
     return manifest

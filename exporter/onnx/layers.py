@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from onnx import TensorProto
@@ -29,15 +30,21 @@ class GraphConfig:
     inv_freq: np.ndarray  # [d/2] float32, from the model's rotary embedding
     attention_scaling: float  # RoPE cos/sin factor (1.0 except for some scaled RoPE types)
     target: str = "onnxruntime"
-    max_input_len: int | None = None  # sizes the TensorRT plugin's static output width
+    max_input_len: int | None = None  # sizes the TensorRT plugins' static output widths (max_selected)
     tokenizer: Callable | None = None  # loads the model's tokenizer, for a method whose graph holds token ids (KVzip)
     weights: WeightQuant | None = None  # weight-only quantization of the decoder's linear layers (`--weights`)
 
+    @cached_property
+    def largest_selected(self) -> list[int] | None:
+        """Per layer, the largest budget any batch of prompts the engine accepts asks of it (every length up to
+        its max input length, not just that one: `KVPolicy.largest_selected`); None when none is compressed."""
+        return self.policy.largest_selected(self.spec.num_layers, self.max_input_len or
+                                            self.spec.max_position_embeddings)
+
     def max_selected(self, layer: int) -> int:
-        """The largest budget layer `layer` gives any prompt the engine accepts (at its max input length)."""
-        selected = self.policy.layer_selected(self.spec.num_layers, self.max_input_len or
-                                              self.spec.max_position_embeddings)
-        return 0 if selected is None else selected[layer]
+        """Layer `layer`'s `largest_selected`: the TensorRT plugins' static output width, less the window."""
+        largest = self.largest_selected
+        return 0 if largest is None else largest[layer]
 
     @property
     def onnx_dtype(self) -> int:

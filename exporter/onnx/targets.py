@@ -7,9 +7,10 @@ layer's cache in place when one buffer is bound as both past and present), and
 
 `tensorrt` uses standard ops only (TensorRT parses no `com.microsoft` op): the ONNX `Attention` op (opset 23,
 4-D, `is_causal`; TensorRT maps it to its attention layer from 10.14), `TensorScatter` (opset 24; TensorRT's
-in-place KV-cache update) for the decode cache, plain ops for RMSNorm, and `PyramidKVSelect` nodes that carry
-`plugin_namespace="pkv"` so TensorRT's parser (10.15+) hands them to the plugin while onnxruntime inlines the
-same-named local function.
+in-place KV-cache update) for the decode cache, plain ops for RMSNorm, and selection nodes (`PyramidKVSelect`,
+`StreamingLLMSelect`, `ChunkKVSelect`, `ChunkKVGather`) that carry `plugin_namespace="pkv"` and the attributes
+their GPU kernels need, while onnxruntime inlines the same-named local function; the TensorRT build expands each
+into its chain of kernel plugins before parsing (`trt_plugins/trt_chain.py`).
 
 Both targets right-pad the prompt (every row's real tokens first), which is what fused attention assumes and
 what makes causal attention ignore padding without a [q, q] mask.

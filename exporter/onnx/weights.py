@@ -94,6 +94,7 @@ def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeig
     `add_quantized`)."""
     torch_dtype = torch.float16 if out.np_dtype == np.float16 else torch.float32
     tensors = exported_tensors(spec)
+    groups = spec.num_layers + 2  # progress: the embedding, each layer, then the final norm and lm_head
     for i, (name, parts) in enumerate(tensors):
         tensor = torch.cat([source.get(p).to(torch_dtype) for p in parts], dim=0) if len(parts) > 1 \
             else source.get(parts[0]).to(torch_dtype)
@@ -104,8 +105,17 @@ def write_model_weights(spec: ModelSpec, source: WeightSource, out: ExternalWeig
         else:
             out.add(name, tensor.contiguous().numpy())
         del tensor
-        if progress:
-            progress(i + 1, len(tensors))
+        group = _group(name, spec.num_layers)
+        following = _group(tensors[i + 1][0], spec.num_layers) if i + 1 < len(tensors) else groups
+        if progress and following != group:  # a part finished: (parts written, parts, bytes written)
+            progress(group + 1, groups, out.nbytes)
+
+
+def _group(name: str, num_layers: int) -> int:
+    """0 for the embedding, 1 + l for layer l's tensors, num_layers + 1 for the final norm and lm_head."""
+    if name.startswith("model.layers."):
+        return 1 + int(name.split(".")[2])
+    return 0 if name.startswith("model.embed_tokens") else num_layers + 1
 
 
 def add_quantized(out: ExternalWeights, name: str, weight: np.ndarray, quant: WeightQuant, layout: str) -> None:

@@ -1,1 +1,2 @@
-"""The TensorRT backend writer: plans built from the tensorrt-target ONNX graphs with the PyramidKVSelect plugin."""
+"""The TensorRT backend writer: plans built from the tensorrt-target ONNX graphs, each selection node run as its
+chain of `pkv` kernel plugins."""

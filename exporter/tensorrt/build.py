@@ -3,9 +3,9 @@
 The ONNX graphs of the tensorrt target (standard ops, `Attention`, `TensorScatter`, selection nodes naming the
 `pkv` plugins) are built first, in a temporary directory, then parsed by TensorRT with the plugins registered and
 built into plans with one optimization profile each: batch 1..`max_batch`, prompts 1..`max_input_len`, and for
-decode every layer's own cache capacity (its largest kept length plus `max_new_tokens`). The plans embed the
-weights; the ONNX graphs are not kept. Same engine directory rules as every build (staged, renamed at the end,
-manifest last, `--force` only over an engine).
+decode every layer's own cache capacity (its largest kept length over every prompt length plus `max_new_tokens`,
+recorded in the manifest's `tensorrt.capacities`). The plans embed the weights; the ONNX graphs are not kept. Same
+engine directory rules as every build (staged, renamed at the end, manifest last, `--force` only over an engine).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from exporter.checkpoint import LoadedModel
 from exporter.engine_dir import tool_versions, write_manifest
 from exporter.outputs import check_output, staging_dir
+from exporter.slot_plan import largest_kept
 from exporter.tensorrt.graphs import parser_input
 from methods import KVPolicy
 from methods.backends import TENSORRT
@@ -39,12 +40,23 @@ def require_tensorrt():
     return trt
 
 
+def layer_kept(policy: KVPolicy, num_layers: int, max_input_len: int) -> list[int]:
+    """Per layer, the longest kept prompt the prefill can hand to decode for any batch of prompts of
+    1..max_input_len tokens: a whole prompt too short to compress (`largest_kept`: over every length, not the value
+    at max_input_len, which PyramidKV's deep layers undercut), and never less than the selection plugins' static
+    output width, the layer's largest budget over every length plus the window (`KVPolicy.largest_selected`,
+    what `GraphConfig.max_selected` gives the plugins)."""
+    kept = largest_kept(policy, num_layers, max_input_len)
+    widest = policy.largest_selected(num_layers, max_input_len)
+    if widest is None:
+        return kept
+    return [max(k, s + min(policy.window, max_input_len)) for k, s in zip(kept, widest, strict=True)]
+
+
 def layer_capacities(policy: KVPolicy, num_layers: int, max_input_len: int, max_new_tokens: int) -> list[int]:
-    """Largest cache a layer holds during generation: its largest kept prompt plus every generated token."""
-    selected = policy.layer_selected(num_layers, max_input_len) if policy.compresses else None
-    kept = [max_input_len] * num_layers if selected is None else [s + min(policy.window, max_input_len)
-                                                                   for s in selected]
-    return [k + max_new_tokens for k in kept]
+    """Largest cache a layer holds during generation: its longest kept prompt (`layer_kept`) plus every generated
+    token. The decode plan's profile and the manifest's `tensorrt.capacities`."""
+    return [k + max_new_tokens for k in layer_kept(policy, num_layers, max_input_len)]
 
 
 def profile_shapes(name: str, shape: tuple, max_batch: int, max_input_len: int, capacities: list[int],
@@ -103,7 +115,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
     from exporter.onnx.export import build_onnx_engine
 
     trt = require_tensorrt()
-    from trt_plugins.trt_plugin import register_plugins
+    from trt_plugins.trt_plugin import plugin_names, register_plugins
 
     if max_batch < 1 or max_new_tokens < 1:
         raise UserInputError("--max-batch and --max-new-tokens must be at least 1")
@@ -133,7 +145,7 @@ def build_tensorrt_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, d
                 "backend": "tensorrt", **keep, "tokenizer": "tokenizer",
                 "tensorrt": {"version": trt.__version__, "plans": ["prefill.plan", "decode.plan"],
                              "max_batch": max_batch, "max_new_tokens": max_new_tokens,
-                             "capacities": capacities, "plugins": ["pkv::PyramidKVSelect", "pkv::StreamingLLMSelect"],
+                             "capacities": capacities, "plugins": plugin_names(),
                              "onnx": source["onnx"]},
                 "tools": {**tool_versions(), "tensorrt": trt.__version__},
             })

@@ -6,6 +6,10 @@ decomposable. onnx-tensorrt's Attention importer sets that from a node attribute
 default 0; read in `onnxOpImporters.cpp`). The attribute is not in the ONNX schema, so onnxruntime and
 `onnx.checker` refuse a graph that carries it ("Unrecognized attribute"): the engine's graphs stay standard,
 and the build parses a marked copy written next to them (the same external weights file), never shipped.
+
+The same copy is where each selection node becomes the chain of GPU kernels that computes it
+(`trt_plugins.trt_chain`): one `pkv` plugin per kernel, since a TensorRT AOT plugin runs one kernel and the
+selection is spread over several. The engine's graphs keep the single node and its ONNX function.
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ def mark_decomposable(model: onnx.ModelProto) -> int:
 
 
 def parser_input(onnx_path: Path) -> Path:
-    """A copy of `onnx_path` with every Attention node decomposable, beside it (its external data resolves to
-    the same files); the input TensorRT's parser reads."""
+    """A copy of `onnx_path` with every Attention node decomposable and every selection node expanded into its
+    kernel chain, beside it (its external data resolves to the same files); the input TensorRT's parser reads."""
+    from trt_plugins.trt_chain import expand_selections
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     mark_decomposable(model)
+    expand_selections(model)
     out = onnx_path.with_name(f"{onnx_path.stem}.tensorrt-parser.onnx")
     onnx.save_model(model, str(out))
     return out

@@ -10,7 +10,10 @@ from click.testing import CliRunner
 
 from engines.base import GenerationResult
 from engines.compare import compare_results, first_divergence, jaccard
+from exporter.checkpoint import LoadedModel, load_model
+from exporter.weights import RandomWeights
 from pkv_cli import main
+from tests.conftest import write_checkpoint
 
 
 def result(tokens, logits, kept=None):
@@ -40,6 +43,14 @@ def test_logits_beyond_tolerance_and_index_sets_that_differ():
     assert not other.passed and other.index_agreement == pytest.approx((0.5 + 1 + 1) / 3)
 
 
+def test_nan_logits_fail_even_where_both_sides_are_nan():
+    """Issue 31 case 2: a NaN difference is a failure, never a pass (checked here, not left to Polygraphy)."""
+    nan = torch.full((1, 2, 5), float("nan"))
+    for got, want in ((nan, nan.clone()), (nan, torch.zeros(1, 2, 5)), (torch.zeros(1, 2, 5), nan)):
+        c = compare_results(result([[0, 0]], got), result([[0, 0]], want), atol=1e30)
+        assert not c.passed and not c.logits_within_tolerance and c.logits_within_tolerance is False
+
+
 def test_first_divergence_and_jaccard_edges():
     assert first_divergence([[1, 2], [3]], [[1, 2], [3, 4]]) == 1
     assert first_divergence([[1]], [[1]]) is None
@@ -49,14 +60,18 @@ def test_first_divergence_and_jaccard_edges():
 
 
 @pytest.mark.parametrize("batch", ["1", "2", "3"])
-def test_cli_compare_against_another_model_fails_cleanly(tmp_path_factory, batch):
+def test_cli_compare_against_other_weights_fails_cleanly(tmp_path_factory, batch):
+    """The same architecture with other weights (another model is refused before anything runs: issue 31)."""
     engine = tmp_path_factory.getbasetemp() / "cmp-engine"
+    other = tmp_path_factory.getbasetemp() / "cmp-other-weights"
     if not engine.exists():
         r = CliRunner().invoke(main, ["build", "--model", "tiny-llama3", "--kv-budget", "32", "--window", "4",
                                       "--max-input-len", "512", "--out", str(engine)])
         assert r.exit_code == 0, r.output
+        spec = load_model("tiny-llama3").spec
+        write_checkpoint(LoadedModel(spec, "seed 1", RandomWeights(spec, seed=1), None, True), other)
     for json_flag in ([], ["--json"]):
-        r = CliRunner().invoke(main, ["compare", "--engine", str(engine), "--model", "tiny-mistral", "--prompt-len",
+        r = CliRunner().invoke(main, ["compare", "--engine", str(engine), "--model", str(other), "--prompt-len",
                                       "300", "--batch", batch, "--max-new-tokens", "8", *json_flag])
         assert r.exit_code == 1, r.output
         assert "Traceback" not in r.stderr and r.stderr.strip().splitlines() == [

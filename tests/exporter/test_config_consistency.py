@@ -39,8 +39,13 @@ def _add_bias(t):
 
 
 CASES = {
-    "more layers in config": (_set(num_hidden_layers=5), None, "'model.layers.4.self_attn.q_proj.weight' is missing"),
-    "fewer layers in config": (_set(num_hidden_layers=3), None, "model.layers.3."),
+    "more layers in config": (_set(num_hidden_layers=5), None, "num_hidden_layers = 5, the checkpoint holds 4 layers"),
+    "fewer layers in config": (_set(num_hidden_layers=3), None, "num_hidden_layers = 3, the checkpoint holds 4 layers"),
+    # issue 31 case 5: absurd sizes are refused before anything is sized by them (they made plan OOM, build grow
+    # to 6.4 GB, generate hang)
+    "a billion layers": (_set(num_hidden_layers=10**9), None, "num_layers = 1000000000: must be at most 1024"),
+    "absurd positions": (_set(max_position_embeddings=10**15), None, "max_position_embeddings"),
+    "infinite rms eps": (_set(rms_norm_eps=float("inf")), None, "rms_norm_eps"),
     "bias tensor in weights": (None, _add_bias, "q_proj.bias' is not used"),
     "attention_bias in config": (_set(attention_bias=True), None, "attention_bias"),
     "mlp_bias in config": (_set(mlp_bias=True), None, "mlp_bias"),
@@ -83,3 +88,13 @@ def test_bf16_and_fp16_checkpoints_still_load(tmp_path, tiny_llama_dir):
         d = edit(tmp_path, tiny_llama_dir, tensors=lambda t, dt=dtype: t.update({k: v.to(dt) for k, v in t.items()}))
         assert load_model(str(d)).weights.get("model.norm.weight").dtype == dtype
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("layers,fragment", [(10**9, "must be at most 1024"), (900, "the checkpoint holds 4 layers")])
+def test_plan_of_a_checkpoint_refuses_a_config_its_weights_cannot_be(tmp_path, tiny_llama_dir, layers, fragment):
+    """Issue 31 case 5: `plan --model DIR` with num_hidden_layers 1e9 was OOM-killed after 153 s building its
+    tables; presets still plan without weights (tests/pkv_cli/test_cli.py plans llama3-70b)."""
+    d = edit(tmp_path, tiny_llama_dir, _set(num_hidden_layers=layers))
+    r = CliRunner().invoke(main, ["plan", "--model", str(d), "--context", "1000"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr

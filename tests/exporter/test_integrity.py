@@ -124,6 +124,8 @@ def reseal(m):
     ("files.0.bytes", -1, "files[0]"),
     ("files.0.sha256", "abc", "files[0]"),
     ("onnx.graphs", ["nope.onnx"], "not among the engine's files"),
+    ("shared_prefill", {"graph": "nope.onnx", "scores": []}, "'shared_prefill.graph'"),  # a sweep's capture graph
+    ("shared_prefill", {"graph": "prefill.onnx", "scores": [["sideways", 4]]}, "'shared_prefill.scores'"),
 ])
 def test_malformed_manifest_values_are_one_line(engine, tmp_path, field, value, fragment):
     d = copy(engine, tmp_path)
@@ -166,3 +168,22 @@ def test_a_build_seeds_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hash_cache, "sha256_file", lambda p: calls.append(p))
     read_manifest(out)
     assert calls == [], "files hashed by the build are not hashed again when the engine is first opened"
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("model.num_layers", 8, "it says 8 layers, prefill.onnx has 4"),
+    ("model.num_layers", 3, "it says 3 layers, prefill.onnx has 4"),
+    ("model.num_layers", 10**6, "num_layers = 1000000: must be at most 1024"),
+    ("model.vocab_size", 300, "logits has 259 vocab_size, the manifest says 300"),
+    ("model.head_dim", 8, "has 16 head_dim, the manifest says 8"),
+])
+def test_manifest_resealed_with_other_sizes_is_checked_against_the_graphs(engine, tmp_path, field, value, fragment):
+    """Issue 31 case 6: a manifest edited (num_layers 8 / 3 / 1e6) with its digest recomputed gave KeyError
+    `kept_indices.4` or onnxruntime's "Missing Input": its sizes are checked against the graphs' declared inputs
+    and outputs when the engine opens."""
+    d = copy(engine, tmp_path)
+    m = json.loads((d / MANIFEST).read_text())
+    section, key = field.split(".")
+    m[section][key] = value
+    (d / MANIFEST).write_text(json.dumps(reseal(m)))
+    assert fragment in cli_error("generate", "--engine", str(d), "--prompt", "hi")

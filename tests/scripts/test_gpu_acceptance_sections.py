@@ -45,3 +45,35 @@ def test_fp16_envelope(acceptance):
     assert not acceptance.within_fp16_envelope({"max_abs_logit_diff": 0.001, "index_agreement": 0.9}, baseline)
     tiny = {"max_abs_logit_diff": 1e-5, "index_agreement": None}  # FullKV: no kept sets; at least 1e-3 allowed
     assert acceptance.within_fp16_envelope({"max_abs_logit_diff": 9e-4, "index_agreement": None}, tiny)
+
+
+@pytest.fixture(scope="module")
+def bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels_sections", SCRIPT.parent / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bandwidth_from_device_properties_or_the_table(bench_kernels):
+    class Props:  # an H100 SXM as torch reports it: memory clock in kHz, bus width in bits
+        memory_clock_rate, memory_bus_width = 2_619_000, 5120
+
+    bandwidth, source = bench_kernels.memory_bandwidth(Props(), "NVIDIA H100 80GB HBM3")
+    assert abs(bandwidth - 3.352e12) < 1e9 and "device properties" in source
+    assert bench_kernels.memory_bandwidth(object(), "NVIDIA H200") == (4.8e12, "datasheet table: H200")
+    assert bench_kernels.memory_bandwidth(object(), "NVIDIA H100 PCIe")[0] == 2.0e12, "the first match wins"
+    assert bench_kernels.memory_bandwidth(object(), "Some GPU")[0] is None
+    # K and V of one LLaMA-3-8B layer at 32k tokens, fp16: 128 MiB, about 28 us on an H200
+    assert bench_kernels.bytes_bound_us(2 * 8 * 32768 * 128 * 2, 4.8e12) == 27.96
+    assert bench_kernels.bytes_bound_us(1, None) is None
+
+
+def test_kernel_targets_are_the_issues(acceptance):
+    rows = [{"method": "pyramidkv", "context": 4096, "kernel_ms": 0.1, "spec_ms": 1.4},
+            {"method": "pyramidkv", "context": 32768, "kernel_ms": 0.5, "spec_ms": 2.2, "kernel_vs_bytes_bound": 17.9},
+            {"method": "chunkkv", "context": 32768, "kernel_ms": 9.0, "spec_ms": None}]
+    assert acceptance.kernel_targets(rows) == {"faster_than_spec_at_every_length": True,
+                                               "at_least_4x_faster_at_32k": True,
+                                               "within_10x_of_bytes_bound_at_32k": False}
+    assert acceptance.kernel_targets(rows[:1])["at_least_4x_faster_at_32k"] is None

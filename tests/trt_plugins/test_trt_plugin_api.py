@@ -19,10 +19,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the triton package (dev / gpu extras) is not installed")
 
 from tests.trt_plugins import trt_standin  # noqa: E402
+from tests.trt_plugins.payload_cases import CASES, HEAD_DIM, HEADS, KV_HEADS  # noqa: E402
+from trt_plugins import select_stages as st  # noqa: E402
 from trt_plugins import trt_plugin  # noqa: E402
-from trt_plugins.trt_aot import scalar_args  # noqa: E402
 
-PLUGINS = ["pkv::PyramidKVSelect", "pkv::StreamingLLMSelect"]
+PLUGINS = trt_plugin.plugin_names()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def recorded():
     patch.undo()
 
 
-def test_both_plugins_register_all_three_functions(recorded):
+def test_every_stage_plugin_registers_all_three_functions(recorded):
+    assert len(PLUGINS) == len(st.STAGES) == 9
     assert sorted(recorded) == sorted((p, k) for p in PLUGINS for k in ("register", "impl", "aot_impl"))
 
 
@@ -53,24 +55,32 @@ def test_annotations_are_real_types_when_the_decorator_runs(recorded, name, kind
 
 @pytest.mark.parametrize("name", PLUGINS)
 def test_register_signature_as_tensorrt_parses_it(recorded, name):
+    stage = next(s for s in st.STAGES if f"pkv::{s.name}" == name)
     sig = inspect.signature(recorded[(name, "register")])
     seen_attribute = False
     for param in sig.parameters.values():
         assert param.annotation is not inspect.Parameter.empty and param.default is inspect.Parameter.empty
+        assert param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
         if inspect.isclass(param.annotation) and issubclass(param.annotation, trt_standin.TensorDesc):
             assert not seen_attribute, "tensors first, then attributes"
         else:
             seen_attribute = True
             assert param.annotation in (int, float, bytes, bool, str), f"{param.name}: {param.annotation}"
+            assert param.name not in ("outputs", "stream", "tactic")
+    assert list(sig.parameters) == stage.inputs + stage.attributes
     ret = sig.return_annotation
-    assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
+    assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == len(stage.outputs)
     assert all(issubclass(a, trt_standin.TensorDesc) for a in typing.get_args(ret))
 
 
 @pytest.mark.parametrize("name", PLUGINS)
-def test_aot_impl_declares_the_payload_tensorrt_expects(recorded, name):
+def test_impl_and_aot_impl_schemas_as_tensorrt_checks_them(recorded, name):
+    """`_validate_impl` / `_validate_aot_impl`: (tensors, attributes in registration order, outputs, stream |
+    tactic), an `aot_impl` return annotation of (str | bytes, str | bytes, KernelLaunchParams, SymExprs)."""
+    registered = list(inspect.signature(recorded[(name, "register")]).parameters)
+    assert list(inspect.signature(recorded[(name, "impl")]).parameters) == registered + ["outputs", "stream"]
     sig = inspect.signature(recorded[(name, "aot_impl")])
-    assert list(sig.parameters)[-2:] == ["outputs", "tactic"]
+    assert list(sig.parameters) == registered + ["outputs", "tactic"]
     outputs = sig.parameters["outputs"].annotation
     assert typing.get_origin(outputs) is tuple
     assert all(issubclass(a, trt_standin.TensorDesc) for a in typing.get_args(outputs))
@@ -83,32 +93,42 @@ def test_aot_impl_declares_the_payload_tensorrt_expects(recorded, name):
     assert issubclass(launch_t, trt_standin.KernelLaunchParams) and issubclass(args_t, trt_standin.SymExprs)
 
 
-@pytest.mark.parametrize("name", PLUGINS)
-def test_aot_impl_runs_on_symbolic_shapes(recorded, name):
-    """The AOT implementation as TensorRT calls it: shape expressions with no reflected operators (int * expr
-    raises TypeError there); the int32 arguments it returns evaluate to the contiguous strides."""
+def _descs(trt, stage, b: int, q: int, constants: dict) -> list:
+    """Input descriptors of a stage as TensorRT hands them over (the shapes a chain gives them)."""
+    fp16, i64, i32, f32 = trt.float16, trt.int64, trt.int32, trt.float32
+    shapes = {"queries": ((b, q, HEADS, HEAD_DIM), fp16), "keys": ((b, KV_HEADS, q, HEAD_DIM), fp16),
+              "values": ((b, KV_HEADS, q, HEAD_DIM), fp16), "lengths": ((b,), i64), "selected": ((b,), i64)}
+    c = constants
+    rows, nt = c.get("ROWS", 1), c["NT"]
+    if "HC" in c:
+        shapes["partials"] = (st.output_shapes(st.PARTIALS, st.Dims(b, q), c)[0], f32)
+        shapes["raw"] = shapes["pooled"] = ((b, c["HC"], q), f32)
+    if c.get("CHUNK"):
+        shapes["chunk_scores"] = ((b, -(-q // c["CHUNK"])), f32)
+    shapes["ranked"] = shapes.get("chunk_scores" if c.get("CHUNK") else "pooled")
+    shapes["hist_in"] = ((b, rows, c.get("PASS", 0), nt, 256), i32)
+    shapes["hist"] = ((b, rows, 4, nt, 256), i32)
+    return [trt_standin.TensorDesc(*shapes[n]) for n in stage.inputs]
+
+
+@pytest.mark.parametrize("case", list(CASES()))
+def test_aot_impl_runs_on_symbolic_shapes(recorded, aot_payloads, case):
+    """Every plugin's AOT implementation as TensorRT calls it (positionally: tensors, attribute values, output
+    descriptors, tactic) on shape expressions with no reflected operators (int * expr raises TypeError there):
+    the kernel is the stage's payload, the grid B x rows x programs, the int32 arguments evaluate to the
+    scalars a launch of the same shapes gets."""
     trt = sys.modules["tensorrt"]
-    b, h, hkv, q, d, window, max_selected = 2, 8, 2, 300, 64, 8, 40
-    queries = trt_standin.TensorDesc((b, q, h, d), trt.float16)
-    keys = trt_standin.TensorDesc((b, hkv, q, d), trt.float16)
-    values = trt_standin.TensorDesc((b, hkv, q, d), trt.float16)
-    lengths = trt_standin.TensorDesc((b,), trt.int64)
-    selected = trt_standin.TensorDesc((b,), trt.int64)
-    fn = recorded[(name, "aot_impl")]
-    if name == "pkv::PyramidKVSelect":
-        attrs = dict(window=window, kernel=7, pooling="max", granularity="kv-head", observe="window", num_heads=h,
-                     num_kv_heads=hkv, head_dim=d, max_selected=max_selected)
-        descs = recorded[(name, "register")](queries, keys, values, lengths, selected, **attrs)
-        kernel_name, ptx, launch, extra = fn(queries, keys, values, lengths, selected, **attrs, outputs=descs,
-                                             tactic=0)
-        heads = h
-    else:
-        attrs = dict(window=window, sinks=4, num_kv_heads=hkv, head_dim=d, max_selected=max_selected)
-        descs = recorded[(name, "register")](keys, values, lengths, selected, **attrs)
-        kernel_name, ptx, launch, extra = fn(keys, values, lengths, selected, **attrs, outputs=descs, tactic=0)
-        heads = hkv
-    width = window + max_selected
-    assert [trt_standin.value(x) for x in descs[0].shape_expr] == [b, hkv, width]
-    assert f".entry {kernel_name}(" in ptx
-    assert trt_standin.value(launch.grid_x) == b * hkv and trt_standin.value(launch.block_x) % 32 == 0
-    assert [trt_standin.value(e) for e in extra.exprs] == scalar_args(b, q, width, heads, hkv, hkv, d)
+    stage, constants, payload = aot_payloads[case]
+    b, q = 2, 300
+    descs = _descs(trt, stage, b, q, constants)
+    attrs = [constants[a] for a in stage.attributes]
+    outs = recorded[(f"pkv::{stage.name}", "register")](*descs, *attrs)
+    want = st.output_shapes(stage, st.Dims(b, q), constants)
+    assert [[trt_standin.value(x) for x in o.shape_expr] for o in outs] == [list(s) for s in want]
+    kernel_name, ptx, launch, extra = recorded[(f"pkv::{stage.name}", "aot_impl")](*descs, *attrs, outs, 0)
+    assert (kernel_name, ptx) == (payload.name, payload.ptx)
+    assert trt_standin.value(launch.grid_x) == stage.grid(b, constants)
+    assert trt_standin.value(launch.block_x) == payload.num_warps * 32
+    shapes = {n: tuple(trt_standin.value(x) for x in d.shape_expr) for n, d in zip(stage.inputs, descs, strict=True)}
+    width = want[0][-1] if "width" in stage.scalars else None
+    assert [trt_standin.value(e) for e in extra.exprs] == st.scalar_values(stage, shapes, width)

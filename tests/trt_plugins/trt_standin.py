@@ -96,7 +96,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType, dict]:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.15-standin"
     trt.QuickPluginCreationRequest = type("QuickPluginCreationRequest", (), {})
-    for name in ("float32", "float16", "bfloat16", "int64"):
+    for name in ("float32", "float16", "bfloat16", "int64", "int32"):
         setattr(trt, name, type(name, (), {"name": name})())  # hashable, as tensorrt.DataType members are
     plugin = types.ModuleType("tensorrt.plugin")
 
@@ -113,13 +113,20 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType, dict]:
     plugin.SymInt32, plugin.KernelLaunchParams = SymInt32, KernelLaunchParams
 
     def minimum(a, b):
-        return Sym(min(value(a), value(b))) if isinstance(a, Sym) or isinstance(b, Sym) else min(a, b)
+        if not isinstance(a, Sym) and not isinstance(b, Sym):
+            raise ValueError("tensorrt.plugin.min: both arguments are ints")  # as TensorRT's does
+        return Sym(min(value(a), value(b)))
+
+    def cdiv(a, b):
+        if not isinstance(a, Sym) and not isinstance(b, Sym):
+            raise ValueError("tensorrt.plugin.cdiv: both arguments are ints")
+        return Sym(-(-value(a) // value(b)))
 
     def from_shape_expr(shape, dtype):
         desc = TensorDesc(dtype=dtype)
         desc.shape_expr = tuple(shape)
         return desc
 
-    plugin.min, plugin.from_shape_expr = minimum, from_shape_expr
+    plugin.min, plugin.cdiv, plugin.from_shape_expr = minimum, cdiv, from_shape_expr
     trt.plugin = plugin
     return trt, plugin, recorded

@@ -45,7 +45,65 @@ def test_every_cell_once_with_bytes_checked_against_plan(onnx_sweep):
         assert (onnx_sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (onnx_sweep / "report.md").read_text()
     assert "| pyramidkv-C16 |" in report and "L320" in report and "![niah_cells](niah_cells.png)" in report
-    assert sorted(p.name for p in (onnx_sweep / "engines").iterdir()) == sorted(cells)  # one engine per cell
+    # FullKV's engine, and one engine for the prefill every other cell shares (each cell selects in memory)
+    assert sorted(p.name for p in (onnx_sweep / "engines").iterdir()) == ["full", "shared-prefill"]
+
+
+def timeless_records(out: Path, cell: str) -> list[dict]:
+    rows = (out / "cells" / cell / "samples.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(row).items() if k != "engine_seconds"} for row in rows]
+
+
+def timeless_sweep(out: Path) -> dict:
+    summary = json.loads((out / "sweep.json").read_text())
+    summary.pop("plots", None)
+    for row in summary["cells"]:
+        row.pop("seconds")
+    return summary
+
+
+def assert_same_sweep(a: Path, b: Path) -> None:
+    """Two sweeps of the same settings hold the same cells, records (timings aside), run files and sweep.json."""
+    cells = sorted(p.name for p in (a / "cells").iterdir())
+    assert cells == sorted(p.name for p in (b / "cells").iterdir())
+    for cell in cells:
+        assert timeless_records(a, cell) == timeless_records(b, cell), cell
+        assert (a / "cells" / cell / "run.json").read_text() == (b / "cells" / cell / "run.json").read_text()
+    assert timeless_sweep(a) == timeless_sweep(b)
+
+
+def test_one_prefill_per_sample_equals_every_cell_alone(onnx_sweep, tmp_path):
+    out = tmp_path / "alone"
+    r = run(*NIAH, "--out", str(out), "--no-shared-prefill")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "engines").iterdir()) == sorted(cells_of(out))  # one engine per cell
+    assert "one prefill per sample" not in r.stderr and "cell 5/5 pyramidkv-C32" in r.stderr
+    assert_same_sweep(onnx_sweep, out)
+
+
+# tiny-mistral (sliding window 48) on the reference, both kinds of scores (H2O's every query, the window's) and
+# ChunkKV's chunks, NIAH prompts of about 320 and 400 tokens: PyramidKV at C=24 is a pyramid, at C=200 uniform
+# (320) and a pyramid (400), at C=512 the prompts are kept whole. (tests/engines/test_shared_prefill.py runs every
+# method in every regime on both backends and models.)
+MISTRAL = ("sweep", "--model", "tiny-mistral", "--policies", "h2o,pyramidkv,chunkkv",
+           "--budgets", "24,200,512", "--window", "4", "--suite", "niah", "--lengths", "320,400", "--depths", "50",
+           "--max-new-tokens", "4", "--engine-backend", "reference")
+
+
+def test_reference_sweep_shares_the_prefill_exactly(tmp_path):
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    assert run(*MISTRAL, "--out", str(shared)).exit_code == 0
+    assert run(*MISTRAL, "--out", str(alone), "--no-shared-prefill").exit_code == 0
+    assert_same_sweep(shared, alone)
+    ratios = {c["cell"]: c["kv_ratio"] for c in json.loads((shared / "sweep.json").read_text())["cells"]}
+    assert ratios["pyramidkv-C512"] == 1.0 and ratios["pyramidkv-C24"] < ratios["pyramidkv-C200"] < 1.0
+    # interrupted while sharing (a torn line, a sample missing), resumed one cell at a time: the same sweep
+    victim = shared / "cells" / "h2o-C200" / "samples.jsonl"
+    lines = victim.read_text().splitlines(keepends=True)
+    victim.write_text(lines[0][:20])
+    (shared / "sweep.json").unlink()
+    assert run(*MISTRAL, "--out", str(shared), "--resume", "--no-shared-prefill").exit_code == 0
+    assert_same_sweep(shared, alone)
 
 
 def test_the_onnx_cells_answer_as_the_reference_cells(onnx_sweep, tmp_path):
@@ -65,21 +123,17 @@ def test_resume_runs_only_what_is_missing(onnx_sweep, tmp_path):
     victim = out / "cells" / "pyramidkv-C32" / "samples.jsonl"
     lines = victim.read_text().splitlines(keepends=True)
     victim.write_text(lines[0] + lines[1][:10])  # killed mid-write: one sample finished, one torn
+    other = out / "cells" / "streamingllm-C16" / "samples.jsonl"
+    other.write_text("".join(other.read_text().splitlines(keepends=True)[:-1]))  # its last sample never started
     (out / "sweep.json").unlink()
     untouched = (out / "cells" / "full" / "samples.jsonl").read_text()
-    engine_stamp = (out / "engines" / "pyramidkv-C32" / "pkv-engine.json").stat().st_mtime_ns
+    engine_stamp = (out / "engines" / "shared-prefill" / "pkv-engine.json").stat().st_mtime_ns
     r = run(*NIAH, "--out", str(out), "--resume")
     assert r.exit_code == 0, r.output
-    def answers(rows):
-        return [{k: v for k, v in json.loads(row).items() if k != "engine_seconds"} for row in rows]
-
-    assert answers(victim.read_text().splitlines()) == answers(lines)  # the torn sample redone, the same answers
+    # the torn and missing samples redone (three prefills for one cell, the last shared by two), the same answers
+    assert_same_sweep(out, onnx_sweep)
     assert (out / "cells" / "full" / "samples.jsonl").read_text() == untouched
-    assert (out / "engines" / "pyramidkv-C32" / "pkv-engine.json").stat().st_mtime_ns == engine_stamp
-    def timeless(rows):
-        return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in rows.items()}
-
-    assert timeless(cells_of(out)) == timeless(cells_of(onnx_sweep))  # the same table as the uninterrupted sweep
+    assert (out / "engines" / "shared-prefill" / "pkv-engine.json").stat().st_mtime_ns == engine_stamp
     # a resume with other settings is refused, and leaves the sweep alone
     r = run(*[a if a != "32,16" else "32,24" for a in NIAH], "--out", str(out), "--resume")
     assert r.exit_code == 2 and "other settings (budgets)" in r.stderr
@@ -140,3 +194,28 @@ def test_chunkkv_cells_hold_at_most_plan(tmp_path):
     assert r.exit_code == 0, r.output
     cell = cells_of(out)["chunkkv-C128"]
     assert cell["kv_matches_plan"] and cell["kv_bytes_held"] < cell["kv_bytes_plan"]
+
+
+def test_int4_sweep_answers_as_the_int4_engine(tmp_path):
+    """`sweep --weights int4` runs the cells on the weights `build --weights int4` stores: the reference's answers
+    on them equal an int4 (MatMulNBits) engine's, token for token, and differ from the fp weights' logits."""
+    from engines.ort_engine import OrtEngine
+    from exporter.checkpoint import load_model
+    from validate.suites import NiahSuite
+
+    args = ("sweep", "--model", "tiny-llama3", "--policies", "pyramidkv", "--budgets", "32", "--window", "4",
+            "--suite", "niah", "--lengths", "320", "--depths", "0,100", "--max-new-tokens", "6",
+            "--engine-backend", "reference", "--weights", "int4")
+    r = run(*args, "--out", str(tmp_path / "sweep"))
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "sweep" / "sweep-config.json").read_text())
+    assert config["weights"]["format"] == "int4" and config["weights"]["block_size"] == 32
+    engine = tmp_path / "int4"
+    r = run("build", "--model", "tiny-llama3", "--policy", "pyramidkv", "--kv-budget", "32", "--window", "4",
+            "--weights", "int4", "--max-input-len", "512", "--out", str(engine))
+    assert r.exit_code == 0, r.output
+    samples, _ = NiahSuite([320], [0.0, 100.0], max_new_tokens=6).samples(load_model("tiny-llama3").tokenizer(),
+                                                                             512, None)
+    records = [json.loads(line) for line in (tmp_path / "sweep" / "cells" / "pyramidkv-C32" / "samples.jsonl").open()]
+    got = OrtEngine(engine).generate([s.ids for s in samples], 6)
+    assert [r["engine_answer"] for r in records] == got.text

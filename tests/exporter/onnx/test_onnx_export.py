@@ -32,7 +32,9 @@ def test_manifest(engine_dir):
     assert m["policy"]["name"] == "pyramidkv" and m["policy"]["kv_budget"] == 32
     assert m["model"]["name"] == "tiny-mistral" and m["model"]["sliding_window"] == 48
     assert m["max_input_len"] == 512 and m["onnx"]["ir_version"] <= 13
-    assert len(m["budgets"]["selected_at_max_input_len"]) == 4
+    assert m["budgets"]["selected_at_max_input_len"] == [55, 37, 19, 1]
+    # over every prompt length: layers 2 and 3 keep 28 (C - w) of a prompt in the uniform regime, 32 <= q < 56
+    assert m["budgets"]["largest_selected"] == [55, 37, 28, 28]
     assert {"onnx", "onnxruntime", "torch"} <= set(m["tools"])
     paths = {f["path"] for f in m["files"]}
     assert {"prefill.onnx", "decode.onnx", "weights.bin"} <= paths and all(len(f["sha256"]) == 64 for f in m["files"])

@@ -55,3 +55,33 @@ def test_the_attribute_is_why_the_marked_copy_is_not_the_engine(graphs):
     assert mark_decomposable(tiny) == 1
     with pytest.raises(Exception, match=DECOMPOSABLE):
         ort.InferenceSession(tiny.SerializeToString())
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+
+
+def test_parser_input_runs_each_selection_as_its_kernel_chain(graphs):
+    """TensorRT gets one pkv plugin node per GPU kernel of the selection (trt_plugins/trt_chain.py), never the
+    single PyramidKVSelect node (an AOT plugin runs one kernel); the engine's own prefill graph keeps the node,
+    its ONNX function and nothing of the chain (onnxruntime runs it)."""
+    pytest.importorskip("triton", reason="the chain's stage table names the Triton kernels")
+    from trt_plugins.select_stages import PYRAMIDKV
+
+    own = onnx.load(str(graphs / "prefill.onnx"), load_external_data=False)
+    assert sum(n.op_type == "PyramidKVSelect" for n in _all_nodes(own.graph)) == 4
+    marked = onnx.load(str(parser_input(graphs / "prefill.onnx")), load_external_data=False)
+    nodes = list(_all_nodes(marked.graph))
+    assert not any(n.op_type == "PyramidKVSelect" for n in nodes)
+    plugins = [n for n in nodes if n.domain == "pkv"]
+    assert [n.op_type for n in plugins] == [step.stage.name for step in PYRAMIDKV] * 4, "one chain per layer"
+    for node in plugins:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"pkv" and attrs["plugin_version"] == b"1"
+    emits = [n for n in plugins if n.op_type == "SelectEmit"]
+    budgets = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["MAX_SELECTED"] for n in emits]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1], "each layer's own width (pyramid)"
