@@ -529,7 +529,8 @@ def markdown(report: dict, args, max_len: int) -> str:
     cols = ["policy", "batching", "step_tokens", "slots", "clients", "requests", "held_max", "tokens_per_s",
             "cpu_ms_per_token", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "decode_step_ms",
             "mixed_step_ms", "answers_equal", "refused"]
-    lines = [f"## Serving at a fixed KV memory, chunked prefill: {report['model']}", "",
+    lines = [f"## Serving at a fixed KV memory, chunked prefill: {report['model']}, {report['prompt_tokens']}-token "
+             f"prompts, {report['new_tokens']} new tokens", "",
              f"`{command.strip()}`", "",
              f"One tritonserver per configuration (python backend, CPU, 2 shared cores), KV memory "
              f"{report['kv_memory'] / 2**20:.0f} MiB for every policy (engines built for {max_len} tokens), closed "
