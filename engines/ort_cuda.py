@@ -16,6 +16,9 @@ from pathlib import Path
 
 import onnx
 
+from exporter.onnx.chunk import CHUNK, SELECT
+from exporter.onnx.mixed import MIXED
+
 GQA = ("com.microsoft", "GroupQueryAttention")
 ATTENTION_BIAS_INPUT = 10  # query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
 # sin_cache, position_ids, attention_bias, head_sink
@@ -48,7 +51,9 @@ def cuda_problems(engine_dir: Path, manifest: dict) -> list[str]:
     if manifest["dtype"] == "fp32":
         problems.append("GroupQueryAttention has CUDA kernels for fp16/bf16 only, so an fp32 engine would run "
                         "its attention on the CPU provider (rebuild with --dtype fp16 or bf16)")
-    biased = [g for g in manifest["onnx"]["graphs"] if gqa_with_bias(Path(engine_dir) / g)]
+    # the chunked prefill's graphs run only in the in-flight scheduler, on the CPU provider
+    served = [g for g in manifest["onnx"]["graphs"] if g not in (CHUNK, SELECT, MIXED)]
+    biased = [g for g in served if gqa_with_bias(Path(engine_dir) / g)]
     if biased:
         problems.append(f"{', '.join(biased)} give GroupQueryAttention an attention_bias, which its CUDA kernel "
                         "refuses (per-head cache lengths of KVzip, or a sliding window over a compressed cache: "

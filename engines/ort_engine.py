@@ -31,9 +31,12 @@ from engines.built import BuiltEngine
 from engines.graph_io import check_graph_io
 from engines.greedy import greedy_loop
 from engines.ort_cuda import cuda_problems
+from exporter.onnx.chunk import CHUNK, SELECT
+from exporter.onnx.mixed import MIXED
 from pkv_core.errors import UserInputError
 
 THREADS_ENV = "PKV_ORT_THREADS"
+CHUNK_GRAPHS = (CHUNK, SELECT, MIXED)
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -86,9 +89,11 @@ class OrtEngine(BuiltEngine):
             # The method's own graphs (PyramidInfer's evict.onnx), run by its stage (`policy.onnxruntime_stage`)
             self.graphs = {name: ort.InferenceSession(str(self.dir / name), options(arena=False),
                                                       providers=self.providers)
-                           for name in self.manifest["onnx"]["graphs"] if name not in ("prefill.onnx", "decode.onnx")}
+                           for name in self.manifest["onnx"]["graphs"]
+                           if name not in ("prefill.onnx", "decode.onnx", *CHUNK_GRAPHS)}
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserInputError(f"{self.dir}: onnxruntime cannot load the engine ({str(e).splitlines()[0]})") from None
+        self._chunk_sessions: dict | None = None
         check_graph_io(self.dir, self.spec, int(self.manifest["cache_heads"]), self.windowed,
                        {"prefill.onnx": self.prefill, "decode.onnx": self.decode})
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -110,6 +115,29 @@ class OrtEngine(BuiltEngine):
         # at accuracy level 4 (int8 activations) by default; level 0 keeps float arithmetic, as the reference.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         return opts
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether this engine can prefill a prompt in chunks (its build wrote chunk.onnx: an in-flight engine of a
+        method that chunks exactly, built by a pkv-export that knows how; engines.chunked_prefill runs them)."""
+        return self.device_type == "cpu" and CHUNK in self.manifest["onnx"]["graphs"]
+
+    def chunk_sessions(self) -> dict:
+        """{"chunk", "select", "mixed": session or None}, loaded when first asked for (only a server chunks)."""
+        import onnxruntime as ort
+
+        if self._chunk_sessions is None:
+            names = [n for n in CHUNK_GRAPHS if n in self.manifest["onnx"]["graphs"]]
+            try:
+                # chunk and mixed runs are small and frequent: the arena keeps their buffers (select runs once)
+                loaded = {n: ort.InferenceSession(str(self.dir / n), self.session_options(arena=n != SELECT),
+                                                  providers=self.providers) for n in names}
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise UserInputError(f"{self.dir}: onnxruntime cannot load {', '.join(names)} "
+                                     f"({str(e).splitlines()[0]})") from None
+            self._chunk_sessions = {"chunk": loaded.get(CHUNK), "select": loaded.get(SELECT),
+                                    "mixed": loaded.get(MIXED)}
+        return self._chunk_sessions
 
     def run_prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, reserve: int) -> dict:
         """One prefill through I/O binding; returns {output name: OrtValue}."""

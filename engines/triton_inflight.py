@@ -4,18 +4,20 @@
 scheduler thread prefills, decodes every active sequence one token per step, and the callbacks here send the
 responses through each request's response sender. Inputs and parameters as the static model
 (engines/triton_model.py): `text_input` (BYTES [1]), `max_new_tokens`, `stop` (a string, or a JSON list of up to 4),
-`add_special_tokens` (false for a prompt already rendered by a chat template), and `stream` (true: one response
+`add_special_tokens` (false for a prompt already rendered by a chat template), `ignore_eos` (true: generate
+`max_new_tokens` tokens whatever comes, as benchmarks want), and `stream` (true: one response
 per token as it is produced, with the text it completes (empty while a character or a possible stop string is
 incomplete), then a final one; false: one response with the whole answer). Every final
 response carries `finish_reason` (eos, length, stop, cancelled) and the token counts `prompt_tokens` /
 `completion_tokens`. A request whose client went away (Triton marks it cancelled) leaves its slot at the next
 step. A request with the parameter `status: true` is answered at once with the scheduler's numbers as JSON; the
 same numbers are Prometheus gauges on the metrics port (`pkv_slots_in_use`, `pkv_slots_total`,
-`pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, labelled by model).
+`pkv_kv_bytes_held`, `pkv_kv_bytes_limit`, `pkv_queue_length`, `pkv_prefilling`, labelled by model).
 
 Config parameters (config.pbtxt, written by `pkv-export triton --batching inflight`): `engine_dir`,
-`kv_memory` (bytes the slots may hold), `max_new_tokens` (the most a request may ask for: the slots' size),
-`default_max_new_tokens`.
+`kv_memory` (bytes the slots and the chunked prefills' staging caches may hold), `max_new_tokens` (the most a
+request may ask for: the slots' size), `default_max_new_tokens`, `step_tokens` (the scheduler's per-step token
+budget; 0 prefills every prompt whole).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.scheduler import InflightScheduler, RequestRefused, StopGeneration
+from engines.scheduler import DEFAULT_STEP_TOKENS, InflightScheduler, RequestRefused, StopGeneration
 from engines.text_stream import TextStream
 from engines.triton_request import error, flag, max_new_tokens, parameters, prompt_text, stop_strings
 from engines.triton_stub import die_with_server
@@ -37,8 +39,10 @@ except ImportError:  # pragma: no cover - outside Triton the module is still imp
     pb_utils = None
 
 GAUGES = {"slots_in_use": "sequences holding a KV slot", "slots_total": "KV slots the memory holds",
-          "kv_bytes_held": "bytes of the slots in use", "kv_bytes_limit": "bytes all slots may hold (--kv-memory)",
-          "queue_length": "requests waiting for a slot"}
+          "kv_bytes_held": "bytes of the slots in use and of the staging caches of prompts in flight",
+          "kv_bytes_limit": "bytes the slots and staging caches may hold (--kv-memory)",
+          "queue_length": "requests waiting for a slot",
+          "prefilling": "prompts being prefilled in chunks (their slot reserved)"}
 
 
 class BadRequest(Exception):
@@ -78,7 +82,8 @@ class TritonPythonModel:
         if not engine_dir.is_absolute():
             engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
         self.engine = open_engine(engine_dir, device="cpu")
-        self.scheduler = InflightScheduler(self.engine, int(params["kv_memory"]), int(params["max_new_tokens"]))
+        self.scheduler = InflightScheduler(self.engine, int(params["kv_memory"]), int(params["max_new_tokens"]),
+                                           step_tokens=int(params.get("step_tokens", DEFAULT_STEP_TOKENS)))
         self.default_new_tokens = min(int(params.get("default_max_new_tokens", "32")),
                                       self.scheduler.plan.max_new_tokens)
         self.live: dict[int, Live] = {}
@@ -103,6 +108,7 @@ class TritonPythonModel:
         stops = stop_strings(params, BadRequest)
         special = flag(params, "add_special_tokens", True, BadRequest)
         stream = flag(params, "stream", False, BadRequest)
+        flag(params, "ignore_eos", False, BadRequest)  # checked here; the scheduler reads it
         if "context_id" in params:
             raise BadRequest("compressed contexts (context_id) are served by --batching static models")
         return self.engine.tokenizer(text, add_special_tokens=special)["input_ids"], new_tokens, stops, stream, params
@@ -123,7 +129,8 @@ class TritonPythonModel:
             try:
                 with self.lock:
                     live.handle = self.scheduler.submit(ids, new_tokens, on_token=self._on_token(live),
-                                                        on_done=self._on_done(live))
+                                                        on_done=self._on_done(live),
+                                                        ignore_eos=params.get("ignore_eos", False))
                     self.live[live.handle.id] = live
             except RequestRefused as e:
                 self._fail(live.sender, str(e))

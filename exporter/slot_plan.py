@@ -19,6 +19,11 @@ from methods.backends import SLOTS
 from pkv_core.errors import UserInputError
 
 ITEMSIZE = {"fp32": 4, "fp16": 2}
+# The in-flight scheduler's default token budget per step (decode tokens + prompt chunks; engines/step_budget.py).
+# On a CPU a prompt token costs about what a decode step over a few sequences costs divided by 15-20 (SmolLM2-135M:
+# ~4 ms against ~70 ms): a 64-token step keeps the running streams' steps within about 3x their decode alone, at
+# the price of a slower prefill (each chunk reads the weights again; docs/benchmarks.md measures both sides).
+DEFAULT_STEP_TOKENS = 64
 
 
 class SlotsUnsupported(UserInputError):

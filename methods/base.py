@@ -12,7 +12,8 @@ reference    `reference_layer` (after a layer's prefill attention: that layer's 
 ONNX graphs  `graph_begin`, `graph_layer` (after a layer's attention), `graph_between_layers` (after a whole
              layer), `graph_end` (after the decoder), `graph_functions`, `graph_decode_layer`, `extra_graphs`:
              exporter.onnx; `onnxruntime_stage` (per decode step of the onnxruntime engine)
-backends     `runs_on` (a positive list, methods.backends) and `check_backend`
+backends     `runs_on` (a positive list, methods.backends) and `check_backend`; `chunked_prefill` (may a server
+             prefill a prompt in chunks: exporter.onnx.chunk, engines.chunked_prefill)
 inspect      `always_kept` (the sinks and the window a page shows as such); a reference hook records the scores its
              selection ranked by (`record_scores`) when the caller asks for them (`pkv-export inspect`)
 one prefill  `shares_prefill`: a sweep prefills a sample once and hands every such method's cells the K/V and the
@@ -52,6 +53,10 @@ class KVPolicy:
     plan_is_upper_bound: ClassVar[bool] = False
     # True when the heads of one layer hold different counts (KVzip): the decode masks each head's unused slots.
     per_head_lengths: ClassVar[bool] = False
+    # True when the prefill may run in chunks (in-flight serving) and keep exactly what one whole prefill keeps:
+    # the method decides from the finished cache and the attention of the last `window` prompt queries only (FullKV:
+    # nothing to decide). False for a method that needs more of the prompt's attention (H2O: every query's).
+    chunked_prefill: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_options(self)

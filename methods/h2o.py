@@ -18,6 +18,7 @@ class H2OPolicy(SnapKVPolicy):
 
     name: ClassVar[str] = "h2o"
     observe: ClassVar[str] = "all"
+    chunked_prefill: ClassVar[bool] = False  # its scores sum every prompt query's attention, not the window's
     runs_on: ClassVar[frozenset[str]] = backends.ALL - {backends.TRTLLM}
     refusals: ClassVar[dict[str, str]] = {backends.TRTLLM: TRTLLM_HOOK}
     kernel: int = option(1, "pooling width along keys (odd)", check=positive_odd)

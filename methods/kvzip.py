@@ -36,6 +36,7 @@ class KVzipPolicy(KVPolicy):
 
     name: ClassVar[str] = "kvzip"
     runs_on: ClassVar[frozenset[str]] = frozenset({backends.ONNXRUNTIME})
+    chunked_prefill: ClassVar[bool] = False  # scored by a reconstruction pass over the whole context
     refusals: ClassVar[dict[str, str]] = {
         backends.SLOTS: "its one top-k over every layer and head decides each layer's length from the data, so no "
                         "per-layer slot size is known before admission",

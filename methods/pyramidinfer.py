@@ -39,6 +39,7 @@ class PyramidInferPolicy(KVPolicy):
 
     name: ClassVar[str] = "pyramidinfer"
     runs_on: ClassVar[frozenset[str]] = frozenset({backends.ONNXRUNTIME})
+    chunked_prefill: ClassVar[bool] = False  # drops tokens between the prefill's layers
     refusals: ClassVar[dict[str, str]] = {
         backends.SLOTS: "its generation stage compacts every layer's cache every --update-interval tokens, so a "
                         "sequence's lengths change under the slot",

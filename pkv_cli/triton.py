@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from exporter.slot_plan import DEFAULT_STEP_TOKENS
 from pkv_cli.common import check_text, emit_json, parse_size, printable
 from pkv_core.errors import JobError, UserInputError
 
@@ -19,7 +20,12 @@ BATCHING_HELP = ("inflight: the model's own scheduler keeps every sequence in a 
 
 
 def batching_options(fn):
-    """--batching, --kv-memory, --max-new-tokens: how a repository's models batch (shared by triton and serve)."""
+    """--batching, --kv-memory, --max-new-tokens, --step-tokens: how a repository's models batch (shared by triton
+    and serve)."""
+    fn = click.option("--step-tokens", type=click.IntRange(min=0), default=DEFAULT_STEP_TOKENS, show_default=True,
+                      help="In-flight: tokens per scheduler step, shared by the running sequences' decode tokens and "
+                           "chunks of waiting prompts (a long prompt is prefilled over several steps while the "
+                           "others keep streaming); 0 prefills every prompt whole.")(fn)
     fn = click.option("--max-new-tokens", "slot_new_tokens", type=int, default=512, show_default=True,
                       help="In-flight: the most new tokens a request may ask for (every KV slot is sized for it).")(fn)
     fn = click.option("--kv-memory", default="1GiB", show_default=True,
@@ -47,15 +53,16 @@ def batching_options(fn):
 @batching_options
 def triton(engines: tuple[Path, ...], out: Path, names: tuple[str, ...], instances: int, max_batch_size: int,
            default_max_new_tokens: int, force: bool, link: bool, batching: str, kv_memory: str,
-           slot_new_tokens: int) -> None:
+           slot_new_tokens: int, step_tokens: int) -> None:
     """Write a Triton model repository (python backend) that serves engine directories."""
     repo = _write_repo(engines, out, names, instances, max_batch_size, default_max_new_tokens, force, copy=not link,
-                       batching=batching, kv_memory=parse_size(kv_memory), max_new_tokens=slot_new_tokens)
+                       batching=batching, kv_memory=parse_size(kv_memory), max_new_tokens=slot_new_tokens,
+                       step_tokens=step_tokens)
     click.echo(f"wrote {repo}")
 
 
 def _write_repo(engines, out, names, instances, max_batch_size, default_new_tokens, force, copy=True,
-                batching="static", kv_memory=1 << 30, max_new_tokens=512) -> Path:
+                batching="static", kv_memory=1 << 30, max_new_tokens=512, step_tokens=DEFAULT_STEP_TOKENS) -> Path:
     from exporter.triton.repo import write_repository
 
     if names and len(names) != len(engines):
@@ -65,7 +72,8 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
         raise UserInputError("model names must be distinct")
     return write_repository(dict(zip(names, engines, strict=True)), out, instances=instances,
                             max_batch_size=max_batch_size, default_new_tokens=default_new_tokens, force=force,
-                            copy=copy, batching=batching, kv_memory=kv_memory, max_new_tokens=max_new_tokens)
+                            copy=copy, batching=batching, kv_memory=kv_memory, max_new_tokens=max_new_tokens,
+                            step_tokens=step_tokens)
 
 
 @click.command()
@@ -87,7 +95,7 @@ def _write_repo(engines, out, names, instances, max_batch_size, default_new_toke
               help="Also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) on this port.")
 @click.option("--openai-host", default="127.0.0.1", show_default=True, help="Address of the OpenAI API.")
 def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, max_batch_size, log_file, batching,
-          kv_memory, slot_new_tokens, openai_port, openai_host) -> None:
+          kv_memory, slot_new_tokens, step_tokens, openai_port, openai_host) -> None:
     """Run a real tritonserver on a model repository until Ctrl-C / SIGTERM (needs the 'triton' extra)."""
     from engines.triton_server import TritonServer, port_free, pytriton_dir
 
@@ -115,7 +123,8 @@ def serve(engines, repo, host, http_port, grpc_port, metrics_port, instances, ma
         tmp = owned_tempdir("pkv-serve")  # a few small files; swept at the next start if this process is killed
         try:
             repo = _write_repo(engines, tmp / "repo", (), instances, max_batch_size, 32, False, copy=False,
-                               batching=batching, kv_memory=memory, max_new_tokens=slot_new_tokens)
+                               batching=batching, kv_memory=memory, max_new_tokens=slot_new_tokens,
+                               step_tokens=step_tokens)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -23,7 +23,7 @@ from exporter.onnx.targets import TARGETS
 from trt_plugins.onnx_graph import GraphBuilder
 
 
-def _cache_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
+def cache_visible(g: GraphBuilder, lay: Layers, layer: int, past_lengths: str, inputs: list):
     """A function T -> [B, H, S, T] bool (slot t visible to new token i), or to None when every slot of every
     row up to its length is visible. Needed for a sliding window (a slot's token must be within the window of
     token i, by absolute position) and for per-head cache lengths (KVzip: a head's slots after its own count,
@@ -89,7 +89,7 @@ def build_decode(cfg: GraphConfig, initializers: list[onnx.TensorProto]) -> onnx
         inputs.extend([helper.make_tensor_value_info(past[0], cfg.onnx_dtype, cache),
                        helper.make_tensor_value_info(past[1], cfg.onnx_dtype, cache),
                        helper.make_tensor_value_info(lengths, TensorProto.INT64, ["batch"])])
-        visible = _cache_visible(g, lay, layer, lengths, inputs)
+        visible = cache_visible(g, lay, layer, lengths, inputs)
         # The attention op writes the graph outputs itself: an Identity in between would make onnxruntime
         # allocate (and copy) a new cache instead of updating the bound buffer in place.
         present = (f"present.{layer}.key", f"present.{layer}.value")

@@ -1,4 +1,5 @@
-"""`build --backend onnx`: prefill.onnx + decode.onnx + weights.bin + tokenizer/ + pkv-engine.json."""
+"""`build --backend onnx`: prefill.onnx + decode.onnx + weights.bin + tokenizer/ + pkv-engine.json (+ the chunked
+prefill's chunk.onnx / select.onnx for in-flight engines, exporter.onnx.chunk; + a method's own graphs)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import onnx
 
 from exporter.checkpoint import LoadedModel, save_tokenizer
 from exporter.engine_dir import tool_versions, write_manifest
+from exporter.onnx.chunk import BUILDERS as CHUNK_BUILDERS
+from exporter.onnx.chunk import chunk_graph_names
 from exporter.onnx.decode import build_decode
 from exporter.onnx.layers import GraphConfig
 from exporter.onnx.model import make_model
@@ -102,6 +105,7 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
             weights.close()
         initializers = list(weights.tensors.values())
         graphs = [("prefill.onnx", build_prefill), ("decode.onnx", build_decode)]
+        graphs += [(name, CHUNK_BUILDERS[name]) for name in chunk_graph_names(policy, target)]
         for name, method_graph in policy.extra_graphs().items():  # the method's own (PyramidInfer: evict.onnx)
             graphs.append((name, _method_graph(method_graph)))
         extra = {}

@@ -91,13 +91,16 @@ class OnnxRuntimeTarget:
             window = None
         return self._gqa(lay, q, k, v, "", "", seqlens, g.dim(q, 1), lay.s.num_kv_heads, bias=bias, window=window)
 
-    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present,
+                         packed: str | None = None):
         """h [B, S, hidden] (normalised), cache buffers [B, Hc, cap, d] (valid slots first), past_lengths [B]
         -> out [B, 1, H*d]; the updated caches are written to the names `present` (key, value).
-        `visible(T)` gives a [B, H, S, T] mask or None. New tokens are rotated at position_ids in the op."""
+        `visible(T)` gives a [B, H, S, T] mask or None. New tokens are rotated at position_ids in the op.
+        `packed` [B, S, (H + 2 Hkv) * d]: h's projection, computed by the caller (a mixed step projects the decode
+        rows with a prompt's chunk); h then only gives the shape."""
         g, hc = lay.g, lay.cfg.cache_heads
         new = g.dim(h, 1)  # S new tokens (a question at batch 1, else 1)
-        packed = lay.qkv_packed(h, layer)
+        packed = packed or lay.qkv_packed(h, layer)
         if hc == lay.s.num_kv_heads:  # GQA splits the packed projection itself
             q, k, v = packed, "", ""
         else:  # query-head caches: the new K/V go to every query head
@@ -110,6 +113,18 @@ class OnnxRuntimeTarget:
         seqlens = g.op("Add", past_lengths, g.op("Sub", new, g.const([1])))  # GQA: total length - 1 per row
         return self._gqa(lay, q, k, v, past_key, past_value, seqlens, total, hc, bias=bias, present=present,
                          rotary_positions="position_ids")[0]
+
+    def chunk_attention(self, lay, q: str, k: str, v: str, past_key: str, past_value: str, past_length: str,
+                        present: tuple[str, str]) -> str:
+        """A prompt's next chunk over its uncompressed cache (batch 1: GQA takes S > 1 with a past only there):
+        q [1, S, H*d], k / v [1, S, Hkv*d] rotated at their absolute positions; past_key / past_value
+        [1, Hkv, cap, d] holding `past_length` [1] tokens, slot = position, so the model's sliding window is the
+        op's own. The chunk's K/V are written into the buffers bound as `present` (the same ones); -> out
+        [1, S, H*d]."""
+        g = lay.g
+        total = g.op("Add", past_length, g.dim(q, 1))  # [1]
+        return self._gqa(lay, q, k, v, past_key, past_value, g.op("Sub", total, g.const([1])), total,
+                         lay.s.num_kv_heads, window=lay.s.sliding_window, present=present)[0]
 
     def select_attributes(self) -> dict:
         return {}
@@ -161,7 +176,10 @@ class TensorRTTarget:
                     g.op("Less", g.op("Sub", rows, cols), g.const(s.sliding_window)))
         return self._attention(lay, q4, k4, v4, mask, causal=False), k4, v4
 
-    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present):
+    def decode_attention(self, lay, h, layer, rope, past_key, past_value, past_lengths, visible, present,
+                         packed: str | None = None):
+        if packed is not None:
+            raise NotImplementedError("mixed steps are built for the onnxruntime target only")
         g, s = lay.g, lay.s
         hc = lay.cfg.cache_heads
         q, k, v = lay.qkv(h, layer, *rope)

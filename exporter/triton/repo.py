@@ -18,6 +18,7 @@ from pathlib import Path
 
 from exporter.engine_dir import read_manifest
 from exporter.outputs import check_output, staging_dir
+from exporter.slot_plan import DEFAULT_STEP_TOKENS
 from pkv_core.errors import UserInputError
 
 MARKER = "pkv-triton-repo.json"
@@ -41,7 +42,7 @@ BATCHING = ("auto", "inflight", "static")
 
 
 def inflight_config(name: str, kv_memory: int, max_new_tokens: int, default_new_tokens: int,
-                    engine_dir: str = "engine") -> str:
+                    engine_dir: str = "engine", step_tokens: int = DEFAULT_STEP_TOKENS) -> str:
     """Decoupled (responses sent as tokens come), no Triton batching (the model's scheduler batches), one
     instance (it owns every slot)."""
     return f'''name: "{name}"
@@ -66,6 +67,7 @@ parameters {{ key: "engine_dir" value: {{ string_value: {json.dumps(engine_dir)}
 parameters {{ key: "kv_memory" value: {{ string_value: "{kv_memory}" }} }}
 parameters {{ key: "max_new_tokens" value: {{ string_value: "{max_new_tokens}" }} }}
 parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_new_tokens}" }} }}
+parameters {{ key: "step_tokens" value: {{ string_value: "{step_tokens}" }} }}
 '''
 
 
@@ -121,17 +123,20 @@ parameters {{ key: "default_max_new_tokens" value: {{ string_value: "{default_ne
 def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1, max_batch_size: int = 8,
                      queue_delay_us: int = 2000, default_new_tokens: int = 32, force: bool = False,
                      copy: bool = True, batching: str | dict[str, str] = "static", kv_memory: int = 1 << 30,
-                     max_new_tokens: int = 512) -> Path:
+                     max_new_tokens: int = 512, step_tokens: int = DEFAULT_STEP_TOKENS) -> Path:
     """One model per (name -> engine directory). Built in a temporary sibling and renamed at the end.
 
     copy=False references each engine where it is (absolute path) instead of copying it into the repository:
     what `serve --engine` uses, so a multi-GB engine is not copied at every start. `batching`: "static"
     (Triton's dynamic batcher hands the model groups of requests), "inflight" (the model's own scheduler over
-    `kv_memory` bytes of slots sized for `max_new_tokens`), or "auto" (in-flight where the engine allows it); one
-    mode for every model, or a mode per model name."""
+    `kv_memory` bytes of slots sized for `max_new_tokens`, prompts prefilled in chunks under a budget of
+    `step_tokens` tokens per step, 0: whole), or "auto" (in-flight where the engine allows it); one mode for every
+    model, or a mode per model name."""
     if instances < 1 or max_batch_size < 1 or default_new_tokens < 1 or max_new_tokens < 1 or kv_memory < 1:
         raise UserInputError("--instances, --max-batch-size, --default-max-new-tokens, --max-new-tokens and "
                              "--kv-memory must be at least 1")
+    if step_tokens < 0:
+        raise UserInputError(f"--step-tokens must be at least 0 (0: prefill every prompt whole; got {step_tokens})")
     per_model = batching if isinstance(batching, dict) else dict.fromkeys(engines, batching)
     if set(per_model) != set(engines) or any(b not in BATCHING for b in per_model.values()):
         raise UserInputError(f"--batching must be one of {', '.join(BATCHING)} for every model")
@@ -166,7 +171,7 @@ def write_repository(engines: dict[str, Path], out: Path, *, instances: int = 1,
             version.mkdir(parents=True)
             where = "engine" if copy else str(Path(engine).resolve())
             if modes[name] == "inflight":
-                config = inflight_config(name, kv_memory, max_new_tokens, default_new_tokens, where)
+                config = inflight_config(name, kv_memory, max_new_tokens, default_new_tokens, where, step_tokens)
             else:
                 config = config_pbtxt(name, max_batch_size, instances, queue_delay_us, default_new_tokens, where,
                                       kinds[name])

@@ -58,7 +58,7 @@ def direct(engine_dir):
 def server(engine_dir, tmp_path_factory):
     repo = write_repository({"pkv": engine_dir, "static": engine_dir}, tmp_path_factory.mktemp("repo") / "repo",
                             batching={"pkv": "inflight", "static": "static"}, kv_memory=8 << 20, max_new_tokens=32,
-                            copy=False)  # one model of each kind in one server
+                            copy=False, step_tokens=32)  # one model of each kind in one server; prompts in chunks
     with TritonServer(repo) as s:
         yield s
 
@@ -107,9 +107,13 @@ def test_config_is_decoupled_without_triton_batching(server):
     config = (server.repo / "pkv" / "config.pbtxt").read_text()
     assert "decoupled: true" in config and "max_batch_size: 0" in config and "dynamic_batching" not in config
     assert 'key: "kv_memory"' in config and "engines.triton_inflight" in (server.repo / "pkv/1/model.py").read_text()
+    assert 'key: "step_tokens" value: { string_value: "32" }' in config
 
 
 def test_24_concurrent_streams_equal_the_engine_alone(server, direct):
+    """With a budget of 32 tokens a step, most prompts (50-245 tokens) are prefilled in chunks beside the others'
+    decode steps."""
+    before = status(server)["prefill_tokens"]
     with ThreadPoolExecutor(24) as pool:
         results = list(pool.map(lambda p: stream(server.grpc_url, p, {"max_new_tokens": NEW, "stream": True}),
                                 PROMPTS))
@@ -118,6 +122,7 @@ def test_24_concurrent_streams_equal_the_engine_alone(server, direct):
         assert r["reason"] in ("eos", "length") and r["pieces"] >= 2  # streamed: several responses
     s = wait_idle(server)
     assert s["slots_in_use"] == 0 and s["kv_bytes_held"] == 0 and s["slots_total"] >= 1
+    assert s["step_tokens"] == 32 and s["prefill_tokens"] - before >= sum(len(p) for p in PROMPTS)
 
 
 def test_whole_answer_without_streaming_and_the_clients(server, direct):
@@ -151,6 +156,7 @@ def test_status_and_prometheus_gauges(server):
     ({"max_new_tokens": 33}, "max_new_tokens must be an integer in [1, 32]"),
     ({"stop": ""}, "stop must be"),
     ({"stream": "yes"}, "stream must be true or false"),
+    ({"ignore_eos": 1}, "ignore_eos must be true or false"),
     ({"context_id": "doc"}, "--batching static"),
 ])
 def test_bad_requests_get_one_clear_error(server, params, fragment):

