@@ -5,9 +5,9 @@ command that runs every sweep, then writes the tables and plots of docs/study.md
     python scripts/study.py --out runs/study --quick    # a few minutes: the same steps on a tiny grid
 
 Steps (each a `pkv-export sweep` run in a process of its own, resumed if its directory exists):
-  niah        NIAH at 1k/2k/4k tokens x depths 0-100, every method, budgets 64-1024 (fp32 weights)
-  ruler       RULER's six tasks at 2k tokens, every method, the same budgets
-  niah-int4   the NIAH sweep again on int4 weights (as `build --weights int4` stores them)
+  niah        NIAH at 1k/2k/4k tokens x depths 0/25/50/75/100 (15 samples), every method, budgets 64-1024 (fp32)
+  ruler       RULER's six tasks at 1k tokens, one sample each, answers of up to 64 tokens, the same cells
+  niah-int4   NIAH at 1k/2k x depths 0/50/100 (6 samples) on int4 weights (as `build --weights int4` stores them)
   window-W    SnapKV and PyramidKV at C = 64/128/256 on NIAH 1k/2k with observation windows W = 8, 16, 32, 64
 Then: docs/study-results.md (generated tables: score per method and budget, per length / task, int4 beside fp32,
 the ordering against the PyramidKV paper's, the window table, each step's time) and docs/img/study/*.png (the sweeps'
@@ -37,9 +37,10 @@ def steps(a: argparse.Namespace) -> dict[str, list[str]]:
     out = {
         "niah": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), *niah, *common],
         "ruler": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), "--suite", "ruler",
-                  "--lengths", a.ruler_lengths, "--limit", str(a.ruler_limit), *common],
-        "niah-int4": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), *niah,
-                      "--weights", "int4", *common],
+                  "--lengths", a.ruler_lengths, "--limit", str(a.ruler_limit), "--max-new-tokens",
+                  str(a.ruler_new_tokens), *common],
+        "niah-int4": ["--policies", METHODS, "--budgets", a.budgets, "--window", str(a.window), "--suite", "niah",
+                      "--lengths", a.int4_lengths, "--depths", a.int4_depths, "--weights", "int4", *common],
     }
     for w in a.windows:
         budgets = ",".join(b for b in a.window_budgets.split(",") if int(b) > w)
@@ -64,7 +65,7 @@ def run_sweep(name: str, args: list[str], out: Path) -> dict:
     return summary
 
 
-def score_table(summary: dict, by: str) -> tuple[list[str], list[list[str]]]:
+def score_table(summary: dict, by: str | set[str]) -> tuple[list[str], list[list[str]]]:
     """Rows: methods; columns: budgets (FullKV and PyramidInfer have one cell each); `by`: overall or a group key
     prefix ('L1024', a RULER task)."""
     cells = summary["cells"]
@@ -84,10 +85,12 @@ def score_table(summary: dict, by: str) -> tuple[list[str], list[list[str]]]:
     return ["method", *[f"C={b}" for b in budgets], "KV vs FullKV"], rows
 
 
-def pick(cell: dict, by: str) -> float:
+def pick(cell: dict, by: str | set[str]) -> float:
+    """The cell's score: overall, over the groups starting with `by`, or over the groups in the set `by`."""
     if by == "overall":
         return cell["score"]
-    values = [v for k, v in cell["groups"].items() if k.startswith(by)]
+    chosen = (lambda k: k in by) if isinstance(by, set) else (lambda k: k.startswith(by))
+    values = [v for k, v in cell["groups"].items() if chosen(k)]
     return sum(values) / len(values)
 
 
@@ -138,8 +141,10 @@ def write_results(results: dict[str, dict], a: argparse.Namespace, doc: Path, im
                 said = "; ".join(f"{k}: {'yes' if v['held'] else 'NO'}" for k, v in rel.items())
                 parts.append(f"\nPaper's ordering at C={budget}: {said}\n")
     if "niah" in results and "niah-int4" in results:
-        parts.append("## int4 weights beside fp32 (NIAH, overall score)\n")
-        fp, q4 = (score_table(results[n], "overall") for n in ("niah", "niah-int4"))
+        same = {k for c in results["niah-int4"]["cells"] for k in c["groups"]}  # fp32 on the int4 sweep's samples
+        parts.append(f"## int4 weights beside fp32 (NIAH, the {len(same)} samples of the int4 sweep: "
+                     f"{', '.join(sorted(same))})\n")
+        fp, q4 = score_table(results["niah"], same), score_table(results["niah-int4"], "overall")
         rows = [[r[0], *[f"{x} / {y}" for x, y in zip(r[1:-1], s[1:-1], strict=True)]]
                 for r, s in zip(fp[1], q4[1], strict=True)]
         parts.append(markdown(["method (fp32 / int4)", *fp[0][1:-1]], rows))
@@ -169,8 +174,11 @@ def main() -> None:
     p.add_argument("--window", type=int, default=32, help="observation window of the main sweeps")
     p.add_argument("--niah-lengths", default="1024,2048,4096")
     p.add_argument("--depths", default="0,25,50,75,100")
-    p.add_argument("--ruler-lengths", default="2048")
-    p.add_argument("--ruler-limit", type=int, default=2, help="RULER samples per task and length")
+    p.add_argument("--ruler-lengths", default="1024")
+    p.add_argument("--ruler-limit", type=int, default=1, help="RULER samples per task and length")
+    p.add_argument("--ruler-new-tokens", type=int, default=64, help="RULER answer length of every task")
+    p.add_argument("--int4-lengths", default="1024,2048")
+    p.add_argument("--int4-depths", default="0,50,100")
     p.add_argument("--windows", type=int, nargs="*", default=[8, 16, 32, 64])
     p.add_argument("--window-budgets", default="64,128,256")
     p.add_argument("--window-lengths", default="1024,2048")
@@ -182,6 +190,7 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.budgets, a.niah_lengths, a.depths, a.ruler_lengths, a.ruler_limit = "64,128", "1024", "50", "1024", 1
+        a.int4_lengths, a.int4_depths = "1024", "50"
         a.windows, a.window_budgets, a.window_lengths = [8, 32], "64,128", "1024"
     a.out.mkdir(parents=True, exist_ok=True)
     plan = steps(a)
