@@ -17,7 +17,14 @@ from importlib import metadata
 from pathlib import Path
 
 from exporter.specs import PRESETS, ModelSpec
-from exporter.weights import FiniteWeights, RandomWeights, SafetensorsWeights, WeightSource, check_complete
+from exporter.weights import (
+    FiniteWeights,
+    LayerPrefix,
+    RandomWeights,
+    SafetensorsWeights,
+    WeightSource,
+    check_complete,
+)
 from pkv_core.errors import UserInputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -230,27 +237,6 @@ def first_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
     spec = loaded.spec.with_layers(num_layers)
     weights = None if loaded.weights is None else LayerPrefix(loaded.weights, num_layers)
     return replace(loaded, spec=spec, weights=weights, source=f"{loaded.source} (first {num_layers} layers)")
-
-
-class LayerPrefix:
-    """A weight source without the layers from `num_layers` on."""
-
-    def __init__(self, source: WeightSource, num_layers: int):
-        self.source = source
-        keep = re.compile(r"^model\.layers\.(\d+)\.")
-        self._names = [n for n in source.names() if not (m := keep.match(n)) or int(m.group(1)) < num_layers]
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def shape(self, name: str):
-        return self.source.shape(name)
-
-    def dtype(self, name: str):
-        return self.source.dtype(name)
-
-    def get(self, name: str):
-        return self.source.get(name)
 
 
 def save_tokenizer(loaded: LoadedModel, directory: Path) -> None:

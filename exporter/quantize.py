@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from exporter.weights import SourceView
 from pkv_core.errors import UserInputError
 
 WEIGHT_FORMATS = ("fp", "int8", "int4")  # fp: the engine's dtype (no quantization)
@@ -131,22 +132,13 @@ def is_linear(name: str) -> bool:
     return name.endswith(LINEAR_SUFFIXES)
 
 
-class LinearLayersRewritten:
+class LinearLayersRewritten(SourceView):
     """A weight source that returns the source's tensors, with the decoder's linear layers passed through
     `rewrite(name, tensor)` (a subclass's quantize-and-dequantize): the reference of a quantized engine."""
 
     def __init__(self, source):
-        self.source = source
+        super().__init__(source)
         self.seed = getattr(source, "seed", None)
-
-    def names(self) -> list[str]:
-        return self.source.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.source.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.source.get(name)

@@ -160,15 +160,12 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-class FiniteWeights:
-    """A checkpoint's weight source whose tensors are checked for NaN / Inf as they stream in (one `isfinite`
-    reduction per tensor, over slices, so no second full-size tensor is held): non-finite weights would build and
-    generate garbage with exit code 0. Everything else is the wrapped source's."""
+class SourceView:
+    """A weight source seen through another: every question goes to `source` unless a subclass answers it (a
+    check on each tensor, some tensors rewritten, some left out)."""
 
-    SLICE = 1 << 24  # elements per reduction: bounds the boolean temporary to 16 MiB
-
-    def __init__(self, source: WeightSource, where: str):
-        self.source, self.where = source, where
+    def __init__(self, source: WeightSource):
+        self.source = source
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -178,6 +175,33 @@ class FiniteWeights:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.source.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(name)
+
+
+class LayerPrefix(SourceView):
+    """The source without the decoder layers from `num_layers` on (`exporter.checkpoint.first_layers`)."""
+
+    def __init__(self, source: WeightSource, num_layers: int):
+        super().__init__(source)
+        layer = re.compile(r"^model\.layers\.(\d+)\.")
+        self._names = [n for n in source.names() if not (m := layer.match(n)) or int(m.group(1)) < num_layers]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+
+class FiniteWeights(SourceView):
+    """A checkpoint's weight source whose tensors are checked for NaN / Inf as they stream in (one `isfinite`
+    reduction per tensor, over slices, so no second full-size tensor is held): non-finite weights would build and
+    generate garbage with exit code 0. Everything else is the wrapped source's."""
+
+    SLICE = 1 << 24  # elements per reduction: bounds the boolean temporary to 16 MiB
+
+    def __init__(self, source: WeightSource, where: str):
+        super().__init__(source)
+        self.where = where
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self.source.get(name)
