@@ -8,6 +8,8 @@ from typing import Any
 
 from validate.plots import draw_heatmap, grid, new_figure, save_figure
 
+RATIO_TICKS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
 
 def _niah_cell(group: str) -> tuple[int, float]:
     length, depth = group[1:].split("-D")
@@ -74,14 +76,18 @@ def plots(out: Path, summary: dict[str, Any], suite: str) -> list[str]:
 
 def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
     """One panel per LongBench category or RULER task (plus the overall score): score against KV ratio, a line per
-    policy."""
+    policy; the legend beside the panels, the ratio axis labelled in plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     rows = summary["cells"]
     named = [c for r in rows for c in _panels(r, suite)]
     panels = ["overall"] + (sorted(set(named)) if suite == "longbench" else list(dict.fromkeys(named)))
     cols = min(len(panels), 4)
-    fig = new_figure(4.2 * cols, 3.4 * math.ceil(len(panels) / cols))
+    fig = new_figure(4.2 * cols + 1.6, 3.6 * math.ceil(len(panels) / cols))
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
     policies = list(dict.fromkeys(r["policy"] for r in rows))
+    ratios = [r["kv_ratio"] for r in rows if r["kv_ratio"]]
+    ticks = [t for t in RATIO_TICKS if min(ratios, default=1) / 1.5 <= t <= max(ratios, default=1) * 1.5]
     for ax, panel in zip(axes, panels, strict=False):
         for policy in policies:
             mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["kv_ratio"] or 0)
@@ -92,6 +98,9 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
             elif any(y is not None for y in ys):
                 ax.plot(xs, ys, marker="o", label=policy)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))  # log axes' default 3x10^-2 labels collide
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("KV bytes held / FullKV")
         ax.set_ylabel("score")
         ax.set_title(panel)
@@ -102,7 +111,8 @@ def _score_vs_kv(path: Path, summary: dict, suite: str) -> Path:
             ax.set_ylim(bottom=0)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.suptitle(f"{summary['suite']}: score vs KV cache size\n{summary['model']}", fontsize=10)
     return save_figure(fig, path)
 
