@@ -1,7 +1,7 @@
 """The accuracy-versus-compression study on the real model (SmolLM2-135M-Instruct, the `smollm2-135m` preset): one
 command that runs every sweep, then writes the tables and plots of docs/study.md's results.
 
-    python scripts/study.py --out runs/study            # the whole study (sized to finish within 90 min on 2 cores)
+    python scripts/study.py --out runs/study            # the whole study (about 2 h on 2 cores: docs/study.md)
     python scripts/study.py --out runs/study --quick    # a few minutes: the same steps on a tiny grid
 
 Steps (each a `pkv-export sweep` run in a process of its own, resumed if its directory exists):
@@ -21,6 +21,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,45 @@ def steps(a: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
+class StepClock:
+    """A step's wall time over every run of the study, interrupted ones included: OUT/study-time.json holds
+    {step: seconds}, rewritten every `every` seconds while the step runs (so a killed run loses at most that)."""
+
+    def __init__(self, out: Path, name: str, every: float = 15.0):
+        self.path, self.name, self.every = out / "study-time.json", name, every
+        self.before = self.read().get(name, 0.0)
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def read(self) -> dict[str, float]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def total(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def write(self) -> float:
+        seconds = round(self.total(), 1)
+        times = self.read() | {self.name: seconds}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(times, indent=1))
+        tmp.replace(self.path)
+        return seconds
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every):
+            self.write()
+
+    def __enter__(self) -> StepClock:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.final = self.write()
+
+
 def run_sweep(name: str, args: list[str], out: Path) -> dict:
     where = out / name
     command = [sys.executable, "-c", "import sys; from pkv_cli import main; sys.argv[0] = 'pkv-export'; main()",
@@ -56,12 +96,14 @@ def run_sweep(name: str, args: list[str], out: Path) -> dict:
     if (where / "sweep-config.json").is_file():
         command.append("--resume")
     print(f"[study] {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    started = time.monotonic()
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    with StepClock(out, name) as clock:
+        started = time.monotonic()
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise SystemExit(f"[study] {name} failed (exit {result.returncode}); rerun to resume it")
     summary = json.loads(result.stdout)
-    summary["study_seconds"] = round(time.monotonic() - started, 1)
+    summary["study_seconds"] = clock.final  # every run of this step, this one included
+    summary["run_seconds"] = round(time.monotonic() - started, 1)
     return summary
 
 
@@ -158,7 +200,8 @@ def write_results(results: dict[str, dict], a: argparse.Namespace, doc: Path, im
             score = {c["cell"]: c["score"] for c in s["cells"]}
             rows.append([name.removeprefix("window-"), *[f"{score[c]:.2f}" if c in score else "-" for c in cells]])
         parts.append(markdown(["window", *cells], rows))
-    parts.append("## Time per step\n")
+    parts.append("## Time per step\n\nWall time over every run of each step (a resumed study adds its earlier runs, "
+                 "kept in OUT/study-time.json).\n")
     parts.append(markdown(["step", "samples", "minutes"],
                           [[n, str(s["samples"]), f"{s['study_seconds'] / 60:.1f}"] for n, s in results.items()]))
     total = sum(s["study_seconds"] for s in results.values()) / 60
