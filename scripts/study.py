@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_common import markdown_table  # scripts/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,chunkkv,kvzip,pyramidinfer"
 # The PyramidKV paper's LongBench ordering at small budgets (its Table 1, LLaMA-3-8B-Instruct, KV size 64-128).
@@ -97,13 +99,12 @@ def run_sweep(name: str, args: list[str], out: Path) -> dict:
         command.append("--resume")
     print(f"[study] {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
     with StepClock(out, name) as clock:
-        started = time.monotonic()
         result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise SystemExit(f"[study] {name} failed (exit {result.returncode}); rerun to resume it")
     summary = json.loads(result.stdout)
     summary["study_seconds"] = clock.final  # every run of this step, this one included
-    summary["run_seconds"] = round(time.monotonic() - started, 1)
+    summary["run_seconds"] = round(clock.final - clock.before, 1)
     return summary
 
 
@@ -137,8 +138,8 @@ def pick(cell: dict, by: str | set[str]) -> float:
 
 
 def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    """A table of rows given as lists (bench_common's rows are dicts)."""
+    return markdown_table(columns, [dict(zip(columns, r, strict=True)) for r in rows]) + "\n"
 
 
 def ordering(summary: dict, budget: int) -> dict:
@@ -235,12 +236,15 @@ def main() -> None:
         a.budgets, a.niah_lengths, a.depths, a.ruler_lengths, a.ruler_limit = "64,128", "1024", "50", "1024", 1
         a.int4_lengths, a.int4_depths = "1024", "50"
         a.windows, a.window_budgets, a.window_lengths = [8, 32], "64,128", "1024"
-    a.out.mkdir(parents=True, exist_ok=True)
     plan = steps(a)
+    unknown = [name for name in a.steps or [] if name not in plan]
+    if unknown:  # usage errors exit 2 before anything is written
+        p.error(f"unknown step {unknown[0]!r} (steps: {', '.join(plan)})")
+    if a.out.exists() and not a.out.is_dir():
+        p.error(f"--out {a.out} is a file, not a directory")
+    a.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in a.steps or plan:
-        if name not in plan:
-            raise SystemExit(f"unknown step {name!r} (steps: {', '.join(plan)})")
         results[name] = run_sweep(name, plan[name], a.out)
     print(json.dumps({n: {"seconds": s["study_seconds"], "cells": {c["cell"]: c["score"] for c in s["cells"]}}
                       for n, s in results.items()}, indent=2))

@@ -46,3 +46,11 @@ def test_every_step_then_a_resume_that_keeps_the_time(tmp_path):
         assert again[s]["cells"] == first[s]["cells"]
         assert again[s]["seconds"] > first[s]["seconds"]
     assert json.loads((out / "study-time.json").read_text()) == {s: again[s]["seconds"] for s in steps}
+
+
+def test_bad_usage_exits_2_and_writes_nothing(tmp_path):
+    for args in (["--out", str(tmp_path / "new"), "--steps", "niah", "nope"], ["--out", str(tmp_path / "file")]):
+        (tmp_path / "file").write_text("not a directory")
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("study.py: error: ")
+        assert not (tmp_path / "new").exists() and (tmp_path / "file").read_text() == "not a directory"
