@@ -96,8 +96,8 @@ def load_model(
     """Resolve `--model`. With `need_weights=False` only the spec is resolved (for `plan`)."""
     if model in PRESETS:
         loaded = _load_preset(PRESETS[model], need_weights, random_weights, seed)
-    elif Path(model).is_file() or (Path(model).is_dir() and _single_gguf(Path(model))):
-        loaded = load_gguf(Path(model) if Path(model).is_file() else _single_gguf(Path(model)), name=model)
+    elif (gguf := _gguf_input(Path(model))) is not None:
+        loaded = load_gguf(gguf, name=model)
     elif Path(model).exists():
         loaded = load_directory(Path(model), name=model)
     elif _HUB_ID.match(model):
@@ -205,6 +205,13 @@ def load_directory(directory: Path, name: str | None = None) -> LoadedModel:
     weights = SafetensorsWeights(directory)
     check_complete(spec, weights, str(directory))
     return LoadedModel(spec, str(directory), weights, directory)
+
+
+def _gguf_input(path: Path) -> Path | None:
+    """The GGUF file `--model` names: the file itself, or a directory's only GGUF file; None otherwise."""
+    if path.is_file():
+        return path
+    return _single_gguf(path) if path.is_dir() else None
 
 
 def _single_gguf(directory: Path) -> Path | None:
