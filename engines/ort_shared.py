@@ -1,12 +1,14 @@
-"""A shared prefill on the onnxruntime engine (methods.shared_prefill, exporter.onnx.shared_prefill): one run of the
-capture graph per prompt serves every (method, budget) cell of a sweep; each cell runs its own small selection graph
-on those outputs and decodes with the engine's decode graph from a cache of its own.
+"""A shared prefill on the onnxruntime engine (methods.shared_prefill, methods.kvzip_shared,
+exporter.onnx.shared_prefill): one run of the capture graph per prompt serves every (method, budget) cell of a
+sweep's group; each cell runs its own small selection graph on those outputs and decodes with the engine's decode
+graph from a cache of its own.
 
-The engine is a FullKV engine built with `shared_prefill=kinds` (its manifest names the capture graph and the score
-kinds it outputs). The selection graphs are written when the runner starts, one per cell policy, in memory: they
-hold no weights. Everything a cell computes runs in onnxruntime through the same nodes as the cell's own engine
-(its prefill graph's body, its selection function's nodes after the scoring, the same decode graph), which is why it
-generates exactly what that engine generates (tests/engines/test_shared_prefill.py).
+The engine is the group's `shared_engine_policy` (FullKV for the observation group, KVzip for a KVzip group) built
+with `shared_prefill=capture` (its manifest names the capture graph, the group and the score kinds it outputs).
+The selection graphs are written when the runner starts, one per cell policy, in memory: they hold no weights.
+Everything a cell computes runs in onnxruntime through the same nodes as the cell's own engine (its prefill graph's
+body, its selection function's nodes after the scoring, the same decode graph), which is why it generates exactly
+what that engine generates (tests/engines/test_shared_prefill.py, test_kvzip_shared.py).
 """
 
 from __future__ import annotations
@@ -42,11 +44,17 @@ class OrtSharedPrefill:
         record = engine.manifest.get("shared_prefill")
         if record is None:
             raise UserInputError(f"{engine.dir}: the engine has no shared-prefill graph (built without it)")
-        have = {tuple(kind) for kind in record["scores"]}
-        missing = [kind_name(k) for k in score_kinds(policies) if k not in have]
-        if missing:
-            raise UserInputError(f"{engine.dir}: its shared prefill does not compute the scores {', '.join(missing)} "
-                                 "(built for other methods or another window)")
+        group = record.get("group", "observation")  # engines built before KVzip's group: the observation one
+        others = sorted({p.describe() for p in policies if p.prefill_group != group})
+        if others:
+            raise UserInputError(f"{engine.dir}: its shared prefill serves the group '{group}', not "
+                                 f"{', '.join(others)}")
+        if group == "observation":
+            have = {tuple(kind) for kind in record["scores"]}
+            missing = [kind_name(k) for k in score_kinds(policies) if k not in have]
+            if missing:
+                raise UserInputError(f"{engine.dir}: its shared prefill does not compute the scores "
+                                     f"{', '.join(missing)} (built for other methods or another window)")
         self.capture = engine.graphs[record["graph"]]
         self.capture_outputs = [o.name for o in self.capture.get_outputs()]
         spec = engine.spec

@@ -32,7 +32,6 @@ from engines.greedy import greedy_loop
 from engines.hf_model import build_hf_model
 from exporter.checkpoint import LoadedModel
 from methods import KVPolicy
-from methods.shared_prefill import SharedPrefillCapture, score_kinds
 from pkv_core.errors import UserInputError
 
 
@@ -103,16 +102,20 @@ class ReferenceEngine:
 
     @torch.inference_mode()
     def shared_prefill(self, prompt: list[int], policies: list[KVPolicy], max_new_tokens: int) -> SharedPrefill:
-        """One prefill of `prompt` for every policy in `policies` (each `shares_prefill`): every layer's K/V and the
-        observation scores those that compress it rank by (methods.shared_prefill). `generate_shared` continues."""
+        """One prefill of `prompt` for every policy in `policies` (one `prefill_group`): what they read of it, per
+        layer, from the group's capture (the K/V and the observation scores those that compress it rank by:
+        methods.shared_prefill; KVzip's whole caches and scores: methods.kvzip_shared). `generate_shared`
+        continues."""
         input_ids, mask, positions = encode_batch(self.tokenizer, [prompt], self.pad_id, self.max_input_len,
                                                   max_new_tokens, max_positions=self.spec.max_position_embeddings)
         layers, length = self.spec.num_layers, int(mask.sum())
-        capture = SharedPrefillCapture(score_kinds([p for p in policies if p.compresses_prompt(layers, length)]))
+        capture = policies[0].shared_capture([p for p in policies if p.compresses_prompt(layers, length)])
         state = CompressedKVState(capture, None, mask.bool(), prompt_positions(mask), num_layers=layers)
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                          logits_to_keep=1, pkv_state=state)
+        state.prefill = False
+        self._after_prefill(capture, state, input_ids, mask)  # KVzip's scoring pass
         return SharedPrefill(input_ids, mask, positions, out.logits[:, -1], [state.layers[i] for i in range(layers)],
                              time.perf_counter() - t0)
 
@@ -122,26 +125,27 @@ class ReferenceEngine:
                         progress: ProgressFn | None = None, return_scores: bool = False) -> GenerationResult:
         """`policy`'s own `generate` of the shared prompt, from the shared prefill: its selection of every layer,
         then its decode (the prefill's timing is the selection's)."""
-        if not policy.shares_prefill:
+        if policy.prefill_group is None:
             raise ValueError(f"policy '{policy.name}' does not select from a shared prefill")
         lengths = [int(n) for n in shared.mask.sum(-1)]
         state = self._state(policy, policy.batch_selected(self.spec.num_layers, lengths), shared.mask)
         if return_scores:
             state.scores = {}
         t0 = time.perf_counter()
-        for layer, captured in enumerate(shared.state):  # in layer order: ChunkKV's reuse reads earlier layers
-            state.layers[layer] = policy.reference_layer_scored(state, layer, captured.keys, captured.values,
-                                                                captured.scores)
+        policy.reference_select_shared(state, shared.state)
         state.prefill = False
         return self._finish(policy, state, shared.input_ids, shared.mask, shared.positions, shared.first_logits, t0,
-                            max_new_tokens, return_logits, return_indices, progress)
+                            max_new_tokens, return_logits, return_indices, progress, after_prefill=False)
 
     def _finish(self, policy: KVPolicy, state: CompressedKVState, input_ids: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor, first_logits: torch.Tensor, t0: float, max_new_tokens: int,
-                return_logits: bool, return_indices: bool, progress: ProgressFn | None) -> GenerationResult:
-        """After the prefill's layers (started at t0): the method's point after the prefill, then greedy decoding.
-        first_logits [B, V]: the prefill's last-token logits."""
-        self._after_prefill(policy, state, input_ids, mask)
+                return_logits: bool, return_indices: bool, progress: ProgressFn | None,
+                after_prefill: bool = True) -> GenerationResult:
+        """After the prefill's layers (started at t0): the method's point after the prefill (not for a shared
+        prefill's cell: its selection did that), then greedy decoding. first_logits [B, V]: the prefill's last-token
+        logits."""
+        if after_prefill:
+            self._after_prefill(policy, state, input_ids, mask)
         lengths = [int(n) for n in mask.sum(-1)]
         compressed = policy.compresses_prompt(self.spec.num_layers, max(lengths))
         timings = {"prefill": time.perf_counter() - t0}

@@ -16,8 +16,11 @@ backends     `runs_on` (a positive list, methods.backends) and `check_backend`; 
              prefill a prompt in chunks: exporter.onnx.chunk, engines.chunked_prefill)
 inspect      `always_kept` (the sinks and the window a page shows as such); a reference hook records the scores its
              selection ranked by (`record_scores`) when the caller asks for them (`pkv-export inspect`)
-one prefill  `shares_prefill`: a sweep prefills a sample once and hands every such method's cells the K/V and the
-             observation scores they rank by (methods.shared_prefill; the hooks: methods.budgeted)
+one prefill  `prefill_group`: a sweep prefills a sample once for every cell of a group and hands each the K/V and
+             the scores it ranks by: `shared_capture` (the prefill's "method"), `shared_engine_policy` (whose
+             decode the cells use), `shared_scores_input`, `reference_select_shared`, `graph_select_shared`; the
+             observation-scores group (`shares_prefill`: methods.shared_prefill, methods.budgeted) and one KVzip
+             group per scoring setting, every budget (methods.kvzip_shared)
 
 `pg` below is the prefill graph writer's view (exporter.onnx.prefill.PrefillGraph) and `lay` its transformer
 body (exporter.onnx.layers.Layers); `state` is the reference's CompressedKVState (engines.compressed_cache).
@@ -76,8 +79,45 @@ class KVPolicy:
     @property
     def shares_prefill(self) -> bool:
         """Whether one prefill serves this method along with others (methods.shared_prefill): it selects after the
-        full prefill from each layer's K/V and observation scores alone. FullKV, KVzip, PyramidInfer: no."""
+        full prefill from each layer's K/V and observation scores alone (the "observation" `prefill_group`). FullKV,
+        KVzip, PyramidInfer: no."""
         return False
+
+    @property
+    def prefill_group(self) -> str | None:
+        """Cells of a sweep whose policies name the same group share one prefill per sample (the hooks below); None:
+        the cell prefills alone. The observation-scores methods: "observation"; KVzip: one group per scoring
+        setting (its scores do not depend on the budget)."""
+        return "observation" if self.shares_prefill else None
+
+    # --- one prefill for a group's cells (a sweep: validate.sweep_shared) -----------------------------------------
+    def shared_capture(self, policies: list[KVPolicy]) -> KVPolicy:
+        """The "method" of the prefill that serves `policies` (this one's group, those that compress the prompt): its
+        reference hooks record what they read (`reference_select_shared`'s `captured`, per layer); its prefill graph
+        outputs it (keys.{i}, values.{i}, the scores `shared_scores_input` names)."""
+        raise NotImplementedError(f"policy '{self.name}' does not share a prefill")
+
+    def shared_engine_policy(self) -> KVPolicy:
+        """The policy of the engine that holds the capture graph: its decode graph decodes every cell's cache."""
+        raise NotImplementedError(f"policy '{self.name}' does not share a prefill")
+
+    def shared_scores_input(self, layer: int, spec: Any) -> tuple[str, int] | None:
+        """(name, heads) of layer `layer`'s scores [B, heads, q] f32 this selection reads from the capture graph, or
+        None when it reads only K/V."""
+        raise NotImplementedError(f"policy '{self.name}' does not share a prefill")
+
+    def reference_select_shared(self, state: Any, captured: list) -> None:
+        """Every layer's cache (state.layers) from what the shared prefill captured, as this policy's own prefill
+        would leave it."""
+        raise NotImplementedError(f"policy '{self.name}' does not share a prefill")
+
+    def graph_select_shared(self, pg: Any, layers: list[tuple[str | None, str, str]]) -> None:
+        """The selection graph's nodes: per layer (scores or None, keys, values) -> `pg.emit` of every layer."""
+        raise NotImplementedError(f"policy '{self.name}' does not share a prefill")
+
+    def graph_functions_scored(self, spec: Any, target: Any) -> list:
+        """The functions `graph_select_shared`'s nodes call."""
+        return self.graph_functions(spec, target)
 
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

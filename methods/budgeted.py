@@ -172,3 +172,28 @@ class BudgetedPolicy(KVPolicy):
     def graph_functions_scored(self, spec: Any, target: Any) -> list:
         """The functions `graph_select_scored`'s nodes call."""
         return self.graph_functions(spec, target)
+
+    # --- the observation group of a shared prefill (methods.shared_prefill) ----------------------------------------
+    def shared_capture(self, policies: list[KVPolicy]) -> KVPolicy:
+        from methods.shared_prefill import SharedPrefillCapture, score_kinds
+
+        return SharedPrefillCapture(score_kinds(policies))
+
+    def shared_engine_policy(self) -> KVPolicy:
+        from methods.full import FullKVPolicy
+
+        return FullKVPolicy()  # a kv-head cache decodes the same way whatever selected it
+
+    def shared_scores_input(self, layer: int, spec: Any) -> tuple[str, int] | None:
+        from methods.shared_prefill import kind_name
+
+        kind = self.score_kind()
+        return None if kind is None else (f"scores.{kind_name(kind)}.{layer}", spec.num_heads)
+
+    def reference_select_shared(self, state: Any, captured: list) -> None:
+        for layer, c in enumerate(captured):  # in layer order: ChunkKV's reuse reads earlier layers
+            state.layers[layer] = self.reference_layer_scored(state, layer, c.keys, c.values, c.scores)
+
+    def graph_select_shared(self, pg: Any, layers: list[tuple[str | None, str, str]]) -> None:
+        for layer, (scores, k4, v4) in enumerate(layers):
+            pg.emit(layer, *self.graph_layer_scored(pg, layer, scores, k4, v4))

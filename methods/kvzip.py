@@ -6,6 +6,7 @@ methods.kvzip_graph."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,9 +75,15 @@ class KVzipPolicy(KVPolicy):
     def reference_after_prefill(self, run) -> bool:
         """Reconstruct the context chunk by chunk to score every cached pair, then keep the top pairs over all
         layers and heads. run.input_ids, run.mask: [B, q], left-padded as the prefill took them."""
-        state, lengths = run.state, run.mask.sum(-1)
-        if not self.compresses_prompt(state.num_layers, int(lengths.max())):
+        if not self.compresses_prompt(run.state.num_layers, int(run.mask.sum(-1).max())):
             return False
+        self.reference_select(run.state, self.reference_scores(run))
+        return True
+
+    def reference_scores(self, run) -> list[torch.Tensor]:
+        """The scoring pass over the caches the prefill kept whole: per layer [B, Hkv, q] f32 (right-aligned; the
+        budget plays no part, so one pass serves every budget: methods.kvzip_shared)."""
+        state, lengths = run.state, run.mask.sum(-1)
         context = right_aligned(run.input_ids[:, None], run.mask.bool())[:, 0]  # [B, q] right-padded
         first, later = (run.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
         rec = state.shared["kvzip"] = {"lengths": lengths, "scores": {}}
@@ -88,16 +95,21 @@ class KVzipPolicy(KVPolicy):
             rec.update(positions=positions, taking_part=part, span=chunk_span(i, q, self.score_chunk, self.sinks))
             run.forward(ids, positions)
         state.attention = None
-        layers = range(len(state.layers))
-        picked = kvzip_select([rec["scores"][i] for i in layers], [state.layers[i].keys for i in layers],
-                              [state.layers[i].values for i in layers], lengths, self.kv_budget, self.sinks)
+        del state.shared["kvzip"]
+        return [rec["scores"][i] for i in range(len(state.layers))]
+
+    def reference_select(self, state, scores: list[torch.Tensor]) -> None:
+        """The one top-k at this budget: every layer's whole cache (state.layers) -> the kept pairs.
+        scores: `reference_scores`."""
+        layers, lengths = range(len(state.layers)), state.key_mask.sum(-1)
+        picked = kvzip_select(scores, [state.layers[i].keys for i in layers], [state.layers[i].values for i in layers],
+                              lengths, self.kv_budget, self.sinks)
         for i, (idx, k, v) in enumerate(picked):
             state.layers[i] = LayerCache.from_selection(idx, k, v)
         if recording_scores(state):  # the sinks are never scored (always kept)
+            sinks = torch.arange(min(self.sinks, scores[0].shape[-1]))
             for i in layers:
-                record_scores(state, i, rec["scores"][i].index_fill(2, torch.arange(min(self.sinks, q)), float("nan")))
-        del state.shared["kvzip"]
-        return True
+                record_scores(state, i, scores[i].index_fill(2, sinks, float("nan")))
 
     def _reconstruction_attention(self, state, layer: int, query, key, value, sliding_window):
         """The scoring forward's attention: the chunk attends to the layer's whole context cache and to itself, and
@@ -118,12 +130,45 @@ class KVzipPolicy(KVPolicy):
         return None  # emitted after the selection over every layer (graph_end)
 
     def graph_end(self, pg) -> None:
-        from methods.kvzip_graph import global_select, reconstruction_scores
+        from methods.kvzip_graph import reconstruction_scores
 
         whole = pg.shared["kvzip_whole"]
         lay = pg.method_nodes("kvzip_")  # its own node names: profilers can tell its cost apart
-        scores = reconstruction_scores(lay, self, whole, pg.lengths)
+        self.graph_select(pg, lay, reconstruction_scores(lay, self, whole, pg.lengths), whole)
+
+    def graph_select(self, pg, lay, scores: list[str], whole: list[tuple[str, str]]) -> None:
+        """The one top-k at this budget into `lay`, then every layer's outputs: scores [B, Hkv, q] f32 and the whole
+        caches K/V [B, Hkv, q, d] per layer."""
+        from methods.kvzip_graph import global_select
+
         picked = global_select(lay, self, scores, whole, pg.lengths)
         pg.g.nodes.extend(lay.g.nodes)
         for layer, (kept, kk, vv) in enumerate(picked):
             pg.emit(layer, kept, kk, vv)
+
+    # --- a sweep's shared prefill: one scoring pass serves every budget (methods.kvzip_shared) --------------------
+    @property
+    def prefill_group(self) -> str:
+        return f"kvzip-s{self.sinks}-c{self.score_chunk}-p{self.postfix}"  # every option but the budget
+
+    def shared_capture(self, policies: list[KVPolicy]) -> KVPolicy:
+        from methods.kvzip_shared import KVzipScoring
+
+        return KVzipScoring(kv_budget=self.kv_budget, sinks=self.sinks, score_chunk=self.score_chunk,
+                            postfix=self.postfix, score=bool(policies))
+
+    def shared_engine_policy(self) -> KVPolicy:
+        return self  # its decode graph (per-head lengths) does not depend on the budget
+
+    def shared_scores_input(self, layer: int, spec) -> tuple[str, int]:
+        return f"scores.kvzip.{layer}", spec.num_kv_heads
+
+    def reference_select_shared(self, state, captured: list) -> None:
+        """captured: per layer (the whole cache, its scores or None: methods.kvzip_shared.KVzipCaptured)."""
+        for i, c in enumerate(captured):
+            state.layers[i] = dataclasses.replace(c.cache)  # the decode appends to the cell's own object
+        if self.compresses_prompt(len(captured), int(state.key_mask.sum(-1).max())):
+            self.reference_select(state, [c.scores for c in captured])
+
+    def graph_select_shared(self, pg, layers: list[tuple[str | None, str, str]]) -> None:
+        self.graph_select(pg, pg.method_nodes("kvzip_"), [s for s, _, _ in layers], [(k, v) for _, k, v in layers])

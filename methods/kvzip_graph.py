@@ -173,7 +173,7 @@ def global_select(lay, pol, scores: list[str], caches: list[tuple[str, str]], le
     K, V [B, Hkv, n_l, d]): each head's picks compact and ascending, -1 and zeros after them."""
     g, s = lay.g, lay.s
     num_layers, hkv, d = s.num_layers, s.num_kv_heads, s.head_dim
-    q = g.dim("input_ids", 1)
+    q = g.dim("attention_mask", 1)  # the prefill's and a shared prefill's selection graph's (no input_ids there)
     pos = g.op("Range", g.const(0), g.scalar(q), g.const(1))  # [q]
     flat = g.op("Concat", *[g.unsqueeze(x, [1]) for x in scores], axis=1)  # [B, L, Hkv, q]
     flat = g.op("Where", g.op("Less", pos, g.const(pol.sinks)), g.const(SINK_SCORE, np.float32), flat)

@@ -55,6 +55,10 @@ class SharedPrefillCapture(KVPolicy):
     name: ClassVar[str] = "shared-prefill"  # not a registered method: no engine is built with it
     kinds: tuple = ()
 
+    @property
+    def prefill_group(self) -> str:
+        return "observation"  # the group it serves
+
     def reference_layer(self, state: Any, layer: int, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor) -> CapturedLayer:
         """query [B, H, q, d], key / value [B, Hkv, q, d] left-padded (state.key_mask [B, q])."""

@@ -17,8 +17,10 @@ from pkv_cli.common import (
 )
 from pkv_core.errors import UserInputError
 
-# The methods whose cells share a sweep's prefill (KVPolicy.shares_prefill, with their defaults)
+# The methods whose cells share a sweep's prefill with the other methods' (KVPolicy.shares_prefill, with their defaults)
 SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
+# The methods whose cells share a prefill across their budgets only (a group of their own: KVzip)
+ACROSS_BUDGETS = [name for name, cls in POLICIES.items() if cls().prefill_group not in (None, "observation")]
 
 
 @click.command()
@@ -34,8 +36,9 @@ SHARING = [name for name, cls in POLICIES.items() if cls().shares_prefill]
                    "cached in OUT/engines) or the PyTorch reference.")
 @click.option("--shared-prefill/--no-shared-prefill", default=True, show_default=True,
               help=f"Prefill each sample once for all the cells of {', '.join(SHARING)} (they select after the full "
-                   "prefill: each cell only selects and decodes; the same results as running each cell on its own, "
-                   "which --no-shared-prefill does).")
+                   f"prefill), and once for all the budgets of {', '.join(ACROSS_BUDGETS)} (its scoring pass does not "
+                   "depend on the budget): each cell only selects and decodes; the same results as running each cell "
+                   "on its own, which --no-shared-prefill does.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Engine / reference dtype (also the dtype of the KV bytes reported).")
 @click.option("--weights", "weight_format", type=click.Choice(["fp", "int8", "int4"]), default="fp", show_default=True,
@@ -78,8 +81,8 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
     task),
     the KV bytes each cell held (checked against `plan`) and its ratio and score delta to FullKV; OUT/*.png plot
     them. Every cell is a resumable validation run under OUT/cells. The cells of the methods that select after the
-    full prefill share one prefill per sample (--no-shared-prefill: every cell runs alone); a sweep interrupted in
-    one mode may be resumed in the other.
+    full prefill share one prefill per sample, and so do KVzip's budgets (--no-shared-prefill: every cell runs
+    alone); a sweep interrupted in one mode may be resumed in the other.
     """
     from exporter.checkpoint import load_model
     from exporter.outputs import check_output, staging_dir
@@ -165,15 +168,18 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
 def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, inspect_failures,
          shared, resume) -> dict:
     from validate.sweep import cell_summary, check_config, failure_links, open_cell_engine, run_cell, write_sweep
+    from validate.sweep_shared import groups_of
 
     check_config(out, config, resume)
-    together = [c for c in cells if c.policy.shares_prefill] if shared else []
-    # One step per cell, the shared cells in one step where the first of them stands; the rows stay in cell order.
-    steps = [together if together and c is together[0] else [c] for c in cells if c not in together[1:]]
+    groups = list(groups_of(cells).values()) if shared else []
+    # One step per cell, a group's cells in one step where the first of them stands; the rows stay in cell order.
+    firsts = {id(group[0]): group for group in groups}
+    grouped = {id(c) for group in groups for c in group}
+    steps = [firsts.get(id(c), [c]) for c in cells if id(c) in firsts or id(c) not in grouped]
     rows: dict[str, dict] = {}
     for k, step in enumerate(steps):
-        if step is together:
-            records = _run_shared(out, k, len(steps), together, loaded, suite_spec, samples, backend, dtype,
+        if id(step[0]) in firsts:
+            records = _run_shared(out, k, len(steps), step, loaded, suite_spec, samples, backend, dtype,
                                   max_input_len, inspect_failures)
         else:
             cell = step[0]

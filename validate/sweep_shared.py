@@ -1,6 +1,8 @@
 """The cells of a sweep that share one prefill per sample: StreamingLLM, H2O, SnapKV, PyramidKV and ChunkKV at every
-budget (`KVPolicy.shares_prefill`) select after the full prefill, from its K/V and the observation scores they rank
-by, so a sample is prefilled once for all of them and each cell only selects and decodes (methods.shared_prefill).
+budget select after the full prefill, from its K/V and the observation scores they rank by (the "observation"
+group: methods.shared_prefill), and KVzip's reconstruction scores do not depend on its budget (a group per scoring
+setting: methods.kvzip_shared); so a sample is prefilled once for all of a group's cells and each cell only selects
+and decodes (`KVPolicy.prefill_group`).
 
 The cells are the same validation runs as when each runs alone (`validate.sweep.run_cell`): cells/<cell>/ with its
 run.json, a samples.jsonl line per finished sample (fsynced) and its report, and each record equal to the one the
@@ -15,30 +17,44 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from methods import make_policy
-from methods.shared_prefill import score_kinds
 from validate.sweep import Cell, failure_pages, finish_cell, start_cell
 
-ENGINE_DIR = "shared-prefill"  # under OUT/engines: the FullKV engine with the capture graph (--engine-backend onnx)
+ENGINE_DIR = "shared-prefill"  # under OUT/engines: the observation group's engine (--engine-backend onnx)
+
+
+def engine_dir(group: str) -> str:
+    """The group's engine directory under OUT/engines: FullKV with the capture graph for the observation group,
+    KVzip (at the first cell's budget) with its scoring capture for a KVzip group."""
+    return ENGINE_DIR if group == "observation" else f"{ENGINE_DIR}-{group}"
+
+
+def groups_of(cells: list[Cell]) -> dict[str, list[Cell]]:
+    """The cells that share a prefill, by `prefill_group`, in cell order (a cell without a group runs alone)."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if cell.policy.prefill_group is not None:
+            groups.setdefault(cell.policy.prefill_group, []).append(cell)
+    return groups
 
 
 def open_shared_runner(out: Path, cells: list[Cell], loaded, backend: str, dtype: str, max_input_len: int):
-    """What runs the shared cells: the PyTorch reference (one model for all of them), or the onnxruntime engine of
-    the shared prefill (built into engines/shared-prefill once) with each cell's selection graph."""
-    full = make_policy("full")
+    """What runs one group's cells: the PyTorch reference (one model for all of them), or the onnxruntime engine of
+    the group's shared prefill (built into engines/<engine_dir> once) with each cell's selection graph."""
     if backend == "reference":
         from engines.hf_model import torch_dtype
         from engines.reference import ReferenceEngine
 
-        return ReferenceEngine(loaded, full, torch_dtype(dtype))
+        return ReferenceEngine(loaded, make_policy("full"), torch_dtype(dtype))
     from engines.ort_engine import OrtEngine
     from engines.ort_shared import OrtSharedPrefill
     from exporter.onnx.export import build_onnx_engine
 
     policies = [c.policy for c in cells]
-    path = out / "engines" / ENGINE_DIR
+    first = policies[0]
+    path = out / "engines" / engine_dir(first.prefill_group)
     if not (path / "pkv-engine.json").is_file():  # a build is staged and renamed: present means complete
-        build_onnx_engine(loaded, full, path, dtype=dtype, max_input_len=max_input_len,
-                          shared_prefill=score_kinds(policies))
+        build_onnx_engine(loaded, first.shared_engine_policy(), path, dtype=dtype, max_input_len=max_input_len,
+                          shared_prefill=first.shared_capture(policies))
     return OrtSharedPrefill(OrtEngine(path), policies)
 
 

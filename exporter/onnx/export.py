@@ -69,9 +69,10 @@ def check_disk(where: Path, needed: int) -> None:
 def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype: str = "fp32",
                       max_input_len: int | None = None, force: bool = False, progress=None,
                       target: str = "onnxruntime", weights: WeightQuant | None = None,
-                      shared_prefill: tuple | None = None) -> dict[str, Any]:
-    """`shared_prefill` (score kinds, methods.shared_prefill): add the capture graph of a shared prefill that outputs
-    those scores (exporter.onnx.shared_prefill; a sweep's one prefill per sample), recorded in the manifest."""
+                      shared_prefill: KVPolicy | None = None) -> dict[str, Any]:
+    """`shared_prefill` (a capture policy, `KVPolicy.shared_capture`): add the capture graph of a shared prefill
+    (exporter.onnx.shared_prefill; a sweep's one prefill per sample for a group of cells), recorded in the
+    manifest with the group it serves."""
     spec = loaded.spec
     if target not in TARGETS:
         raise UserInputError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
@@ -112,8 +113,9 @@ def build_onnx_engine(loaded: LoadedModel, policy: KVPolicy, out: Path, *, dtype
         if shared_prefill is not None:
             from exporter.onnx.shared_prefill import SHARED_PREFILL_GRAPH, capture_builder
 
-            graphs.append((SHARED_PREFILL_GRAPH, capture_builder(tuple(shared_prefill))))
-            extra["shared_prefill"] = {"graph": SHARED_PREFILL_GRAPH, "scores": [list(k) for k in shared_prefill]}
+            graphs.append((SHARED_PREFILL_GRAPH, capture_builder(shared_prefill)))
+            extra["shared_prefill"] = {"graph": SHARED_PREFILL_GRAPH, "group": shared_prefill.prefill_group,
+                                       "scores": [list(k) for k in getattr(shared_prefill, "kinds", ())]}
         for name, builder in graphs:
             model = builder(cfg, initializers)
             onnx.save_model(model, str(tmp / name))

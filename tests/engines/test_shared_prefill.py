@@ -81,7 +81,7 @@ def capture_engine(tmp_path_factory):
         if model not in cache:
             out = tmp_path_factory.mktemp("shared") / model
             build_onnx_engine(load_model(model), make_policy("full"), out, max_input_len=1024,
-                              shared_prefill=score_kinds(matrix_policies()))
+                              shared_prefill=matrix_policies()[0].shared_capture(matrix_policies()))
             cache[model] = OrtEngine(out)
         return cache[model]
 
@@ -124,7 +124,8 @@ def test_onnx_capture_refuses_scores_it_lacks(capture_engine):
 
 def test_manifest_records_the_capture(capture_engine):
     manifest = capture_engine("tiny-llama3").manifest
-    assert manifest["shared_prefill"] == {"graph": "shared_prefill.onnx", "scores": [["all", 0], ["window", 4]]}
+    assert manifest["shared_prefill"] == {"graph": "shared_prefill.onnx", "group": "observation",
+                                          "scores": [["all", 0], ["window", 4]]}
     assert "shared_prefill.onnx" in manifest["onnx"]["graphs"] and Path(manifest["onnx"]["weights"]).name
 
 
