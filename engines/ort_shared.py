@@ -1,4 +1,4 @@
-"""A shared prefill on the onnxruntime engine (methods.shared_prefill, methods.kvzip_shared,
+"""A shared prefill on the onnxruntime engine (methods.shared_prefill, methods.kvzip.KVzipScoring,
 exporter.onnx.shared_prefill): one run of the capture graph per prompt serves every (method, budget) cell of a
 sweep's group; each cell runs its own small selection graph on those outputs and decodes with the engine's decode
 graph from a cache of its own.

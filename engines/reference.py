@@ -104,7 +104,7 @@ class ReferenceEngine:
     def shared_prefill(self, prompt: list[int], policies: list[KVPolicy], max_new_tokens: int) -> SharedPrefill:
         """One prefill of `prompt` for every policy in `policies` (one `prefill_group`): what they read of it, per
         layer, from the group's capture (the K/V and the observation scores those that compress it rank by:
-        methods.shared_prefill; KVzip's whole caches and scores: methods.kvzip_shared). `generate_shared`
+        methods.shared_prefill; KVzip's whole caches and scores: methods.kvzip.KVzipScoring). `generate_shared`
         continues."""
         input_ids, mask, positions = encode_batch(self.tokenizer, [prompt], self.pad_id, self.max_input_len,
                                                   max_new_tokens, max_positions=self.spec.max_position_embeddings)

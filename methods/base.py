@@ -20,7 +20,7 @@ one prefill  `prefill_group`: a sweep prefills a sample once for every cell of a
              the scores it ranks by: `shared_capture` (the prefill's "method"), `shared_engine_policy` (whose
              decode the cells use), `shared_scores_input`, `reference_select_shared`, `graph_select_shared`; the
              observation-scores group (`shares_prefill`: methods.shared_prefill, methods.budgeted) and one KVzip
-             group per scoring setting, every budget (methods.kvzip_shared)
+             group per scoring setting, every budget (methods.kvzip.KVzipScoring)
 
 `pg` below is the prefill graph writer's view (exporter.onnx.prefill.PrefillGraph) and `lay` its transformer
 body (exporter.onnx.layers.Layers); `state` is the reference's CompressedKVState (engines.compressed_cache).

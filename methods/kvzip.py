@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -82,7 +82,7 @@ class KVzipPolicy(KVPolicy):
 
     def reference_scores(self, run) -> list[torch.Tensor]:
         """The scoring pass over the caches the prefill kept whole: per layer [B, Hkv, q] f32 (right-aligned; the
-        budget plays no part, so one pass serves every budget: methods.kvzip_shared)."""
+        budget plays no part, so one pass serves every budget: `KVzipScoring`)."""
         state, lengths = run.state, run.mask.sum(-1)
         context = right_aligned(run.input_ids[:, None], run.mask.bool())[:, 0]  # [B, q] right-padded
         first, later = (run.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIRST_PROMPT, LATER_PROMPT))
@@ -146,14 +146,12 @@ class KVzipPolicy(KVPolicy):
         for layer, (kept, kk, vv) in enumerate(picked):
             pg.emit(layer, kept, kk, vv)
 
-    # --- a sweep's shared prefill: one scoring pass serves every budget (methods.kvzip_shared) --------------------
+    # --- a sweep's shared prefill: one scoring pass serves every budget (`KVzipScoring`) ---------------------------
     @property
     def prefill_group(self) -> str:
         return f"kvzip-s{self.sinks}-c{self.score_chunk}-p{self.postfix}"  # every option but the budget
 
     def shared_capture(self, policies: list[KVPolicy]) -> KVPolicy:
-        from methods.kvzip_shared import KVzipScoring
-
         return KVzipScoring(kv_budget=self.kv_budget, sinks=self.sinks, score_chunk=self.score_chunk,
                             postfix=self.postfix, score=bool(policies))
 
@@ -164,7 +162,7 @@ class KVzipPolicy(KVPolicy):
         return f"scores.kvzip.{layer}", spec.num_kv_heads
 
     def reference_select_shared(self, state, captured: list) -> None:
-        """captured: per layer (the whole cache, its scores or None: methods.kvzip_shared.KVzipCaptured)."""
+        """captured: per layer (the whole cache, its scores or None: `KVzipCaptured`)."""
         for i, c in enumerate(captured):
             state.layers[i] = dataclasses.replace(c.cache)  # the decode appends to the cell's own object
         if self.compresses_prompt(len(captured), int(state.key_mask.sum(-1).max())):
@@ -172,3 +170,60 @@ class KVzipPolicy(KVPolicy):
 
     def graph_select_shared(self, pg, layers: list[tuple[str | None, str, str]]) -> None:
         self.graph_select(pg, pg.method_nodes("kvzip_"), [s for s, _, _ in layers], [(k, v) for _, k, v in layers])
+
+# --- One prefill for every budget of KVzip in a sweep ----------------------------------------------------------------
+# Its reconstruction scores do not depend on the budget C (only the one top-k over every layer and head does), so a
+# sample's prefill and scoring pass run once for all of KVzip's cells with the same sinks, score_chunk and postfix
+# (`KVzipPolicy.prefill_group`), and each cell only selects at its budget and decodes. `KVzipScoring` is the "method"
+# of that prefill: KVzip up to its scores. In the reference it leaves per layer the whole cache and its scores
+# (`KVzipCaptured`); in an ONNX prefill graph it outputs them (keys.{i}, values.{i} [B, Hkv, q, d], scores.kvzip.{i}
+# [B, Hkv, q] f32) instead of selecting. A cell then runs KVzip's own selection on them (`reference_select_shared`,
+# `graph_select_shared`), the code its own prefill runs after the same scoring, so it keeps what it keeps alone
+# (tests/engines/test_kvzip_shared.py).
+
+
+@dataclass
+class KVzipCaptured:
+    """One layer after the shared prefill: the whole cache (right-padded, as KVzip's prefill keeps it) and its
+    reconstruction scores [B, Hkv, q] f32 (None when no cell compresses the prompt: the pass is skipped)."""
+
+    cache: LayerCache
+    scores: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class KVzipScoring(KVzipPolicy):
+    """KVzip's prefill and scoring pass without the selection. `score`: whether some cell compresses the prompt."""
+
+    name: ClassVar[str] = "kvzip-scoring"  # not a registered method: no engine is built with it
+    score: bool = True
+
+    def reference_after_prefill(self, run: Any) -> bool:
+        state = run.state
+        scores = self.reference_scores(run) if self.score else [None] * len(state.layers)
+        for i, layer_scores in enumerate(scores):
+            state.layers[i] = KVzipCaptured(state.layers[i], layer_scores)
+        return False
+
+    def graph_end(self, pg: Any) -> None:
+        """Outputs instead of a selection: every layer's whole cache and its scores (always scored: the graph does
+        not know the cells' budgets)."""
+        from onnx import TensorProto, helper
+
+        from methods.kvzip_graph import reconstruction_scores
+
+        g, s = pg.g, pg.spec
+        whole = pg.shared["kvzip_whole"]
+        lay = pg.method_nodes("kvzip_")
+        scores = reconstruction_scores(lay, self, whole, pg.lengths)
+        g.nodes.extend(lay.g.nodes)
+        cache = ["batch", s.num_kv_heads, "prompt_len", s.head_dim]
+        for layer, ((kk, vv), layer_scores) in enumerate(zip(whole, scores, strict=True)):
+            g.op("Identity", kk, outputs=[f"keys.{layer}"])
+            g.op("Identity", vv, outputs=[f"values.{layer}"])
+            g.op("Identity", layer_scores, outputs=[f"scores.kvzip.{layer}"])
+            pg.outputs.extend([
+                helper.make_tensor_value_info(f"keys.{layer}", pg.cfg.onnx_dtype, cache),
+                helper.make_tensor_value_info(f"values.{layer}", pg.cfg.onnx_dtype, cache),
+                helper.make_tensor_value_info(f"scores.kvzip.{layer}", TensorProto.FLOAT,
+                                              ["batch", s.num_kv_heads, "prompt_len"])])

@@ -1,8 +1,8 @@
 """The cells of a sweep that share one prefill per sample: StreamingLLM, H2O, SnapKV, PyramidKV and ChunkKV at every
 budget select after the full prefill, from its K/V and the observation scores they rank by (the "observation"
 group: methods.shared_prefill), and KVzip's reconstruction scores do not depend on its budget (a group per scoring
-setting: methods.kvzip_shared); so a sample is prefilled once for all of a group's cells and each cell only selects
-and decodes (`KVPolicy.prefill_group`).
+setting: methods.kvzip.KVzipScoring); so a sample is prefilled once for all of a group's cells and each cell only
+selects and decodes (`KVPolicy.prefill_group`).
 
 The cells are the same validation runs as when each runs alone (`validate.sweep.run_cell`): cells/<cell>/ with its
 run.json, a samples.jsonl line per finished sample (fsynced) and its report, and each record equal to the one the

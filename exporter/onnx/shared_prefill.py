@@ -1,4 +1,4 @@
-"""The ONNX side of a shared prefill (methods.shared_prefill, methods.kvzip_shared): one prefill of a prompt for
+"""The ONNX side of a shared prefill (methods.shared_prefill, methods.kvzip.KVzipScoring): one prefill of a prompt for
 every (method, budget) cell of a sweep's group, then each cell's selection on its own.
 
 * The capture graph (`shared_prefill.onnx`, an extra graph of the engine of the group's `shared_engine_policy`

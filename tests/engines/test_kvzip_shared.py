@@ -1,4 +1,4 @@
-"""One prefill and one scoring pass for every KVzip budget (methods.kvzip_shared): each budget selecting from the
+"""One prefill and one scoring pass for every KVzip budget (methods.kvzip.KVzipScoring): each budget selecting from the
 shared scores generates exactly what KVzip at that budget generates on its own (tokens, every step's logits bit for
 bit, kept index sets, per-layer budgets), on the reference and on the onnxruntime engine, both tiny models
 (Mistral's sliding window), with one and several scoring chunks, for prompts kept whole and compressed."""
@@ -14,7 +14,7 @@ from engines.reference import ReferenceEngine
 from exporter.checkpoint import load_model
 from exporter.onnx.export import build_onnx_engine
 from methods import make_policy
-from methods.kvzip_shared import KVzipCaptured
+from methods.kvzip import KVzipCaptured
 from pkv_core.errors import UserInputError
 from tests.engines.test_shared_prefill import MODELS, assert_same, prompt
 

@@ -81,11 +81,29 @@ def test_one_prefill_per_sample_equals_every_cell_alone(onnx_sweep, tmp_path):
     assert_same_sweep(onnx_sweep, out)
 
 
+def test_kvzip_budgets_share_one_scoring_pass(tmp_path):
+    """KVzip's cells: one engine and one prefill + scoring pass per sample for every budget; the same sweep as each
+    budget's own engine."""
+    args = ("sweep", "--model", "tiny-llama3", "--policies", "kvzip", "--budgets", "16,64", "--suite", "niah",
+            "--lengths", "320,400", "--depths", "0,100", "--max-new-tokens", "4")
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    r = run(*args, "--out", str(shared))
+    assert r.exit_code == 0, r.output
+    assert "2 cells, one prefill per sample" in r.stderr
+    assert [p.name for p in (shared / "engines").iterdir()] == ["shared-prefill-kvzip-s4-c2000-p8"]
+    assert run(*args, "--out", str(alone), "--no-shared-prefill").exit_code == 0
+    assert sorted(p.name for p in (alone / "engines").iterdir()) == ["kvzip-C16", "kvzip-C64"]
+    assert_same_sweep(shared, alone)
+    cells = cells_of(shared)
+    assert cells["kvzip-C16"]["kv_ratio"] < cells["kvzip-C64"]["kv_ratio"] < 1.0
+
+
 # tiny-mistral (sliding window 48) on the reference, both kinds of scores (H2O's every query, the window's) and
-# ChunkKV's chunks, NIAH prompts of about 320 and 400 tokens: PyramidKV at C=24 is a pyramid, at C=200 uniform
-# (320) and a pyramid (400), at C=512 the prompts are kept whole. (tests/engines/test_shared_prefill.py runs every
-# method in every regime on both backends and models.)
-MISTRAL = ("sweep", "--model", "tiny-mistral", "--policies", "h2o,pyramidkv,chunkkv",
+# ChunkKV's chunks, KVzip's group (its budgets share a scoring pass), NIAH prompts of about 320 and 400 tokens:
+# PyramidKV at C=24 is a pyramid, at C=200 uniform (320) and a pyramid (400), at C=512 the prompts are kept whole.
+# (tests/engines/test_shared_prefill.py and test_kvzip_shared.py run every method in every regime on both backends
+# and models.)
+MISTRAL = ("sweep", "--model", "tiny-mistral", "--policies", "h2o,pyramidkv,chunkkv,kvzip",
            "--budgets", "24,200,512", "--window", "4", "--suite", "niah", "--lengths", "320,400", "--depths", "50",
            "--max-new-tokens", "4", "--engine-backend", "reference")
 
