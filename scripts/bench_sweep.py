@@ -1,12 +1,13 @@
 """`pkv-export sweep` with one prefill per sample (the default) against the same sweep run cell by cell
-(`--no-shared-prefill`): N budgets x M methods that select after the full prefill (StreamingLLM, H2O, SnapKV,
-PyramidKV, ChunkKV), the same NIAH samples.
+(`--no-shared-prefill`): N budgets x M methods that share a prefill (StreamingLLM, H2O, SnapKV, PyramidKV,
+ChunkKV select after the full prefill; KVzip's budgets share its scoring pass), the same NIAH samples.
 
 Each sweep runs as a process of its own into a fresh directory and is timed whole (model load, engine builds, every
-sample, reports): the shared sweep prefills each sample once and builds one engine (FullKV's, with the capture
-graph) whatever N x M is; the cell-by-cell sweep prefills each sample once per cell and builds one engine per cell
-(`--engine-backend onnx`). Both runs are measured in the same invocation, alternating their order over `--rounds`;
-after them the records are compared (equal apart from timings: the script fails otherwise). Prints JSON, then a
+sample, reports): the shared sweep prefills each sample once per group and builds one engine per group (FullKV's
+with the capture graph; KVzip's with its scoring capture) whatever N x M is; the cell-by-cell sweep prefills each
+sample once per cell and builds one engine per cell (`--engine-backend onnx`). Both runs are measured in the same
+invocation, alternating their order over `--rounds`; after them the records are compared (equal apart from
+timings: the script fails otherwise). Prints JSON, then a
 Markdown table, and writes it to docs/benchmarks.md (`--no-doc` to skip).
 
     python scripts/bench_sweep.py --model smollm2-135m --policies streamingllm,snapkv,pyramidkv,chunkkv \\
@@ -55,6 +56,15 @@ def timeless(out: Path) -> tuple[dict, dict]:
     return records, summary
 
 
+def prefills_per_sample(a: argparse.Namespace) -> int:
+    """A shared sweep's prefills per sample: one per group of cells sharing one (`prefill_group`), one per other
+    cell."""
+    from validate.sweep import parse_cells
+
+    groups = [c.policy.prefill_group for c in parse_cells(a.policies, a.budgets, a.window)]
+    return len({g for g in groups if g is not None}) + groups.count(None)
+
+
 def run_once(a: argparse.Namespace, mode: str, work: Path) -> dict:
     out = work / mode
     shutil.rmtree(out, ignore_errors=True)
@@ -72,7 +82,7 @@ def run_once(a: argparse.Namespace, mode: str, work: Path) -> dict:
     cells = len(summary["cells"])
     return {"mode": mode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "cells": cells,
             "samples": summary["samples"],
-            "prefills": summary["samples"] * (1 if mode == "shared" else cells),
+            "prefills": summary["samples"] * (prefills_per_sample(a) if mode == "shared" else cells),
             "cell_seconds": round(sum(c["seconds"] or 0 for c in summary["cells"]), 1),
             "engines_built": len(built),
             "engine_bytes": sum(f.stat().st_size for f in engines.rglob("*") if f.is_file()) if built else 0,
@@ -127,12 +137,16 @@ def main() -> None:
             f"time, {result['speedup_cell_seconds']}x the summed cell seconds (prefill, selection and decode of "
             "every sample, wall clock; a shared prefill is counted once, split among its cells); records equal "
             f"apart from timings: {str(equal).lower()}. `wall_s` / `cpu_s`: each sweep's whole process (user + "
-            "system CPU for `cpu_s`): model load, engine builds (one per cell when cell by cell; FullKV's engine "
-            "with the capture graph when shared), samples, reports. The machine is shared with other jobs: "
-            "`cpu_s` is the steadier comparison.")
+            "system CPU for `cpu_s`): model load, engine builds (one per cell when cell by cell; one per group "
+            "when shared: FullKV's engine with the capture graph, KVzip's with its scoring capture), samples, "
+            "reports. The machine is shared with other jobs: `cpu_s` is the steadier comparison.")
     print("\n" + body)
     if not a.no_doc:
-        write_section(f"bench_sweep_{a.model}_{a.engine_backend}", body)
+        # one section per model and backend, and per method set when it is not only the observation group's
+        observation = {"streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"}
+        names = [p.strip() for p in a.policies.split(",") if p.strip()]
+        tag = "" if set(names) <= observation else "_" + "-".join(names)
+        write_section(f"bench_sweep_{a.model}_{a.engine_backend}{tag}", body)
 
 
 if __name__ == "__main__":
