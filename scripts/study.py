@@ -206,7 +206,7 @@ def write_results(results: dict[str, dict], a: argparse.Namespace, doc: Path, im
     parts.append(markdown(["step", "samples", "minutes"],
                           [[n, str(s["samples"]), f"{s['study_seconds'] / 60:.1f}"] for n, s in results.items()]))
     total = sum(s["study_seconds"] for s in results.values()) / 60
-    parts.append(f"\nTotal: {total:.1f} min.\n")
+    parts.append(f"Total: {total:.1f} min.\n")
     doc.write_text("\n".join(parts))
 
 
