@@ -1,7 +1,7 @@
 """The accuracy-versus-compression study on the real model (SmolLM2-135M-Instruct, the `smollm2-135m` preset): one
 command that runs every sweep, then writes the tables and plots of docs/study.md's results.
 
-    python scripts/study.py --out runs/study            # the whole study (about 2 h on 2 cores: docs/study.md)
+    python scripts/study.py --out runs/study            # the whole study (47 min on 2 cores: docs/study.md)
     python scripts/study.py --out runs/study --quick    # a few minutes: the same steps on a tiny grid
 
 Steps (each a `pkv-export sweep` run in a process of its own, resumed if its directory exists):
