@@ -131,7 +131,11 @@ def main() -> None:
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in result["settings"].items())
     table = markdown_table(["mode", "cells", "samples", "prefills", "engines_built", "engine_MiB", "cell_seconds",
                             "cpu_s", "wall_s", "wall_s_all"], rows)
-    body = (f"## Sweep: one prefill per sample vs every cell alone ({a.model}, {a.engine_backend})\n\n"
+    names = [p.strip() for p in a.policies.split(",") if p.strip()]
+    # one section per model and backend, and per method set when it is not only the observation group's
+    tag = "" if set(names) <= {"streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"} else "-".join(names)
+    body = (f"## Sweep: one prefill per sample vs every cell alone ({a.model}, {a.engine_backend}"
+            f"{', ' + tag if tag else ''})\n\n"
             f"```bash\n{command}\n```\n\n{table}\n\n"
             f"Cell-by-cell / shared: {result['speedup_wall']}x the wall time, {result['speedup_cpu']}x the CPU "
             f"time, {result['speedup_cell_seconds']}x the summed cell seconds (prefill, selection and decode of "
@@ -142,11 +146,7 @@ def main() -> None:
             "reports. The machine is shared with other jobs: `cpu_s` is the steadier comparison.")
     print("\n" + body)
     if not a.no_doc:
-        # one section per model and backend, and per method set when it is not only the observation group's
-        observation = {"streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"}
-        names = [p.strip() for p in a.policies.split(",") if p.strip()]
-        tag = "" if set(names) <= observation else "_" + "-".join(names)
-        write_section(f"bench_sweep_{a.model}_{a.engine_backend}{tag}", body)
+        write_section(f"bench_sweep_{a.model}_{a.engine_backend}{'_' + tag if tag else ''}", body)
 
 
 if __name__ == "__main__":
