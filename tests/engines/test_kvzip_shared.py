@@ -16,7 +16,7 @@ from exporter.onnx.export import build_onnx_engine
 from methods import make_policy
 from methods.kvzip import KVzipCaptured
 from pkv_core.errors import UserInputError
-from tests.engines.test_shared_prefill import MODELS, assert_same, prompt
+from tests.engines.test_shared_prefill import MODELS, assert_runner_cells, assert_same, prompt
 
 # score_chunk 16 and sinks 2: prompts of 20 tokens score in 2 chunks, of 150 in 10 (later chunks' prompt + postfix)
 OPTIONS = {"score_chunk": 16, "sinks": 2, "postfix": 3}
@@ -110,13 +110,7 @@ def test_onnx_budgets_from_one_scoring_pass(kvzip_engines, model):
     assert all((e.dir / "decode.onnx").read_bytes() == decode for e in alone.values())  # one decode for every C
     assert engine.manifest["shared_prefill"] == {"graph": "shared_prefill.onnx", "group": policies[0].prefill_group,
                                                  "scores": []}
-    runner = OrtSharedPrefill(engine, policies)
-    for n in LENGTHS:
-        ids = prompt(n, seed=1)
-        shared = runner.shared_prefill(ids, policies, 8)
-        for policy in policies:
-            want = alone[policy].generate([ids], 8, return_logits=True, return_indices=True)
-            assert_same(want, runner.generate_shared(shared, policy, 8, return_logits=True, return_indices=True))
+    assert_runner_cells(OrtSharedPrefill(engine, policies), alone, LENGTHS)
 
 
 def test_onnx_capture_refuses_another_group(kvzip_engines):

@@ -108,11 +108,17 @@ def test_onnx_cells_from_one_prefill(built_engine, capture_engine, model):
     layers = engine.spec.num_layers
     pyramid = next(p for p in policies if p.name == "pyramidkv")
     assert regimes(pyramid, layers, [20, 40, 150]) == {"no-compression (context too short)", "uniform", "pyramid"}
-    for n in (20, 40, 150):
+    assert_runner_cells(runner, cells, (20, 40, 150))
+
+
+def assert_runner_cells(runner, engines: dict, lengths) -> None:
+    """Every cell of `engines` ({policy: its own engine}) selecting from `runner`'s shared prefill of prompts of
+    `lengths` tokens generates what its own engine generates (8 new tokens)."""
+    for n in lengths:
         ids = prompt(n, seed=1)
-        shared = runner.shared_prefill(ids, policies, 8)
-        for policy in policies:
-            alone = cells[policy].generate([ids], 8, return_logits=True, return_indices=True)
+        shared = runner.shared_prefill(ids, list(engines), 8)
+        for policy, own in engines.items():
+            alone = own.generate([ids], 8, return_logits=True, return_indices=True)
             assert_same(alone, runner.generate_shared(shared, policy, 8, return_logits=True, return_indices=True))
 
 
