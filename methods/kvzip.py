@@ -211,19 +211,14 @@ class KVzipScoring(KVzipPolicy):
         from onnx import TensorProto, helper
 
         from methods.kvzip_graph import reconstruction_scores
+        from methods.shared_prefill import output_cache
 
-        g, s = pg.g, pg.spec
         whole = pg.shared["kvzip_whole"]
         lay = pg.method_nodes("kvzip_")
         scores = reconstruction_scores(lay, self, whole, pg.lengths)
-        g.nodes.extend(lay.g.nodes)
-        cache = ["batch", s.num_kv_heads, "prompt_len", s.head_dim]
+        pg.g.nodes.extend(lay.g.nodes)
         for layer, ((kk, vv), layer_scores) in enumerate(zip(whole, scores, strict=True)):
-            g.op("Identity", kk, outputs=[f"keys.{layer}"])
-            g.op("Identity", vv, outputs=[f"values.{layer}"])
-            g.op("Identity", layer_scores, outputs=[f"scores.kvzip.{layer}"])
-            pg.outputs.extend([
-                helper.make_tensor_value_info(f"keys.{layer}", pg.cfg.onnx_dtype, cache),
-                helper.make_tensor_value_info(f"values.{layer}", pg.cfg.onnx_dtype, cache),
-                helper.make_tensor_value_info(f"scores.kvzip.{layer}", TensorProto.FLOAT,
-                                              ["batch", s.num_kv_heads, "prompt_len"])])
+            output_cache(pg, layer, kk, vv)
+            name, heads = self.shared_scores_input(layer, pg.spec)
+            pg.g.op("Identity", layer_scores, outputs=[name])
+            pg.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", heads, "prompt_len"]))

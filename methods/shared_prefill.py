@@ -72,11 +72,7 @@ class SharedPrefillCapture(KVPolicy):
         """Outputs instead of a cache: keys.{i} / values.{i} [B, Hkv, q, d] and scores.{kind}.{i} [B, H, q] f32,
         computed by the nodes the selection functions start with (methods.budgeted: `graph_layer_scored`)."""
         g, s = pg.g, pg.spec
-        cache = ["batch", s.num_kv_heads, "prompt_len", s.head_dim]
-        g.op("Identity", k4, outputs=[f"keys.{layer}"])
-        g.op("Identity", v4, outputs=[f"values.{layer}"])
-        pg.outputs.extend([helper.make_tensor_value_info(f"keys.{layer}", pg.cfg.onnx_dtype, cache),
-                           helper.make_tensor_value_info(f"values.{layer}", pg.cfg.onnx_dtype, cache)])
+        output_cache(pg, layer, k4, v4)
         if not self.kinds:
             return None
         lay = pg.method_nodes(f"shared{layer}_")  # its own node names: profilers count them as selection time
@@ -90,3 +86,11 @@ class SharedPrefillCapture(KVPolicy):
                                                                                         "prompt_len"]))
         g.nodes.extend(lay.g.nodes)
         return None
+
+
+def output_cache(pg: Any, layer: int, k4: str, v4: str) -> None:
+    """A capture graph's outputs keys.{layer} / values.{layer}: the layer's K/V [B, Hkv, q, d] as given."""
+    cache = ["batch", pg.spec.num_kv_heads, "prompt_len", pg.spec.head_dim]
+    for name, value in ((f"keys.{layer}", k4), (f"values.{layer}", v4)):
+        pg.g.op("Identity", value, outputs=[name])
+        pg.outputs.append(helper.make_tensor_value_info(name, pg.cfg.onnx_dtype, cache))

@@ -168,17 +168,13 @@ def sweep(model, policies, budgets, window, suite, engine_backend, shared_prefil
 def _run(out: Path, cells, loaded, suite_spec, samples, config, backend, dtype, max_input_len, inspect_failures,
          shared, resume) -> dict:
     from validate.sweep import cell_summary, check_config, failure_links, open_cell_engine, run_cell, write_sweep
-    from validate.sweep_shared import groups_of
+    from validate.sweep_shared import sweep_steps
 
     check_config(out, config, resume)
-    groups = list(groups_of(cells).values()) if shared else []
-    # One step per cell, a group's cells in one step where the first of them stands; the rows stay in cell order.
-    firsts = {id(group[0]): group for group in groups}
-    grouped = {id(c) for group in groups for c in group}
-    steps = [firsts.get(id(c), [c]) for c in cells if id(c) in firsts or id(c) not in grouped]
+    steps = sweep_steps(cells, shared)  # the rows stay in cell order
     rows: dict[str, dict] = {}
-    for k, step in enumerate(steps):
-        if id(step[0]) in firsts:
+    for k, (group, step) in enumerate(steps):
+        if group is not None:
             records = _run_shared(out, k, len(steps), step, loaded, suite_spec, samples, backend, dtype,
                                   max_input_len, inspect_failures)
         else:

@@ -131,9 +131,11 @@ def main() -> None:
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in result["settings"].items())
     table = markdown_table(["mode", "cells", "samples", "prefills", "engines_built", "engine_MiB", "cell_seconds",
                             "cpu_s", "wall_s", "wall_s_all"], rows)
+    from methods import POLICIES
+
     names = [p.strip() for p in a.policies.split(",") if p.strip()]
     # one section per model and backend, and per method set when it is not only the observation group's
-    tag = "" if set(names) <= {"streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv"} else "-".join(names)
+    tag = "" if all(POLICIES[n]().shares_prefill for n in names) else "-".join(names)
     body = (f"## Sweep: one prefill per sample vs every cell alone ({a.model}, {a.engine_backend}"
             f"{', ' + tag if tag else ''})\n\n"
             f"```bash\n{command}\n```\n\n{table}\n\n"

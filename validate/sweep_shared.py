@@ -28,13 +28,21 @@ def engine_dir(group: str) -> str:
     return ENGINE_DIR if group == "observation" else f"{ENGINE_DIR}-{group}"
 
 
-def groups_of(cells: list[Cell]) -> dict[str, list[Cell]]:
-    """The cells that share a prefill, by `prefill_group`, in cell order (a cell without a group runs alone)."""
-    groups: dict[str, list[Cell]] = {}
+def sweep_steps(cells: list[Cell], shared: bool) -> list[tuple[str | None, list[Cell]]]:
+    """The sweep's steps as (group, cells), in cell order: a group's cells (`prefill_group`) in one step where the
+    first of them stands, every other cell alone (group None); with `shared` False, every cell alone."""
+    steps: list[tuple[str | None, list[Cell]]] = []
+    members: dict[str, list[Cell]] = {}
     for cell in cells:
-        if cell.policy.prefill_group is not None:
-            groups.setdefault(cell.policy.prefill_group, []).append(cell)
-    return groups
+        group = cell.policy.prefill_group if shared else None
+        if group is None:
+            steps.append((None, [cell]))
+        elif group in members:
+            members[group].append(cell)
+        else:
+            members[group] = [cell]
+            steps.append((group, members[group]))
+    return steps
 
 
 def open_shared_runner(out: Path, cells: list[Cell], loaded, backend: str, dtype: str, max_input_len: int):
